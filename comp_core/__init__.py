@@ -1,0 +1,1 @@
+"""comp-explorer core library."""

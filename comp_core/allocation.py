@@ -1,0 +1,142 @@
+"""How the parameter budget is shared: across layers (paper eq. 10) and across the denses of one layer
+(variance threshold τ). Pure functions over numbers and tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class ImpossibleRatioError(ValueError):
+    """The requested ratio cannot be reached with the given layers, protections and caps."""
+
+
+def layer_ratios(importances: list[float], layer_params: list[int], budget: float, *, cap: float | list[float] = 0.9,
+                 ) -> list[float]:
+    """Per-layer pruning ratios r_l for the prunable layers (paper eq. 10), capped, summing to the budget.
+
+    r_l = B / (Σ_k P_k) · H / I_l, with B = r·P − P_removed the parameters still to remove and H the
+    P-weighted harmonic mean of the importances, H = Σ P_k / Σ (P_k / I_k). Then
+    Σ r_l P_l = B / ΣP · H · Σ P_l / I_l = B / ΣP · ΣP = B exactly (for equal P_l, H is the plain harmonic
+    mean of the paper). A ratio above its cap is clipped and what it leaves is shared by the uncapped layers
+    with the same inverse-importance weights (water-filling), so the sum still equals B.
+    """
+    n = len(importances)
+    if n == 0:
+        if budget > 0:
+            raise ImpossibleRatioError("no prunable layers are left, but the target needs more parameters removed")
+        return []
+    caps = [cap] * n if isinstance(cap, (int, float)) else list(cap)
+    if budget < 0:
+        raise ImpossibleRatioError("the removed layers alone exceed the target ratio")
+    capacity = sum(c * p for c, p in zip(caps, layer_params))
+    if budget > capacity * (1 + 1e-12):
+        raise ImpossibleRatioError(
+            f"the prunable layers can give at most {capacity:,.0f} parameters at their caps, "
+            f"but {budget:,.0f} must be removed")
+    eps = 1e-12
+    weights = [p / max(i, eps) for i, p in zip(importances, layer_params)]  # P_l / I_l
+    ratios = [0.0] * n
+    free = set(range(n))
+    remaining = budget
+    while free:
+        wsum = sum(weights[i] for i in free)
+        scale = remaining / wsum  # r_l = scale / I_l; equals eq. 10 when nothing is capped
+        over = [i for i in free if scale / max(importances[i], eps) > caps[i]]
+        if not over:
+            for i in free:
+                ratios[i] = scale / max(importances[i], eps)
+            break
+        for i in over:
+            ratios[i] = caps[i]
+            remaining -= caps[i] * layer_params[i]
+            free.discard(i)
+    return ratios
+
+
+def harmonic_mean(importances: list[float], weights: list[int] | None = None) -> float:
+    weights = weights or [1] * len(importances)
+    return sum(weights) / sum(w / i for w, i in zip(weights, importances))
+
+
+@dataclass(frozen=True)
+class DenseShape:
+    """Shape facts of one dense for parameter accounting: kept params = kept_in × kept_out (+ bias)."""
+
+    d_out: int
+    d_in: int
+    has_bias: bool
+    consumer: int | None = None  # index of the dense whose removed inputs delete this dense's output rows
+
+
+def removed_parameters(shapes: list[DenseShape], removed_inputs: list[int]) -> int:
+    """Parameters physically removed from a layer's denses when dense d loses removed_inputs[d] columns."""
+    removed = 0
+    for shape, k in zip(shapes, removed_inputs):
+        rows_gone = removed_inputs[shape.consumer] if shape.consumer is not None else 0
+        before = shape.d_out * shape.d_in + (shape.d_out if shape.has_bias else 0)
+        out = shape.d_out - rows_gone
+        after = out * (shape.d_in - k) + (out if shape.has_bias else 0)
+        removed += before - after
+    return removed
+
+
+@dataclass
+class LayerCut:
+    """How many input neurons each dense of a layer loses, and the threshold τ that decided it."""
+
+    removed_inputs: list[int]
+    tau: float
+    removed_params: int
+    budget: int
+
+
+def choose_cuts(variances: list[torch.Tensor], shapes: list[DenseShape], budget: int) -> LayerCut:
+    """Variance-threshold stopping with the smallest τ that reaches the layer budget, exactly.
+
+    With threshold τ, dense d prunes neurons in importance order and stops before the first step whose
+    kept-mask variance exceeds τ: k_d(τ) = #{k ≥ 1 : max_{i≤k} var_d[i] ≤ τ}. Starting from τ = 0 and raising
+    τ until the layer reaches its budget (the paper's loop) visits exactly the running maxima of the curves,
+    so we bisect over those. The denses whose cut jumps at the final τ then give neurons one at a time, in
+    dense order, until the budget is met — so the layer lands on its budget within one neuron.
+    """
+    run_max = [torch.cummax(v.double(), dim=0).values for v in variances]
+
+    def cuts(tau: float) -> list[int]:
+        return [int(torch.searchsorted(r, torch.tensor([tau], dtype=r.dtype), right=True).item()) - 1
+                for r in run_max]
+
+    max_cut = [r.numel() - 1 for r in run_max]
+    if budget <= 0:
+        return LayerCut([0] * len(shapes), 0.0, 0, budget)
+    if removed_parameters(shapes, max_cut) < budget:
+        return LayerCut(max_cut, float("inf"), removed_parameters(shapes, max_cut), budget)
+    candidates = torch.unique(torch.cat(run_max)).tolist()  # sorted
+    lo, hi = 0, len(candidates) - 1  # find smallest index with removed >= budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed_parameters(shapes, cuts(candidates[mid])) >= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    tau = candidates[lo]
+    top = cuts(tau)
+    current = cuts(candidates[lo - 1]) if lo > 0 else [0] * len(shapes)
+    for d in range(len(shapes)):
+        trial = current.copy()
+        trial[d] = top[d]
+        if removed_parameters(shapes, trial) < budget:
+            current = trial
+            continue
+        low, high = current[d], top[d]  # smallest k_d reaching the budget
+        while low < high:
+            mid = (low + high) // 2
+            trial[d] = mid
+            if removed_parameters(shapes, trial) >= budget:
+                high = mid
+            else:
+                low = mid + 1
+        current[d] = low
+        break
+    return LayerCut(current, tau, removed_parameters(shapes, current), budget)

@@ -1,0 +1,427 @@
+"""COMP: hybrid-granularity post-training structured pruning.
+
+1. capture calibration inputs of block 0 (and every block's kwargs) once;
+2. layer importance I_l = 1 − mean cos(x_l, y_l); iteratively remove the least important unprotected block;
+3. share the remaining budget over the prunable blocks inversely to importance (eq. 10, ``allocation``);
+4. block by block: Grams of every dense's input → neuron scores → exact mask-variance paths →
+   smallest variance threshold τ that meets the block's budget → remove columns (and coupled rows),
+   folding the least-squares mask into the kept columns;
+5. the next block sees the unpruned (layer-removed) model's activations ("identical inputs", the paper's
+   default) or the pruned block's ("accumulated").
+
+``analyze`` runs the same loop without touching weights and returns the plan; ``prune`` applies it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..allocation import DenseShape, ImpossibleRatioError, choose_cuts, layer_ratios, removed_parameters
+from ..capture import BlockInputs, calibration_context, capture_block_inputs, collect_input_grams, replay
+from ..events import ProgressCallback, emit
+from ..fisher import collect_fisher
+from ..linalg import damping, damped
+from ..mask_tuning import coefficient_matrix, mask_path, relative_error, solve_mask
+from ..models.adapters import ArchAdapter, get_adapter
+from ..removal import RemovalResult, iterative_removal
+from ..results import CompPlan, DenseReport, LayerReport, PruneResult
+from ..runtime import count_parameters, peak_rss_mb
+from ..scoring import SCORES, score_neurons
+from ..surgery import make_consumer_plain, prune_inputs, prune_outputs, replace_submodule
+
+GRANULARITIES = ("hybrid", "layers", "neurons")
+INPUT_MODES = ("identical", "accumulated")
+
+
+@dataclass
+class CompConfig:
+    """Settings of one COMP run. Layer indices are those of the original model.
+
+    ratio: share of *all* parameters (embeddings included) to remove.
+    remove_layers: how many blocks to remove first, or "auto" (sweep, keep the lowest calibration loss).
+    protected: blocks never removed and never neuron-pruned; None = first two and last.
+    granularity: "hybrid" (COMP), "layers" (layer removal only, as many blocks as the ratio needs),
+        "neurons" (no layer removal).
+    """
+
+    ratio: float = 0.2
+    remove_layers: int | str = 2
+    protected: tuple[int, ...] | None = None
+    granularity: str = "hybrid"
+    score: str = "diag"
+    mask_tuning: bool = True
+    inputs: str = "identical"
+    damp: float = 0.01
+    max_dense_ratio: float = 0.9
+    layer_cap: float = 0.9
+    auto_max_layers: int = 8
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got '{self.granularity}'")
+        if self.inputs not in INPUT_MODES:
+            raise ValueError(f"inputs must be one of {INPUT_MODES}, got '{self.inputs}'")
+        if self.score not in SCORES:
+            raise ValueError(f"unknown importance score '{self.score}'; choose one of: {', '.join(SCORES)}")
+        if self.remove_layers != "auto" and (not isinstance(self.remove_layers, int) or self.remove_layers < 0):
+            raise ValueError(f"remove_layers must be a non-negative integer or 'auto', got {self.remove_layers!r}")
+        if not 0.0 < self.max_dense_ratio < 1.0 or not 0.0 < self.layer_cap < 1.0:
+            raise ValueError("max_dense_ratio and layer_cap must be in (0, 1)")
+        if self.damp <= 0:
+            raise ValueError("damp must be > 0")
+        if self.protected is not None:
+            self.protected = tuple(sorted({int(i) for i in self.protected}))
+
+    def protected_layers(self, n_layers: int) -> set[int]:
+        if self.protected is None:
+            return {0, 1, n_layers - 1} if n_layers > 3 else {0}
+        bad = [i for i in self.protected if not -n_layers <= i < n_layers]
+        if bad:
+            raise ValueError(f"protected layers {bad} do not exist: the model has layers 0..{n_layers - 1}")
+        protected = {i % n_layers for i in self.protected}
+        if len(protected) >= n_layers and self.ratio > 0:
+            raise ValueError("every layer is protected: nothing can be pruned")
+        return protected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one block: decide the cuts, optionally apply them
+# ---------------------------------------------------------------------------------------------------------
+
+def _dense_shapes(block: nn.Module, adapter: ArchAdapter) -> list[DenseShape]:
+    names = [d.name for d in adapter.denses]
+    shapes = []
+    for spec in adapter.denses:
+        module = adapter.dense(block, spec.name)
+        consumer = adapter.coupled_consumer(spec.name)
+        shapes.append(DenseShape(d_out=module.weight.shape[0], d_in=module.weight.shape[1],
+                                 has_bias=module.bias is not None,
+                                 consumer=names.index(consumer) if consumer else None))
+    return shapes
+
+
+def _max_cuts(shapes: list[DenseShape], max_dense_ratio: float) -> list[int]:
+    return [max(0, min(s.d_in - 1, math.floor(max_dense_ratio * s.d_in))) for s in shapes]
+
+
+def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: float, cfg: CompConfig, *,
+                layer_index: int, apply: bool, fisher: dict[str, torch.Tensor] | None = None
+                ) -> tuple[LayerReport, list[DenseReport]]:
+    """Decide (and with ``apply`` perform) the input-neuron pruning of one block to ``ratio`` of its params."""
+    start = time.perf_counter()
+    params = sum(p.numel() for p in block.parameters())
+    shapes = _dense_shapes(block, adapter)
+    budget = int(round(ratio * params))
+    coeffs, orders, paths = [], [], []
+    max_cuts = _max_cuts(shapes, cfg.max_dense_ratio)
+    scores_by_dense = []
+    for spec, cap in zip(adapter.denses, max_cuts):
+        module = adapter.dense(block, spec.name)
+        gram = grams[spec.name].gram
+        raw = coefficient_matrix(module.weight, gram)
+        eps = damping(raw, cfg.damp)
+        coeff = damped(raw, cfg.damp)
+        scores = score_neurons(cfg.score, coeff, module.weight, gram, damp=eps,
+                               fisher=fisher.get(spec.name) if fisher else None)
+        order = torch.argsort(scores, stable=True)  # least important first
+        coeffs.append(coeff)
+        orders.append(order)
+        scores_by_dense.append(scores)
+        paths.append(mask_path(coeff, order, cap) if budget > 0 else None)
+    if budget > 0:
+        cut = choose_cuts([p.variance for p in paths], shapes, budget)
+    else:
+        cut = choose_cuts([torch.zeros(1)] * len(shapes), shapes, 0)
+
+    reports: list[DenseReport] = []
+    new_modules: dict[str, nn.Module] = {}
+    names = [d.name for d in adapter.denses]
+    keeps: dict[str, torch.Tensor] = {}
+    for spec, shape, coeff, order, n_removed in zip(adapter.denses, shapes, coeffs, orders, cut.removed_inputs):
+        keep = torch.sort(order.flip(0)[: shape.d_in - n_removed]).values  # kept columns, ascending
+        keeps[spec.name] = keep
+    for i, (spec, shape, coeff, order, n_removed) in enumerate(
+            zip(adapter.denses, shapes, coeffs, orders, cut.removed_inputs)):
+        module = adapter.dense(block, spec.name)
+        keep = keeps[spec.name]
+        consumer = adapter.coupled_consumer(spec.name)
+        # Rows that die with the consumer's removed inputs do not count in this dense's own fit.
+        if consumer is not None and cut.removed_inputs[names.index(consumer)] > 0:
+            rows = keeps[consumer]
+            coeff = damped(coefficient_matrix(module.weight[rows], grams[spec.name].gram), cfg.damp)
+        indicator = torch.zeros(shape.d_in, dtype=coeff.dtype, device=coeff.device)
+        indicator[keep] = 1.0
+        err_plain = relative_error(coeff, indicator)
+        mask = None
+        err_tuned = err_plain
+        variance = 0.0
+        if n_removed > 0:
+            kept_mask = solve_mask(coeff, keep)
+            variance = float(kept_mask.var(unbiased=False))
+            if cfg.mask_tuning:
+                mask = kept_mask
+                full = torch.zeros_like(indicator)
+                full[keep] = kept_mask
+                err_tuned = relative_error(coeff, full)
+        pruned = torch.sort(order[:n_removed]).values
+        index_map = module.input_index if hasattr(module, "input_index") else None
+        reports.append(DenseReport(
+            layer=layer_index, name=spec.name, kind=spec.kind, d_in=shape.d_in, d_out=shape.d_out,
+            n_removed=n_removed, scores=scores_by_dense[i].float().cpu(),
+            pruned_index=(index_map[pruned] if index_map is not None else pruned).cpu(),
+            mask_variance=variance, error_no_tuning=err_plain, error_tuned=err_tuned,
+            mask=mask.float().cpu() if mask is not None else None))
+        if apply and n_removed > 0:
+            scale = mask.to(module.weight.device) if mask is not None else None
+            keep_dev = keep.to(module.weight.device)
+            if spec.coupled_producers:
+                new_modules[spec.name] = make_consumer_plain(prune_inputs(module, keep_dev, scale))
+            else:
+                new_modules[spec.name] = prune_inputs(module, keep_dev, scale)
+    if apply:
+        for spec, n_removed in zip(adapter.denses, cut.removed_inputs):
+            if spec.coupled_producers and n_removed > 0:
+                rows = keeps[spec.name].to(adapter.dense(block, spec.name).weight.device)
+                for producer in spec.coupled_producers:
+                    base = new_modules.get(producer, adapter.dense(block, producer))
+                    new_modules[producer] = prune_outputs(base, rows)
+        for name, module in new_modules.items():
+            replace_submodule(block, name, module)
+        realised = params - sum(p.numel() for p in block.parameters())
+        assert realised == cut.removed_params, (realised, cut.removed_params)
+    layer = LayerReport(index=layer_index, importance=float("nan"), ratio=ratio, budget=budget,
+                        removed_params=cut.removed_params, tau=cut.tau, params=params,
+                        seconds=time.perf_counter() - start)
+    return layer, reports
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole model
+# ---------------------------------------------------------------------------------------------------------
+
+def _layers_to_remove(cfg: CompConfig, candidates: int, params_total: int, block_params: list[int]) -> int:
+    if cfg.granularity == "neurons":
+        return 0
+    if cfg.granularity == "layers":
+        mean_block = sum(block_params) / len(block_params)
+        n = int(round(cfg.ratio * params_total / mean_block))
+        return min(n, candidates)
+    if cfg.remove_layers == "auto":
+        raise AssertionError("auto is resolved by prune()")
+    return int(cfg.remove_layers)
+
+
+def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: bool,
+         on_event: ProgressCallback | None, removal: RemovalResult | None = None,
+         inputs: BlockInputs | None = None) -> CompPlan:
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks(model))
+    n_layers = len(blocks)
+    protected = cfg.protected_layers(n_layers)
+    params_total = count_parameters(model)
+    block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    with calibration_context(model):
+        if inputs is None:
+            emit(on_event, "capture", 0, 1, "capturing block inputs")
+            inputs = capture_block_inputs(model, adapter, samples, batch_size=cfg.batch_size)
+        timings["capture"] = time.perf_counter() - t0
+        candidates = [i for i in range(n_layers) if i not in protected]
+        n_remove = _layers_to_remove(cfg, len(candidates), params_total, block_params)
+        if n_remove > len(candidates):
+            raise ValueError(f"cannot remove {n_remove} layers: only {len(candidates)} are not protected "
+                             f"(protected: {sorted(protected)})")
+        t0 = time.perf_counter()
+        if removal is None or len(removal.removal_order) < n_remove:
+            removal = iterative_removal(blocks, inputs, n_remove, protected, on_event)
+        timings["layer_removal"] = time.perf_counter() - t0
+        removed = removal.removed(n_remove)
+        active = [i for i in range(n_layers) if i not in removed]
+        importances = removal.importances_after(n_remove)
+        params_removed = sum(block_params[i] for i in removed)
+        if cfg.granularity == "layers":
+            prunable = []
+        else:
+            prunable = [i for i in active if i not in protected]
+        budget = cfg.ratio * params_total - params_removed
+        if cfg.granularity == "layers":
+            budget = 0.0
+        caps = []
+        for i in prunable:
+            shapes = _dense_shapes(blocks[i], adapter)
+            achievable = removed_parameters(shapes, _max_cuts(shapes, cfg.max_dense_ratio)) / block_params[i]
+            caps.append(min(cfg.layer_cap, achievable))
+        try:
+            ratios = layer_ratios([importances[i] for i in prunable], [block_params[i] for i in prunable],
+                                  budget, cap=caps)
+        except ImpossibleRatioError as err:
+            raise ImpossibleRatioError(
+                f"ratio {cfg.ratio:.3f} is impossible with {n_remove} removed layers and protected layers "
+                f"{sorted(protected)}: {err}") from None
+        ratio_of = dict(zip(prunable, ratios))
+
+        plan = CompPlan(
+            config=asdict(cfg), n_layers=n_layers, params_total=params_total, layer_params=block_params,
+            protected=sorted(protected), initial_importance=[removal.history[0][i] for i in range(n_layers)],
+            removal_order=removal.removal_order[:n_remove], importance_history=removal.history[:n_remove + 1],
+            removed_layers=removed, layer_ratios=ratio_of, timings=timings)
+
+        if apply and removed:
+            adapter.keep_blocks(model, active)
+        fisher = None
+        if cfg.score == "fisher" and prunable:
+            t0 = time.perf_counter()
+            with _temporarily_kept(model, adapter, blocks, active, apply):
+                positions = [active.index(i) for i in prunable]
+                raw = collect_fisher(model, adapter, samples, positions, on_event)
+            fisher = {(active[pos], name): v for (pos, name), v in raw.items()}
+            timings["fisher"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        hidden = inputs.hidden
+        stat_device = next(model.parameters()).device
+        for step, i in enumerate(active):
+            block = blocks[i]
+            kwargs = [inputs.kwargs_for(block, b) for b in range(len(hidden))]
+            if i in ratio_of:
+                with collect_input_grams(block, adapter, stat_device) as grams:
+                    outputs = replay(block, hidden, kwargs)
+                layer, dense_reports = prune_block(
+                    block, adapter, grams, ratio_of[i], cfg, layer_index=i, apply=apply,
+                    fisher={name: v for (li, name), v in fisher.items() if li == i} if fisher else None)
+                del grams
+                layer.importance = importances[i]
+                plan.layer_reports.append(layer)
+                plan.dense_reports.extend(dense_reports)
+                if apply and cfg.inputs == "accumulated":
+                    outputs = replay(block, hidden, kwargs)
+                emit(on_event, "neuron-pruning", step + 1, len(active), f"layer {i}: ratio {ratio_of[i]:.3f}",
+                     layer=i, removed_params=layer.removed_params, seconds=layer.seconds)
+            else:
+                outputs = replay(block, hidden, kwargs)
+                emit(on_event, "neuron-pruning", step + 1, len(active), f"layer {i}: kept")
+            hidden = outputs
+        timings["neuron_pruning"] = time.perf_counter() - t0
+    neuron_removed = sum(r.removed_params for r in plan.layer_reports)
+    plan.planned_params_after = params_total - params_removed - neuron_removed
+    return plan
+
+
+class _temporarily_kept:
+    """Context: the model runs with only the ``active`` blocks (a no-op if they were already removed)."""
+
+    def __init__(self, model, adapter: ArchAdapter, blocks: list[nn.Module], active: list[int], already: bool):
+        self.model, self.adapter, self.blocks, self.active, self.already = model, adapter, blocks, active, already
+
+    def __enter__(self):
+        if self.already:
+            return self
+        from ..models.adapters import _base, _set
+        self.saved_list = self.adapter.blocks(self.model)
+        self.saved_n = self.model.config.num_hidden_layers
+        _set(_base(self.model), self.adapter.blocks_path, nn.ModuleList([self.blocks[i] for i in self.active]))
+        self.model.config.num_hidden_layers = len(self.active)
+        return self
+
+    def __exit__(self, *exc):
+        if not self.already:
+            from ..models.adapters import _base, _set
+            _set(_base(self.model), self.adapter.blocks_path, self.saved_list)
+            self.model.config.num_hidden_layers = self.saved_n
+        return False
+
+
+def analyze(model: nn.Module, samples: torch.Tensor, cfg: CompConfig | None = None,
+            on_event: ProgressCallback | None = None) -> CompPlan:
+    """Everything COMP would do — importances, removal order, per-layer ratios, per-dense scores and cuts —
+    without changing the model. With ``remove_layers="auto"``, the plan for the smallest n of the sweep
+    (0) is returned; use ``prune`` to run the sweep."""
+    cfg = cfg or CompConfig()
+    if cfg.remove_layers == "auto":
+        cfg = _replace(cfg, remove_layers=0)
+    return _run(model, samples, cfg, apply=False, on_event=on_event)
+
+
+def _replace(cfg: CompConfig, **changes) -> CompConfig:
+    values = asdict(cfg)
+    values.update(changes)
+    return CompConfig(**values)
+
+
+def prune(model: nn.Module, samples: torch.Tensor, cfg: CompConfig | None = None, *,
+          on_event: ProgressCallback | None = None, inplace: bool = False) -> tuple[nn.Module, PruneResult]:
+    """Prune ``model`` (a copy unless ``inplace``) with COMP; returns the pruned model and its result."""
+    cfg = cfg or CompConfig()
+    start = time.perf_counter()
+    params_before = count_parameters(model)
+    if cfg.remove_layers != "auto" or cfg.granularity != "hybrid":
+        target = model if inplace else copy.deepcopy(model)
+        plan = _run(target, samples, cfg, apply=True, on_event=on_event)
+    else:
+        target, plan = _auto_sweep(model, samples, cfg, on_event)
+    params_after = count_parameters(target)
+    assert params_after == plan.planned_params_after, (params_after, plan.planned_params_after)
+    result = PruneResult(plan=plan, params_before=params_before, params_after=params_after,
+                         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+    return target, result
+
+
+def _auto_sweep(model, samples, cfg, on_event):
+    """Try n = 0, 1, … removed layers; keep the run with the lowest calibration loss.
+
+    Every trial prunes its own copy (``inplace`` cannot apply: trials differ in shape), and the removal
+    order is measured once for the largest n, since iterative removal of n layers is a prefix of it.
+    """
+    from ..evaluate import calibration_loss
+
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks(model))
+    protected = cfg.protected_layers(len(blocks))
+    params_total = count_parameters(model)
+    block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    mean_block = sum(block_params) / len(block_params)
+    candidates = [i for i in range(len(blocks)) if i not in protected]
+    n_max = min(cfg.auto_max_layers, len(candidates), int(cfg.ratio * params_total // mean_block))
+    with calibration_context(model):
+        inputs = capture_block_inputs(model, adapter, samples, batch_size=cfg.batch_size)
+        removal = iterative_removal(blocks, inputs, n_max, protected, on_event)
+    best = None
+    sweep = []
+    for n in range(n_max + 1):
+        emit(on_event, "auto-sweep", n, n_max + 1, f"trying {n} removed layers")
+        trial_cfg = _replace(cfg, remove_layers=n)
+        trial = copy.deepcopy(model)
+        try:
+            plan = _run(trial, samples, trial_cfg, apply=True, on_event=on_event, removal=removal,
+                        inputs=_rebind(inputs, blocks, list(adapter.blocks(trial))))
+        except ImpossibleRatioError as err:
+            sweep.append({"remove_layers": n, "calibration_loss": None, "error": str(err)})
+            continue
+        loss = calibration_loss(trial, samples)
+        sweep.append({"remove_layers": n, "calibration_loss": loss})
+        if best is None or loss < best[0]:
+            best = (loss, trial, plan)
+        else:
+            del trial
+    if best is None:
+        raise ImpossibleRatioError(f"no number of removed layers in 0..{n_max} reaches ratio {cfg.ratio}")
+    _, target, plan = best
+    plan.auto_sweep = sweep
+    emit(on_event, "auto-sweep", n_max + 1, n_max + 1, f"chose {len(plan.removed_layers)} removed layers")
+    return target, plan
+
+
+def _rebind(inputs: BlockInputs, old_blocks: list[nn.Module], new_blocks: list[nn.Module]) -> BlockInputs:
+    """Captured inputs re-keyed to a deep copy's block objects (kwargs are shared, not copied)."""
+    ids = {id(new): inputs.block_ids[id(old)] for old, new in zip(old_blocks, new_blocks)}
+    return BlockInputs(hidden=inputs.hidden, kwargs=inputs.kwargs, block_ids=ids)

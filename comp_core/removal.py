@@ -1,0 +1,73 @@
+"""Layer importance by cosine redundancy, and iterative layer removal (COMP step 1–2, ShortGPT-like).
+
+I_l = 1 − mean_t cos(x_l,t, y_l,t): a block whose output points where its input did changes little and
+can go. Removing one block changes the inputs of every later block, so after each removal the
+importances are recomputed on the shortened model before the next victim is chosen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .capture import BlockInputs, run_block
+from .events import ProgressCallback, emit
+
+
+def cosine_importance(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """Sum over tokens of 1 − cos(x_t, y_t) and the token count (to average over batches)."""
+    x = x.reshape(-1, x.shape[-1]).double()  # (N, d)
+    y = y.reshape(-1, y.shape[-1]).double()
+    return float((1.0 - F.cosine_similarity(x, y, dim=-1)).sum()), x.shape[0]
+
+
+def layer_importances(blocks: list[nn.Module], active: list[int], inputs: BlockInputs) -> dict[int, float]:
+    """Importance of every active block (original indices), running the active blocks in order."""
+    totals = {i: 0.0 for i in active}
+    counts = {i: 0 for i in active}
+    for b, hidden in enumerate(inputs.hidden):
+        h = hidden
+        for i in active:
+            out = run_block(blocks[i], h, inputs.kwargs_for(blocks[i], b)).to(h.device)
+            s, n = cosine_importance(h, out)
+            totals[i] += s
+            counts[i] += n
+            h = out
+    return {i: totals[i] / counts[i] for i in active}
+
+
+@dataclass
+class RemovalResult:
+    """Removal order and how every remaining layer's importance moved after each removal."""
+
+    removal_order: list[int]
+    history: list[dict[int, float]] = field(default_factory=list)  # history[k]: importances after k removals
+
+    def removed(self, n: int) -> list[int]:
+        return sorted(self.removal_order[:n])
+
+    def importances_after(self, n: int) -> dict[int, float]:
+        return self.history[n]
+
+
+def iterative_removal(blocks: list[nn.Module], inputs: BlockInputs, n_remove: int, protected: set[int],
+                      on_event: ProgressCallback | None = None) -> RemovalResult:
+    """Remove the least important non-protected block ``n_remove`` times, re-measuring after each."""
+    active = list(range(len(blocks)))
+    candidates = [i for i in active if i not in protected]
+    if n_remove > len(candidates):
+        raise ValueError(f"cannot remove {n_remove} layers: only {len(candidates)} are not protected")
+    result = RemovalResult(removal_order=[])
+    for step in range(n_remove + 1):
+        emit(on_event, "layer-removal", step, n_remove + 1, f"measuring {len(active)} layers")
+        importances = layer_importances(blocks, active, inputs)
+        result.history.append(importances)
+        if step == n_remove:
+            break
+        victim = min((i for i in active if i not in protected), key=lambda i: importances[i])
+        result.removal_order.append(victim)
+        active.remove(victim)
+    emit(on_event, "layer-removal", n_remove + 1, n_remove + 1, f"removed {result.removed(n_remove)}")
+    return result

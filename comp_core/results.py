@@ -1,0 +1,126 @@
+"""Plans and results as data: what the GUI plots and the CLI prints as JSON."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class DenseReport:
+    """One dense of one layer: its neuron scores, what was (or would be) pruned, and the fit."""
+
+    layer: int  # original layer index
+    name: str
+    kind: str
+    d_in: int
+    d_out: int
+    n_removed: int
+    scores: torch.Tensor  # (d_in,) float32, higher = keep
+    pruned_index: torch.Tensor  # (n_removed,) long, positions in the original input
+    mask_variance: float  # variance of the kept mask entries at the chosen cut
+    error_no_tuning: float  # ‖WX − W_pruned X‖² / ‖WX‖² with mask = 1 on the kept set
+    error_tuned: float  # same after mask tuning (equals error_no_tuning when tuning is off)
+    mask: torch.Tensor | None = None  # (d_in - n_removed,) tuned mask of the kept columns
+
+    def to_dict(self, with_scores: bool = False) -> dict:
+        out = {k: v for k, v in asdict(self).items() if not isinstance(v, torch.Tensor) and v is not None}
+        if with_scores:
+            out["scores"] = self.scores.tolist()
+            out["pruned_index"] = self.pruned_index.tolist()
+        return out
+
+
+@dataclass
+class LayerReport:
+    index: int  # original layer index
+    importance: float  # after the layer removals
+    ratio: float  # allocated share of the layer's parameters to remove
+    budget: int
+    removed_params: int
+    tau: float
+    params: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["tau"] = None if self.tau == float("inf") else self.tau
+        return out
+
+
+@dataclass
+class CompPlan:
+    """Everything COMP decided (or would decide) before touching weights, plus per-dense details."""
+
+    config: dict
+    n_layers: int
+    params_total: int
+    layer_params: list[int]
+    protected: list[int]
+    initial_importance: list[float]  # per original layer, before any removal
+    removal_order: list[int]
+    importance_history: list[dict[int, float]]
+    removed_layers: list[int]
+    layer_ratios: dict[int, float]  # prunable layers only
+    layer_reports: list[LayerReport] = field(default_factory=list)
+    dense_reports: list[DenseReport] = field(default_factory=list)
+    planned_params_after: int = 0
+    auto_sweep: list[dict] = field(default_factory=list)  # [{"remove_layers": n, "calibration_loss": x}]
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def planned_ratio(self) -> float:
+        return 1.0 - self.planned_params_after / self.params_total
+
+    def dense(self, layer: int, kind: str) -> DenseReport:
+        return next(d for d in self.dense_reports if d.layer == layer and d.kind == kind)
+
+    def to_dict(self, with_scores: bool = False) -> dict:
+        return {
+            "config": self.config,
+            "n_layers": self.n_layers,
+            "params_total": self.params_total,
+            "layer_params": self.layer_params,
+            "protected": self.protected,
+            "initial_importance": self.initial_importance,
+            "removal_order": self.removal_order,
+            "importance_history": [{str(k): v for k, v in h.items()} for h in self.importance_history],
+            "removed_layers": self.removed_layers,
+            "layer_ratios": {str(k): v for k, v in self.layer_ratios.items()},
+            "layers": [r.to_dict() for r in self.layer_reports],
+            "denses": [d.to_dict(with_scores) for d in self.dense_reports],
+            "planned_ratio": self.planned_ratio,
+            "auto_sweep": self.auto_sweep,
+            "timings": self.timings,
+        }
+
+
+@dataclass
+class PruneResult:
+    """A finished pruning run: the plan it followed and the realised figures of the model in memory."""
+
+    plan: CompPlan
+    params_before: int
+    params_after: int
+    seconds: float
+    peak_rss_mb: float
+    method: str = "comp"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def realised_ratio(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+    def to_dict(self, with_scores: bool = False) -> dict:
+        return {
+            "method": self.method,
+            "realised_ratio": self.realised_ratio,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "removed_layers": self.plan.removed_layers,
+            "layer_ratios": {str(k): v for k, v in self.plan.layer_ratios.items()},
+            "seconds": self.seconds,
+            "peak_rss_mb": self.peak_rss_mb,
+            **self.extra,
+            "plan": self.plan.to_dict(with_scores),
+        }

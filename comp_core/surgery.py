@@ -1,0 +1,95 @@
+"""Physical weight surgery: remove input columns (and coupled output rows) from linears for real.
+
+A dense whose input is the hidden state (q/k/v/gate/up/fc1) cannot shrink its input without changing every
+other reader of that hidden state, so it becomes an ``IndexedInputLinear``: a smaller weight plus the kept
+input indices, applied as an index-select before the matmul. A dense whose input is private to the block
+(down_proj/fc2, o_proj) is handled the same way, and for down/fc2 the producers' dead rows are removed, so
+the MLP really gets narrower.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class IndexedInputLinear(nn.Module):
+    """``y = x[..., input_index] @ weight.T + bias`` — a linear whose pruned input columns are gone."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_index: torch.Tensor, in_features: int):
+        super().__init__()
+        self.in_features = in_features  # width of the tensor this module reads, not of its weight
+        self.out_features = weight.shape[0]
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.register_buffer("input_index", input_index.to(torch.long), persistent=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.index_select(-1, self.input_index), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, kept_inputs={self.weight.shape[1]}, out_features={self.out_features}"
+
+
+def input_index_of(module: nn.Module) -> torch.Tensor:
+    """Indices (into the original input) that a dense still reads."""
+    if isinstance(module, IndexedInputLinear):
+        return module.input_index
+    return torch.arange(module.weight.shape[1], device=module.weight.device)
+
+
+def original_in_features(module: nn.Module) -> int:
+    return module.in_features
+
+
+def prune_inputs(module: nn.Module, keep: torch.Tensor, scale: torch.Tensor | None = None) -> nn.Module:
+    """New module that reads only input columns ``keep`` (positions in the module's current weight).
+
+    ``scale`` (len(keep)) multiplies the kept columns: that is how a tuned mask is folded into W.
+    If every column is kept the module keeps its plain nn.Linear type.
+    """
+    weight = module.weight.data[:, keep]  # (d_out, k)
+    if scale is not None:
+        weight = weight * scale.to(weight.dtype).unsqueeze(0)
+    bias = module.bias.data.clone() if module.bias is not None else None
+    index = input_index_of(module)[keep]
+    full_width = original_in_features(module)
+    if index.numel() == full_width and isinstance(module, nn.Linear):
+        new = nn.Linear(full_width, weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        new.weight.data.copy_(weight)
+        if bias is not None:
+            new.bias.data.copy_(bias)
+        return new
+    return IndexedInputLinear(weight.contiguous(), bias, index, full_width)
+
+
+def prune_outputs(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """New module with only output rows ``keep`` (for producers whose consumer lost those inputs)."""
+    weight = module.weight.data[keep].contiguous()
+    bias = module.bias.data[keep].clone() if module.bias is not None else None
+    if isinstance(module, IndexedInputLinear):
+        return IndexedInputLinear(weight, bias, module.input_index.clone(), module.in_features)
+    new = nn.Linear(module.in_features, weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def make_consumer_plain(module: nn.Module) -> nn.Module:
+    """A consumer (down/fc2) whose dead inputs were removed upstream reads a narrower tensor: plain Linear."""
+    weight = module.weight.data
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if module.bias is not None:
+        new.bias.data.copy_(module.bias.data)
+    return new
+
+
+def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    *parents, last = path.split(".")
+    obj = root
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, new)
