@@ -1,1 +1,27 @@
-"""comp-explorer core library."""
+"""comp-explorer: post-training structured pruning of LLMs with COMP.
+
+Typical use::
+
+    from comp_core import load_model, get_calibration, CompConfig, analyze, prune, perplexity, get_eval_tokens
+    loaded = load_model()                                   # bundled SmolLM2-135M-Instruct
+    samples = get_calibration("c4", loaded.tokenizer)       # 10 × 128 tokens, seed 0
+    plan = analyze(loaded.model, samples, CompConfig(ratio=0.2))
+    pruned, result = prune(loaded.model, samples, CompConfig(ratio=0.2))
+    print(result.realised_ratio, perplexity(pruned, get_eval_tokens("wikitext2", loaded.tokenizer), 512).ppl)
+"""
+from .allocation import ImpossibleRatioError
+from .data import DataError, get_calibration, get_eval_tokens
+from .evaluate import PerplexityResult, calibration_loss, perplexity
+from .events import Cancelled, PruneEvent
+from .methods.comp import CompConfig, analyze, prune
+from .models.adapters import UnsupportedModelError, get_adapter
+from .models.loading import LoadedModel, ModelLoadError, load_model
+from .results import CompPlan, DenseReport, LayerReport, PruneResult
+from .runtime import count_parameters
+
+__all__ = [
+    "CompConfig", "CompPlan", "Cancelled", "DataError", "DenseReport", "ImpossibleRatioError", "LayerReport",
+    "LoadedModel", "ModelLoadError", "PerplexityResult", "PruneEvent", "PruneResult", "UnsupportedModelError",
+    "analyze", "calibration_loss", "count_parameters", "get_adapter", "get_calibration", "get_eval_tokens",
+    "load_model", "perplexity", "prune",
+]

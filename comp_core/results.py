@@ -20,8 +20,9 @@ class DenseReport:
     pruned_index: torch.Tensor  # (n_removed,) long, positions in the original input
     mask_variance: float  # variance of the kept mask entries at the chosen cut
     error_no_tuning: float  # ‖WX − W_pruned X‖² / ‖WX‖² with mask = 1 on the kept set
-    error_tuned: float  # same after mask tuning (equals error_no_tuning when tuning is off)
+    error_tuned: float  # after compensation (mask or refit; equals error_no_tuning without)
     mask: torch.Tensor | None = None  # (d_in - n_removed,) tuned mask of the kept columns
+    compensation: str = "none"  # "mask", "refit" or "none"
 
     def to_dict(self, with_scores: bool = False) -> dict:
         out = {k: v for k, v in asdict(self).items() if not isinstance(v, torch.Tensor) and v is not None}

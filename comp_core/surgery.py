@@ -42,14 +42,18 @@ def original_in_features(module: nn.Module) -> int:
     return module.in_features
 
 
-def prune_inputs(module: nn.Module, keep: torch.Tensor, scale: torch.Tensor | None = None) -> nn.Module:
+def prune_inputs(module: nn.Module, keep: torch.Tensor, scale: torch.Tensor | None = None,
+                 new_weight: torch.Tensor | None = None) -> nn.Module:
     """New module that reads only input columns ``keep`` (positions in the module's current weight).
 
     ``scale`` (len(keep)) multiplies the kept columns: that is how a tuned mask is folded into W.
+    ``new_weight`` (d_out × len(keep)) replaces them outright (least-squares refit).
     If every column is kept the module keeps its plain nn.Linear type.
     """
     weight = module.weight.data[:, keep]  # (d_out, k)
-    if scale is not None:
+    if new_weight is not None:
+        weight = new_weight.to(dtype=weight.dtype, device=weight.device)
+    elif scale is not None:
         weight = weight * scale.to(weight.dtype).unsqueeze(0)
     bias = module.bias.data.clone() if module.bias is not None else None
     index = input_index_of(module)[keep]

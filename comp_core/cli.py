@@ -1,0 +1,264 @@
+"""``comp-explorer`` console script: analyze, prune, eval.
+
+Only this module touches argparse; it turns arguments into a ``CompConfig`` and calls the library.
+Progress goes to stderr (tqdm), results to stdout (a table, or one JSON object with ``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Sequence
+
+from .events import PruneEvent
+from .scoring import SCORES
+
+log = logging.getLogger("comp_core")
+
+EVAL_SETS = ("wikitext2", "ptb", "c4")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _remove_layers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("--remove-layers must be >= 0")
+    return value
+
+
+def _dense_kinds(text: str) -> tuple[str, ...] | str:
+    return "all" if text == "all" else tuple(t for t in text.replace(" ", "").split(",") if t)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF folder or id (safetensors), a .gguf file, or omit for the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 (GPU)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores available)")
+    p.add_argument("--data-dir", default=None, help="folder with local copies of the data sets (sets COMP_DATA_DIR)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--eval", default=default, help=f"perplexity data set(s), comma-separated: {', '.join(EVAL_SETS)}"
+                   + ("" if default else " (default: none)"))
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick check)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="window length for perplexity (default 512)")
+
+
+def _add_comp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ratio", type=float, default=0.2, help="share of all parameters to remove (default 0.2)")
+    p.add_argument("--remove-layers", type=_remove_layers, default=None,
+                   help="blocks to remove before neuron pruning, or 'auto' (default: %(default)s → library default)")
+    p.add_argument("--protect", type=_int_list, default=None,
+                   help="comma-separated layers never pruned (default: first two and last)")
+    p.add_argument("--granularity", choices=("hybrid", "layers", "neurons"), default="hybrid")
+    p.add_argument("--score", choices=tuple(SCORES), default=None, help="neuron importance score")
+    p.add_argument("--dense-kinds", type=_dense_kinds, default=None,
+                   help="denses whose input neurons may be pruned, e.g. 'down,o' or 'all' (default: library default)")
+    p.add_argument("--no-mask-tuning", action="store_true", help="prune without the least-squares mask")
+    p.add_argument("--inputs", choices=("identical", "accumulated"), default="identical",
+                   help="calibration inputs of each layer: from the unpruned model (paper) or the pruned one")
+    p.add_argument("--calib", default="c4", help="calibration set: c4, wikitext2, ptb, data-free or a local file")
+    p.add_argument("--n-samples", type=int, default=10)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comp-explorer", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    analyze = sub.add_parser("analyze", help="layer importances, removal order, per-layer ratios, neuron scores")
+    _add_common(analyze)
+    _add_comp(analyze)
+    analyze.add_argument("--scores", action="store_true", help="include every neuron score in the JSON")
+    prune = sub.add_parser("prune", help="prune with COMP and (optionally) evaluate perplexity before/after")
+    _add_common(prune)
+    _add_comp(prune)
+    _add_eval(prune, default=None)
+    evaluate = sub.add_parser("eval", help="perplexity of a model")
+    _add_common(evaluate)
+    _add_eval(evaluate, default="wikitext2")
+    return parser
+
+
+class _Progress:
+    """PruneEvents → one tqdm bar per stage on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, event: PruneEvent) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        if event.stage != self.stage or self.bar is None or self.bar.total != event.total:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr, leave=False)
+        self.bar.n = event.step
+        self.bar.set_postfix_str(event.message[:60], refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _config(args) -> "CompConfig":
+    from .methods.comp import CompConfig
+
+    values = dict(ratio=args.ratio, granularity=args.granularity, mask_tuning=not args.no_mask_tuning,
+                  inputs=args.inputs)
+    if args.remove_layers is not None:
+        values["remove_layers"] = args.remove_layers
+    if args.protect is not None:
+        values["protected"] = args.protect
+    if args.score is not None:
+        values["score"] = args.score
+    if args.dense_kinds is not None:
+        values["dense_kinds"] = None if args.dense_kinds == "all" else args.dense_kinds
+    return CompConfig(**values)
+
+
+def _evaluate(model, tokenizer, names: list[str], args, progress, timings: dict, label: str) -> dict[str, float]:
+    from .data import get_eval_tokens
+    from .evaluate import perplexity
+    from .runtime import stage
+
+    out = {}
+    for name in names:
+        with stage(f"eval_{label}_{name}", timings):
+            tokens = get_eval_tokens(name, tokenizer)
+            result = perplexity(model, tokens, args.eval_seq_len, max_windows=args.max_windows,
+                                on_progress=lambda i, n: progress(PruneEvent("evaluate", i, n, f"{label} {name}")))
+        out[name] = result.ppl
+        out[f"{name}_windows"] = result.n_windows
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Execute one parsed command; returns the report (also what ``--json`` prints)."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.data_dir:
+        os.environ["COMP_DATA_DIR"] = args.data_dir
+    from .data import get_calibration
+    from .methods.comp import analyze, prune
+    from .models.loading import load_model
+    from .runtime import configure_threads, count_parameters, peak_rss_mb, stage
+
+    configure_threads(args.threads)
+    progress = _Progress(enabled=not args.quiet)
+    timings: dict = {}
+    start = time.perf_counter()
+    try:
+        with stage("load", timings):
+            loaded = load_model(args.model, dtype=args.dtype, device=args.device,
+                                trust_remote_code=args.trust_remote_code)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        report: dict = {"command": args.command, "model": loaded.source}
+        eval_names = [n for n in (args.eval or "").split(",") if n]
+        for name in eval_names:
+            if name not in EVAL_SETS:
+                raise ValueError(f"unknown evaluation set '{name}'; choose from {', '.join(EVAL_SETS)}")
+        if args.command == "eval":
+            report["params"] = count_parameters(model)
+            report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model")
+        else:
+            cfg = _config(args)
+            with stage("calibration", timings):
+                samples = get_calibration(args.calib, tokenizer, args.n_samples, args.seq_len, args.seed, model=model)
+            if args.command == "analyze":
+                with stage("analyze", timings):
+                    plan = analyze(model, samples, cfg, on_event=progress)
+                report.update(plan.to_dict(with_scores=args.scores))
+            else:
+                if eval_names:
+                    report["ppl_before"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "before")
+                with stage("prune", timings):
+                    pruned, result = prune(model, samples, cfg, on_event=progress, inplace=True)
+                result_dict = result.to_dict()
+                plan = result_dict.pop("plan")
+                report.update(result_dict)
+                report["layer_importance"] = plan["initial_importance"]
+                report["removal_order"] = plan["removal_order"]
+                report["auto_sweep"] = plan["auto_sweep"]
+                report["config"] = plan["config"]
+                if eval_names:
+                    report["ppl_after"] = _evaluate(pruned, tokenizer, eval_names, args, progress, timings, "after")
+    finally:
+        progress.close()
+    report["seconds"] = time.perf_counter() - start
+    report["peak_rss_mb"] = peak_rss_mb()
+    report["timings"] = timings
+    return report
+
+
+def _print_table(report: dict) -> None:
+    rows = []
+    for key in ("model", "realised_ratio", "params_before", "params_after", "params", "removed_layers",
+                "ppl", "ppl_before", "ppl_after", "seconds", "peak_rss_mb"):
+        if key in report:
+            value = report[key]
+            if isinstance(value, float):
+                value = f"{value:.4f}"
+            elif isinstance(value, dict):
+                value = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+            rows.append((key, value))
+    if "layer_ratios" in report:
+        rows.append(("layer_ratios", ", ".join(f"{k}:{v:.2f}" for k, v in report["layer_ratios"].items())))
+    if "timings" in report:
+        rows.append(("stages", ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["timings"].items())))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .allocation import ImpossibleRatioError
+
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except (ValueError, ImpossibleRatioError, FileNotFoundError) as err:
+        print(f"comp-explorer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("comp-explorer: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report, default=_jsonable))
+    else:
+        _print_table(report)
+    return 0
+
+
+def _jsonable(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

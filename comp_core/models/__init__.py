@@ -1,0 +1,2 @@
+"""Model loading and architecture adapters."""
+from .loading import BUNDLED, LoadedModel, ModelLoadError, load_model

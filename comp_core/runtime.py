@@ -1,0 +1,183 @@
+"""Small runtime helpers shared by the library, the CLI and the UI.
+
+* :func:`resolve_device` / :func:`resolve_dtype` turn user strings into torch objects, with errors a user can act on.
+* :func:`configure_threads` sets the torch CPU thread count to what this process may actually use.
+* :func:`peak_rss_mb` / :func:`current_rss_mb` read process memory without psutil.
+* :func:`stage` (or :class:`StageTimer`) records wall time and peak RSS of a named step into a plain dict.
+* :func:`count_parameters` counts each distinct weight tensor once (tied embeddings count once).
+
+Nothing here imports transformers; only ``torch`` and the standard library.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Accepted spellings -> dtype. "auto" is not here: only model loading can decide what "auto" means.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available, else CPU) -> ``torch.device``.
+
+    Raises ``ValueError`` when CUDA (or a CUDA index) is asked for but is not there, or the name is unknown.
+    """
+    if isinstance(name, torch.device):
+        text = str(name)
+    else:
+        text = (name or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from err
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{name}' was requested but CUDA is not available "
+                             "(no GPU, or a CPU-only torch build); use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device '{name}' was requested but only {count} CUDA device(s) exist "
+                             f"(cuda:0..cuda:{count - 1})")
+        return device
+    raise ValueError(f"unsupported device '{name}'; use cpu, cuda, cuda:N or auto")
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or fp32/bf16/fp16, or a ``torch.dtype``) -> ``torch.dtype``.
+
+    ``"auto"`` is rejected here: it depends on the checkpoint, so :func:`comp_core.models.loading.load_model`
+    resolves it itself.
+    """
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {name}; use float32, bfloat16 or float16")
+        return name
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype '{name}'; use float32, bfloat16 or float16"
+                         + (" ('auto' is only understood by load_model)" if key == "auto" else ""))
+    return DTYPES[key]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota when one is set."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Set ``torch.set_num_threads`` to ``n`` (default: :func:`available_cpus`), never above what is available.
+
+    Idempotent: calling it again with the same argument changes nothing. Returns the thread count in effect.
+    """
+    limit = available_cpus()
+    if n is None:
+        want = limit
+    else:
+        if int(n) < 1:
+            raise ValueError(f"thread count must be >= 1, got {n}")
+        want = int(n)
+        if want > limit:
+            logger.warning("asked for %d threads but only %d CPU(s) are available; using %d", want, limit, limit)
+            want = limit
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+        logger.debug("torch CPU threads set to %d", want)
+    return want
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (``getrusage`` high-water mark)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kB, macOS reports bytes.
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mb() -> float:
+    """Current resident set size in MiB, from ``/proc/self/statm``; falls back to :func:`peak_rss_mb` elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+@dataclass
+class StageTimer:
+    """Collects ``{stage name: {"seconds": s, "peak_rss_mb": m}}`` into ``timings``.
+
+    ``with timer("prune"): ...`` times one step. A name used twice adds up its seconds (handy in loops).
+    ``peak_rss_mb`` is the process high-water mark when the stage ended: it never goes down from one stage
+    to the next, so the stage that raised it is the one where it jumps. A stage is recorded even if its
+    body raises.
+    """
+
+    timings: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            entry = self.timings.setdefault(name, {"seconds": 0.0, "peak_rss_mb": 0.0})
+            entry["seconds"] += seconds
+            entry["peak_rss_mb"] = max(entry["peak_rss_mb"], peak_rss_mb())
+            logger.debug("stage %s: %.2f s, peak RSS %.0f MiB", name, seconds, entry["peak_rss_mb"])
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict) -> Iterator[None]:
+    """Context manager: time the body and store seconds + peak RSS under ``timings[name]`` (see :class:`StageTimer`)."""
+    with StageTimer(timings)(name):
+        yield
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters, each distinct tensor counted once.
+
+    ``Module.parameters()`` already skips a Parameter object seen twice; this also dedupes different Parameter
+    objects that share memory (same device, data pointer and shape), as tied embeddings can. Meta tensors have
+    no memory, so they are deduped by identity only.
+    """
+    seen: set = set()
+    total = 0
+    for param in model.parameters():
+        ptr = param.data_ptr() if param.device.type != "meta" else 0
+        key = ("id", id(param)) if ptr == 0 else (param.device, ptr, tuple(param.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        total += param.numel()
+    return total

@@ -1,0 +1,128 @@
+"""comp_core.runtime: device/dtype parsing, threads, memory readings, stage timings, parameter counting."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from comp_core import runtime
+from comp_core.runtime import (StageTimer, configure_threads, count_parameters, current_rss_mb, peak_rss_mb,
+                               resolve_device, resolve_dtype, stage)
+
+VOCAB, HIDDEN = 512, 32
+
+
+def _tiny_llama(tie: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    return LlamaForCausalLM(config)
+
+
+def test_count_parameters_counts_tied_embeddings_once():
+    tied, untied = _tiny_llama(True), _tiny_llama(False)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert count_parameters(untied) - count_parameters(tied) == VOCAB * HIDDEN
+    # Same as summing the distinct parameters by hand.
+    assert count_parameters(untied) == sum(p.numel() for p in untied.parameters())
+
+
+def test_count_parameters_dedupes_shared_memory_across_parameter_objects():
+    a = torch.nn.Linear(4, 3, bias=False)
+    b = torch.nn.Linear(4, 3, bias=False)
+    b.weight = torch.nn.Parameter(a.weight.data)  # different Parameter object, same storage
+    model = torch.nn.Sequential(a, b)
+    assert a.weight is not b.weight and a.weight.data_ptr() == b.weight.data_ptr()
+    assert count_parameters(model) == 12
+    assert count_parameters(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3))) == 30
+
+
+def test_count_parameters_meta_device():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    assert count_parameters(model) == 4 * 3 + 3 + 3 * 2 + 2
+
+
+def test_stage_records_positive_time_and_peak_rss():
+    timings: dict = {}
+    with stage("load", timings):
+        time.sleep(0.01)
+    assert set(timings) == {"load"}
+    assert set(timings["load"]) == {"seconds", "peak_rss_mb"}
+    assert timings["load"]["seconds"] >= 0.01
+    assert timings["load"]["peak_rss_mb"] > 0
+
+
+def test_stage_accumulates_repeats_and_records_on_error():
+    timer = StageTimer()
+    for _ in range(2):
+        with timer("step"):
+            time.sleep(0.005)
+    assert timer.timings["step"]["seconds"] >= 0.01
+    with pytest.raises(RuntimeError):
+        with stage("boom", timer.timings):
+            raise RuntimeError("x")
+    assert timer.timings["boom"]["seconds"] >= 0
+
+
+def test_rss_readings_are_plausible():
+    now = current_rss_mb()
+    assert 1 < now < 1_000_000
+    assert peak_rss_mb() >= now * 0.95  # the high-water mark is at least what we use now (page rounding aside)
+    status = Path("/proc/self/status")
+    if status.is_file():  # Linux: agrees with the kernel's own VmRSS / VmHWM lines
+        fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        vm_rss_mb = int(fields["VmRSS"].split()[0]) / 1024
+        assert abs(current_rss_mb() - vm_rss_mb) < 16
+        assert peak_rss_mb() >= int(fields["VmHWM"].split()[0]) / 1024 - 16
+
+
+def test_configure_threads_defaults_caps_and_is_idempotent(monkeypatch):
+    original = torch.get_num_threads()
+    try:
+        available = runtime.available_cpus()
+        assert 1 <= available <= (os.cpu_count() or available)
+        assert configure_threads() == available == torch.get_num_threads()
+        assert configure_threads() == available  # idempotent
+        assert configure_threads(1) == 1 == torch.get_num_threads()
+        assert configure_threads(available + 100) == available  # never above what is available
+        with pytest.raises(ValueError):
+            configure_threads(0)
+        monkeypatch.setattr(runtime, "available_cpus", lambda: 1)
+        assert configure_threads(8) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(original)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device(None).type == expected
+    with pytest.raises(ValueError, match="unknown device|unsupported device"):
+        resolve_device("tpu-ish")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("float32") is torch.float32
+    assert resolve_dtype("bf16") is torch.bfloat16
+    assert resolve_dtype("FP16") is torch.float16
+    assert resolve_dtype("torch.bfloat16") is torch.bfloat16
+    assert resolve_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="auto"):
+        resolve_dtype("auto")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        resolve_dtype(torch.int8)
