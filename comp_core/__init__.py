@@ -13,7 +13,7 @@ from .allocation import ImpossibleRatioError
 from .data import DataError, get_calibration, get_eval_tokens
 from .evaluate import PerplexityResult, calibration_loss, perplexity
 from .events import Cancelled, PruneEvent
-from .methods.comp import CompConfig, analyze, prune
+from .methods.comp import CompConfig, analyze, prune, reallocate
 from .models.adapters import UnsupportedModelError, get_adapter
 from .models.loading import LoadedModel, ModelLoadError, load_model
 from .results import CompPlan, DenseReport, LayerReport, PruneResult
@@ -23,5 +23,5 @@ __all__ = [
     "CompConfig", "CompPlan", "Cancelled", "DataError", "DenseReport", "ImpossibleRatioError", "LayerReport",
     "LoadedModel", "ModelLoadError", "PerplexityResult", "PruneEvent", "PruneResult", "UnsupportedModelError",
     "analyze", "calibration_loss", "count_parameters", "get_adapter", "get_calibration", "get_eval_tokens",
-    "load_model", "perplexity", "prune",
+    "load_model", "perplexity", "prune", "reallocate",
 ]

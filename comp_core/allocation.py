@@ -101,7 +101,11 @@ def choose_cuts(variances: list[torch.Tensor], shapes: list[DenseShape], budget:
     so we bisect over those. The denses whose cut jumps at the final τ then give neurons one at a time, in
     dense order, until the budget is met — so the layer lands on its budget within one neuron.
     """
-    run_max = [torch.cummax(v.double(), dim=0).values for v in variances]
+    run_max = []
+    for v in variances:
+        r = torch.cummax(v.double(), dim=0).values
+        r[0] = 0.0  # nothing pruned = all-ones mask: variance 0 by definition (the solve leaves ~1e-32 noise)
+        run_max.append(r)
 
     def cuts(tau: float) -> list[int]:
         return [int(torch.searchsorted(r, torch.tensor([tau], dtype=r.dtype), right=True).item()) - 1

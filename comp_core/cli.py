@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
                                 trust_remote_code=args.trust_remote_code)
         model, tokenizer = loaded.model, loaded.tokenizer
         report: dict = {"command": args.command, "model": loaded.source}
-        eval_names = [n for n in (args.eval or "").split(",") if n]
+        eval_names = [n for n in (getattr(args, "eval", None) or "").split(",") if n]
         for name in eval_names:
             if name not in EVAL_SETS:
                 raise ValueError(f"unknown evaluation set '{name}'; choose from {', '.join(EVAL_SETS)}")

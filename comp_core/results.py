@@ -63,6 +63,7 @@ class CompPlan:
     importance_history: list[dict[int, float]]
     removed_layers: list[int]
     layer_ratios: dict[int, float]  # prunable layers only
+    layer_caps: list[float] = field(default_factory=list)  # per original layer: most neuron pruning can take
     layer_reports: list[LayerReport] = field(default_factory=list)
     dense_reports: list[DenseReport] = field(default_factory=list)
     planned_params_after: int = 0
@@ -88,6 +89,7 @@ class CompPlan:
             "importance_history": [{str(k): v for k, v in h.items()} for h in self.importance_history],
             "removed_layers": self.removed_layers,
             "layer_ratios": {str(k): v for k, v in self.layer_ratios.items()},
+            "layer_caps": self.layer_caps,
             "layers": [r.to_dict() for r in self.layer_reports],
             "denses": [d.to_dict(with_scores) for d in self.dense_reports],
             "planned_ratio": self.planned_ratio,

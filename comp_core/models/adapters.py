@@ -139,8 +139,8 @@ OPT_FAMILY = ArchAdapter(
         DenseSpec("self_attn.k_proj", "k"),
         DenseSpec("self_attn.v_proj", "v"),
         DenseSpec("self_attn.out_proj", "o"),
-        DenseSpec("fc1", "fc1"),
-        DenseSpec("fc2", "fc2", coupled_producers=("fc1",)),
+        DenseSpec("fc1", "up"),
+        DenseSpec("fc2", "down", coupled_producers=("fc1",)),
     ),
     input_groups=(
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

@@ -1,0 +1,355 @@
+"""Save a pruned model as a physically smaller folder, and load it back in one call. Safetensors only.
+
+``save_pruned(model, tokenizer, path, report)`` writes::
+
+    path/config.json              stock config, or comp_<type> config with one shape record per block
+    path/generation_config.json
+    path/model.safetensors        (or model-0000x-of-0000n.safetensors + index, above ``max_shard_size``)
+    path/tokenizer*.json ...      when a tokenizer is given
+    path/comp_report.json         what was exported (per-block shapes, parameter count) + the pruning report
+
+What is physically removed (docs/export.md has the measurements behind each choice):
+
+* removed blocks: gone from the block list and the config (``num_hidden_layers``, ``layer_types``; done by
+  ``ArchAdapter.keep_blocks`` during pruning);
+* pruned MLP channels: gate/up (fc1) rows and down (fc2) columns, so each block's MLP is simply narrower;
+* pruned input columns of q/k/v/o, gate/up (fc1): the smaller weight plus the kept indices
+  (``IndexedInputLinear.input_index``, int64) — the input is index-selected before a smaller matmul;
+* whole attention heads: a head whose o_proj columns are all gone is removed from q (and its k/v head when
+  the whole group is gone), as far as grouped-query attention stays uniform: every key/value group must keep
+  the same number of query heads, so a group keeps some dead heads when another group lost fewer. A block
+  always keeps at least one head (its o_proj columns are then simply not read).
+
+A model whose blocks all have stock shapes (only whole blocks removed) is saved as the stock architecture:
+any transformers install loads it. Otherwise the folder's ``model_type`` is ``comp_<type>``
+(``comp_core.models.pruned``): ``load_pruned(path)`` or, once ``comp_core.export`` (or
+``comp_core.models.pruned``) is imported, plain ``AutoModelForCausalLM.from_pretrained(path)``.
+
+Writing is atomic: everything goes to a hidden folder next to ``path`` that is renamed into place at the end;
+an existing ``path`` is refused (``FileExistsError``) unless ``overwrite``, and then replaced only once the new
+folder is complete.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.adapters import ArchAdapter, get_adapter
+from .models.pruned import (LAYERS_FIELD, adapter_for, base_model_type, block_record, comp_classes, dense_names,
+                            head_dim_of, is_stock_record, register_all)
+from .runtime import count_parameters, resolve_device, resolve_dtype
+from .surgery import IndexedInputLinear, prune_outputs
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "comp_report.json"
+EXPORT_FORMAT = 1
+# Files a saved folder may contain; anything else (a pickle, a .bin) is an error.
+_ALLOWED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# attention heads
+# ---------------------------------------------------------------------------------------------------------
+
+def compute_head_removal(denses: dict[str, nn.Module], adapter: ArchAdapter, head_dim: int) -> dict[str, nn.Module]:
+    """Replacement q/k/v/o modules without the attention heads that o_proj no longer reads; {} if none can go.
+
+    Heads are read from the module shapes (query heads = q rows / head_dim, kv heads = k rows / head_dim), so
+    this also works on an already compacted block. Query head h belongs to kv group h // (heads / kv_heads).
+    Removal keeps the grouping uniform: a group whose heads are all dead goes with its k/v head; from every
+    other group the same number r of dead heads goes, r = the fewest dead heads of any surviving group.
+    """
+    names = dense_names(adapter)
+    q, k, v, o = (denses[names[kind]] for kind in ("q", "k", "v", "o"))
+    if not isinstance(o, IndexedInputLinear):
+        return {}
+    heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
+    group = heads // kv_heads
+    alive = torch.bincount(o.input_index.cpu() // head_dim, minlength=heads) > 0  # (heads,)
+    alive_by_group = alive.view(kv_heads, group)  # (kv_heads, group)
+    group_alive = alive_by_group.any(dim=1)  # (kv_heads,)
+    assert bool(group_alive.any()), "o_proj reads no column at all"
+    dead_counts = (~alive_by_group).sum(dim=1)  # (kv_heads,)
+    drop_per_group = int(dead_counts[group_alive].min())
+    keep_head = torch.zeros(heads, dtype=torch.bool)
+    for g in range(kv_heads):
+        if not group_alive[g]:
+            continue
+        members = torch.arange(g * group, (g + 1) * group)
+        dead = members[~alive_by_group[g]]
+        dropped = set(dead[:drop_per_group].tolist())
+        for h in members.tolist():
+            keep_head[h] = h not in dropped
+    if bool(keep_head.all()):
+        return {}
+    kept_heads = torch.nonzero(keep_head).flatten()  # (heads',) ascending
+    kept_groups = torch.nonzero(group_alive).flatten()  # (kv_heads',)
+    offsets = torch.arange(head_dim)
+    q_rows = (kept_heads[:, None] * head_dim + offsets).flatten()  # (heads' * head_dim,)
+    kv_rows = (kept_groups[:, None] * head_dim + offsets).flatten()  # (kv_heads' * head_dim,)
+    device = q.weight.device
+    new = {names["q"]: prune_outputs(q, q_rows.to(device)),
+           names["k"]: prune_outputs(k, kv_rows.to(device)),
+           names["v"]: prune_outputs(v, kv_rows.to(device))}
+    # o_proj: same weight, its input index re-expressed in the smaller attention output
+    new_position = torch.full((heads,), -1, dtype=torch.long)
+    new_position[kept_heads] = torch.arange(kept_heads.numel())
+    index = o.input_index.cpu()
+    head_of = index // head_dim
+    assert bool(keep_head[head_of].all()), "a removed head was still read by o_proj"
+    new_index = new_position[head_of] * head_dim + index % head_dim  # ascending, like the old index
+    width = kept_heads.numel() * head_dim
+    bias = o.bias.data.clone() if o.bias is not None else None
+    if new_index.numel() == width:
+        plain = nn.Linear(width, o.out_features, bias=bias is not None, device=device, dtype=o.weight.dtype)
+        plain.weight.data.copy_(o.weight.data)
+        if bias is not None:
+            plain.bias.data.copy_(bias)
+        new[names["o"]] = plain
+    else:
+        new[names["o"]] = IndexedInputLinear(o.weight.data.clone(), bias, new_index.to(device), width)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------------
+# in-memory model -> model of the export class (weights shared, built on the meta device)
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ExportPlan:
+    """What ``save_pruned`` writes: the model to save and a summary for comp_report.json."""
+
+    model: nn.Module  # of the export class, sharing the source model's tensors
+    base_model_type: str
+    model_type: str  # "llama" (stock) or "comp_llama"
+    records: list[dict]
+    removed_heads: int
+    params: int
+
+    def summary(self) -> dict:
+        return {
+            "format": EXPORT_FORMAT,
+            "model_type": self.model_type,
+            "base_model_type": self.base_model_type,
+            "stock_architecture": self.model_type == self.base_model_type,
+            "loader": ("transformers.AutoModelForCausalLM" if self.model_type == self.base_model_type
+                       else "comp_core.load_pruned (or AutoModelForCausalLM after `import comp_core.export`)"),
+            "params": self.params,
+            "num_hidden_layers": len(self.records),
+            "removed_heads": self.removed_heads,
+            "layers": self.records,
+        }
+
+
+def _blocks_prefix(model: nn.Module, adapter: ArchAdapter) -> str:
+    blocks = adapter.blocks(model)
+    return next(name for name, module in model.named_modules() if module is blocks)
+
+
+def plan_export(model: nn.Module) -> ExportPlan:
+    """Rebuild ``model`` as the class it will be saved as (stock or ``comp_<type>``), sharing its tensors.
+
+    The target is built on the meta device from the new config alone, then receives the tensors with
+    ``load_state_dict(strict=True, assign=True)``: every key and shape must match, so a config that would
+    not reload into the same shapes fails here, before anything is written.
+    """
+    base_type = base_model_type(model.config.model_type)
+    adapter = get_adapter(model)
+    if adapter is not adapter_for(base_type):
+        raise ValueError(f"model_type '{model.config.model_type}' does not match its {adapter.family} block layout")
+    head_dim = head_dim_of(model.config)
+    prefix = _blocks_prefix(model, adapter)
+    state = dict(model.state_dict())
+    records = []
+    removed_heads = 0
+    for i, block in enumerate(adapter.blocks(model)):
+        denses = {spec.name: adapter.dense(block, spec.name) for spec in adapter.denses}
+        replaced = compute_head_removal(denses, adapter, head_dim)
+        if replaced:
+            q_name = dense_names(adapter)["q"]
+            removed_heads += (denses[q_name].out_features - replaced[q_name].out_features) // head_dim
+            for name, module in replaced.items():
+                for key in [k for k in state if k.startswith(f"{prefix}.{i}.{name}.")]:
+                    del state[key]
+                state.update({f"{prefix}.{i}.{name}.{key}": value for key, value in module.state_dict().items()})
+            denses.update(replaced)
+        records.append(block_record(denses, adapter, head_dim))
+
+    stock = all(is_stock_record(r, model.config, base_type) for r in records)
+    config_dict = model.config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", LAYERS_FIELD, "auto_map"):
+        config_dict.pop(key, None)
+    if stock:
+        import transformers
+        from .models.pruned import SUPPORTED
+        config_cls = getattr(transformers, SUPPORTED[base_type][0])
+        model_cls = getattr(transformers, SUPPORTED[base_type][1])
+    else:
+        config_cls, model_cls = comp_classes(base_type)
+        config_dict[LAYERS_FIELD] = records
+    config = config_cls.from_dict(config_dict)
+    config.dtype = next(model.parameters()).dtype
+    if config.num_hidden_layers != len(records):
+        raise ValueError(f"config.num_hidden_layers={config.num_hidden_layers} but the model has {len(records)} "
+                         "blocks; remove blocks with ArchAdapter.keep_blocks so the config is updated too")
+    with torch.device("meta"):
+        target = model_cls(config)
+    if getattr(config, "tie_word_embeddings", False):
+        _check_tied(model)
+    target.load_state_dict(state, strict=True, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        target.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        target.generation_config = copy.deepcopy(model.generation_config)
+    meta = [name for name, p in target.named_parameters() if p.is_meta]
+    assert not meta, f"parameters left on the meta device: {meta[:5]}"
+    return ExportPlan(model=target, base_model_type=base_type, model_type=config.model_type, records=records,
+                      removed_heads=removed_heads, params=count_parameters(target))
+
+
+def _check_tied(model: nn.Module) -> None:
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is not None and inp.weight.data_ptr() != out.weight.data_ptr() and not torch.equal(inp.weight, out.weight):
+        raise ValueError("config.tie_word_embeddings is True but the input and output embeddings differ; "
+                         "re-tie them (model.tie_weights()) or set tie_word_embeddings=False")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------------------------------------
+
+def _json_default(value: Any):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (Path, torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def folder_bytes(path: str | Path, suffix: str = "") -> int:
+    """Total size of the files in a folder (recursively), optionally only those ending in ``suffix``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name.endswith(suffix))
+
+
+def _check_replaceable(path: Path) -> None:
+    """With ``overwrite``: only an empty folder or a saved-model folder may be replaced."""
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder; refusing to replace it")
+    if any(path.iterdir()) and not (path / "config.json").is_file():
+        raise FileExistsError(f"{path} is not empty and holds no config.json (not a saved model); "
+                              "refusing to replace it even with overwrite=True")
+
+
+def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, report: dict | None = None, *,
+                overwrite: bool = False, max_shard_size: int | str = "2GB") -> Path:
+    """Save a (pruned) causal LM physically smaller, with tokenizer and report; returns the folder.
+
+    ``report``: a dict (or anything with ``to_dict()``, such as ``PruneResult``) stored under ``"pruning"`` in
+    comp_report.json. Raises ``FileExistsError`` before writing anything when ``path`` exists and not
+    ``overwrite``. The model is not modified.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        _check_replaceable(path)
+    if report is not None and not isinstance(report, dict):
+        report = report.to_dict()
+    plan = plan_export(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        plan.model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        summary = plan.summary()
+        summary["weight_bytes"] = folder_bytes(staging, ".safetensors")
+        with open(staging / REPORT_FILE, "w") as f:
+            json.dump({"export": summary, "pruning": report}, f, indent=1, default=_json_default)
+        _check_no_pickle(staging)
+        _move_into_place(staging, path, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("saved %s (%s, %d params, %d weight bytes)", path, plan.model_type, plan.params,
+                summary["weight_bytes"])
+    return path
+
+
+def _check_no_pickle(folder: Path) -> None:
+    bad = [f.name for f in folder.rglob("*") if f.is_file() and f.suffix in _PICKLE_SUFFIXES]
+    if bad:
+        raise RuntimeError(f"refusing to save pickled files {bad}: the export must be safetensors only")
+
+
+def _move_into_place(staging: Path, path: Path, overwrite: bool) -> None:
+    if not (path.exists() or path.is_symlink()):
+        os.rename(staging, path)
+        return
+    if not overwrite:  # appeared while we were writing
+        raise FileExistsError(f"{path} appeared while saving; nothing was replaced")
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(path, old)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_pruned(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                dtype: str | torch.dtype | None = None):
+    """Load a folder written by :func:`save_pruned` (stock or ``comp_<type>``): returns ``(model, tokenizer)``.
+
+    ``dtype`` None keeps the saved dtype. Every weight and index buffer must come from the checkpoint: a
+    missing, unexpected or mismatched key raises ``ValueError`` instead of leaving random weights.
+    ``tokenizer`` is None when the folder has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    register_all()
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no config.json; is it a folder written by save_pruned?")
+    pickled = [f.name for f in path.iterdir() if f.suffix in _PICKLE_SUFFIXES]
+    if pickled:
+        raise ValueError(f"{path} contains pickled files {pickled}; comp-explorer loads safetensors only")
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, dtype=resolve_dtype(dtype) if dtype is not None else "auto", use_safetensors=True,
+        output_loading_info=True)
+    problems = {key: sorted(map(str, info.get(key) or [])) for key in
+                ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {key: value for key, value in problems.items() if value}
+    if problems:
+        raise ValueError(f"{path} does not match its config: {problems}")
+    model = model.to(resolve_device(device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+    return model, tokenizer
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    """The contents of ``path/comp_report.json`` ({"export": ..., "pruning": ...})."""
+    with open(Path(path) / REPORT_FILE) as f:
+        return json.load(f)

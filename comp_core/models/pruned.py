@@ -1,0 +1,251 @@
+"""Model classes for physically pruned checkpoints: every block rebuilt from its own record in config.json.
+
+No architecture in transformers 5.x expresses "a Llama/OPT block whose MLP width, head count or input columns
+differ per layer" (shared notes/hf-reload.md), so each supported family gets a thin pair of subclasses:
+
+* ``Comp<Base>Config`` (``model_type = "comp_<base>"``, e.g. ``comp_llama``): the stock config plus one field,
+  ``comp_layers``, a list with one record per block::
+
+      {"mlp_width": 1097,            # intermediate_size (Llama family) / ffn_dim (OPT) of this block
+       "heads": 9, "kv_heads": 3,    # attention heads kept in this block (kv_heads == heads for OPT)
+       "indexed": {"self_attn.o_proj": 536}}   # denses that read only some input columns: kept count
+
+  Validation (``@strict`` + ``validate_architecture``) checks every record against the stock config.
+* ``Comp<Base>ForCausalLM``: the stock model class; after the stock ``__init__`` has built full-size blocks
+  (on the meta device inside ``from_pretrained``, so that costs nothing) each block's denses are replaced by
+  modules of the recorded shapes. Weight names are unchanged, and an ``IndexedInputLinear`` adds one key,
+  ``<dense>.input_index`` (int64, a persistent buffer), so the checkpoint maps key for key onto the model.
+
+Importing this module registers every pair with ``AutoConfig`` / ``AutoModelForCausalLM``, so after
+``import comp_core.models.pruned`` (done by ``comp_core.export``) a plain
+``AutoModelForCausalLM.from_pretrained(folder)`` loads a pruned folder; no remote code is involved.
+
+Supported stock types: ``llama`` (also SmolLM), ``mistral``, ``qwen2``, ``qwen3``, ``opt``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from ..surgery import IndexedInputLinear
+from .adapters import LLAMA_FAMILY, OPT_FAMILY, ArchAdapter, UnsupportedModelError
+
+COMP_PREFIX = "comp_"
+LAYERS_FIELD = "comp_layers"
+# stock model_type -> (config class name, causal-LM class name) in the ``transformers`` namespace
+SUPPORTED: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "opt": ("OPTConfig", "OPTForCausalLM"),
+}
+
+
+def adapter_for(base_type: str) -> ArchAdapter:
+    return OPT_FAMILY if base_type == "opt" else LLAMA_FAMILY
+
+
+def base_model_type(model_type: str) -> str:
+    """``"comp_qwen3"`` -> ``"qwen3"``; a stock type is returned unchanged. Raises for unsupported types."""
+    base = model_type[len(COMP_PREFIX):] if model_type.startswith(COMP_PREFIX) else model_type
+    if base not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"cannot export/reload model_type '{model_type}': physically pruned checkpoints are supported for "
+            f"{', '.join(SUPPORTED)}")
+    return base
+
+
+def mlp_width_attr(base_type: str) -> str:
+    return "ffn_dim" if base_type == "opt" else "intermediate_size"
+
+
+def full_heads(config) -> tuple[int, int]:
+    """(query heads, key/value heads) of an unpruned block of this config."""
+    heads = config.num_attention_heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# records
+# ---------------------------------------------------------------------------------------------------------
+
+def dense_names(adapter: ArchAdapter) -> dict[str, str]:
+    """kind -> dense path inside a block (``{"q": "self_attn.q_proj", ..., "down": "mlp.down_proj"}``)."""
+    names = {d.kind: d.name for d in adapter.denses}
+    if "fc2" in names:  # OPT: same roles as gate/up → down
+        names["down"] = names["fc2"]
+    return names
+
+
+def mlp_names(adapter: ArchAdapter) -> tuple[tuple[str, ...], str]:
+    """(producers, consumer) of the MLP: ((gate, up), down) or ((fc1,), fc2)."""
+    consumer = next(d for d in adapter.denses if d.coupled_producers)
+    return consumer.coupled_producers, consumer.name
+
+
+def block_record(denses: dict[str, nn.Module], adapter: ArchAdapter, head_dim: int) -> dict:
+    """The record (see module docstring) describing a block whose denses are ``denses`` (path -> module)."""
+    names = dense_names(adapter)
+    _, consumer = mlp_names(adapter)
+    down = denses[consumer]
+    indexed = {name: int(module.input_index.numel()) for name, module in denses.items()
+               if isinstance(module, IndexedInputLinear)}
+    return {
+        "mlp_width": int(down.in_features),  # an IndexedInputLinear's in_features is the width it reads
+        "heads": int(denses[names["q"]].out_features // head_dim),
+        "kv_heads": int(denses[names["k"]].out_features // head_dim),
+        "indexed": indexed,
+    }
+
+
+def is_stock_record(record: dict, config, base_type: str) -> bool:
+    """True when a block has exactly the stock shapes (nothing but whole-block removal happened to it)."""
+    heads, kv_heads = full_heads(config)
+    return (record["mlp_width"] == getattr(config, mlp_width_attr(base_type)) and record["heads"] == heads
+            and record["kv_heads"] == kv_heads and not record["indexed"])
+
+
+def check_records(records, config, base_type: str) -> None:
+    """Raise ``ValueError`` unless ``records`` is a valid ``comp_layers`` list for ``config`` (None = all stock)."""
+    if records is None:
+        return
+    n = config.num_hidden_layers
+    if not isinstance(records, (list, tuple)) or len(records) != n:
+        raise ValueError(f"{LAYERS_FIELD} must be a list with one record per block ({n}), "
+                         f"got {type(records).__name__} of length {len(records) if hasattr(records, '__len__') else '?'}")
+    heads, kv_heads = full_heads(config)
+    dims = {d.name for d in adapter_for(base_type).denses}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or not {"mlp_width", "heads", "kv_heads", "indexed"} <= set(rec):
+            raise ValueError(f"{LAYERS_FIELD}[{i}] must have keys mlp_width, heads, kv_heads, indexed; got {rec!r}")
+        if not isinstance(rec["mlp_width"], int) or rec["mlp_width"] < 0:
+            raise ValueError(f"{LAYERS_FIELD}[{i}].mlp_width must be an integer >= 0, got {rec['mlp_width']!r}")
+        h, kv = rec["heads"], rec["kv_heads"]
+        if not (isinstance(h, int) and isinstance(kv, int) and 1 <= kv <= kv_heads and 1 <= h <= heads
+                and h % kv == 0):
+            raise ValueError(f"{LAYERS_FIELD}[{i}]: heads={h}, kv_heads={kv} must satisfy 1 <= kv_heads <= "
+                             f"{kv_heads}, 1 <= heads <= {heads} and heads % kv_heads == 0")
+        if base_type == "opt" and h != kv:
+            raise ValueError(f"{LAYERS_FIELD}[{i}]: OPT has no grouped-query attention (heads == kv_heads)")
+        for name, kept in dict(rec["indexed"]).items():
+            if name not in dims:
+                raise ValueError(f"{LAYERS_FIELD}[{i}].indexed: unknown dense '{name}' (known: {sorted(dims)})")
+            if not isinstance(kept, int) or kept < 1:
+                raise ValueError(f"{LAYERS_FIELD}[{i}].indexed['{name}'] must be an integer >= 1, got {kept!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rebuilding a block from its record
+# ---------------------------------------------------------------------------------------------------------
+
+def _linear(in_features: int, out_features: int, bias: bool, like: nn.Module) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
+
+
+def apply_record(block: nn.Module, record: dict, adapter: ArchAdapter, head_dim: int) -> None:
+    """Replace the denses of a stock-shaped ``block`` by modules with the shapes in ``record`` (weights unset)."""
+    names = dense_names(adapter)
+    producers, consumer = mlp_names(adapter)
+    attn = adapter.dense(block, adapter.attention_path)
+    heads, kv_heads, width = record["heads"], record["kv_heads"], record["mlp_width"]
+    # (in_features, out_features) of every dense in the new block, before input indexing
+    shapes = {names["q"]: (None, heads * head_dim), names["k"]: (None, kv_heads * head_dim),
+              names["v"]: (None, kv_heads * head_dim), names["o"]: (heads * head_dim, None),
+              consumer: (width, None), **{p: (None, width) for p in producers}}
+    for spec in adapter.denses:
+        old = adapter.dense(block, spec.name)
+        d_in, d_out = shapes[spec.name]
+        d_in = old.in_features if d_in is None else d_in
+        d_out = old.out_features if d_out is None else d_out
+        has_bias = old.bias is not None
+        if spec.name in record["indexed"]:
+            kept = record["indexed"][spec.name]
+            new = IndexedInputLinear(
+                torch.empty(d_out, kept, device=old.weight.device, dtype=old.weight.dtype),  # (d_out, k)
+                torch.empty(d_out, device=old.weight.device, dtype=old.weight.dtype) if has_bias else None,
+                torch.zeros(kept, dtype=torch.long, device=old.weight.device), d_in)
+        elif (d_in, d_out) != (old.in_features, old.out_features):
+            new = _linear(d_in, d_out, has_bias, old)
+        else:
+            continue
+        _set_path(block, spec.name, new)
+    if adapter is OPT_FAMILY:
+        attn.num_heads = heads
+    else:
+        attn.num_key_value_groups = heads // kv_heads
+    assert attn.head_dim == head_dim, (attn.head_dim, head_dim)
+
+
+def _set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        root = getattr(root, part)
+    setattr(root, last, value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# class factory + registration
+# ---------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def comp_classes(base_type: str) -> tuple[type, type]:
+    """(config class, causal-LM class) for ``comp_<base_type>``, created once and registered with the Auto classes."""
+    import transformers
+    from huggingface_hub.dataclasses import strict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base_type = base_model_type(base_type)
+    config_name, model_name = SUPPORTED[base_type]
+    base_config = getattr(transformers, config_name)
+    base_model = getattr(transformers, model_name)
+    adapter = adapter_for(base_type)
+
+    def validate_architecture(self):
+        base_config.validate_architecture(self)
+        check_records(self.comp_layers, self, base_type)
+
+    config_cls = strict(type(f"Comp{config_name}", (base_config,), {
+        "__module__": __name__,
+        "__doc__": f"{config_name} plus ``comp_layers``: one shape record per block (see comp_core.models.pruned).",
+        "__annotations__": {LAYERS_FIELD: "list | None"},
+        LAYERS_FIELD: None,
+        "model_type": COMP_PREFIX + base_type,
+        "validate_architecture": validate_architecture,
+    }))
+
+    def __init__(self, config):
+        base_model.__init__(self, config)
+        head_dim = head_dim_of(config)
+        blocks = adapter.blocks(self)
+        records = config.comp_layers
+        if records is None:  # a default-constructed config: every block stock-shaped
+            return
+        assert len(blocks) == len(records), (len(blocks), len(records))
+        for block, record in zip(blocks, records):
+            apply_record(block, record, adapter, head_dim)
+
+    model_cls = type(f"Comp{model_name}", (base_model,), {
+        "__module__": __name__,
+        "__doc__": f"{model_name} whose blocks are rebuilt from ``config.comp_layers`` (see comp_core.models.pruned).",
+        "config_class": config_cls,
+        "__init__": __init__,
+    })
+    AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    return config_cls, model_cls
+
+
+def register_all() -> None:
+    """Register ``comp_<type>`` for every supported stock type (idempotent)."""
+    for base_type in SUPPORTED:
+        comp_classes(base_type)
+
+
+register_all()

@@ -1,0 +1,112 @@
+"""The console script end to end on a tiny model folder: JSON keys, realised ratio, clear errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from comp_core.cli import main
+
+try:
+    from tiny_tokenizer import make_tiny_tokenizer
+except ImportError:  # tests/ imported as a package
+    from tests.tiny_tokenizer import make_tiny_tokenizer
+
+DATA = Path(os.environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_data = pytest.mark.skipif(not (DATA / "wikitext2" / "wiki.test.raw").exists(), reason="no local data sets")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("COMP_DATA_DIR", str(DATA))
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run_json(capsys, *args: str) -> dict:
+    code = main([*args, "--json", "--quiet", "--threads", "1"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
+@needs_data
+def test_prune_json_has_the_promised_fields(tiny_folder, capsys):
+    report = run_json(capsys, "prune", "--model", str(tiny_folder), "--ratio", "0.3", "--remove-layers", "1",
+                      "--calib", "wikitext2", "--n-samples", "4", "--seq-len", "32", "--eval", "wikitext2",
+                      "--max-windows", "2", "--eval-seq-len", "64")
+    for key in ("realised_ratio", "params_before", "params_after", "removed_layers", "layer_ratios", "ppl_before",
+                "ppl_after", "seconds", "peak_rss_mb", "timings"):
+        assert key in report, key
+    assert abs(report["realised_ratio"] - 0.3) < 0.01
+    assert report["params_after"] == round(report["params_before"] * (1 - report["realised_ratio"]))
+    assert len(report["removed_layers"]) == 1 and report["removed_layers"][0] not in (0, 1, 5)
+    assert set(report["layer_ratios"]) == {str(i) for i in range(2, 5)} - {str(report["removed_layers"][0])}
+    assert report["ppl_before"]["wikitext2_windows"] == 2
+    assert math.isfinite(report["ppl_after"]["wikitext2"]) and report["ppl_after"]["wikitext2"] > 1
+    assert report["peak_rss_mb"] > 0 and report["timings"]["prune"]["seconds"] > 0
+
+
+@needs_data
+def test_analyze_does_not_prune_and_reports_scores(tiny_folder, capsys):
+    report = run_json(capsys, "analyze", "--model", str(tiny_folder), "--ratio", "0.35", "--remove-layers", "2",
+                      "--calib", "wikitext2", "--n-samples", "4", "--seq-len", "32", "--scores",
+                      "--dense-kinds", "all")
+    assert len(report["removal_order"]) == 2
+    assert len(report["importance_history"]) == 3
+    assert len(report["initial_importance"]) == 6
+    assert abs(report["planned_ratio"] - 0.35) < 0.01
+    down = [d for d in report["denses"] if d["kind"] == "down"]
+    assert down and all(len(d["scores"]) == 128 for d in down)
+    assert all(len(d["pruned_index"]) == d["n_removed"] for d in report["denses"])
+
+
+@needs_data
+def test_eval_command(tiny_folder, capsys):
+    report = run_json(capsys, "eval", "--model", str(tiny_folder), "--eval", "wikitext2,ptb", "--max-windows", "1",
+                      "--eval-seq-len", "64")
+    assert set(report["ppl"]) >= {"wikitext2", "ptb"}
+    assert report["params"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "--model", "/no/such/folder"], "no such file"),
+    (["prune", "--ratio", "1.5"], "ratio"),
+    (["prune", "--protect", "0,1,2,3,4,5"], "protected"),
+    (["prune", "--ratio", "0.95"], "impossible"),
+    (["eval", "--eval", "imagenet"], "unknown evaluation set"),
+])
+def test_bad_input_gives_a_clear_error(tiny_folder, capsys, args, message):
+    if "--model" not in args:
+        args = [*args, "--model", str(tiny_folder)]
+    args = [*args, "--calib", "wikitext2", "--n-samples", "2", "--seq-len", "16"] if args[0] == "prune" else args
+    code = main([*args, "--quiet", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err.lower()
+    assert "Traceback" not in err
+
+
+def test_empty_calibration_file_is_rejected(tiny_folder, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    code = main(["prune", "--model", str(tiny_folder), "--calib", str(empty), "--quiet", "--threads", "1"])
+    assert code == 2
+    assert "empty" in capsys.readouterr().err.lower()

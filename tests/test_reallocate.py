@@ -1,0 +1,47 @@
+"""What-if re-allocation from a plan equals what a fresh analysis decides."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from comp_core import CompConfig, ImpossibleRatioError, analyze, reallocate
+
+
+@pytest.fixture(scope="module")
+def model_and_plan():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    samples = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
+    plan = analyze(model, samples, CompConfig(ratio=0.45, remove_layers=3))
+    return model, samples, plan
+
+
+@pytest.mark.parametrize("ratio, n_remove", [(0.3, 0), (0.3, 1), (0.4, 2), (0.45, 3)])
+def test_reallocate_matches_fresh_analysis(model_and_plan, ratio, n_remove):
+    model, samples, plan = model_and_plan
+    removed, ratios = reallocate(plan, ratio, n_remove)
+    fresh = analyze(model, samples, CompConfig(ratio=ratio, remove_layers=n_remove))
+    assert removed == fresh.removed_layers
+    assert ratios.keys() == fresh.layer_ratios.keys()
+    for layer, value in ratios.items():
+        assert value == pytest.approx(fresh.layer_ratios[layer], rel=1e-9)
+    budget = ratio * plan.params_total - sum(plan.layer_params[i] for i in removed)
+    assert sum(r * plan.layer_params[i] for i, r in ratios.items()) == pytest.approx(budget, rel=1e-9)
+
+
+def test_reallocate_errors(model_and_plan):
+    _, _, plan = model_and_plan
+    with pytest.raises(ValueError, match="only 3 removals"):
+        reallocate(plan, 0.3, 4)
+    with pytest.raises(ImpossibleRatioError):
+        reallocate(plan, 0.95, 0)
+    with pytest.raises(ImpossibleRatioError):
+        reallocate(plan, 0.01, 3)  # three removed layers alone exceed 1 %
+
+
+def test_unknown_dense_kind_is_named(model_and_plan):
+    model, samples, _ = model_and_plan
+    with pytest.raises(ValueError, match="fc9.*q, k, v, o, gate, up, down"):
+        analyze(model, samples, CompConfig(ratio=0.2, dense_kinds=("down", "fc9")))

@@ -1,0 +1,187 @@
+"""Neuron importance scores: definitions, the OBS brute force, and the condition-number score's ranking quality."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comp_core.linalg import STAT_DTYPE, damped, damping
+from comp_core.mask_tuning import coefficient_matrix, reconstruction_error, solve_mask
+from comp_core.scoring import (SCORES, activation_score, condition_score, diagonal_score, log_condition,
+                               magnitude_score, obs_score, score_neurons)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _problem(d_in: int, d_out: int, n_tokens: int, generator: torch.Generator, spread: float = 1.0):
+    """Random W (d_out × d_in), X (d_in × N) with per-neuron scales; returns W, Gram, raw C."""
+    w = torch.randn(d_out, d_in, generator=generator, dtype=STAT_DTYPE)
+    w = w * torch.exp(spread * torch.randn(d_in, generator=generator, dtype=STAT_DTYPE))
+    x = torch.randn(d_in, n_tokens, generator=generator, dtype=STAT_DTYPE)
+    x = x * torch.exp(spread * torch.randn(d_in, 1, generator=generator, dtype=STAT_DTYPE))
+    gram = x @ x.T
+    return w, gram, coefficient_matrix(w, gram)
+
+
+def _drop(matrix: torch.Tensor, j: int) -> torch.Tensor:
+    rest = [i for i in range(matrix.shape[0]) if i != j]
+    return matrix[rest][:, rest]
+
+
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(v, dtype=torch.float64)
+    out[torch.argsort(v)] = torch.arange(v.numel(), dtype=torch.float64)
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (continuous data: no ties to handle)."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def test_spearman_helper():
+    a = torch.tensor([0.1, 0.5, 0.3, 2.0])
+    assert spearman(a, a ** 3) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OBS
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(3))
+def test_obs_score_equals_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    d = 9
+    _, _, raw = _problem(d, 14, 30, g)
+    coeff = damped(raw, 0.01)
+    score = obs_score(coeff)
+    inverse_diag = torch.linalg.inv(coeff).diagonal()
+    for j in range(d):
+        keep = torch.tensor([i for i in range(d) if i != j])
+        # min over m_{-j} of (1 − m)ᵀ C (1 − m) with m_j = 0: re-tune every other entry
+        m = torch.zeros(d, dtype=STAT_DTYPE)
+        m[keep] = solve_mask(coeff, keep)
+        brute = reconstruction_error(coeff, m)
+        # the same minimum in closed form: Schur complement C_jj − C_j,-j C_-j,-j⁻¹ C_-j,j
+        c_rest = coeff[j, keep]
+        schur = float(coeff[j, j] - c_rest @ torch.linalg.solve(_drop(coeff, j), c_rest))
+        assert brute == pytest.approx(schur, rel=1e-9)
+        assert float(score[j]) == pytest.approx(brute, rel=1e-9)
+        assert float(score[j]) == pytest.approx(1.0 / float(inverse_diag[j]), rel=1e-12)
+        # and it is a minimum: any other mask with m_j = 0 does no better
+        other = m.clone()
+        other[keep] += 0.01 * torch.randn(d - 1, generator=g, dtype=STAT_DTYPE)
+        assert reconstruction_error(coeff, other) >= brute
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plain definitions
+# ---------------------------------------------------------------------------------------------------------
+
+def test_diagonal_magnitude_activation_definitions():
+    g = torch.Generator().manual_seed(3)
+    w32 = torch.randn(7, 5, generator=g)
+    x = torch.randn(20, 5, generator=g, dtype=STAT_DTYPE)  # (tokens, d_in)
+    gram = x.T @ x
+    coeff = coefficient_matrix(w32, gram)
+    w = w32.double()
+    col_w = (w ** 2).sum(0)  # ‖W_:,j‖²
+    col_x = (x ** 2).sum(0)  # ‖X_j‖²
+    torch.testing.assert_close(diagonal_score(coeff), col_w * col_x)
+    torch.testing.assert_close(magnitude_score(w32), col_w)
+    torch.testing.assert_close(activation_score(gram), col_x)
+    assert magnitude_score(w32).dtype == STAT_DTYPE
+    # scores are copies: changing them leaves the statistics alone
+    d = diagonal_score(coeff)
+    d += 1
+    a = activation_score(gram)
+    a += 1
+    torch.testing.assert_close(coeff.diagonal(), col_w * col_x)
+    torch.testing.assert_close(gram.diagonal(), col_x)
+
+
+def test_score_neurons_dispatch():
+    g = torch.Generator().manual_seed(4)
+    w, gram, raw = _problem(6, 8, 25, g)
+    coeff = damped(raw, 0.01)
+    eps = damping(raw, 0.01)
+    fisher = torch.rand(6, generator=g)
+    expected = {
+        "diag": diagonal_score(coeff),
+        "obs": obs_score(coeff),
+        "cond": condition_score(coeff, eps),
+        "magnitude": magnitude_score(w),
+        "activation": activation_score(gram),
+        "fisher": fisher.double(),
+    }
+    assert set(expected) == set(SCORES)
+    for name, value in expected.items():
+        got = score_neurons(name, coeff, w, gram, damp=eps, fisher=fisher)
+        assert got.dtype == STAT_DTYPE, name
+        assert got.shape == (6,), name
+        torch.testing.assert_close(got, value, msg=name)
+
+
+def test_score_neurons_errors():
+    g = torch.Generator().manual_seed(5)
+    w, gram, raw = _problem(4, 5, 10, g)
+    coeff = damped(raw, 0.01)
+    with pytest.raises(ValueError, match="unknown importance score"):
+        score_neurons("wanda++", coeff, w, gram)
+    with pytest.raises(ValueError, match="gradients"):
+        score_neurons("fisher", coeff, w, gram)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# condition-number score
+# ---------------------------------------------------------------------------------------------------------
+
+def test_condition_score_gradient_matches_finite_difference():
+    """g_j = ∂ log κ(D_m C₀ D_m + εI)/∂m_j at m = 1, which the score is built from."""
+    g = torch.Generator().manual_seed(6)
+    d = 8
+    _, _, raw = _problem(d, 12, 30, g, spread=0.5)
+    eps = damping(raw, 0.01)
+    coeff = damped(raw, 0.01)
+
+    def f(m: torch.Tensor) -> float:
+        return log_condition(torch.diag(m) @ raw @ torch.diag(m) + eps * torch.eye(d, dtype=STAT_DTYPE))
+
+    h = 1e-6
+    grad = torch.tensor([(f(torch.ones(d, dtype=STAT_DTYPE) + h * torch.eye(d, dtype=STAT_DTYPE)[j])
+                          - f(torch.ones(d, dtype=STAT_DTYPE) - h * torch.eye(d, dtype=STAT_DTYPE)[j])) / (2 * h)
+                         for j in range(d)], dtype=STAT_DTYPE)
+    # the score is |−g + g²/2|; recover it from the numerical gradient
+    torch.testing.assert_close(condition_score(coeff, eps), (-grad + 0.5 * grad ** 2).abs(), rtol=1e-5, atol=1e-8)
+
+
+def _spearman_trials(n_trials: int = 30, d: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    score_corr, chance_corr = [], []
+    for _ in range(n_trials):
+        _, _, raw = _problem(d, 24, 48, g)
+        coeff = damped(raw, 0.01)
+        score = condition_score(coeff, damp=damping(raw, 0.01))
+        base = log_condition(coeff)
+        # removing neuron j leaves the principal submatrix of the mask-tuning system
+        truth = torch.tensor([abs(log_condition(_drop(coeff, j)) - base) for j in range(d)], dtype=STAT_DTYPE)
+        score_corr.append(spearman(score, truth))
+        chance_corr.append(spearman(torch.rand(d, generator=g, dtype=STAT_DTYPE), truth))
+    return torch.tensor(score_corr), torch.tensor(chance_corr)
+
+
+def test_condition_score_ranks_true_condition_change_better_than_chance():
+    """Measured on this setup: mean Spearman 0.80, positive in 30/30 trials, chance baseline mean 0.02."""
+    score_corr, chance_corr = _spearman_trials()
+    assert float(score_corr.mean()) > 0.65
+    assert float((score_corr > 0).float().mean()) >= 0.9
+    assert abs(float(chance_corr.mean())) < 0.2
+    assert float(score_corr.mean()) > float(chance_corr.mean()) + 0.4
