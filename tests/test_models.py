@@ -70,7 +70,7 @@ def _pruned(arch: str, **changes) -> tuple:
     """(original, its state before, pruned copy, result) for ratio 0.3 with one removed layer; cached."""
     model = make_tiny_model(arch)
     before = _state(model)
-    cfg = CompConfig(**{"ratio": 0.3, "remove_layers": 1, **changes})
+    cfg = CompConfig(**{"ratio": 0.3, "remove_layers": 1, "dense_kinds": None, **changes})
     pruned, result = prune(model, make_calib(), cfg)
     return model, before, pruned, result
 
@@ -338,7 +338,7 @@ def test_mask_tuning_is_folded_into_the_kept_columns(arch):
 @by_arch
 def test_analyze_predicts_prune_and_leaves_the_model_alone(arch, tiny_model, calib):
     before = _state(tiny_model)
-    cfg = CompConfig(ratio=0.3, remove_layers=1)
+    cfg = CompConfig(ratio=0.3, remove_layers=1, dense_kinds=None)
     plan = analyze(tiny_model, calib, cfg)
     _assert_same_state(tiny_model, before)
     assert len(get_adapter(tiny_model).blocks(tiny_model)) == N_LAYERS
@@ -382,7 +382,7 @@ def test_dense_kinds_down_only(arch, tiny_model, calib):
 @by_arch
 def test_protected_layers_are_never_touched(arch, tiny_model, calib):
     protected = (2, 3)
-    pruned, result = prune(tiny_model, calib, CompConfig(ratio=0.2, remove_layers=1, protected=protected))
+    pruned, result = prune(tiny_model, calib, CompConfig(ratio=0.2, remove_layers=1, protected=protected, dense_kinds=None))
     plan = result.plan
     assert plan.protected == [2, 3]
     assert not set(plan.removed_layers) & set(protected)
@@ -477,7 +477,7 @@ def test_without_mask_tuning_weights_are_column_subsets(arch):
 def test_opt_with_dead_relu_neurons_and_a_small_budget():
     model = make_tiny_model("opt")
     few_tokens = make_calib()[:1, :2]  # 2 tokens: most fc1 neurons never fire
-    cfg = CompConfig(ratio=0.005, remove_layers=0)
+    cfg = CompConfig(ratio=0.005, remove_layers=0, dense_kinds=None)
     plan = analyze(model, few_tokens, cfg)
     assert all(r.n_removed >= 0 for r in plan.dense_reports)
     _, result = prune(model, few_tokens, cfg)
@@ -488,14 +488,14 @@ def test_opt_with_dead_relu_neurons_and_a_small_budget():
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_an_already_pruned_model_can_be_pruned_again(arch):
     _, _, pruned, first = _pruned(arch)
-    again, second = prune(pruned, make_calib(), CompConfig(ratio=0.03, remove_layers=0))
+    again, second = prune(pruned, make_calib(), CompConfig(ratio=0.03, remove_layers=0, dense_kinds=None))
     assert second.params_after == count_parameters(again) < first.params_after
     assert all(r.n_removed >= 0 for r in second.plan.dense_reports)
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_analyze_predicts_prune_with_accumulated_inputs(arch):
-    cfg = CompConfig(ratio=0.3, remove_layers=1, inputs="accumulated")
+    cfg = CompConfig(ratio=0.3, remove_layers=1, inputs="accumulated", dense_kinds=None)
     model = make_tiny_model(arch)
     plan = analyze(model, make_calib(), cfg)
     _, _, _, result = _pruned(arch, inputs="accumulated")

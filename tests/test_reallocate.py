@@ -14,7 +14,7 @@ def model_and_plan():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     samples = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
-    plan = analyze(model, samples, CompConfig(ratio=0.45, remove_layers=3))
+    plan = analyze(model, samples, CompConfig(ratio=0.45, remove_layers=3, dense_kinds=None))
     return model, samples, plan
 
 
@@ -22,7 +22,7 @@ def model_and_plan():
 def test_reallocate_matches_fresh_analysis(model_and_plan, ratio, n_remove):
     model, samples, plan = model_and_plan
     removed, ratios = reallocate(plan, ratio, n_remove)
-    fresh = analyze(model, samples, CompConfig(ratio=ratio, remove_layers=n_remove))
+    fresh = analyze(model, samples, CompConfig(ratio=ratio, remove_layers=n_remove, dense_kinds=None))
     assert removed == fresh.removed_layers
     assert ratios.keys() == fresh.layer_ratios.keys()
     for layer, value in ratios.items():

@@ -38,6 +38,7 @@ from ..surgery import make_consumer_plain, prune_inputs, prune_outputs, replace_
 GRANULARITIES = ("hybrid", "layers", "neurons")
 INPUT_MODES = ("identical", "accumulated")
 REFIT_MODES = ("never", "auto", "always")
+DEFAULT_DENSE_KINDS = ("down", "o")
 
 
 @dataclass
@@ -49,7 +50,11 @@ class CompConfig:
     protected: blocks never removed and never neuron-pruned; None = first two and last.
     granularity: "hybrid" (COMP), "layers" (layer removal only, as many blocks as the ratio needs),
         "neurons" (no layer removal).
-    dense_kinds: which denses may lose input neurons (adapter kinds such as "down", "o", "q"); None = all.
+    dense_kinds: which denses may lose input neurons (kinds "q", "k", "v", "o", "gate", "up", "down"; OPT's
+        fc1/fc2 are "up"/"down"); None = all, as in the paper. The default prunes only the inputs of down
+        (with the coupled gate/up rows) and o: on SmolLM2-135M at 20 % pruning every dense measured 341
+        perplexity against 69.8 for down+o — the hidden-state inputs of q/k/v/gate/up carry the residual
+        stream's outlier features and lose far more per removed parameter.
     mask_tuning: compensate the pruned columns (False = plain removal, for ablations).
     refit: with compensation on, "never" = always the paper's mask tuning; "always" = full least-squares
         refit of the kept columns; "auto" = refit a dense only when calibration has at least
@@ -59,7 +64,7 @@ class CompConfig:
     """
 
     ratio: float = 0.2
-    remove_layers: int | str = 2
+    remove_layers: int | str = 1
     protected: tuple[int, ...] | None = None
     granularity: str = "hybrid"
     score: str = "diag"
@@ -68,7 +73,7 @@ class CompConfig:
     damp: float = 0.01
     max_dense_ratio: float = 0.9
     layer_cap: float = 0.9
-    dense_kinds: tuple[str, ...] | None = None
+    dense_kinds: tuple[str, ...] | None = DEFAULT_DENSE_KINDS
     refit: str = "auto"
     refit_tokens_per_input: float = 8.0
     refit_damp: float = 1e-3
