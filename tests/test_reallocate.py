@@ -45,3 +45,14 @@ def test_unknown_dense_kind_is_named(model_and_plan):
     model, samples, _ = model_and_plan
     with pytest.raises(ValueError, match="fc9.*q, k, v, o, gate, up, down"):
         analyze(model, samples, CompConfig(ratio=0.2, dense_kinds=("down", "fc9")))
+
+
+def test_fisher_analysis_runs_on_the_layer_removed_model_and_restores_it(model_and_plan):
+    model, samples, _ = model_and_plan
+    blocks_before = list(model.model.layers)
+    plan = analyze(model, samples, CompConfig(ratio=0.3, remove_layers=2, score="fisher", dense_kinds=None))
+    assert list(model.model.layers) == blocks_before and model.config.num_hidden_layers == 8
+    assert all(p.grad is None for p in model.parameters())
+    scored = [d for d in plan.dense_reports if d.kind == "down"]
+    assert scored and all(d.scores.shape == (128,) and bool((d.scores >= 0).all()) for d in scored)
+    assert all(float(d.scores.sum()) > 0 for d in scored)

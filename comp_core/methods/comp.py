@@ -343,7 +343,7 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
         fisher = None
         if cfg.score == "fisher" and prunable:
             t0 = time.perf_counter()
-            with _temporarily_kept(model, adapter, blocks, active, apply):
+            with adapter.only_blocks(model, [blocks[i] for i in active]):
                 positions = [active.index(i) for i in prunable]
                 raw = collect_fisher(model, adapter, samples, positions, on_event)
             fisher = {(active[pos], name): v for (pos, name), v in raw.items()}
@@ -384,30 +384,6 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
     neuron_removed = sum(r.removed_params for r in plan.layer_reports)
     plan.planned_params_after = params_total - params_removed - neuron_removed
     return plan
-
-
-class _temporarily_kept:
-    """Context: the model runs with only the ``active`` blocks (a no-op if they were already removed)."""
-
-    def __init__(self, model, adapter: ArchAdapter, blocks: list[nn.Module], active: list[int], already: bool):
-        self.model, self.adapter, self.blocks, self.active, self.already = model, adapter, blocks, active, already
-
-    def __enter__(self):
-        if self.already:
-            return self
-        from ..models.adapters import _base, _set
-        self.saved_list = self.adapter.blocks(self.model)
-        self.saved_n = self.model.config.num_hidden_layers
-        _set(_base(self.model), self.adapter.blocks_path, nn.ModuleList([self.blocks[i] for i in self.active]))
-        self.model.config.num_hidden_layers = len(self.active)
-        return self
-
-    def __exit__(self, *exc):
-        if not self.already:
-            from ..models.adapters import _base, _set
-            _set(_base(self.model), self.adapter.blocks_path, self.saved_list)
-            self.model.config.num_hidden_layers = self.saved_n
-        return False
 
 
 def reallocate(plan: CompPlan, ratio: float, n_remove: int) -> tuple[list[int], dict[int, float]]:

@@ -8,7 +8,9 @@ coupling), and how to fix the config after blocks are removed.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -81,6 +83,24 @@ class ArchAdapter:
             if isinstance(values, (list, tuple)) and len(values) == old_n:
                 setattr(config, attr, [values[i] for i in keep])
         config.num_hidden_layers = len(kept)
+
+
+    @contextlib.contextmanager
+    def only_blocks(self, model: nn.Module, blocks: list[nn.Module]) -> Iterator[None]:
+        """Run the model with just ``blocks`` for a while (a full forward/backward of the layer-removed model
+        during analysis), then restore the original list and layer count. No-op if they are the list."""
+        base = _base(model)
+        saved_list, saved_n = self.blocks(model), model.config.num_hidden_layers
+        if list(saved_list) == list(blocks):
+            yield
+            return
+        _set(base, self.blocks_path, nn.ModuleList(blocks))
+        model.config.num_hidden_layers = len(blocks)
+        try:
+            yield
+        finally:
+            _set(base, self.blocks_path, saved_list)
+            model.config.num_hidden_layers = saved_n
 
 
 def _base(model: nn.Module) -> nn.Module:
