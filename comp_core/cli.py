@@ -11,10 +11,13 @@ import logging
 import os
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .events import PruneEvent
 from .scoring import SCORES
+
+if TYPE_CHECKING:
+    from .methods.comp import CompConfig
 
 log = logging.getLogger("comp_core")
 

@@ -70,3 +70,16 @@ def tiny_model(arch) -> nn.Module:
 def calib() -> torch.Tensor:
     """(8, 32) calibration token ids, seeded independently of the global RNG."""
     return make_calib()
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models only lose from threading, and a busy 2-core CI box makes OpenMP spin badly; integration
+    tests on the bundled model keep the library's own thread setting."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

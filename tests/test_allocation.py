@@ -11,14 +11,6 @@ from comp_core.allocation import (DenseShape, ImpossibleRatioError, LayerCut, ch
                                   layer_ratios, removed_parameters)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # layer_ratios
 # ---------------------------------------------------------------------------------------------------------

@@ -30,15 +30,6 @@ SHARED = _shared_data()
 needs_shared = pytest.mark.skipif(SHARED is None, reason="shared/data mirror not found (set COMP_DATA_DIR)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models only lose from threading, and a busy 2-core CI box makes OpenMP spin badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture()
 def shared_data(monkeypatch) -> Path:
     monkeypatch.setenv(data.DATA_DIR_ENV, str(SHARED))

@@ -14,15 +14,6 @@ from comp_core.evaluate import PerplexityResult, calibration_loss, perplexity
 VOCAB = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models only lose from threading, and a busy 2-core CI box makes OpenMP spin badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

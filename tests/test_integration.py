@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from comp_core import CompConfig, count_parameters, get_calibration, get_eval_tokens, load_model, perplexity, prune
 from comp_core.cli import main

@@ -9,14 +9,6 @@ from comp_core.mask_tuning import (coefficient_matrix, mask_path, mask_variance_
                                    relative_error, solve_mask)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

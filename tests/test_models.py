@@ -18,14 +18,6 @@ except ImportError:  # tests/ imported as a package
     from tests.conftest import ARCHS, LLAMA_FAMILY_ARCHS, N_LAYERS, make_calib, make_tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 by_arch = pytest.mark.parametrize("arch", ARCHS)
 
 

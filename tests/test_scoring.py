@@ -10,14 +10,6 @@ from comp_core.scoring import (SCORES, activation_score, condition_score, diagon
                                magnitude_score, obs_score, score_neurons)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _problem(d_in: int, d_out: int, n_tokens: int, generator: torch.Generator, spread: float = 1.0):
     """Random W (d_out × d_in), X (d_in × N) with per-neuron scales; returns W, Gram, raw C."""
     w = torch.randn(d_out, d_in, generator=generator, dtype=STAT_DTYPE)
