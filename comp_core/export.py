@@ -45,8 +45,19 @@ import torch
 from torch import nn
 
 from .models.adapters import ArchAdapter, get_adapter
-from .models.pruned import (LAYERS_FIELD, adapter_for, base_model_type, block_record, comp_classes, dense_names,
-                            head_dim_of, is_stock_record, register_all)
+from .models.loading import _quiet
+from .models.pruned import (
+    LAYERS_FIELD,
+    SUPPORTED,
+    adapter_for,
+    base_model_type,
+    block_record,
+    comp_classes,
+    dense_names,
+    head_dim_of,
+    is_stock_record,
+    register_all,
+)
 from .runtime import count_parameters, resolve_device, resolve_dtype
 from .surgery import IndexedInputLinear, prune_outputs
 
@@ -193,7 +204,7 @@ def plan_export(model: nn.Module) -> ExportPlan:
         config_dict.pop(key, None)
     if stock:
         import transformers
-        from .models.pruned import SUPPORTED
+
         config_cls = getattr(transformers, SUPPORTED[base_type][0])
         model_cls = getattr(transformers, SUPPORTED[base_type][1])
     else:
@@ -276,7 +287,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, report: di
     staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        plan.model.save_pretrained(staging, max_shard_size=max_shard_size)
+        with _quiet():
+            plan.model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         summary = plan.summary()
@@ -284,6 +296,7 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, report: di
         with open(staging / REPORT_FILE, "w") as f:
             json.dump({"export": summary, "pruning": report}, f, indent=1, default=_json_default)
         _check_no_pickle(staging)
+        _normalise_permissions(staging)
         _move_into_place(staging, path, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -297,6 +310,22 @@ def _check_no_pickle(folder: Path) -> None:
     bad = [f.name for f in folder.rglob("*") if f.is_file() and f.suffix in _PICKLE_SUFFIXES]
     if bad:
         raise RuntimeError(f"refusing to save pickled files {bad}: the export must be safetensors only")
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+def _normalise_permissions(folder: Path) -> None:
+    """Shards come out of transformers' temp-file writer as 0600; give every file the usual umask mode."""
+    mode = 0o666 & ~_umask()
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(mode)
 
 
 def _move_into_place(staging: Path, path: Path, overwrite: bool) -> None:
@@ -332,9 +361,10 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     pickled = [f.name for f in path.iterdir() if f.suffix in _PICKLE_SUFFIXES]
     if pickled:
         raise ValueError(f"{path} contains pickled files {pickled}; comp-explorer loads safetensors only")
-    model, info = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype) if dtype is not None else "auto", use_safetensors=True,
-        output_loading_info=True)
+    with _quiet():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype) if dtype is not None else "auto", use_safetensors=True,
+            output_loading_info=True)
     problems = {key: sorted(map(str, info.get(key) or [])) for key in
                 ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {key: value for key, value in problems.items() if value}

@@ -1,7 +1,10 @@
 """Measure what pruning buys at inference: parameters, bytes on disk, load memory, prefill latency, decode speed.
 
-* :func:`measure_speed` times one model in memory: prefill of ``prefill_tokens`` tokens (batch 1) and greedy
-  decoding with a KV cache at each batch size, ``repeats`` times after one warm-up; medians and spreads.
+* :func:`measure_speed` times one model (in memory, or a saved folder): prefill of ``prefill_tokens`` tokens
+  (batch 1) and greedy decoding with a KV cache at each batch size, ``repeats`` times after one warm-up;
+  medians and spreads. Decode speed is given per wall-clock second and per CPU second of this process:
+  on a machine shared with other jobs the wall-clock figure swings with their load, while the CPU-time figure
+  (with one torch thread) mostly does not; report both.
 * :func:`compare_speed` does it for an original and a pruned model (folders or models) in the same process,
   alternating between the two on every repeat so that load from other processes hits both alike. For
   folders it also reports the safetensors bytes and the peak RSS of loading each one in a fresh subprocess.
@@ -41,7 +44,7 @@ class Stat:
     values: list[float] = field(default_factory=list)
 
     @classmethod
-    def of(cls, values: list[float]) -> "Stat":
+    def of(cls, values: list[float]) -> Stat:
         return cls(statistics.median(values), min(values), max(values), list(values))
 
     @property
@@ -66,14 +69,16 @@ class SpeedReport:
     decode_tokens: int
     prefill_ms: Stat
     decode_tps: dict[int, Stat]
+    decode_cpu_tps: dict[int, Stat]  # tokens per CPU second of this process (robust to other jobs' load)
     disk_bytes: int | None = None  # *.safetensors in the folder
-    load_peak_rss_mb: float | None = None  # peak RSS of loading the folder, above the process after imports
-    load_rss_mb: float | None = None  # RSS held once loaded, above the process after imports
+    load_peak_rss_mb: float | None = None  # peak RSS of loading the folder + one forward, above the bare process
+    load_rss_mb: float | None = None  # RSS held after that, above the bare process
     cuda_peak_mb: float | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["decode_tps"] = {str(b): asdict(s) for b, s in self.decode_tps.items()}
+        out["decode_cpu_tps"] = {str(b): asdict(s) for b, s in self.decode_cpu_tps.items()}
         return out
 
 
@@ -97,7 +102,7 @@ def _prompt(vocab: int, batch: int, length: int, seed: int, device: torch.device
 
 @torch.inference_mode()
 def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
-    """Seconds for one forward pass over ``ids`` (B, T) that builds the KV cache, last-position logits only."""
+    """Wall seconds of one forward pass over ``ids`` (B, T) that builds the KV cache, last-position logits only."""
     device = ids.device
     _sync(device)
     start = time.perf_counter()
@@ -107,67 +112,93 @@ def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def greedy_decode(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, float]:
-    """Greedy decoding with a KV cache: returns (new tokens (B, n_tokens), seconds spent after the prefill)."""
+def greedy_decode(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, float, float]:
+    """Greedy decoding with a KV cache.
+
+    Returns (new tokens (B, n_tokens), wall seconds, process CPU seconds), both timings of the n_tokens − 1
+    cached steps after the prefill (whose logits give the first token).
+    """
     device = prompt.device
     out = model(prompt, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
     tokens = [token]
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(n_tokens - 1):
         out = model(token, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         tokens.append(token)
     _sync(device)
-    return torch.cat(tokens, dim=1), time.perf_counter() - start
+    return torch.cat(tokens, dim=1), time.perf_counter() - start, time.process_time() - cpu_start
+
+
+@dataclass
+class _Round:
+    prefill_s: float
+    decode_tps: dict[int, float]  # per wall second
+    decode_cpu_tps: dict[int, float]  # per CPU second of this process
 
 
 def _measure_once(model: nn.Module, prefill_tokens: int, decode_tokens: int, batch_sizes, seed: int,
-                  prompt_tokens: int) -> tuple[float, dict[int, float]]:
+                  prompt_tokens: int) -> _Round:
     device = _device_of(model)
     vocab = model.config.vocab_size
     prefill = time_prefill(model, _prompt(vocab, 1, prefill_tokens, seed, device))
-    decode = {}
+    wall, cpu = {}, {}
     for batch in batch_sizes:
-        _, seconds = greedy_decode(model, _prompt(vocab, batch, prompt_tokens, seed + batch, device), decode_tokens)
-        decode[batch] = batch * (decode_tokens - 1) / seconds
-    return prefill, decode
+        _, seconds, cpu_seconds = greedy_decode(model, _prompt(vocab, batch, prompt_tokens, seed + batch, device),
+                                                decode_tokens)
+        wall[batch] = batch * (decode_tokens - 1) / seconds
+        cpu[batch] = batch * (decode_tokens - 1) / max(cpu_seconds, 1e-9)
+    return _Round(prefill, wall, cpu)
 
 
-def _report(label: str, model: nn.Module, prefill: list[float], decode: list[dict[int, float]], prefill_tokens: int,
-            decode_tokens: int, batch_sizes) -> SpeedReport:
+def _report(label: str, model: nn.Module, rounds: list[_Round], prefill_tokens: int, decode_tokens: int,
+            batch_sizes) -> SpeedReport:
     device = _device_of(model)
     return SpeedReport(
         label=label, device=str(device), dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         threads=torch.get_num_threads(), params=count_parameters(model), prefill_tokens=prefill_tokens,
-        decode_tokens=decode_tokens, prefill_ms=Stat.of([s * 1000 for s in prefill]),
-        decode_tps={b: Stat.of([d[b] for d in decode]) for b in batch_sizes},
+        decode_tokens=decode_tokens, prefill_ms=Stat.of([r.prefill_s * 1000 for r in rounds]),
+        decode_tps={b: Stat.of([r.decode_tps[b] for r in rounds]) for b in batch_sizes},
+        decode_cpu_tps={b: Stat.of([r.decode_cpu_tps[b] for r in rounds]) for b in batch_sizes},
         cuda_peak_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
 
 
-def measure_speed(model: nn.Module, tokenizer=None, *, prefill_tokens: int = 512, decode_tokens: int = 64,
+def measure_speed(model, tokenizer=None, *, prefill_tokens: int = 512, decode_tokens: int = 64,
                   batch_sizes: tuple[int, ...] = (1, 8), repeats: int = 5, device: str | torch.device | None = None,
-                  prompt_tokens: int = 16, seed: int = 0, label: str = "model") -> SpeedReport:
-    """Prefill latency and greedy decode throughput of ``model`` (moved to ``device`` when given).
+                  prompt_tokens: int = 16, seed: int = 0, label: str = "model",
+                  measure_memory: bool = True) -> SpeedReport:
+    """Prefill latency and greedy decode throughput of ``model`` (a model, or a folder written by ``save_pruned``).
 
     One warm-up round, then ``repeats`` rounds; each round times a prefill of ``prefill_tokens`` tokens
-    (batch 1) and, per batch size, ``decode_tokens`` greedy steps after a ``prompt_tokens`` prompt.
-    ``tokenizer`` is accepted for API symmetry; inputs are random token ids.
+    (batch 1) and, per batch size, ``decode_tokens`` greedy steps after a ``prompt_tokens`` prompt. An
+    in-memory model is moved to ``device`` when given. For a folder, ``disk_bytes`` and (with
+    ``measure_memory``, in a subprocess) the load RSS figures are filled in too. ``tokenizer`` is accepted
+    for API symmetry; inputs are random token ids.
     """
     del tokenizer
-    if device is not None:
+    disk, memory = None, {}
+    if isinstance(model, (str, os.PathLike)):
+        from .export import folder_bytes, load_pruned
+
+        folder = model
+        disk = folder_bytes(folder, ".safetensors")
+        memory = load_memory(folder) if measure_memory else {}
+        model, _ = load_pruned(folder, device=device or "cpu")
+    elif device is not None:
         model = model.to(device)
     model.eval()
     _measure_once(model, prefill_tokens, min(decode_tokens, 4), batch_sizes, seed, prompt_tokens)  # warm-up
-    prefill, decode = [], []
-    for _ in range(repeats):
-        p, d = _measure_once(model, prefill_tokens, decode_tokens, batch_sizes, seed, prompt_tokens)
-        prefill.append(p)
-        decode.append(d)
-    return _report(label, model, prefill, decode, prefill_tokens, decode_tokens, batch_sizes)
+    rounds = [_measure_once(model, prefill_tokens, decode_tokens, batch_sizes, seed, prompt_tokens)
+              for _ in range(repeats)]
+    report = _report(label, model, rounds, prefill_tokens, decode_tokens, batch_sizes)
+    report.disk_bytes = disk
+    report.load_peak_rss_mb = memory.get("load_peak_rss_mb")
+    report.load_rss_mb = memory.get("load_rss_mb")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,13 +212,16 @@ from comp_core.export import load_pruned
 from comp_core.runtime import current_rss_mb, peak_rss_mb
 base = current_rss_mb()
 model, _ = load_pruned(sys.argv[1])
+with torch.inference_mode():  # safetensors are memory-mapped: a forward pass makes every weight resident
+    model(torch.tensor([[1, 2, 3, 4]]))
 print(json.dumps({"base_mb": base, "peak_mb": peak_rss_mb(), "after_mb": current_rss_mb()}))
 """
 
 
 def load_memory(path: str | os.PathLike) -> dict:
-    """Load ``path`` with ``load_pruned`` in a fresh Python process; RSS figures in MiB above the process after
-    its imports: ``{"load_peak_rss_mb": ..., "load_rss_mb": ...}``."""
+    """Load ``path`` with ``load_pruned`` in a fresh Python process and run one 4-token forward pass (weights are
+    memory-mapped, so only that makes them all resident). RSS in MiB above the process after its imports:
+    ``{"load_peak_rss_mb": high-water mark, "load_rss_mb": resident at the end}``."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path)], capture_output=True, text=True,
@@ -212,10 +246,12 @@ class SpeedComparison:
         """One row per metric: ``{"metric", "original", "pruned", "ratio"}`` (ratio = pruned / original)."""
         o, p = self.original, self.pruned
         rows = [("parameters", o.params, p.params), ("disk bytes (safetensors)", o.disk_bytes, p.disk_bytes),
-                ("load peak RSS (MiB)", o.load_peak_rss_mb, p.load_peak_rss_mb),
-                ("loaded RSS (MiB)", o.load_rss_mb, p.load_rss_mb),
+                ("load + 1st forward, peak RSS (MiB)", o.load_peak_rss_mb, p.load_peak_rss_mb),
+                ("loaded, RSS (MiB)", o.load_rss_mb, p.load_rss_mb),
                 (f"prefill {o.prefill_tokens} tok (ms)", o.prefill_ms, p.prefill_ms)]
         rows += [(f"decode batch {b} (tok/s)", o.decode_tps[b], p.decode_tps[b]) for b in o.decode_tps]
+        rows += [(f"decode batch {b} (tok per CPU-s)", o.decode_cpu_tps[b], p.decode_cpu_tps[b])
+                 for b in o.decode_cpu_tps]
         if o.cuda_peak_mb is not None:
             rows.append(("CUDA peak (MiB)", o.cuda_peak_mb, p.cuda_peak_mb))
         out = []
@@ -228,8 +264,8 @@ class SpeedComparison:
         return out
 
     def to_markdown(self) -> str:
-        lines = [f"device: {self.original.device}, dtype {self.original.dtype}, {self.original.threads} threads; "
-                 "timings: median [min–max] of the repeats", "",
+        lines = [(f"device: {self.original.device}, dtype {self.original.dtype}, {self.original.threads} threads; "
+                 "timings: median [min–max] of the repeats"), "",
                  "| metric | original | pruned | pruned / original |", "|---|---|---|---|"]
         for row in self.rows():
             lines.append(f"| {row['metric']} | {_fmt(row['original'])} | {_fmt(row['pruned'])} | {row['ratio']:.3f} |")
@@ -259,6 +295,22 @@ def _resolve(source, label: str, workdir: Path, device) -> tuple[nn.Module, Path
     return model, folder
 
 
+def measure_interleaved(models: dict[str, nn.Module], *, prefill_tokens: int = 512, decode_tokens: int = 64,
+                        batch_sizes: tuple[int, ...] = (1, 8), repeats: int = 5, prompt_tokens: int = 16,
+                        seed: int = 0) -> dict[str, SpeedReport]:
+    """:func:`measure_speed` for several in-memory models at once, one round of each in turn per repeat,
+    so that a change in the machine's load during the run affects all of them alike."""
+    for model in models.values():  # warm-up
+        model.eval()
+        _measure_once(model, prefill_tokens, min(decode_tokens, 4), batch_sizes, seed, prompt_tokens)
+    runs: dict[str, list[_Round]] = {label: [] for label in models}
+    for _ in range(repeats):
+        for label, model in models.items():
+            runs[label].append(_measure_once(model, prefill_tokens, decode_tokens, batch_sizes, seed, prompt_tokens))
+    return {label: _report(label, model, runs[label], prefill_tokens, decode_tokens, batch_sizes)
+            for label, model in models.items()}
+
+
 def compare_speed(original, pruned, *, prefill_tokens: int = 512, decode_tokens: int = 64,
                   batch_sizes: tuple[int, ...] = (1, 8), repeats: int = 5, device: str | torch.device | None = None,
                   prompt_tokens: int = 16, seed: int = 0, measure_memory: bool = True) -> SpeedComparison:
@@ -277,21 +329,12 @@ def compare_speed(original, pruned, *, prefill_tokens: int = 512, decode_tokens:
             models[label].eval()
         memory = {label: load_memory(folders[label]) if measure_memory else {} for label in models}
         disk = {label: folder_bytes(folders[label], ".safetensors") for label in models}
-    for model in models.values():  # warm-up
-        _measure_once(model, prefill_tokens, min(decode_tokens, 4), batch_sizes, seed, prompt_tokens)
-    runs = {label: ([], []) for label in models}
-    for _ in range(repeats):
-        for label, model in models.items():
-            p, d = _measure_once(model, prefill_tokens, decode_tokens, batch_sizes, seed, prompt_tokens)
-            runs[label][0].append(p)
-            runs[label][1].append(d)
-    reports = {}
-    for label, model in models.items():
-        report = _report(label, model, *runs[label], prefill_tokens, decode_tokens, batch_sizes)
+    reports = measure_interleaved(models, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
+                                  batch_sizes=batch_sizes, repeats=repeats, prompt_tokens=prompt_tokens, seed=seed)
+    for label, report in reports.items():
         report.disk_bytes = disk[label]
         report.load_peak_rss_mb = memory[label].get("load_peak_rss_mb")
         report.load_rss_mb = memory[label].get("load_rss_mb")
-        reports[label] = report
     return SpeedComparison(original=reports["original"], pruned=reports["pruned"])
 
 

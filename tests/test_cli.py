@@ -110,3 +110,20 @@ def test_empty_calibration_file_is_rejected(tiny_folder, tmp_path, capsys):
     code = main(["prune", "--model", str(tiny_folder), "--calib", str(empty), "--quiet", "--threads", "1"])
     assert code == 2
     assert "empty" in capsys.readouterr().err.lower()
+
+
+@needs_data
+def test_prune_out_saves_a_reloadable_model_and_bench_speed_reads_it(tiny_folder, tmp_path, capsys):
+    from comp_core import count_parameters, load_pruned
+
+    out = tmp_path / "pruned"
+    common = ["--model", str(tiny_folder), "--calib", "wikitext2", "--n-samples", "4", "--seq-len", "32"]
+    report = run_json(capsys, "prune", *common, "--ratio", "0.3", "--out", str(out))
+    assert report["saved_to"] == str(out) and (out / "comp_report.json").exists()
+    model, tokenizer = load_pruned(out)
+    assert count_parameters(model) == report["params_after"] and tokenizer is not None
+    code = main(["prune", *common, "--out", str(out), "--quiet"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    speed = run_json(capsys, "bench-speed", "--model", str(tiny_folder), "--pruned", str(out), "--repeats", "1",
+                     "--decode-tokens", "2")
+    assert "speed" in speed and "|" in speed["speed_table"]

@@ -50,7 +50,7 @@ def adapter_for(base_type: str) -> ArchAdapter:
 
 def base_model_type(model_type: str) -> str:
     """``"comp_qwen3"`` -> ``"qwen3"``; a stock type is returned unchanged. Raises for unsupported types."""
-    base = model_type[len(COMP_PREFIX):] if model_type.startswith(COMP_PREFIX) else model_type
+    base = model_type.removeprefix(COMP_PREFIX)
     if base not in SUPPORTED:
         raise UnsupportedModelError(
             f"cannot export/reload model_type '{model_type}': physically pruned checkpoints are supported for "
@@ -79,8 +79,7 @@ def head_dim_of(config) -> int:
 def dense_names(adapter: ArchAdapter) -> dict[str, str]:
     """kind -> dense path inside a block (``{"q": "self_attn.q_proj", ..., "down": "mlp.down_proj"}``)."""
     names = {d.kind: d.name for d in adapter.denses}
-    if "fc2" in names:  # OPT: same roles as gate/up → down
-        names["down"] = names["fc2"]
+    names.setdefault("down", mlp_names(adapter)[1])  # OPT's fc2 plays down_proj's role
     return names
 
 
@@ -194,7 +193,7 @@ def _set_path(root: nn.Module, path: str, value: nn.Module) -> None:
 # class factory + registration
 # ---------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def comp_classes(base_type: str) -> tuple[type, type]:
     """(config class, causal-LM class) for ``comp_<base_type>``, created once and registered with the Auto classes."""
     import transformers

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Start the comp-explorer GUI: ``python launch.py`` opens http://127.0.0.1:7860 with the bundled model.
+
+Binds to 127.0.0.1 only, unless ``--host`` (e.g. 0.0.0.0) or ``--share`` (a public Gradio link) is given.
+Data sets are read from ``$COMP_DATA_DIR`` (``--data-dir`` sets it; default ../shared/data when that exists).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="COMP Explorer: a GUI for post-training structured pruning of LLMs")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")
+    p.add_argument("--model", default="bundled",
+                   help="preselected model: bundled (default), a HF id, a local folder or a .gguf file")
+    p.add_argument("--calib", default="c4", help="preselected calibration set: c4, wikitext2, ptb, data-free")
+    p.add_argument("--data-dir", default=None, help="folder with local data sets (sets COMP_DATA_DIR)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all available)")
+    p.add_argument("--export-folder", default="runs/pruned", help="preselected folder for saving pruned models")
+    p.add_argument("--log-level", default="INFO", help="logging level of the server log")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.data_dir:
+        os.environ["COMP_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+    elif not os.environ.get("COMP_DATA_DIR") and (ROOT.parent / "shared" / "data").is_dir():
+        os.environ["COMP_DATA_DIR"] = str(ROOT.parent / "shared" / "data")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home
+
+    from comp_core.runtime import configure_threads
+    from ui.app import build_app, launch_kwargs
+
+    threads = configure_threads(args.threads)
+    demo = build_app(default_source=args.model, default_calib=args.calib, export_folder=args.export_folder)
+    logging.getLogger("comp_explorer").info("starting on http://%s:%d (%d torch threads)", args.host, args.port,
+                                            threads)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,
+                show_error=False, footer_links=[], **launch_kwargs())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

