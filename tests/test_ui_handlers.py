@@ -40,14 +40,6 @@ def no_progress(*_args, **_kwargs):
     return None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
     if HAVE_DATA:

@@ -9,14 +9,6 @@ from comp_core import CompConfig, analyze, count_parameters
 from ui.whatif import feasible_ratio, removal_path, run_analysis, stale_reasons, what_if
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
