@@ -173,12 +173,13 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
     params = sum(p.numel() for p in block.parameters())
     shapes = _dense_shapes(block, adapter)
     budget = int(round(ratio * params))
-    coeffs, orders, paths = [], [], []
+    coeffs, orders, paths, own_grams = [], [], [], []
     max_cuts = _max_cuts(shapes, adapter, cfg)
     scores_by_dense = []
     for spec, cap in zip(adapter.denses, max_cuts):
         module = adapter.dense(block, spec.name)
         gram = _own_gram(module, grams[spec.name].gram)
+        own_grams.append(gram)
         raw = coefficient_matrix(module.weight, gram)
         eps = damping(raw, cfg.damp)
         coeff = damped(raw, cfg.damp)
@@ -199,18 +200,19 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
     new_modules: dict[str, nn.Module] = {}
     names = [d.name for d in adapter.denses]
     keeps: dict[str, torch.Tensor] = {}
-    for spec, shape, coeff, order, n_removed in zip(adapter.denses, shapes, coeffs, orders, cut.removed_inputs):
-        keep = torch.sort(order.flip(0)[: shape.d_in - n_removed]).values  # kept columns, ascending
-        keeps[spec.name] = keep
+    for spec, shape, order, n_removed in zip(adapter.denses, shapes, orders, cut.removed_inputs):
+        keeps[spec.name] = torch.sort(order.flip(0)[: shape.d_in - n_removed]).values  # kept columns, ascending
     for i, (spec, shape, coeff, order, n_removed) in enumerate(
             zip(adapter.denses, shapes, coeffs, orders, cut.removed_inputs)):
         module = adapter.dense(block, spec.name)
         keep = keeps[spec.name]
         consumer = adapter.coupled_consumer(spec.name)
+        gram = own_grams[i]
         # Rows that die with the consumer's removed inputs do not count in this dense's own fit.
+        rows = slice(None)
         if consumer is not None and cut.removed_inputs[names.index(consumer)] > 0:
             rows = keeps[consumer]
-            coeff = damped(coefficient_matrix(module.weight[rows], _own_gram(module, grams[spec.name].gram)), cfg.damp)
+            coeff = damped(coefficient_matrix(module.weight[rows], gram), cfg.damp)
         indicator = torch.zeros(shape.d_in, dtype=coeff.dtype, device=coeff.device)
         indicator[keep] = 1.0
         err_plain = relative_error(coeff, indicator)
@@ -222,15 +224,11 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
         if n_removed > 0:
             kept_mask = solve_mask(coeff, keep)
             variance = float(kept_mask.var(unbiased=False))
-            gram_acc = grams[spec.name]
             use_refit = cfg.refit == "always" or (
-                cfg.refit == "auto" and gram_acc.n_tokens >= cfg.refit_tokens_per_input * shape.d_in)
+                cfg.refit == "auto" and grams[spec.name].n_tokens >= cfg.refit_tokens_per_input * shape.d_in)
             if cfg.mask_tuning and use_refit:
-                rows = keeps[consumer] if consumer is not None and cut.removed_inputs[names.index(consumer)] > 0 \
-                    else slice(None)
-                own = _own_gram(module, gram_acc.gram)
-                new_weight = refit_columns(module.weight, own, keep, cfg.refit_damp)
-                err_tuned = refit_relative_error(module.weight[rows], own, keep, new_weight[rows])
+                new_weight = refit_columns(module.weight, gram, keep, cfg.refit_damp)
+                err_tuned = refit_relative_error(module.weight[rows], gram, keep, new_weight[rows])
                 compensation = "refit"
             elif cfg.mask_tuning:
                 mask = kept_mask
