@@ -228,3 +228,20 @@ def test_mask_path_without_kept_masks_refuses_mask():
     path = mask_path(coeff, torch.arange(6), 3)
     with pytest.raises(ValueError):
         path.mask(1)
+
+
+def test_refit_columns_is_the_least_squares_solution_and_beats_the_mask():
+    from comp_core.mask_tuning import refit_columns, refit_relative_error
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    x = torch.randn(10, 200, generator=g, dtype=torch.float64)
+    gram = x @ x.T
+    keep = torch.tensor([0, 2, 3, 5, 8, 9])
+    new = refit_columns(w, gram, keep, relative_damp=1e-12)
+    expected = torch.linalg.lstsq(x[keep].T, (w @ x).T).solution.T  # argmin ‖W X − W' X_U‖
+    assert torch.allclose(new, expected, atol=1e-8)
+    coeff = coefficient_matrix(w, gram)
+    mask = torch.zeros(10, dtype=torch.float64)
+    mask[keep] = solve_mask(coeff, keep)
+    assert refit_relative_error(w, gram, keep, new) <= relative_error(coeff, mask) + 1e-12

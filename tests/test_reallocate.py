@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from comp_core import CompConfig, ImpossibleRatioError, analyze, reallocate
+from comp_core import CompConfig, ImpossibleRatioError, analyze, prune, reallocate
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +56,15 @@ def test_fisher_analysis_runs_on_the_layer_removed_model_and_restores_it(model_a
     scored = [d for d in plan.dense_reports if d.kind == "down"]
     assert scored and all(d.scores.shape == (128,) and bool((d.scores >= 0).all()) for d in scored)
     assert all(float(d.scores.sum()) > 0 for d in scored)
+
+
+@pytest.mark.parametrize("refit, n_samples, expected", [("always", 6, "refit"), ("auto", 64, "refit"),
+                                                          ("auto", 2, "mask"), ("never", 64, "mask")])
+def test_refit_policy_follows_calibration_size(model_and_plan, refit, n_samples, expected):
+    model, _, _ = model_and_plan
+    samples = torch.randint(0, 512, (n_samples, 32), generator=torch.Generator().manual_seed(3))
+    _, result = prune(model, samples, CompConfig(ratio=0.2, remove_layers=0, refit=refit, refit_tokens_per_input=8))
+    pruned = [d for d in result.plan.dense_reports if d.n_removed > 0]
+    assert pruned and all(d.compensation == expected for d in pruned)
+    assert all(d.error_tuned <= d.error_no_tuning + 1e-9 for d in pruned)
+    assert abs(result.realised_ratio - 0.2) <= 0.01
