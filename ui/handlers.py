@@ -479,9 +479,9 @@ def _default_detail_layer(session: Session, kind: str):
 
 
 def _default_kind(kinds: list[str]) -> str | None:
-    for preferred in ("down", "fc2"):
-        if preferred in kinds:
-            return preferred
+    """The MLP's down projection (OPT's fc2 has the same kind) is the widest, most telling heatmap."""
+    if "down" in kinds:
+        return "down"
     return kinds[0] if kinds else None
 
 
