@@ -15,7 +15,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .linalg import GramAccumulator
 from .models.adapters import ArchAdapter
 
 
@@ -112,33 +111,6 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     device = next(block.parameters()).device
     out = block(hidden.to(device), **_to(kwargs, device))
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@contextlib.contextmanager
-def collect_input_grams(block: nn.Module, adapter: ArchAdapter, device: torch.device | str = "cpu"
-                        ) -> Iterator[dict[str, GramAccumulator]]:
-    """While active, every forward of ``block`` adds its denses' inputs to one Gram per input group.
-
-    Denses that read the same tensor (q/k/v, gate/up) share one accumulator; the dict maps every dense
-    name to its group's accumulator. Hooks are always removed on exit.
-    """
-    grams: dict[str, GramAccumulator] = {}
-    handles = []
-    for group in adapter.input_groups:
-        first = adapter.dense(block, group[0])
-        width = first.in_features
-        acc = GramAccumulator(width, device)
-        for name in group:
-            grams[name] = acc
-
-        def hook(_module, args, acc=acc):
-            acc.update(args[0])
-        handles.append(first.register_forward_pre_hook(hook))
-    try:
-        yield grams
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def replay(block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Gram accumulation and damped symmetric solves: the numerics every method shares.
+"""Damped symmetric solves: the numerics every method shares (the Grams themselves come from ``stats``).
 
 All statistics are float64 on the compute device: Grams of 1 000-odd tokens in a 1 536-wide space are
 rank-deficient, and the mask-tuning solve needs the extra digits (shared notes/calibration.md).
@@ -9,22 +9,9 @@ import logging
 
 import torch
 
+from .stats import STAT_DTYPE  # noqa: F401  (one precision constant, defined with the statistics)
+
 log = logging.getLogger(__name__)
-
-STAT_DTYPE = torch.float64
-
-
-class GramAccumulator:
-    """Running ``X^T X`` over tokens (sum, not mean: mask tuning is scale-free) plus the token count."""
-
-    def __init__(self, width: int, device: torch.device | str = "cpu"):
-        self.gram = torch.zeros(width, width, dtype=STAT_DTYPE, device=device)  # (d, d)
-        self.n_tokens = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(device=self.gram.device, dtype=STAT_DTYPE)  # (N, d)
-        self.gram.addmm_(x.T, x)
-        self.n_tokens += x.shape[0]
 
 
 def damping(matrix: torch.Tensor, relative: float) -> float:

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .capture import BlockInputs, run_block
+from .capture import BlockInputs
 from .events import ProgressCallback, emit
+from .loop import BlockVisit, block_loop
 
 
 def cosine_importance(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
@@ -25,17 +26,17 @@ def cosine_importance(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
 
 def layer_importances(blocks: list[nn.Module], active: list[int], inputs: BlockInputs) -> dict[int, float]:
     """Importance of every active block (original indices), running the active blocks in order."""
-    totals = {i: 0.0 for i in active}
-    counts = {i: 0 for i in active}
-    for b, hidden in enumerate(inputs.hidden):
-        h = hidden
-        for i in active:
-            out = run_block(blocks[i], h, inputs.kwargs_for(blocks[i], b)).to(h.device)
-            s, n = cosine_importance(h, out)
-            totals[i] += s
-            counts[i] += n
-            h = out
-    return {i: totals[i] / counts[i] for i in active}
+    importances: dict[int, float] = {}
+
+    def measure(visit: BlockVisit) -> None:
+        total, count = 0.0, 0
+        for x, y in zip(visit.inputs, visit.outputs):
+            s, n = cosine_importance(x, y)
+            total, count = total + s, count + n
+        importances[visit.index] = total / count
+
+    block_loop(blocks, inputs, active, measure)
+    return importances
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Plans and results as data: what the GUI plots and the CLI prints as JSON."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -22,10 +23,13 @@ class DenseReport:
     error_no_tuning: float  # ‖WX − W_pruned X‖² / ‖WX‖² with mask = 1 on the kept set
     error_tuned: float  # after compensation (mask or refit; equals error_no_tuning without)
     mask: torch.Tensor | None = None  # (d_in - n_removed,) tuned mask of the kept columns
-    compensation: str = "none"  # "mask", "refit" or "none"
+    compensation: str = "none"  # "mask", "refit", "bias" or "none"
+    removed_heads: int = 0  # whole attention heads among the removed inputs (o_proj of head-pruning methods)
+    new_weight: torch.Tensor | None = None  # refit weight of the kept columns (kept in memory, never serialised)
 
     def to_dict(self, with_scores: bool = False) -> dict:
-        out = {k: v for k, v in asdict(self).items() if not isinstance(v, torch.Tensor) and v is not None}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if not isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name) is not None}
         if with_scores:
             out["scores"] = self.scores.tolist()
             out["pruned_index"] = self.pruned_index.tolist()
@@ -69,6 +73,17 @@ class CompPlan:
     planned_params_after: int = 0
     auto_sweep: list[dict] = field(default_factory=list)  # [{"remove_layers": n, "calibration_loss": x}]
     timings: dict = field(default_factory=dict)
+    method: str = "comp"
+    removal: Any = None  # comp_core.removal.RemovalResult measured to the analysis depth (GUI what-if)
+    notes: list[str] = field(default_factory=list)  # what the method did that a reader should know
+
+    @property
+    def removed_per_layer(self) -> dict[int, int]:
+        """Parameters gone from every original layer: whole removed blocks plus what pruning took."""
+        out = {i: self.layer_params[i] for i in self.removed_layers}
+        for r in self.layer_reports:
+            out[r.index] = out.get(r.index, 0) + r.removed_params
+        return dict(sorted(out.items()))
 
     @property
     def planned_ratio(self) -> float:
@@ -79,6 +94,7 @@ class CompPlan:
 
     def to_dict(self, with_scores: bool = False) -> dict:
         return {
+            "method": self.method,
             "config": self.config,
             "n_layers": self.n_layers,
             "params_total": self.params_total,
@@ -95,6 +111,7 @@ class CompPlan:
             "planned_ratio": self.planned_ratio,
             "auto_sweep": self.auto_sweep,
             "timings": self.timings,
+            "notes": self.notes,
         }
 
 
@@ -108,6 +125,7 @@ class PruneResult:
     seconds: float
     peak_rss_mb: float
     method: str = "comp"
+    kind: str = "structured"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -117,13 +135,18 @@ class PruneResult:
     def to_dict(self, with_scores: bool = False) -> dict:
         return {
             "method": self.method,
+            "kind": self.kind,
             "realised_ratio": self.realised_ratio,
             "params_before": self.params_before,
             "params_after": self.params_after,
             "removed_layers": self.plan.removed_layers,
             "layer_ratios": {str(k): v for k, v in self.plan.layer_ratios.items()},
+            "removed_per_layer": {str(k): v for k, v in self.plan.removed_per_layer.items()},
+            "removed_inputs": [{"layer": d.layer, "name": d.name, "removed": d.n_removed,
+                                "removed_heads": d.removed_heads} for d in self.plan.dense_reports if d.n_removed],
             "seconds": self.seconds,
             "peak_rss_mb": self.peak_rss_mb,
+            "timings": self.plan.timings,
             **self.extra,
             "plan": self.plan.to_dict(with_scores),
         }

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comp_core.linalg import STAT_DTYPE, GramAccumulator, cholesky, damped, damping, spd_inverse, spd_solve
+from comp_core.stats import STAT_DTYPE, InputStats
+from comp_core.linalg import cholesky, damped, damping, spd_inverse, spd_solve
 from comp_core.mask_tuning import (coefficient_matrix, mask_path, mask_variance_plain, reconstruction_error,
                                    relative_error, solve_mask)
 
@@ -30,13 +31,13 @@ def _coeff(d_in: int, n_tokens: int, seed: int, relative: float = 0.01) -> torch
 
 
 # ---------------------------------------------------------------------------------------------------------
-# GramAccumulator
+# InputStats
 # ---------------------------------------------------------------------------------------------------------
 
 def test_gram_accumulator_equals_xtx_over_batches():
     g = _gen(0)
     batches = [torch.randn(2, 7, 5, generator=g), torch.randn(3, 4, 5, generator=g), torch.randn(11, 5, generator=g)]
-    acc = GramAccumulator(5)
+    acc = InputStats(5)
     for b in batches:
         acc.update(b)
     x = torch.cat([b.reshape(-1, 5) for b in batches]).to(torch.float64)  # (N, d)
@@ -49,7 +50,7 @@ def test_gram_accumulator_upcasts_before_multiplying():
     """float32/bfloat16 inputs are summed in float64 (the products are exact in float64 for bf16 inputs)."""
     g = _gen(1)
     x = torch.randn(64, 3, generator=g).to(torch.bfloat16)
-    acc = GramAccumulator(3)
+    acc = InputStats(3)
     acc.update(x)
     exact = x.double().T @ x.double()
     torch.testing.assert_close(acc.gram, exact, rtol=1e-13, atol=1e-13)

@@ -9,7 +9,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from comp_core import CompConfig, ImpossibleRatioError, UnsupportedModelError, analyze, count_parameters, get_adapter, prune
-from comp_core.capture import calibration_context, capture_block_inputs, collect_input_grams, replay, run_block
+from comp_core.capture import calibration_context, capture_block_inputs, replay, run_block
+from comp_core.stats import collect_block_stats
 from comp_core.surgery import IndexedInputLinear
 
 try:
@@ -151,7 +152,7 @@ def test_collect_input_grams_sums_dense_inputs_and_leaves_no_hooks(arch, tiny_mo
             lambda _m, args, name=d.name: recorded[name].append(args[0].reshape(-1, args[0].shape[-1]).double()))
             for d in adapter.denses]
         try:
-            with collect_input_grams(block, adapter) as grams:
+            with collect_block_stats(block, adapter) as grams:
                 replay(block, hidden, kwargs)
         finally:
             for h in handles:
@@ -167,7 +168,7 @@ def test_collect_input_grams_sums_dense_inputs_and_leaves_no_hooks(arch, tiny_mo
 
     # hooks are removed even when the body raises
     with pytest.raises(RuntimeError, match="boom"):
-        with collect_input_grams(block, adapter):
+        with collect_block_stats(block, adapter):
             raise RuntimeError("boom")
     assert not any(m._forward_pre_hooks for m in tiny_model.modules())
 

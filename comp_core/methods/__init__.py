@@ -1,1 +1,7 @@
-"""Pruning methods."""
+"""Pruning methods behind one registry (see ``registry``); importing this package registers them all."""
+from . import comp  # noqa: F401  (registers comp, comp-layers, comp-neurons)
+from .registry import (REGISTRY, Method, MethodEntry, analyze_with, get_method, make_settings, method_names,
+                       parse_setting, prune_with, register_method, setting_names)
+
+__all__ = ["REGISTRY", "Method", "MethodEntry", "analyze_with", "get_method", "make_settings", "method_names",
+           "parse_setting", "prune_with", "register_method", "setting_names"]

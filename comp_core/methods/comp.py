@@ -22,15 +22,17 @@ import torch
 from torch import nn
 
 from ..allocation import DenseShape, ImpossibleRatioError, choose_cuts, layer_ratios, removed_parameters
-from ..capture import BlockInputs, calibration_context, capture_block_inputs, collect_input_grams, replay
+from ..capture import BlockInputs, calibration_context, capture_block_inputs
 from ..events import ProgressCallback, emit
 from ..fisher import collect_fisher
 from ..linalg import damping, damped
+from ..loop import BlockVisit, block_loop
 from ..mask_tuning import (coefficient_matrix, mask_path, refit_columns, refit_relative_error, relative_error,
                            solve_mask)
 from ..models.adapters import ArchAdapter, get_adapter
 from ..removal import RemovalResult, iterative_removal
 from ..results import CompPlan, DenseReport, LayerReport, PruneResult
+from .registry import Method, register_method
 from ..runtime import count_parameters, peak_rss_mb
 from ..scoring import SCORES, score_neurons
 from ..surgery import make_consumer_plain, prune_inputs, prune_outputs, replace_submodule
@@ -197,7 +199,6 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
         cut = choose_cuts([torch.zeros(1)] * len(shapes), shapes, 0)
 
     reports: list[DenseReport] = []
-    new_modules: dict[str, nn.Module] = {}
     names = [d.name for d in adapter.denses]
     keeps: dict[str, torch.Tensor] = {}
     for spec, shape, order, n_removed in zip(adapter.denses, shapes, orders, cut.removed_inputs):
@@ -243,27 +244,47 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
             n_removed=n_removed, scores=scores_by_dense[i].float().cpu(),
             pruned_index=(index_map[pruned] if index_map is not None else pruned).cpu(),
             mask_variance=variance, error_no_tuning=err_plain, error_tuned=err_tuned,
-            mask=mask.float().cpu() if mask is not None else None, compensation=compensation))
-        if apply and n_removed > 0:
-            scale = mask.to(module.weight.device) if mask is not None else None
-            keep_dev = keep.to(module.weight.device)
-            shrunk = prune_inputs(module, keep_dev, scale, new_weight)
-            new_modules[spec.name] = make_consumer_plain(shrunk) if spec.coupled_producers else shrunk
+            mask=mask.float().cpu() if mask is not None else None, compensation=compensation,
+            new_weight=new_weight.cpu() if new_weight is not None else None))
     if apply:
-        for spec, n_removed in zip(adapter.denses, cut.removed_inputs):
-            if spec.coupled_producers and n_removed > 0:
-                rows = keeps[spec.name].to(adapter.dense(block, spec.name).weight.device)
-                for producer in spec.coupled_producers:
-                    base = new_modules.get(producer, adapter.dense(block, producer))
-                    new_modules[producer] = prune_outputs(base, rows)
-        for name, module in new_modules.items():
-            replace_submodule(block, name, module)
-        realised = params - sum(p.numel() for p in block.parameters())
+        realised = apply_cuts(block, adapter, keeps, {d.name: d.mask for d in reports},
+                              {d.name: d.new_weight for d in reports})
         assert realised == cut.removed_params, (realised, cut.removed_params)
     layer = LayerReport(index=layer_index, importance=float("nan"), ratio=ratio, budget=budget,
                         removed_params=cut.removed_params, tau=cut.tau, params=params,
                         seconds=time.perf_counter() - start)
     return layer, reports
+
+
+def apply_cuts(block: nn.Module, adapter: ArchAdapter, keeps: dict[str, torch.Tensor],
+               masks: dict[str, torch.Tensor | None], new_weights: dict[str, torch.Tensor | None]) -> int:
+    """Keep only columns ``keeps[name]`` (positions in each dense's current weight) of every dense, folding a
+    tuned mask or a refit weight into them; a consumer's removed inputs also remove its producers' rows.
+    Returns the number of parameters gone from ``block``."""
+    params = sum(p.numel() for p in block.parameters())
+    new_modules: dict[str, nn.Module] = {}
+    for spec in adapter.denses:
+        module = adapter.dense(block, spec.name)
+        keep = keeps[spec.name].to(module.weight.device)
+        if keep.numel() == module.weight.shape[1]:
+            continue
+        mask, weight = masks.get(spec.name), new_weights.get(spec.name)
+        shrunk = prune_inputs(module, keep, mask.to(module.weight.device) if mask is not None else None, weight)
+        new_modules[spec.name] = make_consumer_plain(shrunk) if spec.coupled_producers else shrunk
+        for producer in spec.coupled_producers:
+            base = new_modules.get(producer, adapter.dense(block, producer))
+            new_modules[producer] = prune_outputs(base, keep)
+    for name, module in new_modules.items():
+        replace_submodule(block, name, module)
+    return params - sum(p.numel() for p in block.parameters())
+
+
+def _keep_positions(module: nn.Module, pruned_index: torch.Tensor) -> torch.Tensor:
+    """Positions in ``module``'s current weight that a report's ``pruned_index`` (original coordinates for an
+    input-indexed dense, current positions otherwise) does not name."""
+    width = module.weight.shape[1]
+    coords = module.input_index.cpu() if hasattr(module, "input_index") else torch.arange(width)
+    return torch.nonzero(~torch.isin(coords, pruned_index.cpu())).flatten()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,7 +305,7 @@ def _layers_to_remove(cfg: CompConfig, candidates: int, params_total: int, block
 
 def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: bool,
          on_event: ProgressCallback | None, removal: RemovalResult | None = None,
-         inputs: BlockInputs | None = None) -> CompPlan:
+         inputs: BlockInputs | None = None, removal_depth: int = 0) -> CompPlan:
     adapter = get_adapter(model)
     _check_dense_kinds(cfg, adapter)
     blocks = list(adapter.blocks(model))
@@ -306,8 +327,9 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
             raise ValueError(f"cannot remove {n_remove} layers: only {len(candidates)} are not protected "
                              f"(protected: {sorted(protected)})")
         t0 = time.perf_counter()
-        if removal is None or len(removal.removal_order) < n_remove:
-            removal = iterative_removal(blocks, inputs, n_remove, protected, on_event)
+        depth = min(max(n_remove, removal_depth), len(candidates))
+        if removal is None or len(removal.removal_order) < depth:
+            removal = iterative_removal(blocks, inputs, depth, protected, on_event)
         timings["layer_removal"] = time.perf_counter() - t0
         removed = removal.removed(n_remove)
         active = [i for i in range(n_layers) if i not in removed]
@@ -334,7 +356,7 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
             config=asdict(cfg), n_layers=n_layers, params_total=params_total, layer_params=block_params,
             protected=sorted(protected), initial_importance=[removal.history[0][i] for i in range(n_layers)],
             removal_order=removal.removal_order[:n_remove], importance_history=removal.history[:n_remove + 1],
-            removed_layers=removed, layer_ratios=ratio_of, layer_caps=caps, timings=timings)
+            removed_layers=removed, layer_ratios=ratio_of, layer_caps=caps, timings=timings, removal=removal)
 
         if apply and removed:
             adapter.keep_blocks(model, active)
@@ -348,36 +370,30 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
             timings["fisher"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        hidden = inputs.hidden
-        stat_device = next(model.parameters()).device
-        for step, i in enumerate(active):
-            block = blocks[i]
-            kwargs = [inputs.kwargs_for(block, b) for b in range(len(hidden))]
-            if i in ratio_of:
-                with collect_input_grams(block, adapter, stat_device) as grams:
-                    outputs = replay(block, hidden, kwargs)
-                layer_fisher = {name: v for (li, name), v in fisher.items() if li == i} if fisher else None
-                layer, dense_reports = prune_block(block, adapter, grams, ratio_of[i], cfg, layer_index=i,
-                                                   apply=apply, fisher=layer_fisher)
-                layer.importance = importances[i]
-                plan.layer_reports.append(layer)
-                plan.dense_reports.extend(dense_reports)
-                if cfg.inputs == "accumulated":
-                    if apply:
-                        outputs = replay(block, hidden, kwargs)
-                    else:  # analysis must predict prune: the next block sees this block pruned, on a copy
-                        pruned_copy = copy.deepcopy(block)
-                        prune_block(pruned_copy, adapter, grams, ratio_of[i], cfg, layer_index=i,
-                                    apply=True, fisher=layer_fisher)
-                        outputs = replay(pruned_copy, hidden, kwargs)
-                        del pruned_copy
-                del grams
-                emit(on_event, "neuron-pruning", step + 1, len(active), f"layer {i}: ratio {ratio_of[i]:.3f}",
-                     layer=i, removed_params=layer.removed_params, seconds=layer.seconds)
-            else:
-                outputs = replay(block, hidden, kwargs)
-                emit(on_event, "neuron-pruning", step + 1, len(active), f"layer {i}: kept")
-            hidden = outputs
+
+        def visit(v: BlockVisit) -> nn.Module | None:
+            i = v.index
+            if i not in ratio_of:
+                return None
+            layer_fisher = {name: f for (li, name), f in fisher.items() if li == i} if fisher else None
+            layer, dense_reports = prune_block(v.block, adapter, v.stats, ratio_of[i], cfg, layer_index=i,
+                                               apply=apply, fisher=layer_fisher)
+            layer.importance = importances[i]
+            plan.layer_reports.append(layer)
+            plan.dense_reports.extend(dense_reports)
+            if apply:
+                return v.block
+            if cfg.inputs == "accumulated":  # analysis must predict prune: the next block sees this one pruned
+                pruned_copy = copy.deepcopy(v.block)
+                prune_block(pruned_copy, adapter, v.stats, ratio_of[i], cfg, layer_index=i, apply=True,
+                            fisher=layer_fisher)
+                return pruned_copy
+            return None
+
+        block_loop(blocks, inputs, active, visit, adapter=adapter, with_stats=lambda i: i in ratio_of,
+                   propagation=cfg.inputs, stat_device=next(model.parameters()).device, on_event=on_event,
+                   stage="neuron-pruning",
+                   describe=lambda i: f"layer {i}: ratio {ratio_of[i]:.3f}" if i in ratio_of else f"layer {i}: kept")
         timings["neuron_pruning"] = time.perf_counter() - t0
     neuron_removed = sum(r.removed_params for r in plan.layer_reports)
     plan.planned_params_after = params_total - params_removed - neuron_removed
@@ -400,14 +416,47 @@ def reallocate(plan: CompPlan, ratio: float, n_remove: int) -> tuple[list[int], 
 
 
 def analyze(model: nn.Module, samples: torch.Tensor, cfg: CompConfig | None = None,
-            on_event: ProgressCallback | None = None) -> CompPlan:
+            on_event: ProgressCallback | None = None, *, removal_depth: int = 0) -> CompPlan:
     """Everything COMP would do — importances, removal order, per-layer ratios, per-dense scores and cuts —
     without changing the model. With ``remove_layers="auto"``, the plan for the smallest n of the sweep
-    (0) is returned; use ``prune`` to run the sweep."""
+    (0) is returned; use ``prune`` to run the sweep.
+
+    ``removal_depth``: measure the iterative removal order this many removals deep (``plan.removal``), so a
+    what-if over the number of removed layers (``reallocate``) needs no new measurement.
+    """
     cfg = cfg or CompConfig()
     if cfg.remove_layers == "auto":
         cfg = _replace(cfg, remove_layers=0)
-    return _run(model, samples, cfg, apply=False, on_event=on_event)
+    return _run(model, samples, cfg, apply=False, on_event=on_event, removal_depth=removal_depth)
+
+
+def apply_plan(model: nn.Module, plan: CompPlan, *, inplace: bool = False) -> tuple[nn.Module, PruneResult]:
+    """Prune ``model`` exactly as an ``analyze`` plan says — removed layers, kept columns, tuned masks or refit
+    weights — without measuring anything again. The plan must come from this model (same parameter count
+    and layers); with unchanged settings the result equals ``prune``'s."""
+    start = time.perf_counter()
+    params_before = count_parameters(model)
+    adapter = get_adapter(model)
+    if params_before != plan.params_total or len(adapter.blocks(model)) != plan.n_layers:
+        raise ValueError(f"the plan was made for a model with {plan.params_total:,} parameters in {plan.n_layers} "
+                         f"layers, not this one ({params_before:,} in {len(adapter.blocks(model))}); analyse it again")
+    target = model if inplace else copy.deepcopy(model)
+    blocks = list(adapter.blocks(target))
+    by_layer: dict[int, list[DenseReport]] = {}
+    for d in plan.dense_reports:
+        by_layer.setdefault(d.layer, []).append(d)
+    for layer, reports in by_layer.items():
+        block = blocks[layer]
+        keeps = {d.name: _keep_positions(adapter.dense(block, d.name), d.pruned_index) for d in reports}
+        apply_cuts(block, adapter, keeps, {d.name: d.mask for d in reports}, {d.name: d.new_weight for d in reports})
+    if plan.removed_layers:
+        adapter.keep_blocks(target, [i for i in range(plan.n_layers) if i not in plan.removed_layers])
+    params_after = count_parameters(target)
+    if params_after != plan.planned_params_after:
+        raise AssertionError(f"the plan promised {plan.planned_params_after} parameters, applying it left {params_after}")
+    result = PruneResult(plan=plan, params_before=params_before, params_after=params_after,
+                         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+    return target, result
 
 
 def _replace(cfg: CompConfig, **changes) -> CompConfig:
@@ -483,3 +532,18 @@ def _rebind(inputs: BlockInputs, old_blocks: list[nn.Module], new_blocks: list[n
     """Captured inputs re-keyed to a deep copy's block objects (kwargs are shared, not copied)."""
     ids = {id(new): inputs.block_ids[id(old)] for old, new in zip(old_blocks, new_blocks)}
     return BlockInputs(hidden=inputs.hidden, kwargs=inputs.kwargs, block_ids=ids)
+
+
+@register_method("comp", summary="COMP: iterative layer removal + input-neuron pruning with mask tuning (hybrid)")
+@register_method("comp-layers", summary="COMP ablation: iterative cosine layer removal only", granularity="layers")
+@register_method("comp-neurons", summary="COMP ablation: input-neuron pruning with mask tuning, no layer removed",
+                 granularity="neurons")
+class Comp(Method):
+    kind = "structured"
+    settings_class = CompConfig
+
+    def prune(self, model, samples, settings, *, on_event=None, inplace=False):
+        return prune(model, samples, settings, on_event=on_event, inplace=inplace)
+
+    def analyze(self, model, samples, settings, on_event=None):
+        return analyze(model, samples, settings, on_event)

@@ -1,0 +1,83 @@
+"""The one block loop every method uses: visit the blocks in order on captured calibration inputs.
+
+For each active block the loop replays the block on the hidden states entering it (collecting the input
+statistics of its denses in the same pass when asked), hands the method a ``BlockVisit`` — block, inputs,
+unpruned outputs, statistics — and moves on with either
+
+* **identical** inputs: the next block sees this block's *unpruned* outputs (COMP's and FLAP's default:
+  every block is calibrated on the unpruned model's activations), or
+* **accumulated** inputs: the next block sees this block's outputs *after* the method changed it
+  (SparseGPT/Wanda style), replayed only when the method says it changed something.
+
+Methods never write a loop of their own: they pass a visitor, and global steps (allocation, thresholds
+across layers, layer removal) run before or after the loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .capture import BlockInputs, replay
+from .events import ProgressCallback, emit
+from .models.adapters import ArchAdapter
+from .stats import InputStats, collect_block_stats
+
+PROPAGATION = ("identical", "accumulated")
+
+
+@dataclass
+class BlockVisit:
+    """What a method sees of one block. ``index`` is the block's original layer index."""
+
+    index: int
+    step: int  # position among the visited blocks
+    block: nn.Module
+    inputs: list[torch.Tensor]  # per calibration batch: (batch, seq, d_model)
+    kwargs: list[dict]
+    outputs: list[torch.Tensor]  # the block's outputs before the visitor changed anything
+    stats: dict[str, InputStats] | None  # dense name -> its input statistics (None when not collected)
+
+
+# A visitor returns None when it left the block as it was, else the module whose outputs the next block
+# should see in accumulated mode (usually ``visit.block`` itself after pruning it; a pruned copy when it
+# only predicts what pruning would do).
+Visitor = Callable[[BlockVisit], "nn.Module | None"]
+
+
+def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[int], visit: Visitor, *,
+               adapter: ArchAdapter | None = None, with_stats: Callable[[int], bool] | None = None,
+               propagation: str = "identical", stat_device: torch.device | str | None = None,
+               on_event: ProgressCallback | None = None, stage: str = "blocks",
+               describe: Callable[[int], str] | None = None) -> list[torch.Tensor]:
+    """Visit ``active`` blocks (original indices into ``blocks``) in order; returns the last hidden states.
+
+    ``with_stats(i)`` says whether block i's input statistics are collected (needs ``adapter``); statistics
+    are gathered during the same replay that produces the block's outputs, so no block runs twice unless
+    accumulated propagation must see a changed block.
+    """
+    if propagation not in PROPAGATION:
+        raise ValueError(f"propagation must be one of {PROPAGATION}, got '{propagation}'")
+    active = list(active)
+    hidden = inputs.hidden
+    for step, i in enumerate(active):
+        block = blocks[i]
+        kwargs = [inputs.kwargs_for(block, b) for b in range(len(hidden))]
+        stats = None
+        if with_stats is not None and with_stats(i):
+            if adapter is None:
+                raise ValueError("collecting statistics needs the model's adapter")
+            device = stat_device if stat_device is not None else next(block.parameters()).device
+            with collect_block_stats(block, adapter, device) as stats:
+                outputs = replay(block, hidden, kwargs)
+        else:
+            outputs = replay(block, hidden, kwargs)
+        changed = visit(BlockVisit(index=i, step=step, block=block, inputs=hidden, kwargs=kwargs,
+                                   outputs=outputs, stats=stats))
+        if propagation == "accumulated" and changed is not None:
+            outputs = replay(changed, hidden, kwargs)
+        emit(on_event, stage, step + 1, len(active), describe(i) if describe else f"layer {i}", layer=i)
+        hidden = outputs
+    return hidden
