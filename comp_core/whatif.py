@@ -1,0 +1,227 @@
+"""One COMP analysis, many instant re-plans: what COMP would decide for another ratio, number of removed layers
+or protected set, without measuring anything again.
+
+An analysis (``comp_core.methods.comp.analyze(..., removal_depth=N)``) measures the iterative removal order N
+removals deep (``plan.removal``). From it:
+
+* removed layers = the first n entries of the measured order — valid for another protected set only while the
+  measured path is the one that set would take (``removal_path`` replays it against the recorded importances);
+* per-layer ratios = ``reallocate`` on the importances after n removals, with the caps of the prunable denses.
+
+Neuron scores and cuts come from the analysed plan only: a changed score, mask tuning or set of denses needs a
+new analysis (``stale_reasons``), and pruning may reuse the analysed plan only when nothing changed
+(``changed_settings``). Everything here is pure over plans and configs except ``analyze_nearest``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .allocation import ImpossibleRatioError
+from .events import ProgressCallback
+from .methods.comp import CompConfig, analyze, layer_caps, reallocate
+from .removal import RemovalResult
+from .results import CompPlan
+from .runtime import count_parameters
+
+# readable names of the CompConfig fields, for "changed since the analysis" messages
+SETTING_LABELS = {
+    "ratio": "target ratio", "remove_layers": "layers to remove", "protected": "protected layers",
+    "granularity": "granularity", "score": "importance score", "mask_tuning": "mask tuning",
+    "inputs": "calibration inputs", "damp": "damping", "max_dense_ratio": "dense cap", "layer_cap": "layer cap",
+    "dense_kinds": "prunable denses", "refit": "refit", "refit_tokens_per_input": "refit tokens per input",
+    "refit_damp": "refit damping", "auto_max_layers": "auto sweep depth", "batch_size": "batch size",
+}
+# settings that change neuron scores or cuts: a what-if cannot cover them, the neuron maps need a new analysis
+STALE_SETTINGS = ("score", "mask_tuning", "inputs", "dense_kinds", "granularity", "damp", "refit",
+                  "max_dense_ratio", "layer_cap")
+
+
+@dataclass
+class WhatIf:
+    """What COMP would allocate for one setting of ratio / removed layers / protected set."""
+
+    ratio: float
+    n_remove: int
+    protected: list[int]
+    removed: list[int]
+    importances: dict[int, float]  # after the removals, active layers only
+    layer_ratios: dict[int, float]  # prunable layers only
+    params_total: int
+    params_removed_layers: int
+    params_removed_neurons: int
+    exact: bool = True  # False: the removal order was measured with another protected set
+    message: str = ""  # non-empty: why no allocation could be made (ratios then empty)
+    note: str = ""  # a warning that does not block the plan (e.g. the removed layers overshoot the target)
+
+    @property
+    def params_after(self) -> int:
+        return self.params_total - self.params_removed_layers - self.params_removed_neurons
+
+    @property
+    def planned_ratio(self) -> float:
+        return 1.0 - self.params_after / self.params_total if self.params_total else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+
+
+def feasible_ratio(ratio: float, removed: list[int], prunable: list[int], layer_params: list[int],
+                   params_total: int, caps: list[float]) -> float:
+    """``ratio`` moved just inside what the ``removed`` layers plus capped neuron pruning of ``prunable`` reach."""
+    low = sum(layer_params[i] for i in removed) / params_total
+    if not prunable:
+        return max(0.0, low - 1e-9)
+    high = low + sum(caps[i] * layer_params[i] for i in prunable) / params_total
+    margin = 1e-3 * max(high - low, 1e-6)
+    return min(max(ratio, low + margin), max(low, high - margin))
+
+
+def analyze_nearest(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, depth: int,
+                    on_event: ProgressCallback | None = None) -> tuple[CompPlan, float]:
+    """(plan, ratio it used): ``analyze`` with the removal order measured ``depth`` removals deep.
+
+    A ratio the settings cannot reach is moved to the nearest reachable one, so a person still sees the
+    importances, the removal order and the neuron maps (what-if then explains the requested ratio). That
+    case measures the removal order once more (a layers-only analysis, no neuron work) to know which layers
+    go. ``remove_layers`` must be a number; ``model`` is not changed.
+    """
+    if not isinstance(cfg.remove_layers, int):
+        raise ValueError("a what-if analysis needs a number of layers to remove, not 'auto'")
+    depth = max(int(depth), cfg.remove_layers)
+    try:
+        return analyze(model, samples, cfg, on_event, removal_depth=depth), cfg.ratio
+    except ImpossibleRatioError:
+        pass
+    probe = analyze(model, samples, replace(cfg, granularity="layers", ratio=0.0), on_event,
+                    removal_depth=cfg.remove_layers)
+    n_layers = probe.n_layers
+    protected = cfg.protected_layers(n_layers)
+    removed = probe.removal.removed(0 if cfg.granularity == "neurons" else cfg.remove_layers)
+    prunable = [] if cfg.granularity == "layers" else [
+        i for i in range(n_layers) if i not in removed and i not in protected]
+    ratio = feasible_ratio(cfg.ratio, removed, prunable, probe.layer_params, count_parameters(model),
+                           layer_caps(model, cfg))
+    return analyze(model, samples, replace(cfg, ratio=ratio), on_event, removal_depth=depth), ratio
+
+
+# ------------------------------------------------------------------------------------------------- what-if
+
+
+def removal_path(removal: RemovalResult, n_remove: int, protected: Iterable[int]) -> tuple[list[int], bool]:
+    """The first ``n_remove`` victims under ``protected`` and whether the measured order gives them exactly.
+
+    At step k the core removes argmin over (active_k \\ protected) of the importances after k removals; the
+    recorded history has those importances for every active layer, so the path can be replayed for another
+    protected set until it would pick a layer the measurement did not remove (then ``exact`` is False).
+    """
+    protected = set(protected)
+    order, history = removal.removal_order, removal.history
+    victims = []
+    for k in range(min(n_remove, len(order))):
+        imps = history[k]
+        free = [i for i in imps if i not in protected]
+        if not free:
+            return victims, False
+        pick = min(free, key=lambda i: imps[i])
+        if pick != order[k]:
+            return victims, False
+        victims.append(pick)
+    return victims, len(victims) == n_remove
+
+
+def what_if(plan: CompPlan, ratio: float, n_remove: int, protected: Iterable[int] | None = None,
+            caps: list[float] | None = None) -> WhatIf:
+    """Allocation for ``ratio`` with ``n_remove`` removed layers and ``protected`` (None = the analysed set),
+    from an analysed ``plan`` whose ``plan.removal`` holds the deep removal order. ``caps``: per-layer caps
+    of the current prunable denses (default: the analysed ones). Never raises for a bad combination:
+    ``WhatIf.message`` explains it and the ratios are empty.
+    """
+    removal: RemovalResult = plan.removal
+    if removal is None:
+        raise ValueError("the plan has no measured removal order; analyse with removal_depth")
+    depth = len(removal.removal_order)
+    protected = set(plan.protected if protected is None else (int(i) % plan.n_layers for i in protected))
+    base = dict(ratio=ratio, n_remove=n_remove, protected=sorted(protected), params_total=plan.params_total)
+    candidates = plan.n_layers - len(protected)
+    if n_remove > candidates:
+        return WhatIf(**base, removed=[], importances={}, layer_ratios={}, params_removed_layers=0,
+                      params_removed_neurons=0, message=f"Only {candidates} layers are not protected: "
+                                                        f"cannot remove {n_remove}.")
+    victims, exact = removal_path(removal, n_remove, protected)
+    if not exact:
+        why = (f"The removal order was measured for {depth} removals; click Analyse to measure {n_remove}."
+               if n_remove > depth else
+               "The protected layers changed the removal order; click Analyse to re-measure it.")
+        return WhatIf(**base, removed=sorted(victims), importances={}, layer_ratios={}, params_removed_layers=0,
+                      params_removed_neurons=0, exact=False, message=why)
+    # the plan, seen with the deeper removal order and the current protected set and caps
+    view = replace(plan, removal_order=list(removal.removal_order), importance_history=list(removal.history),
+                   protected=sorted(protected), layer_caps=list(caps) if caps is not None else plan.layer_caps)
+    removed = sorted(victims)
+    importances = removal.history[n_remove]
+    params_removed_layers = sum(plan.layer_params[i] for i in removed)
+    prunable = [i for i in importances if i not in protected]
+    note = ""
+    if ratio * plan.params_total < params_removed_layers and not prunable:
+        note = (f"The {n_remove} removed layers alone remove {params_removed_layers / plan.params_total:.1%} "
+                f"of the parameters, more than the target {ratio:.0%}.")
+    try:
+        removed, layer_ratio = reallocate(view, ratio, n_remove)
+    except ImpossibleRatioError as err:
+        return WhatIf(**base, removed=removed, importances=importances, layer_ratios={},
+                      params_removed_layers=params_removed_layers, params_removed_neurons=0,
+                      message=f"Ratio {ratio:.0%} is impossible with {n_remove} removed layers: {err}.")
+    neurons = int(round(sum(r * plan.layer_params[i] for i, r in layer_ratio.items())))
+    return WhatIf(**base, removed=removed, importances=importances, layer_ratios=layer_ratio,
+                  params_removed_layers=params_removed_layers, params_removed_neurons=neurons, note=note)
+
+
+# --------------------------------------------------------------------------------------- settings vs plan
+
+
+def changed_settings(old: CompConfig, new: CompConfig) -> list[str]:
+    """Labels of every setting that differs between two configs (empty: an analysed plan can be applied as is).
+
+    The auto-sweep depth only matters when the number of removed layers is "auto", so it is ignored otherwise.
+    """
+    a, b = asdict(old), asdict(new)
+    ignore = set() if "auto" in (old.remove_layers, new.remove_layers) else {"auto_max_layers"}
+    return [SETTING_LABELS.get(k, k) for k in a if k not in ignore and a[k] != b.get(k)]
+
+
+def stale_reasons(old: CompConfig | None, new: CompConfig) -> list[str]:
+    """Settings that differ from the analysed ones and are *not* covered by :func:`what_if`."""
+    if old is None:
+        return []
+    a, b = asdict(old), asdict(new)
+    return [SETTING_LABELS[k] for k in STALE_SETTINGS if a[k] != b[k]]
+
+
+# ------------------------------------------------------------------------------------------- neuron maps
+
+
+def neuron_maps(plan: CompPlan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """kind -> (log10 scores [n_layers, max d_in] float32, NaN where a layer has no such dense report,
+    pruned mask [n_layers, max d_in] bool), from ``plan.dense_reports`` of any method: the layer × neuron
+    picture of where a plan cuts."""
+    by_kind: dict[str, list] = {}
+    for d in plan.dense_reports:
+        by_kind.setdefault(d.kind, []).append(d)
+    out = {}
+    for kind, reports in by_kind.items():
+        width = max(d.d_in for d in reports)
+        scores = np.full((plan.n_layers, width), np.nan, dtype=np.float32)
+        pruned = np.zeros((plan.n_layers, width), dtype=bool)
+        for d in reports:
+            if d.scores is not None and d.scores.numel():
+                scores[d.layer, : d.scores.numel()] = (
+                    d.scores.detach().double().clamp_min(1e-30).log10().float().cpu().numpy())
+            if d.pruned_index is not None and d.pruned_index.numel():
+                pruned[d.layer, d.pruned_index.cpu().numpy()] = True
+        out[kind] = (scores, pruned)
+    return out
