@@ -11,13 +11,10 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from .events import PruneEvent
 from .scoring import SCORES
-
-if TYPE_CHECKING:
-    from .methods.comp import CompConfig
 
 log = logging.getLogger("comp_core")
 
@@ -43,6 +40,23 @@ def _remove_layers(text: str) -> int | str:
     return value
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(t for t in text.replace(" ", "").split(",") if t)
+    if not names:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return names
+
+
+def _ratio_list(text: str) -> tuple[float, ...]:
+    try:
+        ratios = tuple(float(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not ratios:
+        raise argparse.ArgumentTypeError("expected at least one ratio")
+    return ratios
+
+
 def _dense_kinds(text: str) -> tuple[str, ...] | str:
     return "all" if text == "all" else tuple(t for t in text.replace(" ", "").split(",") if t)
 
@@ -66,19 +80,37 @@ def _add_eval(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--eval-seq-len", type=int, default=512, help="window length for perplexity (default 512)")
 
 
-def _add_comp(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ratio", type=float, default=0.2, help="share of all parameters to remove (default 0.2)")
-    p.add_argument("--remove-layers", type=_remove_layers, default=None,
-                   help="blocks to remove before neuron pruning, or 'auto' (default: %(default)s → library default)")
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    return key.strip(), value
+
+
+# COMP's own flags (dest -> CompConfig field); other methods take their settings through --set
+COMP_FLAGS = {"remove_layers": "remove_layers", "granularity": "granularity", "score": "score",
+              "dense_kinds": "dense_kinds", "no_mask_tuning": "mask_tuning", "inputs": "inputs"}
+
+
+def _add_method_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protect", type=_int_list, default=None,
-                   help="comma-separated layers never pruned (default: first two and last)")
-    p.add_argument("--granularity", choices=("hybrid", "layers", "neurons"), default="hybrid")
-    p.add_argument("--score", choices=tuple(SCORES), default=None, help="neuron importance score")
-    p.add_argument("--dense-kinds", type=_dense_kinds, default=None,
-                   help="denses whose input neurons may be pruned, e.g. 'down,o' or 'all' (default: library default)")
-    p.add_argument("--no-mask-tuning", action="store_true", help="prune without the least-squares mask")
-    p.add_argument("--inputs", choices=("identical", "accumulated"), default="identical",
-                   help="calibration inputs of each layer: from the unpruned model (paper) or the pruned one")
+                   help="comma-separated layers never pruned (default: the method's; COMP: first two and last)")
+    p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting of the method's settings dataclass, e.g. --set compensation=mask "
+                        "(compare: METHOD.KEY=VALUE); repeatable")
+    comp = p.add_argument_group("COMP settings (--method comp and its ablations)")
+    comp.add_argument("--remove-layers", type=_remove_layers, default=None,
+                      help="blocks to remove before neuron pruning, or 'auto' (default: library default)")
+    comp.add_argument("--granularity", choices=("hybrid", "layers", "neurons"), default=None)
+    comp.add_argument("--score", choices=tuple(SCORES), default=None, help="neuron importance score")
+    comp.add_argument("--dense-kinds", type=_dense_kinds, default=None,
+                      help="denses whose input neurons may be pruned, e.g. 'down,o' or 'all' (default: library default)")
+    comp.add_argument("--no-mask-tuning", action="store_true", default=None, help="prune without the least-squares mask")
+    comp.add_argument("--inputs", choices=("identical", "accumulated"), default=None,
+                      help="calibration inputs of each layer: from the unpruned model (paper) or the pruned one")
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="c4", help="calibration set: c4, wikitext2, ptb, data-free or a local file")
     p.add_argument("--n-samples", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=128)
@@ -89,13 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comp-explorer", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .methods import method_names
+
     analyze = sub.add_parser("analyze", help="layer importances, removal order, per-layer ratios, neuron scores")
-    _add_common(analyze)
-    _add_comp(analyze)
+    prune = sub.add_parser("prune", help="prune (COMP by default) and optionally evaluate perplexity before/after")
+    for p in (analyze, prune):
+        _add_common(p)
+        p.add_argument("--method", default="comp", choices=method_names(), help="pruning method (default: comp)")
+        p.add_argument("--ratio", type=float, default=0.2, help="share of all parameters to remove (default 0.2)")
+        _add_method_settings(p)
+        _add_calibration(p)
     analyze.add_argument("--scores", action="store_true", help="include every neuron score in the JSON")
-    prune = sub.add_parser("prune", help="prune with COMP and (optionally) evaluate perplexity before/after")
-    _add_common(prune)
-    _add_comp(prune)
     _add_eval(prune, default=None)
     prune.add_argument("--out", default=None, help="save the pruned model to this folder (safetensors + report)")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing saved model in --out")
@@ -107,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="perplexity of a model")
     _add_common(evaluate)
     _add_eval(evaluate, default="wikitext2")
+    compare = sub.add_parser("compare", help="several methods on the same calibration sample: one table")
+    _add_common(compare)
+    compare.add_argument("--methods", type=_name_list, default=("comp", "flap", "shortgpt", "wanda-sp", "magnitude-sp"),
+                         help=f"comma-separated, from: {', '.join(method_names())}")
+    compare.add_argument("--ratio", type=_ratio_list, default=(0.2,), help="comma-separated ratios, e.g. 0.2,0.3")
+    compare.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
+                         metavar="METHOD.KEY=VALUE", help="a setting of one method, e.g. flap.compensation=none")
+    compare.add_argument("--no-bytes", action="store_true", help="skip saving each model to measure its size")
+    _add_calibration(compare)
+    _add_eval(compare, default="wikitext2")
     return parser
 
 
@@ -136,20 +182,40 @@ class _Progress:
             self.bar = None
 
 
-def _config(args) -> "CompConfig":
+def _settings(method: str, args, ratio: float, extra: list[tuple[str, str]]):
+    """The settings dataclass of ``method`` from the command line: ratio, --protect, COMP's flags, --set."""
+    from .methods import get_method, make_settings, parse_setting
     from .methods.comp import CompConfig
 
-    values = dict(ratio=args.ratio, granularity=args.granularity, mask_tuning=not args.no_mask_tuning,
-                  inputs=args.inputs)
-    if args.remove_layers is not None:
-        values["remove_layers"] = args.remove_layers
-    if args.protect is not None:
-        values["protected"] = args.protect
-    if args.score is not None:
-        values["score"] = args.score
-    if args.dense_kinds is not None:
-        values["dense_kinds"] = None if args.dense_kinds == "all" else args.dense_kinds
-    return CompConfig(**values)
+    overrides: dict = {"ratio": ratio}
+    given = {dest: getattr(args, dest, None) for dest in COMP_FLAGS}
+    given = {dest: value for dest, value in given.items() if value is not None}
+    if get_method(method).settings_class is CompConfig:
+        for dest, value in given.items():
+            if dest == "no_mask_tuning":
+                overrides["mask_tuning"] = not value
+            elif dest == "dense_kinds":
+                overrides["dense_kinds"] = None if value == "all" else value
+            else:
+                overrides[COMP_FLAGS[dest]] = value
+    elif given:
+        flags = ", ".join("--" + d.replace("_", "-") for d in given)
+        raise ValueError(f"{flags}: COMP settings, not settings of method '{method}' (use --set KEY=VALUE)")
+    if getattr(args, "protect", None) is not None:
+        overrides["protected"] = args.protect
+    for key, value in extra:
+        overrides[key] = parse_setting(method, key, value)
+    return make_settings(method, **overrides)
+
+
+def _compare_settings(methods: list[str], items: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {m: [] for m in methods}
+    for key, value in items:
+        method, dot, name = key.rpartition(".")
+        if not dot or method not in out:
+            raise ValueError(f"--set {key}={value}: write METHOD.KEY=VALUE with METHOD one of {', '.join(methods)}")
+        out[method].append((name, value))
+    return out
 
 
 def _evaluate(model, tokenizer, names: list[str], args, progress, timings: dict, label: str) -> dict[str, float]:
@@ -174,7 +240,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.data_dir:
         os.environ["COMP_DATA_DIR"] = args.data_dir
     from .data import get_calibration
-    from .methods.comp import analyze, prune
+    from .methods import analyze_with, prune_with
     from .models.loading import load_model
     from .runtime import configure_threads, count_parameters, peak_rss_mb, stage
 
@@ -206,19 +272,42 @@ def run(args: argparse.Namespace) -> dict:
         elif args.command == "eval":
             report["params"] = count_parameters(model)
             report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model")
+        elif args.command == "compare":
+            from .compare import compare_methods, rows_table
+            from .methods import get_method
+
+            for name in args.methods:
+                get_method(name)
+            per_method = _compare_settings(list(args.methods), args.settings)
+            for ratio in args.ratio:  # every setting checked before minutes of work
+                for name in args.methods:
+                    _settings(name, args, ratio, per_method[name])
+            with stage("calibration", timings):
+                samples = get_calibration(args.calib, tokenizer, args.n_samples, args.seq_len, args.seed, model=model)
+            settings = {name: {k: v for k, v in vars(_settings(name, args, args.ratio[0], per_method[name])).items()
+                               if k != "ratio"} for name in args.methods}
+            with stage("compare", timings):
+                rows = compare_methods(model, tokenizer, samples, list(args.methods), list(args.ratio), eval_names,
+                                       max_windows=args.max_windows, eval_seq_len=args.eval_seq_len,
+                                       settings=settings, measure_bytes=not args.no_bytes, on_event=progress)
+            report["calibration"] = {"name": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
+                                     "seed": args.seed}
+            report["eval"] = {"sets": eval_names, "seq_len": args.eval_seq_len, "max_windows": args.max_windows}
+            report["rows"] = [r.to_dict() for r in rows]
+            report["table"] = rows_table(rows, eval_names)
         else:
-            cfg = _config(args)
+            settings = _settings(args.method, args, args.ratio, args.settings)
             with stage("calibration", timings):
                 samples = get_calibration(args.calib, tokenizer, args.n_samples, args.seq_len, args.seed, model=model)
             if args.command == "analyze":
                 with stage("analyze", timings):
-                    plan = analyze(model, samples, cfg, on_event=progress)
+                    plan = analyze_with(args.method, model, samples, settings, on_event=progress)
                 report.update(plan.to_dict(with_scores=args.scores))
             else:
                 if eval_names:
                     report["ppl_before"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "before")
                 with stage("prune", timings):
-                    pruned, result = prune(model, samples, cfg, on_event=progress, inplace=True)
+                    pruned, result = prune_with(args.method, model, samples, settings, on_event=progress, inplace=True)
                 result_dict = result.to_dict()
                 plan = result_dict.pop("plan")
                 report.update(result_dict)
@@ -257,6 +346,8 @@ def _print_table(report: dict) -> None:
         rows.append(("layer_ratios", ", ".join(f"{k}:{v:.2f}" for k, v in report["layer_ratios"].items())))
     if "speed_table" in report:
         print(report["speed_table"])
+    if "table" in report:
+        print(report["table"])
     if "timings" in report:
         rows.append(("stages", ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["timings"].items())))
     width = max(len(k) for k, _ in rows)

@@ -152,3 +152,28 @@ def refit_relative_error(weight: torch.Tensor, gram: torch.Tensor, keep: torch.T
     delta[:, keep] -= new_weight
     total = float(((w @ gram) * w).sum())
     return float(((delta @ gram) * delta).sum()) / total if total > 0 else 0.0
+
+
+def bias_compensation(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """FLAP's compensation: the removed inputs' mean contribution W_:,R μ_R, to add to the output bias (d_out,).
+
+    Exact when the removed inputs are constant over the calibration tokens; in general it leaves only their
+    fluctuation around the mean as output error (``removal_error`` with ``centred=True``).
+    """
+    w = weight.detach().to(device=mean.device, dtype=STAT_DTYPE)  # (d_out, d_in)
+    return w[:, removed] @ mean[removed]
+
+
+def removal_error(weight: torch.Tensor, gram: torch.Tensor, removed: torch.Tensor, *,
+                  total: torch.Tensor | None = None, n_tokens: int = 0) -> float:
+    """‖W_:,R X_R − b‖² / ‖W X‖² for dropping input columns R: with ``total`` (Σ_t x_t) and ``n_tokens`` the
+    bias b = W_:,R μ_R is subtracted (centred Gram G − n μμᵀ), else b = 0."""
+    w = weight.detach().to(device=gram.device, dtype=STAT_DTYPE)  # (d_out, d_in)
+    g_rr = gram[removed][:, removed]
+    if total is not None and n_tokens > 0:
+        mu = total[removed] / n_tokens
+        g_rr = g_rr - n_tokens * torch.outer(mu, mu)
+    w_r = w[:, removed]
+    lost = float(((w_r @ g_rr) * w_r).sum())
+    whole = float(((w @ gram) * w).sum())
+    return max(lost, 0.0) / whole if whole > 0 else 0.0

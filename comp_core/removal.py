@@ -39,6 +39,13 @@ def layer_importances(blocks: list[nn.Module], active: list[int], inputs: BlockI
     return importances
 
 
+def layers_for_ratio(ratio: float, params_total: int, block_params: list[int], candidates: int) -> int:
+    """How many whole blocks a layer-removal-only method removes for ``ratio`` of all parameters: the count
+    whose parameters come closest to the target (blocks of one model are the same size), at most ``candidates``."""
+    mean_block = sum(block_params) / len(block_params)
+    return min(int(round(ratio * params_total / mean_block)), candidates)
+
+
 @dataclass
 class RemovalResult:
     """Removal order and how every remaining layer's importance moved after each removal."""

@@ -132,6 +132,38 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
+class RssSampler:
+    """Peak resident memory *during* a block of code, sampled every ``interval`` seconds in a thread.
+
+    ``getrusage``'s high-water mark never falls, so in one process that runs several methods it says
+    nothing about the later ones; sampling the current RSS does (it can miss a spike shorter than the
+    interval, so the figure is a lower bound of the true peak)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = None
+        self._thread = None
+
+    def __enter__(self) -> "RssSampler":
+        import threading
+
+        self.peak_mb = current_rss_mb()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self.peak_mb = max(self.peak_mb, current_rss_mb())
+        self._thread = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, current_rss_mb())
+
+
 @dataclass
 class StageTimer:
     """Collects ``{stage name: {"seconds": s, "peak_rss_mb": m}}`` into ``timings``.

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .models.adapters import ArchAdapter
+
 
 class IndexedInputLinear(nn.Module):
     """``y = x[..., input_index] @ weight.T + bias`` — a linear whose pruned input columns are gone."""
@@ -97,3 +99,78 @@ def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     for part in parents:
         obj = getattr(obj, part)
     setattr(obj, last, new)
+
+
+def add_output_bias(module: nn.Module, delta: torch.Tensor) -> None:
+    """``bias += delta`` (d_out,), giving the linear a bias first if it has none (FLAP's compensation)."""
+    delta = delta.to(device=module.weight.device, dtype=module.weight.dtype)
+    if module.bias is None:
+        module.bias = nn.Parameter(delta.clone())
+    else:
+        module.bias.data.add_(delta)
+
+
+def apply_cuts(block: nn.Module, adapter: ArchAdapter, keeps: dict[str, torch.Tensor],
+               masks: dict[str, torch.Tensor | None] | None = None,
+               new_weights: dict[str, torch.Tensor | None] | None = None,
+               bias_deltas: dict[str, torch.Tensor] | None = None) -> int:
+    """Keep only columns ``keeps[name]`` (positions in each dense's current weight) of the denses named there,
+    folding a tuned mask or a refit weight into them and adding ``bias_deltas[name]`` to their output bias; a
+    consumer's removed inputs also remove its producers' rows. Returns the number of parameters gone."""
+    params = sum(p.numel() for p in block.parameters())
+    masks, new_weights, bias_deltas = masks or {}, new_weights or {}, bias_deltas or {}
+    new_modules: dict[str, nn.Module] = {}
+    for spec in adapter.denses:
+        module = adapter.dense(block, spec.name)
+        if spec.name in bias_deltas:
+            add_output_bias(module, bias_deltas[spec.name])
+        if spec.name not in keeps:
+            continue
+        keep = keeps[spec.name].to(module.weight.device)
+        if keep.numel() == module.weight.shape[1]:
+            continue
+        mask, weight = masks.get(spec.name), new_weights.get(spec.name)
+        shrunk = prune_inputs(module, keep, mask.to(module.weight.device) if mask is not None else None, weight)
+        new_modules[spec.name] = make_consumer_plain(shrunk) if spec.coupled_producers else shrunk
+        for producer in spec.coupled_producers:
+            base = new_modules.get(producer, adapter.dense(block, producer))
+            new_modules[producer] = prune_outputs(base, keep)
+    for name, module in new_modules.items():
+        replace_submodule(block, name, module)
+    return params - sum(p.numel() for p in block.parameters())
+
+
+def set_attention_heads(attention: nn.Module, heads: int, kv_heads: int) -> None:
+    """Tell a stock attention module how many heads its (narrower) projections now hold. OPT reshapes with
+    ``num_heads``; the Llama family infers heads from shapes and only needs ``num_key_value_groups``."""
+    if hasattr(attention, "num_heads"):
+        attention.num_heads = heads
+    if hasattr(attention, "num_key_value_groups"):
+        attention.num_key_value_groups = heads // kv_heads
+
+
+def remove_attention_units(block: nn.Module, adapter: ArchAdapter, units, keep: torch.Tensor,
+                           o_scale: torch.Tensor | None = None) -> int:
+    """Remove every attention unit (head or KV group, ``structure.AttentionUnits``) not in ``keep``: q/k/v rows
+    and o_proj columns go, and o_proj becomes a plain linear over the narrower attention output. ``o_scale``
+    (one factor per kept o column) folds a tuned mask into o_proj. Returns the parameters gone."""
+    from .structure import dense_by_kind
+
+    keep = torch.sort(keep.cpu()).values
+    if keep.numel() == units.count:
+        return 0
+    if keep.numel() == 0:
+        raise ValueError("an attention module must keep at least one unit")
+    params = sum(p.numel() for p in block.parameters())
+    names = dense_by_kind(adapter)
+    q_rows, kv_rows = units.q_rows(keep), units.kv_rows(keep)
+    for kind, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+        module = adapter.dense(block, names[kind])
+        replace_submodule(block, names[kind], prune_outputs(module, rows.to(module.weight.device)))
+    o = adapter.dense(block, names["o"])
+    scale = o_scale.to(o.weight.device) if o_scale is not None else None
+    replace_submodule(block, names["o"], make_consumer_plain(prune_inputs(o, q_rows.to(o.weight.device), scale)))
+    heads = keep.numel() * units.query_heads_per_unit
+    kv_heads = keep.numel() if units.grouped else heads
+    set_attention_heads(adapter.dense(block, adapter.attention_path), heads, kv_heads)
+    return params - sum(p.numel() for p in block.parameters())

@@ -30,12 +30,12 @@ from ..loop import BlockVisit, block_loop
 from ..mask_tuning import (coefficient_matrix, mask_path, refit_columns, refit_relative_error, relative_error,
                            solve_mask)
 from ..models.adapters import ArchAdapter, get_adapter
-from ..removal import RemovalResult, iterative_removal
+from ..removal import RemovalResult, iterative_removal, layers_for_ratio
 from ..results import CompPlan, DenseReport, LayerReport, PruneResult
 from .registry import Method, register_method
 from ..runtime import count_parameters, peak_rss_mb
 from ..scoring import SCORES, score_neurons
-from ..surgery import make_consumer_plain, prune_inputs, prune_outputs, replace_submodule
+from ..surgery import apply_cuts
 
 GRANULARITIES = ("hybrid", "layers", "neurons")
 INPUT_MODES = ("identical", "accumulated")
@@ -256,29 +256,6 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
     return layer, reports
 
 
-def apply_cuts(block: nn.Module, adapter: ArchAdapter, keeps: dict[str, torch.Tensor],
-               masks: dict[str, torch.Tensor | None], new_weights: dict[str, torch.Tensor | None]) -> int:
-    """Keep only columns ``keeps[name]`` (positions in each dense's current weight) of every dense, folding a
-    tuned mask or a refit weight into them; a consumer's removed inputs also remove its producers' rows.
-    Returns the number of parameters gone from ``block``."""
-    params = sum(p.numel() for p in block.parameters())
-    new_modules: dict[str, nn.Module] = {}
-    for spec in adapter.denses:
-        module = adapter.dense(block, spec.name)
-        keep = keeps[spec.name].to(module.weight.device)
-        if keep.numel() == module.weight.shape[1]:
-            continue
-        mask, weight = masks.get(spec.name), new_weights.get(spec.name)
-        shrunk = prune_inputs(module, keep, mask.to(module.weight.device) if mask is not None else None, weight)
-        new_modules[spec.name] = make_consumer_plain(shrunk) if spec.coupled_producers else shrunk
-        for producer in spec.coupled_producers:
-            base = new_modules.get(producer, adapter.dense(block, producer))
-            new_modules[producer] = prune_outputs(base, keep)
-    for name, module in new_modules.items():
-        replace_submodule(block, name, module)
-    return params - sum(p.numel() for p in block.parameters())
-
-
 def _keep_positions(module: nn.Module, pruned_index: torch.Tensor) -> torch.Tensor:
     """Positions in ``module``'s current weight that a report's ``pruned_index`` (original coordinates for an
     input-indexed dense, current positions otherwise) does not name."""
@@ -295,9 +272,7 @@ def _layers_to_remove(cfg: CompConfig, candidates: int, params_total: int, block
     if cfg.granularity == "neurons":
         return 0
     if cfg.granularity == "layers":
-        mean_block = sum(block_params) / len(block_params)
-        n = int(round(cfg.ratio * params_total / mean_block))
-        return min(n, candidates)
+        return layers_for_ratio(cfg.ratio, params_total, block_params, candidates)
     if cfg.remove_layers == "auto":
         raise AssertionError("auto is resolved by prune()")
     return int(cfg.remove_layers)
@@ -534,10 +509,11 @@ def _rebind(inputs: BlockInputs, old_blocks: list[nn.Module], new_blocks: list[n
     return BlockInputs(hidden=inputs.hidden, kwargs=inputs.kwargs, block_ids=ids)
 
 
-@register_method("comp", summary="COMP: iterative layer removal + input-neuron pruning with mask tuning (hybrid)")
-@register_method("comp-layers", summary="COMP ablation: iterative cosine layer removal only", granularity="layers")
+# decorators run bottom-up: the registry (and every list of methods) shows "comp" first
 @register_method("comp-neurons", summary="COMP ablation: input-neuron pruning with mask tuning, no layer removed",
                  granularity="neurons")
+@register_method("comp-layers", summary="COMP ablation: iterative cosine layer removal only", granularity="layers")
+@register_method("comp", summary="COMP: iterative layer removal + input-neuron pruning with mask tuning (hybrid)")
 class Comp(Method):
     kind = "structured"
     settings_class = CompConfig

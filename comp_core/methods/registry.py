@@ -160,7 +160,7 @@ def prune_with(name: str, model: nn.Module, samples: torch.Tensor | None, settin
     if entry.method.requires_calibration and samples is None:
         raise ValueError(f"method '{name}' needs calibration samples")
     pruned, result = entry.method.prune(model, samples, settings, on_event=on_event, inplace=inplace)
-    result.method = name
+    result.method = result.plan.method = name
     result.kind = entry.kind
     return pruned, result
 

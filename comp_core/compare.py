@@ -1,0 +1,159 @@
+"""Several methods, one calibration sample, one table: what ``comp-explorer compare`` and the GUI's Compare
+tab run. Every method prunes its own copy of the same original with the same samples, and every pruned
+model is evaluated on the same windows, so the rows differ only by method and ratio.
+
+Peak memory per row is sampled while that method prunes (``runtime.RssSampler``; the process-wide
+high-water mark would only ever show the worst method so far). The original and its copy are both resident
+then, as they are for a user who keeps the original.
+"""
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .allocation import ImpossibleRatioError
+from .data import get_eval_tokens
+from .evaluate import perplexity
+from .events import Cancelled, ProgressCallback, PruneEvent, emit
+from .methods import get_method, make_settings, prune_with
+from .results import CompPlan
+from .runtime import RssSampler, count_parameters
+
+
+@dataclass
+class CompareRow:
+    method: str
+    kind: str
+    target_ratio: float
+    realised_ratio: float | None
+    ppl: dict[str, float] = field(default_factory=dict)
+    prune_seconds: float | None = None
+    peak_rss_mb: float | None = None
+    saved_bytes: int | None = None
+    params_after: int | None = None
+    error: str | None = None  # the method could not prune at this ratio (the row has no figures then)
+    notes: list[str] = field(default_factory=list)
+    plan: CompPlan | None = None  # not serialised
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "kind": self.kind, "target_ratio": self.target_ratio,
+                "realised_ratio": self.realised_ratio, "ppl": dict(self.ppl), "prune_seconds": self.prune_seconds,
+                "peak_rss_mb": self.peak_rss_mb, "saved_bytes": self.saved_bytes, "params_after": self.params_after,
+                "error": self.error, "notes": list(self.notes)}
+
+
+def saved_size(model: nn.Module, tokenizer) -> int:
+    """Bytes of the safetensors files ``save_pruned`` writes for ``model`` (in a temporary folder)."""
+    from transformers.utils import logging as hf_logging
+
+    from .export import folder_bytes, save_pruned
+
+    folder = tempfile.mkdtemp(prefix="comp-compare-")
+    hf_logging.disable_progress_bar()  # a bar per row would drown the comparison's own progress
+    try:
+        path = save_pruned(model, None, f"{folder}/model")
+        return folder_bytes(path, ".safetensors")
+    finally:
+        hf_logging.enable_progress_bar()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _evaluate(model, tokens: dict[str, torch.Tensor], seq_len: int, max_windows: int | None,
+              on_event: ProgressCallback | None, label: str) -> dict[str, float]:
+    out = {}
+    for name, stream in tokens.items():
+        result = perplexity(model, stream, seq_len, max_windows=max_windows,
+                            on_progress=(lambda i, n, name=name: on_event(PruneEvent("evaluate", i, n, f"{label} {name}")))
+                            if on_event else None)
+        out[name] = result.ppl
+    return out
+
+
+def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, methods: list[str],
+                    ratios: list[float], eval_sets: list[str], *, max_windows: int | None = None,
+                    eval_seq_len: int = 512, settings: dict[str, dict] | None = None, measure_bytes: bool = True,
+                    include_original: bool = True, on_event: ProgressCallback | None = None,
+                    on_row=None) -> list[CompareRow]:
+    """One row per (ratio, method), plus the original first; ``model`` is never changed.
+
+    Settings are each method's registered defaults with ``ratio`` and ``settings[method]`` applied; bad
+    method names, settings or ratios fail here before any pruning. A method that cannot reach a ratio gets
+    a row with ``error`` set instead of stopping the comparison. ``Cancelled`` raised from ``on_event``
+    stops it.
+    """
+    settings = settings or {}
+    for name in settings:
+        get_method(name)
+    jobs = [(ratio, name, make_settings(name, **{**settings.get(name, {}), "ratio": ratio}))
+            for ratio in ratios for name in methods]
+    tokens = {name: get_eval_tokens(name, tokenizer) for name in eval_sets}
+    rows: list[CompareRow] = []
+
+    def done(row: CompareRow) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    if include_original:
+        row = CompareRow(method="original", kind="-", target_ratio=0.0, realised_ratio=0.0,
+                         params_after=count_parameters(model))
+        row.ppl = _evaluate(model, tokens, eval_seq_len, max_windows, on_event, "original")
+        if measure_bytes:
+            row.saved_bytes = saved_size(model, tokenizer)
+        done(row)
+    for step, (ratio, name, method_settings) in enumerate(jobs):
+        emit(on_event, "compare", step, len(jobs), f"{name} at {ratio:.0%}")
+        entry = get_method(name)
+        row = CompareRow(method=name, kind=entry.kind, target_ratio=ratio, realised_ratio=None)
+        try:
+            with RssSampler() as rss:
+                start = time.perf_counter()
+                pruned, result = prune_with(name, model, samples, method_settings, on_event=on_event)
+                row.prune_seconds = time.perf_counter() - start
+        except Cancelled:
+            raise
+        except (ValueError, ImpossibleRatioError) as err:
+            row.error = str(err)
+            done(row)
+            continue
+        row.peak_rss_mb = rss.peak_mb
+        row.realised_ratio = result.realised_ratio
+        row.params_after = result.params_after
+        row.plan = result.plan
+        row.notes = list(result.plan.notes)
+        row.ppl = _evaluate(pruned, tokens, eval_seq_len, max_windows, on_event, name)
+        if measure_bytes:
+            try:
+                row.saved_bytes = saved_size(pruned, tokenizer)
+            except (ValueError, NotImplementedError) as err:  # an architecture the export does not cover
+                row.notes.append(f"not saved: {err}")
+        done(row)
+        del pruned, result
+        gc.collect()
+    emit(on_event, "compare", len(jobs), len(jobs), "done")
+    return rows
+
+
+def rows_table(rows: list[CompareRow], eval_sets: list[str]) -> str:
+    """The comparison as a Markdown table (what the CLI prints)."""
+    head = ["method", "kind", "target", "realised"] + [f"ppl {n}" for n in eval_sets] + ["prune s", "peak RSS MB",
+                                                                                          "saved MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.error:
+            cells = [r.method, r.kind, f"{r.target_ratio:.0%}", "—"] + ["—"] * len(eval_sets) + ["—", "—", "—"]
+            cells[-1] = f"error: {r.error[:60]}"
+        else:
+            cells = ([r.method, r.kind, f"{r.target_ratio:.0%}", f"{r.realised_ratio:.2%}"]
+                     + [f"{r.ppl[n]:.2f}" for n in eval_sets]
+                     + [f"{r.prune_seconds:.1f}" if r.prune_seconds is not None else "—",
+                        f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb is not None else "—",
+                        f"{r.saved_bytes / 2**20:.1f}" if r.saved_bytes is not None else "—"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""ShortGPT (Men et al., 2024): one-shot removal of the blocks with the lowest Block Influence.
+
+BI_l = 1 − mean over calibration tokens of cos(x_l, y_l), block input vs output, measured once on the
+unpruned model; the n lowest go (no re-measuring, unlike COMP's iterative order). n is the number of
+whole blocks whose parameters come closest to the ratio (``removal.layers_for_ratio``), or ``n_layers``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..capture import calibration_context, capture_block_inputs
+from ..events import emit
+from ..models.adapters import get_adapter
+from ..removal import layer_importances, layers_for_ratio
+from ..runtime import count_parameters
+from .registry import Method, finish, register_method, working_copy
+from .structured import structured_plan
+
+
+@dataclass
+class ShortGPTSettings:
+    """ratio: share of all parameters to remove (rounded to whole blocks); n_layers: remove exactly this many
+    instead; protected: blocks never removed (ShortGPT itself protects none)."""
+
+    ratio: float = 0.2
+    n_layers: int | None = None
+    protected: tuple[int, ...] = ()
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.n_layers is not None and self.n_layers < 0:
+            raise ValueError("n_layers must be >= 0")
+        self.protected = tuple(sorted({int(i) for i in self.protected}))
+
+
+@register_method("shortgpt", summary="ShortGPT: remove the blocks with the lowest Block Influence, one shot")
+class ShortGPT(Method):
+    kind = "structured"
+    settings_class = ShortGPTSettings
+
+    def prune(self, model, samples, settings, *, on_event=None, inplace=False):
+        start = time.perf_counter()
+        params_before = count_parameters(model)
+        target = working_copy(model, inplace)
+        adapter = get_adapter(target)
+        blocks = list(adapter.blocks(target))
+        n_layers = len(blocks)
+        protected = {i % n_layers for i in settings.protected if -n_layers <= i < n_layers}
+        if len(protected) != len(settings.protected):
+            raise ValueError(f"protected layers {list(settings.protected)} do not all exist (0..{n_layers - 1})")
+        candidates = [i for i in range(n_layers) if i not in protected]
+        block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
+        n_remove = settings.n_layers if settings.n_layers is not None else layers_for_ratio(
+            settings.ratio, params_before, block_params, len(candidates))
+        if n_remove > len(candidates):
+            raise ValueError(f"cannot remove {n_remove} layers: only {len(candidates)} are not protected")
+        t0 = time.perf_counter()
+        with calibration_context(target):
+            emit(on_event, "capture", 0, 1, "capturing block inputs")
+            inputs = capture_block_inputs(target, adapter, samples, batch_size=settings.batch_size)
+            capture_s = time.perf_counter() - t0
+            emit(on_event, "layer-removal", 0, 1, f"measuring Block Influence of {n_layers} layers")
+            influence = layer_importances(blocks, list(range(n_layers)), inputs)
+        order = sorted(candidates, key=lambda i: influence[i])[:n_remove]
+        plan = structured_plan(target, settings, method="shortgpt", params_total=params_before,
+                               layer_params=block_params, protected=sorted(protected), removed_layers=order,
+                               initial_importance=[influence[i] for i in range(n_layers)])
+        plan.importance_history = [influence]
+        plan.timings = {"capture": capture_s, "layer_removal": time.perf_counter() - t0 - capture_s}
+        plan.planned_params_after = params_before - sum(block_params[i] for i in order)
+        if order:
+            adapter.keep_blocks(target, [i for i in range(n_layers) if i not in order])
+        emit(on_event, "layer-removal", 1, 1, f"removed {sorted(order)}")
+        return target, finish(target, plan, params_before, start)

@@ -1,0 +1,117 @@
+"""Uniform structured baselines from FLAP's reference code (lib/prune.py ``prune_wanda_sp`` and
+``prune_magnitude_sp``): the same share of heads and MLP channels in every layer, scored per input column
+of o_proj and down_proj, a head (here: an attention unit) scoring the sum of its columns.
+
+* **Wanda-sp**: column score = mean over output rows of |W_ij| · ‖X_j‖₂ (with ‖X_j‖₂ over calibration
+  tokens; FLAP's ``scaler_row`` is the same up to a constant per dense), calibrated block by block on the
+  already pruned model's activations (accumulated inputs), as the reference code does.
+* **magnitude-sp**: column score = ‖W_:,j‖₂; needs no calibration data.
+
+Each also comes with COMP's compensation (``+mask``: least-squares mask tuning of the kept columns), so a
+comparison can separate the selection from the compensation.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..capture import calibration_context, capture_block_inputs
+from ..loop import BlockVisit, block_loop
+from ..models.adapters import get_adapter
+from ..runtime import count_parameters
+from ..stats import InputStats
+from ..structure import dense_by_kind, mlp_consumer
+from .registry import Method, finish, register_method, working_copy
+from .structured import (BlockCut, StructuredSettings, added_bias_params, apply_block_cut, block_shapes, keep_top,
+                         structured_plan, uniform_cuts)
+
+
+class UniformStructured(Method):
+    """Same share of every prunable layer; subclasses only score input columns."""
+
+    kind = "structured"
+    settings_class = StructuredSettings
+    uses_activations = True
+
+    def column_scores(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+        """One score per input column (higher = keep), float64 (d_in,)."""
+        raise NotImplementedError
+
+    def prune(self, model, samples, settings, *, on_event=None, inplace=False):
+        start = time.perf_counter()
+        params_before = count_parameters(model)
+        needs_data = self.uses_activations or settings.compensation != "none"
+        if needs_data and samples is None:
+            raise ValueError("this method (or its compensation) needs calibration samples")
+        target = working_copy(model, inplace)
+        adapter = get_adapter(target)
+        blocks = list(adapter.blocks(target))
+        layers = settings.prunable_layers(len(blocks))
+        shapes = block_shapes(target, adapter, layers)
+        budget = settings.ratio * params_before + sum(added_bias_params(blocks[i], adapter, settings) for i in layers)
+        counts = uniform_cuts(shapes, budget) if settings.ratio > 0 else {i: (0, 0) for i in layers}
+        plan = structured_plan(target, settings, method=type(self).__name__.lower(), params_total=params_before,
+                               layer_params=[sum(p.numel() for p in b.parameters()) for b in blocks],
+                               protected=[i for i in range(len(blocks)) if i not in shapes])
+        names = dense_by_kind(adapter)
+        o_name, down_name = names["o"], mlp_consumer(adapter)
+
+        def cut_block(layer: int, block, stats) -> None:
+            shape = shapes[layer]
+            n_units, n_channels = counts[layer]
+            o = adapter.dense(block, o_name)
+            o_scores = self.column_scores(o.weight, stats[o_name] if stats else None)
+            unit_scores = torch.zeros(shape.units.count, dtype=o_scores.dtype).index_add_(
+                0, shape.units.column_units(), o_scores.cpu())
+            down_scores = self.column_scores(adapter.dense(block, down_name).weight,
+                                             stats[down_name] if stats else None)
+            cut = BlockCut(layer, keep_units=keep_top(unit_scores, n_units),
+                           keep_channels=keep_top(down_scores, n_channels), o_scores=o_scores, down_scores=down_scores)
+            report, dense = apply_block_cut(block, adapter, shape, cut, stats, settings)
+            plan.layer_reports.append(report)
+            plan.dense_reports.extend(dense)
+            plan.layer_ratios[layer] = report.ratio
+
+        t0 = time.perf_counter()
+        if needs_data:
+            with calibration_context(target):
+                inputs = capture_block_inputs(target, adapter, samples, batch_size=settings.batch_size)
+                plan.timings["capture"] = time.perf_counter() - t0
+
+                def visit(v: BlockVisit):
+                    if v.index not in shapes:
+                        return None
+                    cut_block(v.index, v.block, v.stats)
+                    return v.block
+
+                t0 = time.perf_counter()
+                block_loop(blocks, inputs, range(len(blocks)), visit, adapter=adapter,
+                           with_stats=lambda i: i in shapes, propagation=settings.propagation,
+                           on_event=on_event, stage="neuron-pruning")
+        else:  # weights alone decide: no calibration pass at all
+            for layer in layers:
+                cut_block(layer, blocks[layer], None)
+        plan.timings["neuron_pruning"] = time.perf_counter() - t0
+        plan.planned_params_after = params_before - sum(r.removed_params for r in plan.layer_reports)
+        return target, finish(target, plan, params_before, start)
+
+
+@register_method("wanda-sp+mask", summary="Wanda-sp selection with COMP's mask tuning as compensation",
+                 compensation="mask")
+@register_method("wanda-sp", summary="Wanda-sp (FLAP's baseline): |W|·‖X‖ per column, same share every layer")
+class WandaSP(UniformStructured):
+    def column_scores(self, weight, stats):
+        x_norm = stats.sq_norms.sqrt()  # (d_in,)
+        return (weight.detach().abs().to(x_norm.dtype).to(x_norm.device) * x_norm).mean(dim=0)
+
+
+@register_method("magnitude-sp+mask", summary="magnitude-sp selection with COMP's mask tuning as compensation",
+                 compensation="mask")
+@register_method("magnitude-sp", summary="magnitude-sp (FLAP's baseline): ‖W_:,j‖ per column, same share every layer")
+class MagnitudeSP(UniformStructured):
+    uses_activations = False
+    requires_calibration = False
+
+    def column_scores(self, weight, stats):
+        return weight.detach().double().norm(dim=0)
