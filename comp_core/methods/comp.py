@@ -48,7 +48,8 @@ class CompConfig:
     """Settings of one COMP run. Layer indices are those of the original model.
 
     ratio: share of *all* parameters (embeddings included) to remove.
-    remove_layers: how many blocks to remove first, or "auto" (sweep, keep the lowest calibration loss).
+    remove_layers: how many blocks to remove first (at most as many as the ratio's budget holds, so ratio 0
+        removes none), or "auto" (sweep, keep the lowest calibration loss).
     protected: blocks never removed and never neuron-pruned; None = first two and last.
     granularity: "hybrid" (COMP), "layers" (layer removal only, as many blocks as the ratio needs),
         "neurons" (no layer removal).
@@ -275,7 +276,11 @@ def _layers_to_remove(cfg: CompConfig, candidates: int, params_total: int, block
         return layers_for_ratio(cfg.ratio, params_total, block_params, candidates)
     if cfg.remove_layers == "auto":
         raise AssertionError("auto is resolved by prune()")
-    return int(cfg.remove_layers)
+    if int(cfg.remove_layers) > candidates:
+        raise ValueError(f"cannot remove {cfg.remove_layers} layers: only {candidates} are not protected")
+    # an upper bound: never more whole blocks than the ratio's budget holds (ratio 0 removes nothing)
+    fits = int(cfg.ratio * params_total // (sum(block_params) / len(block_params)))
+    return min(int(cfg.remove_layers), fits)
 
 
 def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: bool,
