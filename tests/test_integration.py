@@ -54,3 +54,26 @@ def test_bundled_cli_json(capsys):
     assert len(report["removed_layers"]) == 2 and not {0, 1, 29} & set(report["removed_layers"])
     assert report["params_before"] == 134515008
     assert math.isfinite(report["ppl_after"]["wikitext2"]) and report["ppl_after"]["wikitext2"] > report["ppl_before"]["wikitext2"]
+
+
+def test_bundled_compare_runs_every_structured_method(bundled):
+    """Every structured method of the registry prunes the bundled model at 20 %: realised ratio is the
+    parameters really gone, the model still predicts text, and COMP beats the uniform baselines."""
+    from comp_core.compare import compare_methods
+    from comp_core.methods import method_names
+
+    loaded, samples, _ = bundled
+    methods = method_names("structured")
+    rows = compare_methods(loaded.model, loaded.tokenizer, samples, methods, [0.2], ["wikitext2"], max_windows=2,
+                           measure_bytes=False)
+    by_method = {r.method: r for r in rows}
+    assert set(by_method) == {"original", *methods}
+    original = by_method["original"].ppl["wikitext2"]
+    for name in methods:
+        row = by_method[name]
+        assert row.error is None, (name, row.error)
+        assert row.realised_ratio == pytest.approx(1 - row.params_after / 134515008, abs=1e-12)
+        assert 0.15 < row.realised_ratio < 0.25, (name, row.realised_ratio)
+        assert math.isfinite(row.ppl["wikitext2"]) and row.ppl["wikitext2"] > original
+    assert by_method["comp"].ppl["wikitext2"] < by_method["wanda-sp"].ppl["wikitext2"]
+    assert by_method["comp"].ppl["wikitext2"] < by_method["magnitude-sp"].ppl["wikitext2"]
