@@ -70,6 +70,13 @@ class WhatIf:
 # ------------------------------------------------------------------------------------------------ analysis
 
 
+def layers_within(ratio: float, n_remove: int, params_total: int, layer_params: list[int]) -> int:
+    """How many of ``n_remove`` whole layers COMP removes at ``ratio``: never more than the ratio's budget
+    holds (ratio 0 removes none). Mirrors the hybrid rule of ``comp_core.methods.comp``."""
+    mean_block = sum(layer_params) / len(layer_params)
+    return min(int(n_remove), int(ratio * params_total // mean_block))
+
+
 def feasible_ratio(ratio: float, removed: list[int], prunable: list[int], layer_params: list[int],
                    params_total: int, caps: list[float]) -> float:
     """``ratio`` moved just inside what the ``removed`` layers plus capped neuron pruning of ``prunable`` reach."""
@@ -101,7 +108,9 @@ def analyze_nearest(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, de
                     removal_depth=cfg.remove_layers)
     n_layers = probe.n_layers
     protected = cfg.protected_layers(n_layers)
-    removed = probe.removal.removed(0 if cfg.granularity == "neurons" else cfg.remove_layers)
+    n_remove = 0 if cfg.granularity == "neurons" else layers_within(cfg.ratio, cfg.remove_layers,
+                                                                     probe.params_total, probe.layer_params)
+    removed = probe.removal.removed(n_remove)
     prunable = [] if cfg.granularity == "layers" else [
         i for i in range(n_layers) if i not in removed and i not in protected]
     ratio = feasible_ratio(cfg.ratio, removed, prunable, probe.layer_params, count_parameters(model),
@@ -146,6 +155,12 @@ def what_if(plan: CompPlan, ratio: float, n_remove: int, protected: Iterable[int
         raise ValueError("the plan has no measured removal order; analyse with removal_depth")
     depth = len(removal.removal_order)
     protected = set(plan.protected if protected is None else (int(i) % plan.n_layers for i in protected))
+    fits = layers_within(ratio, n_remove, plan.params_total, plan.layer_params)
+    capped = ""
+    if fits < n_remove:
+        capped = (f"The target {ratio:.0%} holds only {fits} whole layer{'s' if fits != 1 else ''}: COMP removes "
+                  f"{fits}, not {n_remove}.")
+        n_remove = fits
     base = dict(ratio=ratio, n_remove=n_remove, protected=sorted(protected), params_total=plan.params_total)
     candidates = plan.n_layers - len(protected)
     if n_remove > candidates:
@@ -166,7 +181,7 @@ def what_if(plan: CompPlan, ratio: float, n_remove: int, protected: Iterable[int
     importances = removal.history[n_remove]
     params_removed_layers = sum(plan.layer_params[i] for i in removed)
     prunable = [i for i in importances if i not in protected]
-    note = ""
+    note = capped
     if ratio * plan.params_total < params_removed_layers and not prunable:
         note = (f"The {n_remove} removed layers alone remove {params_removed_layers / plan.params_total:.1%} "
                 f"of the parameters, more than the target {ratio:.0%}.")
@@ -184,12 +199,24 @@ def what_if(plan: CompPlan, ratio: float, n_remove: int, protected: Iterable[int
 # --------------------------------------------------------------------------------------- settings vs plan
 
 
-def changed_settings(old: CompConfig, new: CompConfig) -> list[str]:
+def _comparable(cfg: CompConfig, n_layers: int | None = None) -> dict:
+    """The config's fields as the core reads them: the prunable dense kinds are a set, and with ``n_layers``
+    the protected layers are the resolved set (None = the default ones)."""
+    values = asdict(cfg)
+    if values["dense_kinds"] is not None:
+        values["dense_kinds"] = frozenset(values["dense_kinds"])
+    if n_layers is not None:
+        values["protected"] = frozenset(cfg.protected_layers(n_layers))
+    return values
+
+
+def changed_settings(old: CompConfig, new: CompConfig, n_layers: int | None = None) -> list[str]:
     """Labels of every setting that differs between two configs (empty: an analysed plan can be applied as is).
 
     The auto-sweep depth only matters when the number of removed layers is "auto", so it is ignored otherwise.
+    ``n_layers``: compare the protected layers as resolved for a model of that depth.
     """
-    a, b = asdict(old), asdict(new)
+    a, b = _comparable(old, n_layers), _comparable(new, n_layers)
     ignore = set() if "auto" in (old.remove_layers, new.remove_layers) else {"auto_max_layers"}
     return [SETTING_LABELS.get(k, k) for k in a if k not in ignore and a[k] != b.get(k)]
 
@@ -198,7 +225,7 @@ def stale_reasons(old: CompConfig | None, new: CompConfig) -> list[str]:
     """Settings that differ from the analysed ones and are *not* covered by :func:`what_if`."""
     if old is None:
         return []
-    a, b = asdict(old), asdict(new)
+    a, b = _comparable(old), _comparable(new)
     return [SETTING_LABELS[k] for k in STALE_SETTINGS if a[k] != b[k]]
 
 

@@ -1,4 +1,4 @@
-"""ui.handlers: the GUI's event functions called directly (no server, no browser) on a tiny Llama folder."""
+"""The GUI's event functions (ui.sidebar, ui.tabs.*) called directly (no server, no browser) on a tiny Llama folder."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,11 @@ gr = pytest.importorskip("gradio")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from comp_core import count_parameters  # noqa: E402
-from ui import handlers as h  # noqa: E402
+from ui import common, sidebar  # noqa: E402
+from ui.tabs import analyse as analyse_tab  # noqa: E402
+from ui.tabs import export as export_tab  # noqa: E402
+from ui.tabs import runs  # noqa: E402
+from ui.tabs import try_it  # noqa: E402
 from ui.session import Session  # noqa: E402
 
 try:
@@ -61,25 +65,25 @@ def plan_args(ratio=0.3, n_remove=1, auto=False, protected=None, score="diag", m
 @pytest.fixture(scope="module")
 def analysed(folder):
     session = Session()
-    out = h.analyse(session, *data_args(folder), *plan_args(), progress=no_progress)
+    out = analyse_tab.analyse(session, *data_args(folder), *plan_args(), progress=no_progress)
     return session, out
 
 
 @pytest.mark.filterwarnings("ignore:No such file or folder")
 def test_load_reports_a_bad_source_in_the_page(tmp_path):
     session = Session()
-    card, *_ = h.load(session, str(tmp_path / "missing"), "c4", "", 8, 32, 0, progress=no_progress)
+    card, *_ = sidebar.load(session, str(tmp_path / "missing"), "c4", "", 8, 32, 0, progress=no_progress)
     assert "cx-error" in card and "no such file or folder" in card.lower()
     assert session.loaded is None
 
 
 def test_load_fills_the_controls(folder):
     session = Session()
-    card, protected, kinds, slider = h.load(session, *data_args(folder), progress=no_progress)
+    card, protected, kinds, slider = sidebar.load(session, *data_args(folder), progress=no_progress)
     assert "6 layers" in card and session.samples.shape == (8, 32)
     assert protected["value"] == [0, 1, 5]
     assert kinds["choices"] == ["q", "k", "v", "o", "gate", "up", "down"]
-    assert kinds["value"] == [k for k in kinds["choices"] if k in h.DEFAULT_DENSE_KINDS]  # the core's default
+    assert kinds["value"] == [k for k in kinds["choices"] if k in sidebar.DEFAULT_DENSE_KINDS]  # the core's default
     assert slider["maximum"] == 3
 
 
@@ -99,33 +103,33 @@ def test_analyse_returns_every_figure(analysed):
 def test_what_if_updates_without_recomputing(analysed):
     session, _ = analysed
     analysis = session.analysis
-    curve, history, bars, plan_md = h.update_plan(session, 0.33, 2, False, [0, 1, 5], "diag", True, "identical",
+    curve, history, bars, plan_md = analyse_tab.update_plan(session, 0.33, 2, False, [0, 1, 5], "diag", True, "identical",
                                                   ["q", "k", "v", "o", "gate", "up", "down"])
     assert session.analysis is analysis
     assert "target 33%" in bars.layout.title.text and "-33.0%" in plan_md
     removed_trace = next(t for t in bars.data if t.name == "layer removed")
     assert sorted(removed_trace.x) == sorted(analysis.removal.removal_order[:2])
-    _, _, bars, plan_md = h.update_plan(session, 0.79, 1, False, [0, 1, 5], "obs", True, "identical", None)
+    _, _, bars, plan_md = analyse_tab.update_plan(session, 0.79, 1, False, [0, 1, 5], "obs", True, "identical", None)
     assert "impossible" in plan_md and "importance score" in plan_md  # explained, not raised
 
 
 def test_heatmap_and_detail_switch_dense(analysed):
     session, _ = analysed
-    heat, layer, detail = h.update_heatmap(session, "q", True)
+    heat, layer, detail = analyse_tab.update_heatmap(session, "q", True)
     assert "self_attn.q_proj" in heat.layout.title.text
     assert layer["value"] is not None
-    detail = h.update_detail(session, "q", layer["value"])
+    detail = analyse_tab.update_detail(session, "q", layer["value"])
     assert f"Layer {layer['value']}" in detail.layout.title.text
 
 
 def test_prune_twice_does_not_compound_and_keeps_the_original(folder):
     session = Session()
-    h.load(session, *data_args(folder), progress=no_progress)
+    sidebar.load(session, *data_args(folder), progress=no_progress)
     original = session.loaded.model
     before = {k: v.clone() for k, v in original.state_dict().items()}
     n_before = count_parameters(original)
     for _ in range(2):
-        status, table, fig, card = h.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+        status, table, fig, card = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
         assert "pruned 30" in status
         assert session.result.params_before == n_before
     assert count_parameters(original) == n_before
@@ -136,33 +140,33 @@ def test_prune_twice_does_not_compound_and_keeps_the_original(folder):
 
 def test_errors_become_messages_not_tracebacks(folder):
     session = Session()
-    with pytest.raises(gr.Error) as err:  # two removed layers alone exceed 5 % of this tiny model
-        h.run_prune(session, *data_args(folder), *plan_args(ratio=0.05, n_remove=2), progress=no_progress)
+    with pytest.raises(gr.Error) as err:  # down + o inputs, capped at 90 %, cannot give 75 % of this tiny model
+        runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.75, n_remove=1), progress=no_progress)
     assert "impossible" in err.value.message and "Traceback" not in err.value.message
     assert err.value.title == "Cannot do that" and session.pruned is None
     with pytest.raises(gr.Error):
-        h.run_evaluate(Session(), ["wikitext2"], "quick", False, progress=no_progress)
+        runs.run_evaluate(Session(), ["wikitext2"], "quick", False, progress=no_progress)
     with pytest.raises(gr.Error, match="file"):
-        h.analyse(Session(), folder, "file", "", 8, 32, 0, *plan_args(), progress=no_progress)
+        analyse_tab.analyse(Session(), folder, "file", "", 8, 32, 0, *plan_args(), progress=no_progress)
 
 
 def test_cancel_stops_a_prune(folder):
     session = Session()
-    h.load(session, *data_args(folder), progress=no_progress)
+    sidebar.load(session, *data_args(folder), progress=no_progress)
 
     def cancel_soon(*_args, **_kwargs):
-        h.request_cancel(session)
+        common.request_cancel(session)
 
     with pytest.raises(gr.Error) as err:
-        h.run_prune(session, *data_args(folder), *plan_args(), progress=cancel_soon)
+        runs.run_prune(session, *data_args(folder), *plan_args(), progress=cancel_soon)
     assert err.value.title == "Cancelled" and session.pruned is None and not session.runs
     assert not session.busy.locked()
 
 
 def test_sessions_keep_separate_state(folder):
     first, second = Session(), Session()
-    h.run_prune(first, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
-    h.load(second, *data_args(folder), progress=no_progress)
+    runs.run_prune(first, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    sidebar.load(second, *data_args(folder), progress=no_progress)
     assert second.pruned is None and second.runs == [] and first.runs
     assert first.loaded.model is second.loaded.model  # the original is shared, read-only
     first.close()
@@ -172,39 +176,39 @@ def test_sessions_keep_separate_state(folder):
 @needs_data
 def test_evaluate_fills_the_table_and_the_plot(folder):
     session = Session()
-    h.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
-    status, table, fig = h.run_evaluate(session, ["wikitext2"], "quick", True, progress=no_progress)
+    runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    status, table, fig = runs.run_evaluate(session, ["wikitext2"], "quick", True, progress=no_progress)
     assert "Evaluated in" in status and "→" in status
     row = table[table["run"] == "R1"].iloc[0]
     assert float(row["ppl wikitext2"].replace(",", "")) > 1
-    if h.speed_available():
+    if common.speed_available():
         assert float(row["tokens/s"].replace(",", "")) > 0
     assert [t.name for t in fig.data] == ["wikitext2"] and len(fig.data[0].x) == 2
 
 
 def test_generate_side_by_side(folder):
     session = Session()
-    h.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
-    outputs = list(h.run_generate(session, "The river", 8, True))
+    runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    outputs = list(try_it.run_generate(session, "The river", 8, True))
     original, pruned = outputs[-1]
     assert "tokens/s" in original and "R1" in pruned
 
 
 def test_downloads_and_save(folder, tmp_path):
     session = Session()
-    h.analyse(session, *data_args(folder), *plan_args(), progress=no_progress)
-    h.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
-    files, status = h.make_downloads(session, ["plan", "report", "runs", "figures"], True, progress=no_progress)
+    analyse_tab.analyse(session, *data_args(folder), *plan_args(), progress=no_progress)
+    runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    files, status = export_tab.make_downloads(session, ["plan", "report", "runs", "figures"], True, progress=no_progress)
     names = {Path(f).name for f in files}
     assert {"comp_plan.json", "comp_report_R1.json", "runs.csv", "figures.html"} <= names
     plan = json.loads(Path(next(f for f in files if f.endswith("comp_plan.json"))).read_text())
     assert "scores" in plan["denses"][0] and plan["removed_layers"] == session.analysis.plan.removed_layers
-    if h.export_available():
-        status, table = h.save_model(session, str(tmp_path / "saved"), False)
+    if common.export_available():
+        status, table = export_tab.save_model(session, str(tmp_path / "saved"), False)
         assert "Saved" in status and (tmp_path / "saved" / "config.json").is_file()
         assert table[table["run"] == "R1"].iloc[0]["disk MB"] != "—"
         with pytest.raises(gr.Error, match="exists"):
-            h.save_model(session, str(tmp_path / "saved"), False)
+            export_tab.save_model(session, str(tmp_path / "saved"), False)
     workdir = session.workdir
     session.close()
     assert not workdir.exists()
@@ -224,11 +228,64 @@ def test_build_app_and_launch_defaults():
 
 def test_make_config_follows_the_core_defaults():
     every = ["q", "k", "v", "o", "gate", "up", "down"]
-    assert h.make_config(0.2, 1, False, None, "diag", True, "identical", None, every).dense_kinds \
-        == h.DEFAULT_DENSE_KINDS
-    assert h.make_config(0.2, 1, False, None, "diag", True, "identical", [], []).dense_kinds \
-        == h.DEFAULT_DENSE_KINDS  # nothing loaded yet: the empty checkbox group means "default"
-    assert h.make_config(0.2, 1, False, None, "diag", True, "identical", every, every).dense_kinds is None
-    cfg = h.make_config(0.25, 3, True, (0, 29), "obs", False, "accumulated", ["down", "q"], every, depth=5)
+    assert sidebar.make_config(0.2, 1, False, None, "diag", True, "identical", None, every).dense_kinds \
+        == sidebar.DEFAULT_DENSE_KINDS
+    assert sidebar.make_config(0.2, 1, False, None, "diag", True, "identical", [], []).dense_kinds \
+        == sidebar.DEFAULT_DENSE_KINDS  # nothing loaded yet: the empty checkbox group means "default"
+    assert sidebar.make_config(0.2, 1, False, None, "diag", True, "identical", every, every).dense_kinds is None
+    cfg = sidebar.make_config(0.25, 3, True, (0, 29), "obs", False, "accumulated", ["down", "q"], every, depth=5)
     assert (cfg.dense_kinds, cfg.remove_layers, cfg.auto_max_layers) == (("q", "down"), "auto", 5)
     assert cfg.protected == (0, 29) and cfg.score == "obs" and not cfg.mask_tuning
+
+
+def test_prune_after_analyse_applies_the_analysed_plan(folder):
+    session = Session()
+    analyse_tab.analyse(session, *data_args(folder), *plan_args(), progress=no_progress)
+    plan = session.analysis.plan
+    status, table, _, _ = runs.run_prune(session, *data_args(folder), *plan_args(), progress=no_progress)
+    assert "applied the analysed plan" in status and session.runs[-1]["path"] == "plan applied"
+    assert session.result.plan is plan and session.result.params_after == plan.planned_params_after
+    applied = session.pruned
+    # the same settings pruned from scratch give the same model
+    status, *_ = runs.run_prune(session, *data_args(folder), *plan_args(), method="comp-layers",
+                                progress=no_progress)
+    assert "measured and pruned" in status and "granularity" in status
+    from comp_core.methods import prune_with
+    fresh, _ = prune_with("comp", session.loaded.model, session.samples, session.analysis.cfg)
+    ids = session.samples[:2]
+    with torch.no_grad():
+        assert torch.allclose(applied(ids).logits, fresh(ids).logits, atol=1e-5)
+    # a what-if move of the ratio after Analyse: the analysed plan no longer matches
+    status, *_ = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.25), progress=no_progress)
+    assert "measured and pruned (changed since Analyse: target ratio)" in status
+    assert session.result.plan is not plan and session.runs[-1]["path"] == "measured"
+    # other calibration data: measured again too
+    status, *_ = runs.run_prune(session, folder, CALIB, "", 8, 32, 1, *plan_args(), progress=no_progress)
+    assert "calibration data changed" in status
+
+
+def test_method_dropdown_runs_any_registered_method(folder):
+    from comp_core.methods import method_names
+
+    other = next(n for n in method_names() if not sidebar.uses_comp_controls(n))
+    note, group = sidebar.select_method(other)
+    assert group["visible"] is False and "Only the target ratio applies" in note
+    assert sidebar.select_method("comp")[1]["visible"] is True
+    assert [v for _, v in sidebar.method_choices()] == method_names()
+    session = Session()
+    status, table, _, _ = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), method=other,
+                                         progress=no_progress)
+    assert f"with <b>{other}</b>" in status and "no analysis to reuse" in status
+    row = session.runs[-1]
+    assert row["method"] == other and row["score"] == "" and session.result.method == other
+    assert list(table["method"]) == ["", other]
+
+
+def test_method_settings_follow_the_registry(folder):
+    session = Session()
+    sidebar.load(session, *data_args(folder), progress=no_progress)
+    layers = sidebar.method_settings(session, "comp-layers", 0.3, 2, False, [0, 5], "obs", False, "identical",
+                                     None, 3)
+    assert (layers.granularity, layers.remove_layers, layers.protected, layers.score) == ("layers", 2, (0, 5), "obs")
+    comp = sidebar.method_settings(session, "comp", 0.3, 2, False, [0, 5], "obs", False, "identical", None, 3)
+    assert comp == sidebar.session_config(session, 0.3, 2, False, [0, 5], "obs", False, "identical", None, 3)

@@ -70,8 +70,8 @@ def test_what_if_other_layer_counts_match_fresh_core_plans(plan, model, samples,
 
 
 def test_what_if_explains_instead_of_raising(plan):
-    deeper = what_if(plan, 0.3, 4)
-    assert deeper.message and not deeper.layer_ratios  # 4 > the 3 unprotected layers
+    deeper = what_if(plan, 0.6, 4)
+    assert "cannot remove 4" in deeper.message and not deeper.layer_ratios  # 4 > the 3 unprotected layers
     impossible = what_if(plan, 0.79, 1)
     assert "impossible" in impossible.message and not impossible.layer_ratios
     first = plan.removal.removal_order[0]
@@ -100,13 +100,21 @@ def test_removal_path_replays_compatible_protected_sets(plan):
 
 
 def test_unreachable_ratio_is_moved_to_the_nearest_reachable_plan(model, samples):
-    plan, ratio = analyze_nearest(model, samples, CompConfig(ratio=0.05, remove_layers=2), depth=2)
-    assert ratio > 0.05  # two removed layers alone exceed 5 %
+    plan, ratio = analyze_nearest(model, samples, CompConfig(ratio=0.79, remove_layers=1), depth=2)
+    assert 0.1 < ratio < 0.79  # down + o inputs capped at 90 % cannot reach 79 %
     assert plan.config["ratio"] == ratio and plan.planned_ratio == pytest.approx(ratio, abs=1e-3)
-    assert plan.removed_layers == sorted(plan.removal.removal_order[:2])
-    assert "impossible" in what_if(plan, 0.05, 2).message
+    assert plan.removed_layers == plan.removal.removal_order[:1]
+    assert "impossible" in what_if(plan, 0.79, 1).message
     assert feasible_ratio(0.5, [1], [], [10] * 3, 100, [0.9] * 3) == pytest.approx(0.1, abs=1e-6)
     assert feasible_ratio(0.99, [], [1, 2], [10] * 3, 100, [0.5] * 3) < 0.1  # capped neuron pruning
+
+
+def test_what_if_removes_no_more_layers_than_the_target_holds(plan, model, samples):
+    w = what_if(plan, 0.05, 2)  # one block of this tiny model is ~13 % of it
+    core = analyze(model, samples, CompConfig(ratio=0.05, remove_layers=2))
+    assert w.removed == core.removed_layers
+    assert w.layer_ratios == pytest.approx(core.layer_ratios)
+    assert (w.n_remove < 2) == ("holds only" in w.note)
 
 
 def test_stale_reasons_name_what_what_if_cannot_cover():
@@ -121,6 +129,12 @@ def test_stale_reasons_name_what_what_if_cannot_cover():
 def test_changed_settings_decide_whether_a_plan_applies():
     analysed = CompConfig(ratio=0.3, remove_layers=1, auto_max_layers=4)
     assert changed_settings(analysed, CompConfig(ratio=0.3, remove_layers=1, auto_max_layers=6)) == []
+    assert changed_settings(analysed, CompConfig(ratio=0.3, remove_layers=1, dense_kinds=("o", "down"))) == []
+    assert changed_settings(analysed, CompConfig(ratio=0.3, remove_layers=1, dense_kinds=None)) == [
+        "prunable denses"]
+    explicit = CompConfig(ratio=0.3, remove_layers=1, protected=(0, 1, 5))
+    assert changed_settings(analysed, explicit) == ["protected layers"]
+    assert changed_settings(analysed, explicit, n_layers=6) == []  # None means layers 0, 1 and 5 of six
     assert changed_settings(analysed, CompConfig(ratio=0.25, remove_layers=1, protected=(0, 5))) == [
         "target ratio", "protected layers"]
     assert changed_settings(analysed, CompConfig(ratio=0.3, remove_layers="auto")) == [

@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .theme import COLORS, DATASET_COLORS, FONT, HEATMAP_SCALE
+from .theme import COLORS, DATASET_COLORS, FONT, HEATMAP_SCALE, METHOD_COLORS
 
 PRUNED_FILL = "rgba(225, 29, 72, 0.55)"  # COLORS["removed"] with alpha
 
@@ -202,7 +202,29 @@ def ratio_bars(n_layers: int, layer_ratios: Mapping[int, float], protected: Sequ
     return _layout(fig, title)
 
 
+def removed_share_bars(n_layers: int, removed_per_layer: Mapping[int, int], layer_params: Sequence[int],
+                       removed_layers: Sequence[int] = (), protected: Sequence[int] = (),
+                       title: str = "Removed parameters per layer") -> go.Figure:
+    """Where a finished plan cut: each layer's removed share (removed layers as full hatched bars), drawn
+    like :func:`ratio_bars` so any method's plan reads like COMP's allocation."""
+    removed = set(removed_layers)
+    shares = {i: n / layer_params[i] for i, n in removed_per_layer.items()
+              if i not in removed and 0 <= i < n_layers and layer_params[i] and n > 0}
+    fig = ratio_bars(n_layers, shares, protected, sorted(removed), layer_params=layer_params, title=title)
+    if not shares and not removed:
+        fig.add_annotation(text="nothing removed", x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                           font={"size": 12, "color": COLORS["muted"]})
+    return fig
+
+
 # ----------------------------------------------------------------------------------------- neuron level
+
+
+def row_notes(removed_layers: Sequence[int], protected: Sequence[int]) -> dict[int, str]:
+    """Labels for heatmap rows without scores: removed and protected layers."""
+    notes = {int(i): "removed" for i in removed_layers}
+    notes.update({int(i): "protected" for i in protected})
+    return notes
 
 
 def _sorted_rows(scores: np.ndarray, pruned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -331,3 +353,61 @@ def ppl_vs_ratio(runs: Sequence[Mapping], datasets: Sequence[str] = ("wikitext2"
                      gridcolor=COLORS["grid"], range=[-0.04 - 0.05 * top, top * 1.08 + 0.04])
     fig.update_yaxes(title_text="perplexity (log)", type="log", gridcolor=COLORS["grid"])
     return _layout(fig, title)
+
+
+def method_color(method: str, order: Sequence[str]) -> str:
+    """A stable colour per method: its position in ``order`` (the registry), else a hash of its name."""
+    index = list(order).index(method) if method in order else sum(map(ord, method))
+    return METHOD_COLORS[index % len(METHOD_COLORS)]
+
+
+_DASHES = ("solid", "dash", "dot", "dashdot")
+
+
+def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequence[str] = (),
+                title: str = "Perplexity vs realised ratio, per method") -> go.Figure:
+    """One line per method (per evaluation set when there are several: dashed for the second, …), log y;
+    the original as a star at ratio 0 and, for reference, the start of every line.
+
+    ``rows``: the Compare table's rows as dicts with "method", "realised ratio", "ppl <set>" (and "error").
+    """
+    fig = go.Figure()
+    original = [r for r in rows if r.get("method") == "original"]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("method") != "original"))
+    values = []
+
+    def ppl(row, ds):
+        value = row.get(f"ppl {ds}")
+        return value if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
+
+    several = len(eval_sets) > 1
+    for k, ds in enumerate(eval_sets):
+        base = next((ppl(r, ds) for r in reversed(original) if ppl(r, ds) is not None), None)
+        if base is not None:
+            values.append(base)
+            fig.add_trace(go.Scatter(x=[0.0], y=[base], mode="markers", name=f"original · {ds}" if several else
+                                     "original", marker={"symbol": "star", "size": 13, "color": COLORS["ink"]},
+                                     hovertemplate=f"original<br>{ds} ppl %{{y:.2f}}<extra></extra>"))
+        for method in methods:
+            points = sorted((r["realised ratio"], ppl(r, ds), f"{r['target']:.0%}") for r in rows
+                            if r.get("method") == method and not r.get("error") and ppl(r, ds) is not None
+                            and isinstance(r.get("realised ratio"), (int, float)))
+            if not points:
+                continue
+            if base is not None:
+                points = [(0.0, base, "original")] + points
+            values += [p[1] for p in points]
+            fig.add_trace(go.Scatter(
+                x=[p[0] for p in points], y=[p[1] for p in points], customdata=[p[2] for p in points],
+                mode="lines+markers", name=f"{method} · {ds}" if several else method,
+                line={"color": method_color(method, order), "width": 2, "dash": _DASHES[k % len(_DASHES)]},
+                marker={"size": 7},
+                hovertemplate=(f"{method}<br>target %{{customdata}}<br>realised %{{x:.1%}}<br>{ds} ppl %{{y:.2f}}"
+                               "<extra></extra>")))
+    if not any(t.mode == "lines+markers" for t in fig.data):
+        return empty_figure("Run a comparison to see perplexity against the realised ratio.", title)
+    top = max(max(t.x) for t in fig.data)
+    fig.update_xaxes(title_text="realised ratio (share of parameters removed)", tickformat=".0%",
+                     gridcolor=COLORS["grid"], range=[-0.03 - 0.03 * top, top * 1.08 + 0.03])
+    fig.update_yaxes(title_text="perplexity (log)", type="log", gridcolor=COLORS["grid"], **_log_ticks(values))
+    return _layout(fig, title, height=360)

@@ -4,7 +4,8 @@ Loaded originals are heavy (540 MB for the bundled model in float32), so one pro
 keyed by source, and every session borrows them read-only. Anything that mutates a model — even
 temporarily, as the core's capture hooks do — runs on a private deep copy, so concurrent sessions can keep
 running forward passes (evaluation, generation) on the shared original. Each session owns its pruned copy,
-its analysis and its table of runs; ``Session.close`` frees them when Gradio drops the session.
+its analysis, its table of runs and its comparison rows; ``Session.close`` frees them when Gradio drops the
+session.
 """
 from __future__ import annotations
 
@@ -97,12 +98,12 @@ class Session:
     loaded: LoadedModel | None = None
     calib_key: tuple | None = None
     samples: Any = None  # LongTensor[n, seq_len]
-    analysis: Any = None  # ui.whatif.Analysis
-    analysis_calib_key: tuple | None = None
+    analysis: Any = None  # ui.tabs.analyse.Analysis (its plan, settings and calibration key)
     pruned: Any = None  # the latest pruned model (a private copy)
     result: Any = None  # its PruneResult
     pruned_run: str | None = None  # run id of ``pruned``
     runs: list[dict] = field(default_factory=list)
+    compare_rows: list[dict] = field(default_factory=list)  # Compare tab: one dict per row, kept across runs
     figures: dict[str, Any] = field(default_factory=dict)  # name -> plotly figure, for export
     cancel: threading.Event = field(default_factory=threading.Event)
     busy: threading.Lock = field(default_factory=threading.Lock)
@@ -126,7 +127,7 @@ class Session:
         """Switch to another original: everything derived from the old one is dropped (the runs table stays)."""
         self.model_key, self.loaded = key, loaded
         self.calib_key = self.samples = None
-        self.analysis = self.analysis_calib_key = None
+        self.analysis = None
         self.drop_pruned()
         self.figures.clear()
 
@@ -137,6 +138,7 @@ class Session:
         """Free the heavy objects and the download folder (Gradio's State delete_callback)."""
         self.cancel.set()
         self.loaded = self.samples = self.analysis = None
+        self.compare_rows.clear()
         self.drop_pruned()
         self.figures.clear()
         if self._workdir is not None:

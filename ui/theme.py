@@ -19,6 +19,9 @@ COLORS = {
 }
 # one colour per evaluation set, also used for the before/after table
 DATASET_COLORS = {"wikitext2": "#4f46e5", "ptb": "#0d9488", "c4": "#d97706"}
+# one colour per pruning method in the Compare tab (by registry order; COMP first in the theme's indigo)
+METHOD_COLORS = ["#4f46e5", "#0d9488", "#d97706", "#db2777", "#65a30d", "#0284c7", "#7c3aed", "#b45309",
+                 "#475569", "#dc2626"]
 HEATMAP_SCALE = "Viridis"
 FONT = "Inter, ui-sans-serif, system-ui, -apple-system, 'Segoe UI', sans-serif"
 

@@ -1,31 +1,280 @@
-"""Tab 2: the latest prune, evaluation of original vs pruned, and the session's table of runs."""
+"""Tab ②: the latest prune, evaluation of original vs pruned, and the session's table of runs.
+
+Prune runs the method chosen in the sidebar through the registry (``prune_with``). When the method is COMP
+and nothing changed since Analyse — same model, calibration and every COMP setting — the analysed plan is
+applied as it is (``apply_plan``: seconds instead of a second full measurement); any change, including a
+what-if move of the ratio, layers or protected set, prunes from scratch. The status says which path ran.
+"""
 from __future__ import annotations
 
+import copy
+import inspect
+import time
 from types import SimpleNamespace
 
 import gradio as gr
+import pandas as pd
 
-from .. import plots
-from ..handlers import EVAL_LABELS, EVAL_SETS, QUICK_WINDOWS, RESULT_COLUMNS, speed_available
+from comp_core import CompPlan, count_parameters, get_eval_tokens
+from comp_core.methods import get_method, prune_with
+from comp_core.methods.comp import apply_plan
+from comp_core.whatif import changed_settings
+
+from .. import common, plots, sidebar
+from ..session import Session
+
+# what a comparison needs first (ratio, perplexity, speed, size), then how each run was made
+RESULT_COLUMNS = ["run", "model", "method", "realised ratio", "ppl wikitext2", "ppl ptb", "ppl c4", "tokens/s",
+                  "params", "weights MB", "disk MB", "removed layers", "target", "score", "mask tuning",
+                  "calibration", "eval", "prune s", "path"]
+# a quick measurement for the GUI: batch 1, short prompt, two timed rounds (the bench uses more)
+SPEED_SETTINGS = {"prefill_tokens": 128, "decode_tokens": 32, "batch_sizes": (1,), "repeats": 2,
+                  "measure_memory": False}
+
+
+def columns() -> list[str]:
+    return [c for c in RESULT_COLUMNS if c != "tokens/s" or common.speed_available()]
+
+
+# ---------------------------------------------------------------------------------------- prune
+
+
+def plan_to_apply(session: Session, settings) -> tuple[CompPlan | None, str]:
+    """The analysed plan when Prune's settings are exactly the analysed ones; otherwise None and why not."""
+    a = session.analysis
+    if a is None:
+        return None, "no analysis to reuse"
+    if type(settings) is not type(a.cfg):
+        return None, "the analysis is COMP's; this method measures its own"
+    if a.model_key != session.model_key or a.calib_key != session.calib_key:
+        return None, "the model or the calibration data changed since Analyse"
+    if abs(a.plan_ratio - a.cfg.ratio) > 1e-12:
+        return None, "the analysed target was unreachable"
+    changed = changed_settings(a.cfg, settings, a.n_layers)
+    if changed:
+        return None, f"changed since Analyse: {', '.join(changed)}"
+    return a.plan, ""
+
+
+def _setting(settings, name: str, labels: dict | None = None) -> str:
+    """A setting for the runs table, or "" when the method has no such setting."""
+    value = getattr(settings, name, None)
+    if value is None:
+        return ""
+    return (labels or {}).get(value, str(value))
+
+
+def original_row(session: Session) -> dict:
+    """The session's row for the loaded original (created on first use)."""
+    for row in session.runs:
+        if row["run"] == "original" and row["key"] == session.model_key:
+            return row
+    model = session.loaded.model
+    row = {"run": "original", "key": session.model_key, "model": common.model_name(session), "method": "",
+           "target": 0.0, "realised ratio": 0.0, "removed layers": "", "score": "", "mask tuning": "",
+           "calibration": "", "params": count_parameters(model), "weights MB": common.weights_mb(model),
+           "disk MB": None, "eval": "", "tokens/s": None, "prune s": None, "path": ""}
+    session.runs.insert(sum(1 for r in session.runs if r["run"] == "original"), row)
+    return row
+
+
+def results_table(session: Session) -> pd.DataFrame:
+    """Every run of the session, formatted for reading (numbers stay numbers in ``session.runs``)."""
+    specs = {"target": ".0%", "realised ratio": ".2%", "weights MB": ",.0f", "disk MB": ",.0f",
+             "ppl wikitext2": ",.2f", "ppl ptb": ",.2f", "ppl c4": ",.2f", "tokens/s": ",.1f", "prune s": ",.1f"}
+    cols = columns()
+    rows = []
+    for run in session.runs:
+        row = {}
+        for col in cols:
+            value = run.get(col)
+            if col == "params":
+                row[col] = f"{value / 1e6:,.2f} M" if value else "—"
+            elif col in ("target", "realised ratio") and run["run"] == "original":
+                row[col] = "0%"
+            else:
+                row[col] = common.fmt(value, specs.get(col, ""), empty="—" if col in specs else "")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def results_plot(session: Session):
+    fig = plots.ppl_vs_ratio(session.runs, common.EVAL_SETS)
+    session.figures["ppl_vs_ratio"] = fig
+    return fig
+
+
+@common.user_errors
+def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, seed, ratio, n_remove, auto,
+              protected, score, mask_tuning, inputs, dense_kinds, depth, method=sidebar.DEFAULT_METHOD,
+              progress=gr.Progress()):
+    """Prune a private copy of the original; returns (status, results table, ppl plot, model card)."""
+    method = method or sidebar.DEFAULT_METHOD
+    entry = get_method(method)
+    bridge = common.Bridge(progress, session)
+    with common.exclusive(session):
+        common.ensure_model(session, source, bridge)
+        common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
+        settings = sidebar.method_settings(session, method, ratio, n_remove, auto, protected, score, mask_tuning,
+                                           inputs, dense_kinds, depth)
+        plan, why_not = plan_to_apply(session, settings)
+        session.drop_pruned()  # free the previous pruned copy before making a new one
+        bridge.step("Copying the model (the original stays untouched) …", stage="copy")
+        work = copy.deepcopy(session.loaded.model)
+        started = time.perf_counter()
+        if plan is not None:
+            bridge.step("Applying the analysed plan …", stage="apply")
+            pruned, result = apply_plan(work, plan, inplace=True)
+            result.method, result.kind = method, entry.kind
+            path = "applied the analysed plan (nothing measured again)"
+        else:
+            pruned, result = prune_with(method, work, session.samples, settings, on_event=bridge, inplace=True)
+            path = f"measured and pruned ({why_not})"
+        seconds = time.perf_counter() - started
+        del work
+        stages = bridge.finish()
+        original_row(session)
+        run_id = f"R{sum(1 for r in session.runs if r['run'] != 'original') + 1}"
+        session.pruned, session.result, session.pruned_run = pruned, result, run_id
+        removed = result.plan.removed_layers
+        session.runs.append({
+            "run": run_id, "key": session.model_key, "model": common.model_name(session), "method": method,
+            "target": getattr(settings, "ratio", None), "realised ratio": result.realised_ratio,
+            "removed layers": ",".join(str(i) for i in removed) or "none",
+            "score": _setting(settings, "score"),
+            "mask tuning": _setting(settings, "mask_tuning", {True: "on", False: "off"}),
+            "calibration": common.calib_text(session.calib_key), "params": result.params_after,
+            "weights MB": common.weights_mb(pruned), "disk MB": None, "eval": "", "tokens/s": None,
+            "prune s": seconds, "path": "plan applied" if plan is not None else "measured",
+        })
+    sweep = ""
+    if result.plan.auto_sweep:
+        tried = ", ".join(f"{s['remove_layers']}: {s['calibration_loss']:.3f}" if s.get("calibration_loss")
+                          is not None else f"{s['remove_layers']}: impossible" for s in result.plan.auto_sweep)
+        sweep = f"<br>Auto sweep (layers: calibration loss): {tried}"
+    notes = "".join(f"<div class='cx-note'>{n}</div>" for n in result.plan.notes)
+    status = (f"<b>{run_id}: pruned {result.realised_ratio:.2%}</b> of the parameters with <b>{method}</b> "
+              f"({result.params_before / 1e6:,.2f} M → {result.params_after / 1e6:,.2f} M) in {seconds:.1f} s; "
+              f"removed layers: {', '.join(map(str, removed)) or 'none'}.<br>Path: {path}."
+              f"<br><span class='cx-muted'>{common.stage_text(stages)}</span>{sweep}{notes}"
+              f"<br>Next: <b>Evaluate</b> to compare perplexity.")
+    return status, results_table(session), results_plot(session), common.model_card(session)
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+
+def tokens_per_second(value) -> float | None:
+    """Batch-1 greedy decode speed out of ``comp_core.speed.measure_speed``'s report (or a dict / number)."""
+    per_batch = value.get("decode_tps") if isinstance(value, dict) else getattr(value, "decode_tps", None)
+    if isinstance(per_batch, dict) and per_batch:
+        stat = per_batch.get(1, per_batch.get("1", next(iter(per_batch.values()))))
+        median = stat.get("median") if isinstance(stat, dict) else getattr(stat, "median", stat)
+        if isinstance(median, (int, float)):
+            return float(median)
+    for name in ("tokens_per_s", "tokens_per_second"):
+        found = value.get(name) if isinstance(value, dict) else getattr(value, name, None)
+        if isinstance(found, (int, float)):
+            return float(found)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _speed(model, tokenizer):
+    from comp_core.speed import measure_speed
+
+    accepted = inspect.signature(measure_speed).parameters
+    settings = {k: v for k, v in SPEED_SETTINGS.items() if k in accepted}
+    return tokens_per_second(measure_speed(model, tokenizer, **settings))
+
+
+@common.user_errors
+def run_evaluate(session: Session, datasets, mode, with_speed, progress=gr.Progress()):
+    """Perplexity (and speed) of the original and the latest pruned model; returns (status, table, plot)."""
+    if session.loaded is None:
+        raise common.fail("Load a model first (Analyse or Prune loads it).", "Nothing to evaluate")
+    datasets = [d for d in (datasets or []) if d in common.EVAL_SETS]
+    if not datasets:
+        raise common.fail("Tick at least one evaluation data set.", "Nothing to evaluate")
+    bridge = common.Bridge(progress, session)
+    quick = mode != "full"
+    windows = common.QUICK_WINDOWS if quick else None
+    started = time.perf_counter()
+    with common.exclusive(session):
+        loaded = session.loaded
+        seq_len = common.eval_seq_len(loaded.model)
+        original = original_row(session)
+        targets = [("original", loaded.model, original, True)]
+        if session.pruned is not None:
+            run_row = next(r for r in session.runs if r["run"] == session.pruned_run and r["key"] == session.model_key)
+            targets.append((session.pruned_run, session.pruned, run_row, False))
+        eval_text = f"{'quick' if quick else 'full'} {seq_len}"
+        lines = []
+        for ds in datasets:
+            bridge.step(f"Tokenising {common.EVAL_LABELS[ds]} …", stage="evaluate")
+            tokens = get_eval_tokens(ds, loaded.tokenizer)
+            for name, model, row, shared in targets:
+                key = (session.model_key, "ppl", ds, windows, seq_len)
+                value = common.ORIGINAL_RESULTS.get(key) if shared else None
+                if value is None:
+                    value = common.measure_ppl(model, tokens, seq_len, windows, bridge,
+                                               f"{common.EVAL_LABELS[ds]} · {name}")
+                    if shared:
+                        common.ORIGINAL_RESULTS.put(key, value)
+                row[f"ppl {ds}"] = value
+                row["eval"] = eval_text
+            label = common.EVAL_LABELS[ds]
+            if len(targets) == 2:
+                lines.append(f"{label}: {original[f'ppl {ds}']:.2f} → {targets[1][2][f'ppl {ds}']:.2f}")
+            else:
+                lines.append(f"{label}: {original[f'ppl {ds}']:.2f}")
+        if with_speed and common.speed_available():
+            for name, model, row, shared in targets:
+                bridge.step(f"Generation speed · {name} …", stage="speed")
+                key = (session.model_key, "speed")
+                value = common.ORIGINAL_RESULTS.get(key) if shared else None
+                if value is None:
+                    value = _speed(model, loaded.tokenizer)
+                    if shared and value is not None:
+                        common.ORIGINAL_RESULTS.put(key, value)
+                row["tokens/s"] = value
+    seconds = time.perf_counter() - started
+    who = f"original → {session.pruned_run}" if len(targets) == 2 else "original only (prune to compare)"
+    status = (f"<b>Evaluated in {seconds:.1f} s</b> ({who}; "
+              f"{'first ' + str(common.QUICK_WINDOWS) if quick else 'all'} windows of {seq_len} tokens)"
+              "<br>Perplexity " + " · ".join(lines))
+    return status, results_table(session), results_plot(session)
+
+
+# --------------------------------------------------------------------------------------------- layout
 
 
 def build() -> SimpleNamespace:
     t = SimpleNamespace()
     t.prune_status = gr.HTML("<span class='cx-muted'>Press <b>Prune</b> (left) to prune a copy of the model with "
-                             "the current plan. The original stays loaded and untouched, so every run starts "
+                             "the chosen method. The original stays loaded and untouched, so every run starts "
                              "from it.</span>", elem_id="prune-status", elem_classes=["cx-status"])
     with gr.Row(equal_height=True):
-        t.datasets = gr.CheckboxGroup([(EVAL_LABELS[d], d) for d in EVAL_SETS], value=["wikitext2"],
+        t.datasets = gr.CheckboxGroup([(common.EVAL_LABELS[d], d) for d in common.EVAL_SETS], value=["wikitext2"],
                                       label="Perplexity on", scale=2)
-        t.mode = gr.Radio([(f"Quick ({QUICK_WINDOWS} windows)", "quick"), ("Full test set", "full")],
+        t.mode = gr.Radio([(f"Quick ({common.QUICK_WINDOWS} windows)", "quick"), ("Full test set", "full")],
                           value="quick", label="Evaluation", scale=2,
-                          info=f"quick = first {QUICK_WINDOWS} windows of 512 tokens; full is slow on a CPU")
-        t.speed = gr.Checkbox(label="Generation speed", value=True, visible=speed_available(), scale=1)
+                          info=f"quick = first {common.QUICK_WINDOWS} windows of 512 tokens; full is slow on a CPU")
+        t.speed = gr.Checkbox(label="Generation speed", value=True, visible=common.speed_available(), scale=1)
         t.evaluate = gr.Button("Evaluate", variant="primary", scale=1, elem_id="btn-evaluate")
     t.eval_status = gr.HTML("", elem_id="eval-status")
-    t.table = gr.Dataframe(headers=[c for c in RESULT_COLUMNS if c != "tokens/s" or speed_available()],
-                           value=None, interactive=False, wrap=False, label="Runs of this session",
+    t.table = gr.Dataframe(headers=columns(), value=None, interactive=False, wrap=False, label="Runs of this session",
                            elem_id="results-table", max_height=260)
     t.plot = gr.Plot(plots.empty_figure("Evaluate a run to see perplexity against the realised ratio.",
                                         "Perplexity vs realised ratio"), show_label=False, elem_id="plot-ppl")
     return t
+
+
+def wire(t: SimpleNamespace, session: gr.State, tabs, c: SimpleNamespace, start, heavy: dict) -> list:
+    """Prune (from the sidebar) and Evaluate; returns the events Cancel stops."""
+    pruned = c.prune.click(start("runs"), None, [tabs, c.cancel_note], queue=False).then(
+        run_prune, [session, *c.data, *c.settings, c.method], [t.prune_status, t.table, t.plot, c.card],
+        show_progress_on=[t.prune_status], **heavy)
+    evaluated = t.evaluate.click(start(), None, c.cancel_note, queue=False).then(
+        run_evaluate, [session, t.datasets, t.mode, t.speed], [t.eval_status, t.table, t.plot],
+        show_progress_on=[t.eval_status], **heavy)
+    return [pruned, evaluated]

@@ -1,0 +1,302 @@
+"""Plumbing every tab shares: error messages, progress, one task per tab, the shared originals, model and
+calibration loading, and small formatting helpers. No pruning math, no layout.
+
+Handlers are plain functions over a :class:`~ui.session.Session` and control values. Gradio calls them from
+worker threads; tests call them directly (``progress`` defaults to a ``gr.Progress`` that does nothing outside
+an event). Every error a user can cause comes back as a ``gr.Error`` with a plain-language message, never a
+traceback (``user_errors``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import time
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from comp_core import (Cancelled, DataError, ImpossibleRatioError, ModelLoadError, PruneEvent, UnsupportedModelError,
+                       count_parameters, get_adapter, get_calibration, perplexity)
+
+from .session import ModelCache, ResultCache, Session, normalise_source
+
+log = logging.getLogger(__name__)
+
+MODELS = ModelCache(max_items=2)
+ORIGINAL_RESULTS = ResultCache()  # (model key, what, ...) -> perplexity / speed of a shared original
+
+EVAL_SETS = ("wikitext2", "ptb", "c4")
+EVAL_LABELS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
+QUICK_WINDOWS = 8
+EVAL_SEQ_LEN = 512
+BUSY_WAIT_S = 120
+STAGE_LABELS = {
+    "load": "Loading model", "calibration": "Calibration data", "capture": "Capturing block inputs",
+    "layer-removal": "Layer removal", "fisher": "Fisher scores", "neuron-pruning": "Neuron pruning",
+    "evaluate": "Evaluating", "auto-sweep": "Auto: trying layer counts", "copy": "Copying model",
+    "speed": "Generation speed", "compare": "Comparing", "apply": "Applying the plan",
+}
+USER_ERRORS = (ModelLoadError, DataError, UnsupportedModelError, ImpossibleRatioError, ValueError,
+               FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+# ---------------------------------------------------------------------------------------- errors, progress
+
+
+def message(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text[0].upper() + text[1:] if text else text
+
+
+def to_gr_error(err: BaseException, where: str = "handler") -> gr.Error:
+    """The toast for an exception: a readable message for users' mistakes, the traceback only in the log."""
+    if isinstance(err, gr.Error):
+        return err
+    if isinstance(err, Cancelled):
+        return gr.Error("The run was stopped; nothing was changed.", title="Cancelled", print_exception=False)
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return gr.Error("Out of memory. Try fewer calibration samples, a shorter length, or a smaller model.",
+                        duration=None, title="Out of memory", print_exception=False)
+    if isinstance(err, USER_ERRORS):
+        log.info("%s: %s", where, err)
+        return gr.Error(message(err), duration=None, title="Cannot do that", print_exception=False)
+    log.error("unexpected error in %s", where, exc_info=err)
+    return gr.Error(f"Unexpected error ({type(err).__name__}): {message(err)}. Details are in the server log.",
+                    duration=None, title="Something went wrong", print_exception=False)
+
+
+def user_errors(fn):
+    """Turn exceptions into ``gr.Error`` toasts with a readable message (the traceback goes to the log)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - every error becomes a message
+                raise to_gr_error(err, fn.__name__) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            raise to_gr_error(err, fn.__name__) from None
+    return wrapper
+
+
+def fail(text: str, title: str) -> gr.Error:
+    """A user-facing refusal (no traceback anywhere)."""
+    return gr.Error(text, title=title, print_exception=False)
+
+
+class Bridge:
+    """Core ``PruneEvent``s and plain steps -> ``gr.Progress``; raises ``Cancelled`` once the tab asked to stop.
+
+    ``last`` keeps the latest description, so a streaming handler can show it in its own status text too.
+    """
+
+    def __init__(self, progress, session: Session, prefix: str = ""):
+        self.progress = progress
+        self.session = session
+        self.prefix = prefix
+        self.stage_seconds: dict[str, float] = {}
+        self.last = ""
+        self._stage = None
+        self._since = time.perf_counter()
+
+    def check(self) -> None:
+        if self.session.cancel.is_set():
+            raise Cancelled("cancelled from the GUI")
+
+    def _enter(self, stage: str | None) -> None:
+        now = time.perf_counter()
+        if self._stage is not None:
+            self.stage_seconds[self._stage] = self.stage_seconds.get(self._stage, 0.0) + now - self._since
+        self._stage, self._since = stage, now
+
+    def finish(self) -> dict[str, float]:
+        self._enter(None)
+        return self.stage_seconds
+
+    def _show(self, fraction, desc: str, **kwargs) -> None:
+        self.last = desc
+        with contextlib.suppress(Exception):  # progress is cosmetic
+            self.progress(fraction, desc=f"{self.prefix}{desc}", **kwargs)
+
+    def step(self, desc: str, fraction: float | None = None, stage: str | None = None) -> None:
+        self.check()
+        if stage is not None and stage != self._stage:
+            self._enter(stage)
+        self._show(fraction, desc)
+
+    def __call__(self, event: PruneEvent) -> None:
+        label = STAGE_LABELS.get(event.stage, event.stage)
+        detail = f" — {event.message}" if event.message else ""
+        self.check()
+        if event.stage != self._stage:
+            self._enter(event.stage)
+        if event.total:
+            self._show((min(event.step, event.total), event.total), f"{label}{detail}", unit="steps")
+        else:
+            self._show(None, f"{label}{detail}")
+
+
+def stage_text(stages: dict[str, float]) -> str:
+    """"capturing block inputs 1.2 s · layer removal 3.4 s" for the stages that took any time."""
+    return " · ".join(f"{STAGE_LABELS.get(k, k).lower()} {v:.1f} s" for k, v in stages.items() if v >= 0.05)
+
+
+@contextlib.contextmanager
+def exclusive(session: Session):
+    """One heavy task per tab at a time; a cancelled task still unwinding is waited for."""
+    if not session.busy.acquire(timeout=BUSY_WAIT_S):
+        raise fail("Another task of this tab is still running; wait for it or press Cancel.", "Busy")
+    try:
+        session.cancel.clear()
+        yield
+    finally:
+        session.busy.release()
+
+
+def request_cancel(session: Session) -> str:
+    """Ask the running task of this tab to stop at its next step."""
+    session.cancel.set()
+    return "<span class='cx-muted'>Stopping… the current step finishes first.</span>"
+
+
+def export_available() -> bool:
+    try:
+        from comp_core.export import save_pruned  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import problem just hides the feature
+        return False
+    return True
+
+
+def speed_available() -> bool:
+    try:
+        from comp_core.speed import measure_speed  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------- model + data
+
+
+def model_name(session: Session) -> str:
+    loaded = session.loaded
+    if loaded is None:
+        return "—"
+    if loaded.kind == "bundled":
+        return "SmolLM2-135M-Instruct"
+    return Path(loaded.source).name if loaded.kind in ("hf-folder", "gguf") else loaded.source
+
+
+def ensure_model(session: Session, source: str, bridge: Bridge):
+    """The session's original for ``source`` (loaded once per process, shared read-only)."""
+    key = normalise_source(source)
+    if session.loaded is not None and session.model_key == key:
+        return session.loaded
+    bridge.step(f"Loading model {key} …", stage="load")
+    loaded, _ = MODELS.get(key)
+    if loaded.tokenizer is None:
+        raise ModelLoadError(f"{key} has no tokenizer; calibration, evaluation and generation need one")
+    get_adapter(loaded.model)  # unsupported architectures fail here, with the adapter's explanation
+    session.set_model(key, loaded)
+    return loaded
+
+
+def calib_key(calib: str, calib_file: str, n_samples, seq_len, seed) -> tuple:
+    name = (calib_file or "").strip() if calib == "file" else calib
+    if calib == "file" and not name:
+        raise DataError("choose a local calibration file (.txt, .txt.gz, .jsonl, .jsonl.gz or .json.gz)")
+    try:
+        n, length, s = int(n_samples), int(seq_len), int(seed)
+    except (TypeError, ValueError):
+        raise DataError("sample count, length and seed must be whole numbers") from None
+    if not 1 <= n <= 1024 or not 8 <= length <= 8192:
+        raise DataError("use 1–1024 calibration samples of 8–8192 tokens")
+    return name, n, length, s
+
+
+def ensure_samples(session: Session, calib, calib_file, n_samples, seq_len, seed, bridge: Bridge):
+    key = calib_key(calib, calib_file, n_samples, seq_len, seed)
+    if session.samples is not None and session.calib_key == key:
+        return session.samples
+    name, n, length, s = key
+    bridge.step(f"Calibration data: {name}, {n} × {length} tokens …", stage="calibration")
+    samples = get_calibration(name, session.loaded.tokenizer, n, length, s, model=session.loaded.model)
+    session.samples, session.calib_key = samples, key
+    return samples
+
+
+def calib_text(key: tuple | None) -> str:
+    if not key:
+        return "—"
+    name, n, length, seed = key
+    return f"{Path(name).name if '/' in name else name} {n}×{length} s{seed}"
+
+
+def n_layers(session: Session) -> int | None:
+    if session.loaded is None:
+        return None
+    return len(get_adapter(session.loaded.model).blocks(session.loaded.model))
+
+
+def dense_kinds(session: Session) -> list[str]:
+    if session.loaded is None:
+        return []
+    return [d.kind for d in get_adapter(session.loaded.model).denses]
+
+
+def model_card(session: Session, error: str = "") -> str:
+    """The sidebar's model summary (HTML)."""
+    if error:
+        return f"<div class='cx-error'>⚠ {error}</div>"
+    loaded = session.loaded
+    if loaded is None:
+        return "<span class='cx-muted'>No model loaded yet — <b>Analyse</b> or <b>Prune</b> loads it.</span>"
+    params = count_parameters(loaded.model)
+    where = {"bundled": "bundled", "hf-folder": "folder", "hf-hub": "hub", "gguf": "GGUF"}.get(loaded.kind, loaded.kind)
+    family = get_adapter(loaded.model).family
+    calib = f" · calibration {calib_text(session.calib_key)}" if session.calib_key else ""
+    return (f"<b>{model_name(session)}</b> <span class='cx-muted'>({where}, {family})</span><br>"
+            f"{n_layers(session)} layers · {params / 1e6:.1f} M parameters · loaded in {loaded.seconds:.1f} s{calib}")
+
+
+def weights_mb(model) -> float:
+    """Bytes of the parameters (and kept-index buffers) in memory, in MB."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        key = (p.data_ptr(), tuple(p.shape))
+        if key not in seen:
+            seen.add(key)
+            total += p.numel() * p.element_size()
+    for b in model.buffers():
+        if b.dtype in (torch.int64, torch.int32):  # kept-index buffers of compacted linears are saved too
+            total += b.numel() * b.element_size()
+    return total / 1e6
+
+
+def eval_seq_len(model) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or EVAL_SEQ_LEN
+    return int(min(EVAL_SEQ_LEN, limit))
+
+
+def measure_ppl(model, tokens, seq_len, windows, bridge: Bridge, label: str) -> float:
+    """Perplexity with progress and cancellation through ``bridge``."""
+    def on_progress(done, total):
+        bridge.check()
+        bridge._show((done, total), f"Perplexity · {label}", unit="windows")
+    return perplexity(model, tokens, seq_len, max_windows=windows, on_progress=on_progress).ppl
+
+
+def fmt(value, spec: str = "", empty: str = "—") -> str:
+    """A table cell: numbers formatted, missing values as a dash."""
+    if value is None or value == "" or (isinstance(value, float) and value != value):
+        return empty
+    return format(value, spec) if spec else str(value)

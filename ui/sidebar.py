@@ -1,0 +1,211 @@
+"""The sidebar: model and calibration, the pruning method and its settings, and the action buttons.
+
+Settings become a method's settings dataclass here and nowhere else: methods whose settings are COMP's
+``CompConfig`` (comp and its ablations) take every COMP control, every other method takes only the target
+ratio (its other settings are the registry's defaults). The registry decides, not a list of method names.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError
+from comp_core.methods import get_method, make_settings, method_names, setting_names
+from comp_core.scoring import SCORES
+
+from . import common
+from .session import Session
+
+CALIB_CHOICES = [("C4 (train)", "c4"), ("WikiText-2", "wikitext2"), ("PTB", "ptb"),
+                 ("Data-free (sampled from the model)", "data-free"), ("Local file…", "file")]
+SCORE_LABELS = {"diag": "diag — ‖W_j‖²·‖X_j‖² (default)", "obs": "obs — error after re-tuning",
+                "cond": "cond — condition-number sensitivity", "fisher": "fisher — loss Fisher information",
+                "magnitude": "magnitude — weights only", "activation": "activation — inputs only"}
+DEFAULT_METHOD = "comp"
+MAX_REMOVE = 8
+DEFAULT_DEPTH = 4
+DEFAULT_DENSE_KINDS = CompConfig().dense_kinds  # the core's measured default (None would mean every dense)
+DEFAULT_REMOVE = CompConfig().remove_layers if isinstance(CompConfig().remove_layers, int) else 1
+# the CompConfig fields the sidebar's COMP controls set (everything else: the method's registered defaults)
+COMP_CONTROL_FIELDS = ("ratio", "remove_layers", "protected", "score", "mask_tuning", "inputs", "dense_kinds",
+                       "auto_max_layers")
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+def default_protected(n_layers: int) -> list[int]:
+    return sorted(CompConfig().protected_layers(n_layers))
+
+
+def default_kinds(all_kinds: list[str]) -> list[str]:
+    return list(all_kinds) if DEFAULT_DENSE_KINDS is None else [k for k in all_kinds if k in DEFAULT_DENSE_KINDS]
+
+
+def comp_overrides(ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
+                   all_kinds: list[str] | None = None, depth: int = MAX_REMOVE) -> dict:
+    """CompConfig fields from control values. ``dense_kinds``: the ticked kinds; None, or no model known yet
+    (``all_kinds`` empty), means the core's default; every kind ticked means None (all)."""
+    if dense_kinds is None or not all_kinds:
+        kinds = DEFAULT_DENSE_KINDS
+    else:
+        chosen = tuple(k for k in all_kinds if k in set(dense_kinds))
+        kinds = None if set(chosen) == set(all_kinds) else chosen
+    return dict(ratio=float(ratio), remove_layers="auto" if auto else int(n_remove), protected=protected,
+                score=score or "diag", mask_tuning=bool(mask_tuning), inputs=inputs or "identical",
+                dense_kinds=kinds, auto_max_layers=int(depth))
+
+
+def make_config(*args, **kwargs) -> CompConfig:
+    """COMP's own settings from control values (see :func:`comp_overrides`)."""
+    return CompConfig(**comp_overrides(*args, **kwargs))
+
+
+def uses_comp_controls(method: str) -> bool:
+    """Whether ``method``'s settings are COMP's, so every COMP control applies to it."""
+    return issubclass(get_method(method).settings_class, CompConfig)
+
+
+def protected_value(session: Session, protected) -> tuple[int, ...] | None:
+    """The dropdown's layers, or None (the core default) before a model filled it."""
+    if protected is None or session.loaded is None:
+        return None
+    n = common.n_layers(session)
+    return tuple(sorted({int(p) for p in protected if 0 <= int(p) < n}))
+
+
+def session_config(session: Session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
+                   depth=DEFAULT_DEPTH) -> CompConfig:
+    """COMP's settings for the session's model (protected layers and dense kinds checked against it)."""
+    return make_config(ratio, n_remove, auto, protected_value(session, protected), score, mask_tuning, inputs,
+                       dense_kinds, common.dense_kinds(session), depth)
+
+
+def method_settings(session: Session, method, ratio, n_remove, auto, protected, score, mask_tuning, inputs,
+                    dense_kinds, depth=DEFAULT_DEPTH):
+    """The settings dataclass ``method`` runs with: its registered defaults, then the controls that apply."""
+    method = method or DEFAULT_METHOD
+    if uses_comp_controls(method):
+        cfg = session_config(session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
+                             depth)
+        return make_settings(method, **{k: getattr(cfg, k) for k in COMP_CONTROL_FIELDS})
+    ratio_only = {"ratio": float(ratio)} if "ratio" in setting_names(method) else {}
+    return make_settings(method, **ratio_only)
+
+
+
+def method_choices() -> list[tuple[str, str]]:
+    return [(name, name) for name in method_names()]
+
+
+def method_note(method) -> str:
+    """The chosen method's summary and which controls apply to it."""
+    method = method or DEFAULT_METHOD
+    entry = get_method(method)
+    which = ("The COMP settings below apply." if uses_comp_controls(method) else
+             "Only the target ratio applies; its other settings are the method's defaults. "
+             "<b>Analyse</b> always shows COMP's plan.")
+    return f"<div class='cx-help'><b>{entry.name}</b> ({entry.kind}): {entry.summary}. {which}</div>"
+
+
+def select_method(method):
+    """(method note, COMP controls group) for the method dropdown."""
+    return method_note(method), gr.update(visible=uses_comp_controls(method or DEFAULT_METHOD))
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+
+def control_updates(session: Session, keep_protected=None, keep_kinds=None):
+    """Dropdown / checkbox / slider updates once a model is known (layer count, dense kinds)."""
+    n = common.n_layers(session)
+    kinds = common.dense_kinds(session)
+    protected = default_protected(n) if keep_protected is None else sorted(int(p) for p in keep_protected)
+    chosen_kinds = default_kinds(kinds) if not keep_kinds else [k for k in keep_kinds if k in kinds]
+    candidates = n - len(protected)
+    return (gr.update(choices=[(f"layer {i}", i) for i in range(n)], value=protected),
+            gr.update(choices=kinds, value=chosen_kinds),
+            gr.update(maximum=max(1, min(MAX_REMOVE, candidates))))
+
+
+@common.user_errors
+def load(session: Session, source, calib, calib_file, n_samples, seq_len, seed, progress=gr.Progress()):
+    """Load the model and the calibration samples; returns (model card, protected, dense kinds, remove slider)."""
+    bridge = common.Bridge(progress, session)
+    with common.exclusive(session):
+        try:
+            previous = session.model_key
+            common.ensure_model(session, source, bridge)
+            common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
+        except (ModelLoadError, DataError, UnsupportedModelError, ValueError) as err:
+            gr.Warning(common.message(err), title="Cannot load")
+            return common.model_card(session, common.message(err)), gr.update(), gr.update(), gr.update()
+        changed = previous != session.model_key
+    protected, kinds, slider = control_updates(session)
+    if not changed:  # same model: keep what the user chose
+        protected, kinds = gr.update(), gr.update()
+    return common.model_card(session), protected, kinds, slider
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleNamespace:
+    c = SimpleNamespace()
+    gr.HTML("<div class='cx-h3'>Model</div>")
+    c.source = gr.Textbox(value=default_source, label="Model", show_label=False, elem_id="model-source",
+                          placeholder="bundled · HF id · model folder · file.gguf",
+                          info="bundled (SmolLM2-135M), a Hugging Face id, a local folder or a .gguf file")
+    with gr.Row():
+        c.calib = gr.Dropdown(CALIB_CHOICES, value=default_calib, label="Calibration data", scale=3,
+                              elem_id="calib-name")
+    c.calib_file = gr.Textbox(label="Calibration file", placeholder="/path/to/text.txt or .jsonl(.gz)",
+                              visible=default_calib == "file", elem_id="calib-file")
+    with gr.Row():
+        c.n_samples = gr.Number(value=10, label="Samples", precision=0, minimum=1, maximum=1024, min_width=70)
+        c.seq_len = gr.Number(value=128, label="Tokens", precision=0, minimum=8, maximum=8192, min_width=70)
+        c.seed = gr.Number(value=0, label="Seed", precision=0, min_width=60)
+    c.load = gr.Button("Load", size="sm", elem_id="btn-load")
+    c.card = gr.HTML(common.model_card(Session()), elem_id="model-card")
+
+    gr.HTML("<div class='cx-h3'>Plan</div>")
+    c.method = gr.Dropdown(method_choices(), value=DEFAULT_METHOD, label="Method (used by Prune)",
+                           elem_id="method")
+    c.method_note = gr.HTML(method_note(DEFAULT_METHOD), elem_id="method-note")
+    c.ratio = gr.Slider(0.0, 0.8, value=0.2, step=0.01, label="Target ratio",
+                        info="share of all parameters to remove", elem_id="ratio")
+    with gr.Column(visible=True, elem_id="comp-controls") as c.comp_controls:
+        with gr.Row(equal_height=True):
+            c.n_remove = gr.Slider(0, MAX_REMOVE, value=DEFAULT_REMOVE, step=1, label="Layers to remove", scale=3,
+                                   elem_id="n-remove")
+            c.auto = gr.Checkbox(label="auto", value=False, scale=1, min_width=60,
+                                 info="sweep, keep the best")
+        c.protected = gr.Dropdown([], value=[], multiselect=True, label="Protected layers",
+                                  info="never removed or pruned (default: first two and last)", elem_id="protected")
+        c.score = gr.Dropdown([(SCORE_LABELS.get(k, k), k) for k in SCORES], value="diag",
+                              label="Neuron importance score")
+        c.mask = gr.Checkbox(label="Mask tuning (least-squares compensation)", value=True)
+        with gr.Accordion("Advanced", open=False):
+            c.inputs = gr.Radio([("identical (paper)", "identical"), ("accumulated", "accumulated")],
+                                value="identical", label="Calibration inputs of each layer")
+            c.kinds = gr.CheckboxGroup([], value=[], label="Denses that may lose neurons")
+            c.depth = gr.Slider(1, MAX_REMOVE, value=DEFAULT_DEPTH, step=1,
+                                label="Removal order measured to (layers)",
+                                info="deeper = the layer slider moves further without re-analysing, "
+                                     "but Analyse is slower")
+    with gr.Column(elem_classes=["cx-actions"], elem_id="actions"):
+        with gr.Row():
+            c.analyse = gr.Button("Analyse", variant="primary", elem_id="btn-analyse", min_width=80)
+            c.prune = gr.Button("Prune", variant="primary", elem_id="btn-prune", min_width=80)
+            c.cancel = gr.Button("Cancel", variant="stop", elem_id="btn-cancel", min_width=70)
+        c.cancel_note = gr.HTML("", elem_id="cancel-note")
+    c.data = [c.source, c.calib, c.calib_file, c.n_samples, c.seq_len, c.seed]
+    c.settings = [c.ratio, c.n_remove, c.auto, c.protected, c.score, c.mask, c.inputs, c.kinds, c.depth]
+    return c
+
+
+def wire(c: SimpleNamespace, session: gr.State, heavy: dict) -> None:
+    c.calib.change(lambda v: gr.update(visible=v == "file"), c.calib, c.calib_file, queue=False)
+    c.load.click(load, [session, *c.data], [c.card, c.protected, c.kinds, c.n_remove], **heavy)
+    c.method.change(select_method, c.method, [c.method_note, c.comp_controls], queue=False)

@@ -1,0 +1,361 @@
+"""Tab ⑤: several methods, the same calibration and evaluation windows, one table and one figure.
+
+Run calls ``comp_core.compare.compare_methods`` in a worker thread and streams its rows (``on_row``) into
+the table as they finish; progress and Cancel go through the session's ``Bridge`` as everywhere else.
+Rows stay in the session across runs. For every row with a per-layer plan, the same layer and neuron views
+as the Analyse tab show where that method cut.
+"""
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import queue
+import re
+import threading
+import time
+from types import SimpleNamespace
+
+import gradio as gr
+import pandas as pd
+
+from comp_core import Cancelled, CompPlan
+from comp_core.methods import get_method, method_names
+from comp_core.whatif import neuron_maps
+
+from .. import common, plots
+from ..session import Session
+
+PRESELECTED = ("comp", "flap", "shortgpt", "wanda-sp", "magnitude-sp")
+DEFAULT_RATIOS = "0.2, 0.3"
+POLL_S = 0.5  # how often the streaming handler looks for rows and progress
+STATUS_EVERY_S = 1.0  # at most one progress-only update a second
+COLUMNS_HEAD = ["#", "method", "kind", "target", "realised ratio"]
+COLUMNS_TAIL = ["prune s", "peak RSS MB", "saved MB", "eval", "calibration", "note"]
+
+
+def compare_available() -> bool:
+    try:
+        from comp_core.compare import compare_methods  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import problem just hides the feature
+        return False
+    return True
+
+
+def default_methods() -> list[str]:
+    names = method_names()
+    return [m for m in PRESELECTED if m in names]
+
+
+def method_summaries() -> str:
+    """HTML: every registered method with its kind and one-line summary."""
+    rows = "".join(f"<tr><td><b>{n}</b></td><td>{get_method(n).kind}</td><td>{get_method(n).summary}</td></tr>"
+                   for n in method_names())
+    return f"<table class='cx-plan cx-methods'>{rows}</table>"
+
+
+def parse_ratios(text) -> list[float]:
+    """"0.2, 0.3" or "20%, 30%" -> [0.2, 0.3]; each in (0, 1), duplicates dropped, order kept."""
+    parts = [p for p in re.split(r"[,;\s]+", str(text or "").strip()) if p]
+    if not parts:
+        raise ValueError("type one or more target ratios, e.g. 0.2, 0.3")
+    ratios = []
+    for part in parts:
+        try:
+            value = float(part[:-1]) / 100 if part.endswith("%") else float(part)
+        except ValueError:
+            raise ValueError(f"'{part}' is not a ratio; type numbers like 0.2, 0.3 (or 20%, 30%)") from None
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"ratio {part} must be between 0 and 1 (a share of the parameters)")
+        if value not in ratios:
+            ratios.append(value)
+    return ratios
+
+
+def _light(plan: CompPlan | None) -> CompPlan | None:
+    """The plan without refit weights, masks and the removal measurement: what the views need, kept small."""
+    if plan is None:
+        return None
+    dense = [dataclasses.replace(d, mask=None, new_weight=None) for d in plan.dense_reports]
+    return dataclasses.replace(plan, dense_reports=dense, removal=None)
+
+
+def _has_plan(method: str) -> bool:
+    """Whether ``method`` (a registry name; "original" is none) reports a per-layer plan worth showing."""
+    return method in method_names() and get_method(method).method.has_plan
+
+
+def row_record(row, number: int, *, model_key: str | None, eval_tag: str, calibration: str) -> dict:
+    """A ``CompareRow`` as the session keeps it: the table's numbers plus the (light) plan for the views."""
+    record = {"#": f"C{number}", "key": model_key, "method": row.method, "kind": row.kind,
+              "target": row.target_ratio, "realised ratio": row.realised_ratio,
+              "prune s": row.prune_seconds, "peak RSS MB": row.peak_rss_mb,
+              "saved MB": row.saved_bytes / 2**20 if row.saved_bytes is not None else None,
+              "eval": eval_tag, "calibration": calibration if row.method != "original" else "",
+              "note": row.error or "; ".join(getattr(row, "notes", None) or []), "error": row.error,
+              "plan": _light(row.plan) if row.plan is not None and _has_plan(row.method) else None}
+    record.update({f"ppl {name}": value for name, value in (row.ppl or {}).items()})
+    return record
+
+
+def _sets_in(rows: list[dict]) -> list[str]:
+    return [ds for ds in common.EVAL_SETS if any(f"ppl {ds}" in r for r in rows)]
+
+
+def compare_table(session: Session) -> pd.DataFrame:
+    """Every comparison row of the session, formatted for reading."""
+    rows = session.compare_rows
+    cols = COLUMNS_HEAD + [f"ppl {ds}" for ds in _sets_in(rows)] + COLUMNS_TAIL
+    specs = {"target": ".0%", "realised ratio": ".2%", "prune s": ",.1f", "peak RSS MB": ",.0f",
+             "saved MB": ",.1f", **{c: ",.2f" for c in cols if c.startswith("ppl ")}}
+    out = []
+    for r in rows:
+        out.append({c: common.fmt(r.get(c), specs.get(c, ""), empty="—" if c in specs else "") for c in cols})
+    return pd.DataFrame(out, columns=cols)
+
+
+def compare_figure(session: Session):
+    """Perplexity vs realised ratio for the rows comparable with the latest run (same model and windows)."""
+    rows = session.compare_rows
+    if rows:
+        last = rows[-1]
+        rows = [r for r in rows if r["key"] == last["key"] and r["eval"] == last["eval"]]
+    title = f"Perplexity vs realised ratio, per method · {rows[-1]['eval']}" if rows else None
+    fig = plots.compare_ppl(rows, _sets_in(rows), order=method_names(),
+                            **({"title": title} if title else {}))
+    session.figures["compare_ppl"] = fig
+    return fig
+
+
+def plan_choices(session: Session) -> list[tuple[str, str]]:
+    return [(f"{r['#']} · {r['method']} @ {r['target']:.0%}", r["#"]) for r in session.compare_rows
+            if r.get("plan") is not None]
+
+
+def _record(session: Session, row_id) -> dict | None:
+    return next((r for r in session.compare_rows if r["#"] == row_id and r.get("plan") is not None), None)
+
+
+def _kinds(plan: CompPlan) -> list[str]:
+    return list(dict.fromkeys(d.kind for d in plan.dense_reports if d.n_removed > 0)) or list(
+        dict.fromkeys(d.kind for d in plan.dense_reports))
+
+
+def _default_kind(kinds: list[str]) -> str | None:
+    return "down" if "down" in kinds else (kinds[0] if kinds else None)
+
+
+def plan_views(session: Session, row_id, kind=None):
+    """(summary HTML, kind dropdown update, removed-share bars, neuron heatmap) of one row's plan."""
+    record = _record(session, row_id)
+    if record is None:
+        empty = "Run a comparison, then choose a row to see where its method cut."
+        return ("<span class='cx-muted'>No plan chosen.</span>", gr.update(choices=[], value=None),
+                plots.empty_figure(empty, "Removed parameters per layer"),
+                plots.empty_figure(empty, "Neuron importance", height=360))
+    plan: CompPlan = record["plan"]
+    kinds = _kinds(plan)
+    kind = kind if kind in kinds else _default_kind(kinds)
+    label = f"{record['method']} @ {record['target']:.0%}"
+    removed = ", ".join(map(str, plan.removed_layers)) or "none"
+    pruned_layers = sum(1 for i, n in plan.removed_per_layer.items() if n and i not in plan.removed_layers)
+    notes = "".join(f"<div class='cx-note'>{n}</div>" for n in plan.notes)
+    realised = record["realised ratio"]
+    summary = (f"<b>{record['#']} · {label}</b>: realised {realised:.2%} · removed layers: {removed} · "
+               f"neurons pruned in {pruned_layers} layers{notes}" if realised is not None else label)
+    bars = plots.removed_share_bars(plan.n_layers, plan.removed_per_layer, plan.layer_params, plan.removed_layers,
+                                    plan.protected, title=f"Removed parameters per layer · {label}")
+    maps = neuron_maps(plan)
+    if kind in maps:
+        scores, pruned = maps[kind]
+        name = next((d.name for d in plan.dense_reports if d.kind == kind), kind)
+        heat = plots.neuron_heatmap(scores, pruned, kind, row_notes=plots.row_notes(plan.removed_layers,
+                                                                                    plan.protected),
+                                    title=f"Neuron importance · {name} · {int(pruned.sum()):,} pruned (red) · {label}")
+    else:
+        heat = plots.empty_figure(f"{record['method']} removes whole layers only: no neuron map.",
+                                  "Neuron importance", height=360)
+    session.figures["compare_bars"], session.figures["compare_heatmap"] = bars, heat
+    return summary, gr.update(choices=kinds, value=kind), bars, heat
+
+
+def _outputs(session: Session, status: str, select=None):
+    """(status, table, figure, plan selector) after a change of the rows."""
+    choices = plan_choices(session)
+    value = select if select in [c[1] for c in choices] else (choices[-1][1] if choices else None)
+    return status, compare_table(session), compare_figure(session), gr.update(choices=choices, value=value)
+
+
+def _wants_original(session: Session, eval_tag: str, eval_sets: list[str]) -> bool:
+    """Whether the session still lacks the original's perplexity on these windows and sets."""
+    return not any(r["method"] == "original" and r["key"] == session.model_key and r["eval"] == eval_tag
+                   and all(f"ppl {ds}" in r for ds in eval_sets) for r in session.compare_rows)
+
+
+@common.user_errors
+def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len, seed, methods, ratios, eval_sets,
+                windows, progress=gr.Progress()):
+    """Generator: (status, table, figure, plan selector, views…) after every finished row."""
+    if not compare_available():
+        raise common.fail("Comparing needs comp_core.compare, which this install does not have.", "Unavailable")
+    from comp_core.compare import compare_methods
+
+    known = method_names()
+    methods = [m for m in (methods or []) if m in known]
+    if not methods:
+        raise common.fail("Tick at least one method to compare.", "Nothing to compare")
+    ratio_list = parse_ratios(ratios)
+    eval_sets = [d for d in (eval_sets or []) if d in common.EVAL_SETS]
+    if not eval_sets:
+        raise common.fail("Tick at least one evaluation data set.", "Nothing to compare")
+    try:
+        n_windows = int(windows) if windows not in (None, "") else None
+    except (TypeError, ValueError):
+        raise common.fail("Windows must be a whole number (empty = the whole test set).", "Cannot do that") from None
+    if n_windows is not None and n_windows < 1:
+        n_windows = None
+    bridge = common.Bridge(progress, session)
+    no_views = (gr.update(),) * 4
+    started = time.perf_counter()
+    with common.exclusive(session):
+        common.ensure_model(session, source, bridge)
+        common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
+        loaded = session.loaded
+        eval_len = common.eval_seq_len(loaded.model)
+        eval_tag = f"{n_windows or 'all'}×{eval_len}"
+        calibration = common.calib_text(session.calib_key)
+        jobs = len(methods) * len(ratio_list)
+        yield *_outputs(session, f"<b>Comparing {len(methods)} methods at {len(ratio_list)} ratios</b> "
+                                 f"({jobs} prunes) …"), *no_views
+        results: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            try:
+                compare_methods(loaded.model, loaded.tokenizer, session.samples, methods, ratio_list, eval_sets,
+                                max_windows=n_windows, eval_seq_len=eval_len,
+                                measure_bytes=common.export_available(),
+                                include_original=_wants_original(session, eval_tag, eval_sets),
+                                on_event=bridge, on_row=lambda row: results.put(("row", row)))
+                results.put(("done", None))
+            except BaseException as err:  # noqa: BLE001 - handed to the generator, which reports it
+                results.put(("error", err))
+
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True,
+                                  name="compare")
+        worker.start()
+        new_rows, shown, last_yield = 0, "", 0.0
+        stopped = None
+        try:
+            while True:
+                try:
+                    kind, item = results.get(timeout=POLL_S)
+                except queue.Empty:
+                    if bridge.last != shown and time.perf_counter() - last_yield >= STATUS_EVERY_S:
+                        shown, last_yield = bridge.last, time.perf_counter()
+                        yield (f"<b>Comparing…</b> {new_rows} rows done · {shown}",) + (gr.update(),) * 3 + no_views
+                    continue
+                if kind == "row":
+                    new_rows += 1
+                    session.compare_rows.append(row_record(item, len(session.compare_rows) + 1,
+                                                           model_key=session.model_key, eval_tag=eval_tag,
+                                                           calibration=calibration))
+                    last_yield = time.perf_counter()
+                    yield *_outputs(session, f"<b>Comparing…</b> {new_rows} rows done · {bridge.last}"), *no_views
+                elif kind == "error":
+                    if not isinstance(item, Cancelled):
+                        raise item
+                    stopped = item
+                    break
+                else:
+                    break
+        finally:
+            if worker.is_alive():  # the generator was closed early: stop the worker before freeing the tab
+                session.cancel.set()
+                worker.join()
+    seconds = time.perf_counter() - started
+    if stopped is not None:
+        status = f"<b>Stopped</b> after {new_rows} new rows ({seconds:.1f} s); the finished rows are kept."
+    else:
+        status = (f"<b>Compared in {seconds:.1f} s</b>: {new_rows} new rows ({len(methods)} methods × "
+                  f"{len(ratio_list)} ratios, {eval_tag} tokens of {', '.join(eval_sets)}). Each method runs with "
+                  "its registered defaults at each ratio.")
+    status_, table, figure, select = _outputs(session, status)
+    chosen = select["value"]
+    yield (status_, table, figure, select, *plan_views(session, chosen))
+
+
+def clear_rows(session: Session):
+    """Forget the session's comparison rows."""
+    session.compare_rows.clear()
+    return (*_outputs(session, "<span class='cx-muted'>Rows cleared.</span>"), *plan_views(session, None))
+
+
+@common.user_errors
+def show_plan(session: Session, row_id, kind):
+    return plan_views(session, row_id, kind)
+
+
+def cancel(session: Session) -> str:
+    common.request_cancel(session)
+    return "<b>Stopping…</b> the current step finishes first; the finished rows are kept."
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def build() -> SimpleNamespace:
+    t = SimpleNamespace()
+    available = compare_available()
+    t.status = gr.HTML("<span class='cx-muted'>Choose methods, ratios and evaluation windows, then press "
+                       "<b>Run comparison</b>. It uses the model and calibration data chosen on the left; every "
+                       "method prunes its own copy.</span>" if available else
+                       "<div class='cx-note'>Comparing needs <code>comp_core.compare</code>, which this install "
+                       "does not have.</div>", elem_id="compare-status", elem_classes=["cx-status"])
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            t.methods = gr.CheckboxGroup([(n, n) for n in method_names()], value=default_methods(),
+                                         label="Methods", elem_id="compare-methods")
+            with gr.Accordion("What each method does", open=False):
+                gr.HTML(method_summaries())
+        with gr.Column(scale=2, min_width=260):
+            t.ratios = gr.Textbox(value=DEFAULT_RATIOS, label="Target ratios", elem_id="compare-ratios",
+                                  info="shares of all parameters, e.g. 0.2, 0.3")
+            with gr.Row():
+                t.sets = gr.CheckboxGroup([(common.EVAL_LABELS[d], d) for d in common.EVAL_SETS],
+                                          value=["wikitext2"], label="Perplexity on", elem_id="compare-sets",
+                                          scale=2)
+                t.windows = gr.Number(value=common.QUICK_WINDOWS, precision=0, minimum=0, label="Windows",
+                                      info="of 512 tokens; 0 = all", elem_id="compare-windows", scale=1,
+                                      min_width=90)
+    with gr.Row():
+        t.run = gr.Button("Run comparison", variant="primary", elem_id="btn-compare", interactive=available)
+        t.cancel = gr.Button("Cancel", variant="stop", elem_id="btn-compare-cancel")
+        t.clear = gr.Button("Clear rows", elem_id="btn-compare-clear")
+    t.table = gr.Dataframe(headers=COLUMNS_HEAD + ["ppl wikitext2"] + COLUMNS_TAIL, value=None, interactive=False,
+                           wrap=False, label="Comparison rows of this session", elem_id="compare-table",
+                           max_height=300)
+    t.plot = gr.Plot(plots.empty_figure("Run a comparison to see perplexity against the realised ratio.",
+                                        "Perplexity vs realised ratio, per method"), show_label=False,
+                     elem_id="plot-compare")
+    gr.HTML("<div class='cx-h3'>Where each method cut</div>")
+    with gr.Row():
+        t.plan = gr.Dropdown(choices=[], value=None, label="Row", scale=2, elem_id="compare-plan")
+        t.kind = gr.Dropdown(choices=[], value=None, label="Dense", scale=1, elem_id="compare-kind")
+    t.plan_note = gr.HTML("<span class='cx-muted'>No plan chosen.</span>", elem_id="compare-plan-note")
+    t.bars = gr.Plot(plots.empty_figure("Run a comparison, then choose a row.", "Removed parameters per layer"),
+                     show_label=False, elem_id="plot-compare-bars")
+    t.heatmap = gr.Plot(plots.empty_figure("Run a comparison, then choose a row.", "Neuron importance", height=360),
+                        show_label=False, elem_id="plot-compare-heatmap")
+    return t
+
+
+def wire(t: SimpleNamespace, session: gr.State, c: SimpleNamespace, heavy: dict) -> list:
+    """Run (streaming), Cancel, Clear and the plan views; returns the events the sidebar's Cancel stops."""
+    views = [t.plan_note, t.kind, t.bars, t.heatmap]
+    ran = t.run.click(run_compare, [session, *c.data, t.methods, t.ratios, t.sets, t.windows],
+                      [t.status, t.table, t.plot, t.plan, *views], show_progress_on=[t.status], **heavy)
+    # cooperative: the worker stops at its next step and the handler reports the rows it kept
+    t.cancel.click(cancel, session, t.status, queue=False)
+    t.clear.click(clear_rows, session, [t.status, t.table, t.plot, t.plan, *views], queue=False)
+    t.plan.input(show_plan, [session, t.plan, t.kind], views, show_progress="minimal")
+    t.kind.input(show_plan, [session, t.plan, t.kind], views, show_progress="minimal")
+    return []
