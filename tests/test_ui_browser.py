@@ -1,8 +1,10 @@
 """End to end in a real browser: ``launch.py`` on a free port, driven by Playwright with Debian's chromium.
 
-tiny Llama folder → bad model shows a message → Analyse → plots rendered → instant what-if → Prune → Evaluate →
-the results table has a row. Screenshots go to the test's tmp dir (printed with ``-s``). Skipped when
-playwright, chromium or the local data sets are missing (CI installs chromium: see .ci/run).
+tiny Llama folder → bad model shows a message → Analyse → plots rendered → instant what-if → Prune (measured
+again: the ratio moved) → Evaluate → the results table has a row; then the Compare tab: two methods, two ratios,
+two windows → rows streamed into the table, the perplexity plot and one method's layer/neuron views rendered.
+Screenshots go to the test's tmp dir (printed with ``-s``; the Compare tab also to /tmp/compare_tab.png).
+Skipped when playwright, chromium or the local data sets are missing (CI installs chromium: see .ci/run).
 """
 from __future__ import annotations
 
@@ -138,6 +140,7 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
     page.click("#btn-prune")
     page.wait_for_selector("#prune-status >> text=R1: pruned", timeout=120_000)
     timings["prune"] = time.perf_counter() - started
+    assert "measured and pruned (changed since Analyse: target ratio)" in page.locator("#prune-status").inner_text()
     started = time.perf_counter()
     page.click("#btn-evaluate")
     page.wait_for_selector("#eval-status >> text=Evaluated in", timeout=120_000)
@@ -171,3 +174,48 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
     assert "Traceback" not in server_log, server_log[-3000:]
     print(f"\nscreenshots in {tmp_path}; GUI timings on the tiny model: "
           + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+
+
+def test_compare_tab_in_a_browser(app_url, browser):
+    url, _folder, log_path = app_url
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("#btn-analyse", timeout=60_000)
+    page.get_by_role("tab", name="⑤ Compare methods").click()
+    methods = page.locator("#compare-methods")
+    methods.wait_for(timeout=30_000)
+    for box in methods.locator("input[type=checkbox]").all():
+        box.uncheck()
+    for name in ("comp-layers", "comp"):
+        methods.get_by_label(name, exact=True).check()
+    ratios = page.locator("#compare-ratios textarea, #compare-ratios input").first
+    ratios.fill("0.2, 0.3")
+    _set_number(page, "compare-windows", 2)
+
+    started = time.perf_counter()
+    page.click("#btn-compare")
+    page.wait_for_selector("#compare-status >> text=Compared in", timeout=240_000)
+    seconds = time.perf_counter() - started
+    table = page.locator("#compare-table")
+    page.wait_for_function("document.querySelector('#compare-table [role=grid]')"
+                           "?.getAttribute('aria-rowcount') === '6'", timeout=30_000)  # header, original, 4 rows
+    text = table.inner_text()
+    assert "comp-layers" in text and "original" in text and "C5" in text
+    page.wait_for_function("document.querySelectorAll('#plot-compare .js-plotly-plot .scatterlayer .trace')"
+                           ".length >= 3", timeout=30_000)  # the original and one line per method
+    legend = page.eval_on_selector_all("#plot-compare .legendtext", "els => els.map(e => e.textContent)")
+    assert {"original", "comp-layers", "comp"} <= set(legend), legend
+    # where the last row's method (comp at 30 %) cut: layer bars and the neuron map
+    page.wait_for_selector("#compare-plan-note >> text=comp @ 30%", timeout=30_000)
+    assert _traces(page, "plot-compare-bars", ".barlayer .trace") >= 2  # pruned neurons + a removed layer
+    page.wait_for_function("document.querySelectorAll('#plot-compare-heatmap .heatmaplayer image').length > 0",
+                           timeout=30_000)
+    page.locator("#tab-compare").screenshot(path="/tmp/compare_tab.png")
+    page.screenshot(path="/tmp/compare_page.png", full_page=True)
+    assert Path("/tmp/compare_tab.png").stat().st_size > 10_000
+    assert not errors, errors
+    server_log = log_path.read_text()
+    assert "Traceback" not in server_log, server_log[-3000:]
+    print(f"\ncompare on the tiny model: {seconds:.1f} s; screenshot /tmp/compare_tab.png")

@@ -94,6 +94,16 @@ def test_cancel_keeps_the_finished_rows(folder):
     assert not session.busy.locked()
 
 
+@needs_data
+def test_an_unreachable_ratio_is_a_row_with_a_note(folder):
+    session = Session()
+    status, table, *_ = _run(session, folder, methods=["comp"], ratios="0.75", windows=1)[-1]
+    assert "could not be pruned" in status
+    row = session.compare_rows[-1]
+    assert row["error"] and "impossible" in row["note"] and row["plan"] is None
+    assert table.iloc[-1]["realised ratio"] == "—"
+
+
 def test_compare_refuses_bad_input_with_messages(folder):
     session = Session()
     with pytest.raises(gr.Error, match="Tick at least one method"):
@@ -115,8 +125,10 @@ def test_compare_ppl_one_line_per_method_from_the_original():
     fig = plots.compare_ppl(rows, ["wikitext2"], order=["comp", "flap"])
     assert [t.name for t in fig.data] == ["original", "comp", "flap"]
     assert list(fig.data[1].x) == [0.0, 0.2, 0.3] and list(fig.data[2].y) == [20.0, 80.0]
-    assert fig.layout.yaxis.type == "log"
+    assert fig.layout.yaxis.type == "log" and list(fig.layout.yaxis.tickvals) == [20, 50, 100]
     assert fig.data[1].line.color != fig.data[2].line.color
+    close = plots.compare_ppl([{**r, "ppl wikitext2": 500.0 + i} for i, r in enumerate(rows[:3])], ["wikitext2"])
+    assert close.layout.yaxis.tickvals is None  # plotly's ticks: no 1-2-5 tick falls between 500 and 502
     two = plots.compare_ppl([{**r, "ppl ptb": 50.0} for r in rows[:3]], ["wikitext2", "ptb"], order=["comp"])
     assert {t.line.dash for t in two.data if t.mode == "lines+markers"} == {"solid", "dash"}
     empty = plots.compare_ppl(rows[:1], ["wikitext2"])

@@ -409,5 +409,7 @@ def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequen
     top = max(max(t.x) for t in fig.data)
     fig.update_xaxes(title_text="realised ratio (share of parameters removed)", tickformat=".0%",
                      gridcolor=COLORS["grid"], range=[-0.03 - 0.03 * top, top * 1.08 + 0.03])
-    fig.update_yaxes(title_text="perplexity (log)", type="log", gridcolor=COLORS["grid"], **_log_ticks(values))
+    # 1-2-5 ticks over a wide range; plotly's own ticks when the values sit close together (none would show)
+    ticks = _log_ticks(values) if max(values) / min(values) > 3 else {}
+    fig.update_yaxes(title_text="perplexity (log)", type="log", gridcolor=COLORS["grid"], **ticks)
     return _layout(fig, title, height=360)

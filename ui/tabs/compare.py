@@ -226,6 +226,7 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
         jobs = len(methods) * len(ratio_list)
         yield *_outputs(session, f"<b>Comparing {len(methods)} methods at {len(ratio_list)} ratios</b> "
                                  f"({jobs} prunes) …"), *no_views
+        with_original = _wants_original(session, eval_tag, eval_sets)
         results: queue.Queue = queue.Queue()
 
         def work() -> None:
@@ -233,7 +234,7 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
                 compare_methods(loaded.model, loaded.tokenizer, session.samples, methods, ratio_list, eval_sets,
                                 max_windows=n_windows, eval_seq_len=eval_len,
                                 measure_bytes=common.export_available(),
-                                include_original=_wants_original(session, eval_tag, eval_sets),
+                                include_original=with_original,
                                 on_event=bridge, on_row=lambda row: results.put(("row", row)))
                 results.put(("done", None))
             except BaseException as err:  # noqa: BLE001 - handed to the generator, which reports it
@@ -272,13 +273,16 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
                 session.cancel.set()
                 worker.join()
     seconds = time.perf_counter() - started
+    failed = sum(1 for r in session.compare_rows[len(session.compare_rows) - new_rows:] if r["error"])
+    failures = (f"<div class='cx-note'>{failed} of them could not be pruned at their ratio; the note column "
+                "says why.</div>" if failed else "")
     if stopped is not None:
         status = f"<b>Stopped</b> after {new_rows} new rows ({seconds:.1f} s); the finished rows are kept."
     else:
         status = (f"<b>Compared in {seconds:.1f} s</b>: {new_rows} new rows ({len(methods)} methods × "
                   f"{len(ratio_list)} ratios, {eval_tag} tokens of {', '.join(eval_sets)}). Each method runs with "
                   "its registered defaults at each ratio.")
-    status_, table, figure, select = _outputs(session, status)
+    status_, table, figure, select = _outputs(session, status + failures)
     chosen = select["value"]
     yield (status_, table, figure, select, *plan_views(session, chosen))
 
