@@ -53,7 +53,8 @@ def test_compare_streams_rows_and_shows_where_each_method_cut(folder):
     tables = [out[1] for out in outputs if hasattr(out[1], "shape")]
     sizes = [len(t) for t in tables]
     assert sizes == sorted(sizes) and sizes[-1] == 5 and len(set(sizes)) >= 4  # rows arrive one by one
-    status, table, figure, select, note, kind, bars, heat = outputs[-1]
+    status, table, figure, select, note, kind, bars, heat, card = outputs[-1]
+    assert "6 layers" in card
     assert "Compared in" in status
     assert list(table["method"]) == ["original", "comp-layers", "comp", "comp-layers", "comp"]
     assert list(table["#"]) == ["C1", "C2", "C3", "C4", "C5"]

@@ -194,7 +194,7 @@ def _wants_original(session: Session, eval_tag: str, eval_sets: list[str]) -> bo
 @common.user_errors
 def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len, seed, methods, ratios, eval_sets,
                 windows, progress=gr.Progress()):
-    """Generator: (status, table, figure, plan selector, views…) after every finished row."""
+    """Generator: (status, table, figure, plan selector, 4 plan views, model card) after every finished row."""
     if not compare_available():
         raise common.fail("Comparing needs comp_core.compare, which this install does not have.", "Unavailable")
     from comp_core.compare import compare_methods
@@ -214,7 +214,7 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
     if n_windows is not None and n_windows < 1:
         n_windows = None
     bridge = common.Bridge(progress, session)
-    no_views = (gr.update(),) * 4
+    no_views = (gr.update(),) * 5  # the plan views and the model card
     started = time.perf_counter()
     with common.exclusive(session):
         common.ensure_model(session, source, bridge)
@@ -225,7 +225,7 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
         calibration = common.calib_text(session.calib_key)
         jobs = len(methods) * len(ratio_list)
         yield *_outputs(session, f"<b>Comparing {len(methods)} methods at {len(ratio_list)} ratios</b> "
-                                 f"({jobs} prunes) …"), *no_views
+                                 f"({jobs} prunes) …"), *no_views[1:], common.model_card(session)
         with_original = _wants_original(session, eval_tag, eval_sets)
         results: queue.Queue = queue.Queue()
 
@@ -284,7 +284,7 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
                   "its registered defaults at each ratio.")
     status_, table, figure, select = _outputs(session, status + failures)
     chosen = select["value"]
-    yield (status_, table, figure, select, *plan_views(session, chosen))
+    yield (status_, table, figure, select, *plan_views(session, chosen), common.model_card(session))
 
 
 def clear_rows(session: Session):
@@ -355,8 +355,8 @@ def build() -> SimpleNamespace:
 def wire(t: SimpleNamespace, session: gr.State, c: SimpleNamespace, heavy: dict) -> list:
     """Run (streaming), Cancel, Clear and the plan views; returns the events the sidebar's Cancel stops."""
     views = [t.plan_note, t.kind, t.bars, t.heatmap]
-    ran = t.run.click(run_compare, [session, *c.data, t.methods, t.ratios, t.sets, t.windows],
-                      [t.status, t.table, t.plot, t.plan, *views], show_progress_on=[t.status], **heavy)
+    t.run.click(run_compare, [session, *c.data, t.methods, t.ratios, t.sets, t.windows],
+                [t.status, t.table, t.plot, t.plan, *views, c.card], show_progress_on=[t.status], **heavy)
     # cooperative: the worker stops at its next step and the handler reports the rows it kept
     t.cancel.click(cancel, session, t.status, queue=False)
     t.clear.click(clear_rows, session, [t.status, t.table, t.plot, t.plan, *views], queue=False)
