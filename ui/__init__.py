@@ -1,6 +1,8 @@
 """comp-explorer's Gradio GUI: ``build_app()`` returns the Blocks; ``launch.py`` starts it.
 
-Modules: ``app`` (layout + event wiring), ``tabs/`` (one tab each), ``handlers`` (event functions over a
-per-tab ``Session``), ``plots`` (pure data -> plotly figures), ``whatif`` (instant re-planning from one
-analysis), ``session`` (per-process model cache, per-tab state), ``theme`` (colours, theme, CSS).
+Modules: ``app`` (composes the sidebar and the tabs), ``sidebar`` (model, calibration, method and its
+settings), ``tabs/`` (one tab each: layout, handlers, wiring), ``common`` (errors, progress, loading — the
+shared plumbing), ``plots`` (pure data -> plotly figures), ``session`` (per-process model cache, per-tab
+state), ``theme`` (colours, theme, CSS). No pruning math: that is ``comp_core`` (``comp_core.whatif`` for
+the instant re-planning).
 """

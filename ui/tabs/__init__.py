@@ -1,2 +1,2 @@
-"""One module per tab; each ``build()`` lays out its components inside the current Blocks context and returns
-them in a namespace. Events are wired in :mod:`ui.app`, where the sidebar's controls are known."""
+"""One module per tab: its layout (``build()``, components in a namespace), its handlers, and ``wire()``, which
+connects them to the shared session and the sidebar's controls. :mod:`ui.app` only composes the tabs."""
