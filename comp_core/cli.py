@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         p.add_argument("--method", default="comp", choices=method_names(), help="pruning method (default: comp)")
         p.add_argument("--ratio", type=float, default=0.2, help="share of all parameters to remove (default 0.2)")
+        p.add_argument("--sparsity", default=None,
+                       help="mask methods: a share of every pruned linear (0.5) or N:M (2:4, 4:8); default 0.5")
         _add_method_settings(p)
         _add_calibration(p)
     analyze.add_argument("--scores", action="store_true", help="include every neuron score in the JSON")
@@ -147,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(compare)
     compare.add_argument("--methods", type=_name_list, default=("comp", "flap", "shortgpt", "wanda-sp", "magnitude-sp"),
                          help=f"comma-separated, from: {', '.join(method_names())}")
-    compare.add_argument("--ratio", type=_ratio_list, default=(0.2,), help="comma-separated ratios, e.g. 0.2,0.3")
+    compare.add_argument("--ratio", type=_ratio_list, default=(0.2,),
+                         help="comma-separated ratios for the structured methods, e.g. 0.2,0.3")
+    compare.add_argument("--sparsity", type=_name_list, default=("0.5",),
+                         help="comma-separated patterns for the mask methods: a share (0.5) or N:M (2:4, 4:8)")
     compare.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
                          metavar="METHOD.KEY=VALUE", help="a setting of one method, e.g. flap.compensation=none")
     compare.add_argument("--no-bytes", action="store_true", help="skip saving each model to measure its size")
@@ -187,7 +192,8 @@ def _settings(method: str, args, ratio: float, extra: list[tuple[str, str]]):
     from .methods import get_method, make_settings, parse_setting
     from .methods.comp import CompConfig
 
-    overrides: dict = {"ratio": ratio}
+    fields = get_method(method).settings_class.__dataclass_fields__
+    overrides: dict = {"ratio": ratio} if "ratio" in fields else {}
     given = {dest: getattr(args, dest, None) for dest in COMP_FLAGS}
     given = {dest: value for dest, value in given.items() if value is not None}
     if get_method(method).settings_class is CompConfig:
@@ -201,6 +207,8 @@ def _settings(method: str, args, ratio: float, extra: list[tuple[str, str]]):
     elif given:
         flags = ", ".join("--" + d.replace("_", "-") for d in given)
         raise ValueError(f"{flags}: COMP settings, not settings of method '{method}' (use --set KEY=VALUE)")
+    if "sparsity" in fields and getattr(args, "sparsity", None) and not isinstance(args.sparsity, tuple):
+        overrides["sparsity"] = args.sparsity
     if getattr(args, "protect", None) is not None:
         overrides["protected"] = args.protect
     for key, value in extra:
@@ -275,20 +283,23 @@ def run(args: argparse.Namespace) -> dict:
         elif args.command == "compare":
             from .compare import compare_methods, rows_table
             from .methods import get_method
+            from .sparsity import SparsityPattern
 
             for name in args.methods:
                 get_method(name)
             per_method = _compare_settings(list(args.methods), args.settings)
-            for ratio in args.ratio:  # every setting checked before minutes of work
+            for sparsity in args.sparsity:  # every setting checked before minutes of work
+                SparsityPattern.parse(sparsity)
+            for ratio in args.ratio:
                 for name in args.methods:
                     _settings(name, args, ratio, per_method[name])
             with stage("calibration", timings):
                 samples = get_calibration(args.calib, tokenizer, args.n_samples, args.seq_len, args.seed, model=model)
             settings = {name: {k: v for k, v in vars(_settings(name, args, args.ratio[0], per_method[name])).items()
-                               if k != "ratio"} for name in args.methods}
+                               if k not in ("ratio", "sparsity")} for name in args.methods}
             with stage("compare", timings):
                 rows = compare_methods(model, tokenizer, samples, list(args.methods), list(args.ratio), eval_names,
-                                       max_windows=args.max_windows, eval_seq_len=args.eval_seq_len,
+                                       sparsities=list(args.sparsity), max_windows=args.max_windows, eval_seq_len=args.eval_seq_len,
                                        settings=settings, measure_bytes=not args.no_bytes, on_event=progress)
             report["calibration"] = {"name": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
                                      "seed": args.seed}

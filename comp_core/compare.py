@@ -37,6 +37,9 @@ class CompareRow:
     peak_rss_mb: float | None = None
     saved_bytes: int | None = None
     params_after: int | None = None
+    sparsity: str | None = None  # masks: the pattern asked for ("0.5", "2:4", …); None for structured rows
+    linear_sparsity: float | None = None  # masks: share of zeros in the pruned linears
+    zero_share: float | None = None  # share of ALL parameters that are zero
     error: str | None = None  # the method could not prune at this ratio (the row has no figures then)
     notes: list[str] = field(default_factory=list)
     plan: CompPlan | None = None  # not serialised
@@ -45,6 +48,7 @@ class CompareRow:
         return {"method": self.method, "kind": self.kind, "target_ratio": self.target_ratio,
                 "realised_ratio": self.realised_ratio, "ppl": dict(self.ppl), "prune_seconds": self.prune_seconds,
                 "peak_rss_mb": self.peak_rss_mb, "saved_bytes": self.saved_bytes, "params_after": self.params_after,
+                "sparsity": self.sparsity, "linear_sparsity": self.linear_sparsity, "zero_share": self.zero_share,
                 "error": self.error, "notes": list(self.notes)}
 
 
@@ -75,12 +79,26 @@ def _evaluate(model, tokens: dict[str, torch.Tensor], seq_len: int, max_windows:
     return out
 
 
+def _jobs(methods: list[str], ratios: list[float], sparsities: list[str], settings: dict[str, dict]) -> list:
+    """(ratio, sparsity, method, settings) per row: structured methods at every ratio, mask methods at every
+    sparsity, composed methods (which have both) at every pair."""
+    jobs = []
+    for name in methods:
+        fields = set(get_method(name).settings_class.__dataclass_fields__)
+        for ratio in (ratios if "ratio" in fields else [None]):
+            for sparsity in (sparsities if "sparsity" in fields else [None]):
+                targets = {k: v for k, v in (("ratio", ratio), ("sparsity", sparsity)) if v is not None}
+                jobs.append((ratio, sparsity, name, make_settings(name, **{**settings.get(name, {}), **targets})))
+    return sorted(jobs, key=lambda j: (j[0] is None, j[0] or 0.0, j[1] or ""))
+
+
 def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, methods: list[str],
-                    ratios: list[float], eval_sets: list[str], *, max_windows: int | None = None,
+                    ratios: list[float], eval_sets: list[str], *, sparsities: list[str] | None = None,
+                    max_windows: int | None = None,
                     eval_seq_len: int = 512, settings: dict[str, dict] | None = None, measure_bytes: bool = True,
                     include_original: bool = True, on_event: ProgressCallback | None = None,
                     on_row=None) -> list[CompareRow]:
-    """One row per (ratio, method), plus the original first; ``model`` is never changed.
+    """One row per (ratio or sparsity, method), plus the original first; ``model`` is never changed.
 
     Settings are each method's registered defaults with ``ratio`` and ``settings[method]`` applied; bad
     method names, settings or ratios fail here before any pruning. A method that cannot reach a ratio gets
@@ -90,8 +108,7 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
     settings = settings or {}
     for name in settings:
         get_method(name)
-    jobs = [(ratio, name, make_settings(name, **{**settings.get(name, {}), "ratio": ratio}))
-            for ratio in ratios for name in methods]
+    jobs = _jobs(methods, ratios, list(sparsities or ["0.5"]), settings)
     tokens = {name: get_eval_tokens(name, tokenizer) for name in eval_sets}
     rows: list[CompareRow] = []
 
@@ -107,10 +124,12 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
         if measure_bytes:
             row.saved_bytes = saved_size(model, tokenizer)
         done(row)
-    for step, (ratio, name, method_settings) in enumerate(jobs):
-        emit(on_event, "compare", step, len(jobs), f"{name} at {ratio:.0%}")
+    for step, (ratio, sparsity, name, method_settings) in enumerate(jobs):
+        target = " + ".join(t for t in (f"{ratio:.0%}" if ratio is not None else "", sparsity or "") if t)
+        emit(on_event, "compare", step, len(jobs), f"{name} at {target}")
         entry = get_method(name)
-        row = CompareRow(method=name, kind=entry.kind, target_ratio=ratio, realised_ratio=None)
+        row = CompareRow(method=name, kind=entry.kind, target_ratio=ratio or 0.0, realised_ratio=None,
+                         sparsity=sparsity)
         try:
             with RssSampler() as rss:
                 start = time.perf_counter()
@@ -127,6 +146,8 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
         row.params_after = result.params_after
         row.plan = result.plan
         row.notes = list(result.plan.notes)
+        row.linear_sparsity = result.extra.get("linear_sparsity")
+        row.zero_share = result.extra.get("zero_share")
         row.ppl = _evaluate(pruned, tokens, eval_seq_len, max_windows, on_event, name)
         if measure_bytes:
             try:
@@ -142,15 +163,19 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
 
 def rows_table(rows: list[CompareRow], eval_sets: list[str]) -> str:
     """The comparison as a Markdown table (what the CLI prints)."""
-    head = ["method", "kind", "target", "realised"] + [f"ppl {n}" for n in eval_sets] + ["prune s", "peak RSS MB",
-                                                                                          "saved MB"]
+    masks = any(r.sparsity for r in rows)
+    head = (["method", "kind", "target", "realised"] + (["sparsity", "zeros of all"] if masks else [])
+            + [f"ppl {n}" for n in eval_sets] + ["prune s", "peak RSS MB", "saved MB"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        target = " + ".join(t for t in (f"{r.target_ratio:.0%}" if r.target_ratio else "", r.sparsity or "") if t)
+        mask_cells = ([f"{r.linear_sparsity:.2%}" if r.linear_sparsity is not None else "—",
+                       f"{r.zero_share:.2%}" if r.zero_share is not None else "—"] if masks else [])
         if r.error:
-            cells = [r.method, r.kind, f"{r.target_ratio:.0%}", "—"] + ["—"] * len(eval_sets) + ["—", "—", "—"]
+            cells = [r.method, r.kind, target or "0%", "—"] + ["—"] * (len(mask_cells) + len(eval_sets)) + ["—", "—", "—"]
             cells[-1] = f"error: {r.error[:60]}"
         else:
-            cells = ([r.method, r.kind, f"{r.target_ratio:.0%}", f"{r.realised_ratio:.2%}"]
+            cells = ([r.method, r.kind, target or "0%", f"{r.realised_ratio:.2%}"] + mask_cells
                      + [f"{r.ppl[n]:.2f}" for n in eval_sets]
                      + [f"{r.prune_seconds:.1f}" if r.prune_seconds is not None else "—",
                         f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb is not None else "—",

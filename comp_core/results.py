@@ -26,6 +26,7 @@ class DenseReport:
     compensation: str = "none"  # "mask", "refit", "bias" or "none"
     removed_heads: int = 0  # whole attention heads among the removed inputs (o_proj of head-pruning methods)
     new_weight: torch.Tensor | None = None  # refit weight of the kept columns (kept in memory, never serialised)
+    sparsity: float | None = None  # masks: share of this dense's weights that are zero
 
     def to_dict(self, with_scores: bool = False) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)
@@ -76,6 +77,7 @@ class CompPlan:
     method: str = "comp"
     removal: Any = None  # comp_core.removal.RemovalResult measured to the analysis depth (GUI what-if)
     notes: list[str] = field(default_factory=list)  # what the method did that a reader should know
+    sparse_plan: Any = None  # composed methods: the mask stage's plan (per-layer sparsity), else None
 
     @property
     def removed_per_layer(self) -> dict[int, int]:

@@ -57,6 +57,14 @@ class InputStats:
         return centred.clamp_min(0.0) / (n - 1)
 
 
+def own_gram(module: nn.Module, gram: torch.Tensor) -> torch.Tensor:
+    """The Gram of the inputs a dense really reads (an already pruned dense reads a subset of the shared input)."""
+    if hasattr(module, "input_index"):
+        index = module.input_index.to(gram.device)
+        return gram[index][:, index]
+    return gram
+
+
 @contextlib.contextmanager
 def collect_block_stats(block: nn.Module, adapter: ArchAdapter, device: torch.device | str = "cpu"
                         ) -> Iterator[dict[str, InputStats]]:

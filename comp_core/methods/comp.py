@@ -27,6 +27,7 @@ from ..events import ProgressCallback, emit
 from ..fisher import collect_fisher
 from ..linalg import damping, damped
 from ..loop import BlockVisit, block_loop
+from ..stats import own_gram
 from ..mask_tuning import (coefficient_matrix, mask_path, refit_columns, refit_relative_error, relative_error,
                            solve_mask)
 from ..models.adapters import ArchAdapter, get_adapter
@@ -148,14 +149,6 @@ def _check_dense_kinds(cfg: CompConfig, adapter: ArchAdapter) -> None:
                          f"its denses are: {', '.join(kinds)}")
 
 
-def _own_gram(module: nn.Module, gram: torch.Tensor) -> torch.Tensor:
-    """The Gram of the inputs a dense really reads (an already pruned dense reads a subset of the shared input)."""
-    if hasattr(module, "input_index"):
-        index = module.input_index.to(gram.device)
-        return gram[index][:, index]
-    return gram
-
-
 def layer_caps(model: nn.Module, cfg: CompConfig) -> list[float]:
     """Most of each block's parameters neuron pruning may remove: min(layer_cap, what its prunable denses
     can give at ``max_dense_ratio``). One entry per block of the model as it is now."""
@@ -181,7 +174,7 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
     scores_by_dense = []
     for spec, cap in zip(adapter.denses, max_cuts):
         module = adapter.dense(block, spec.name)
-        gram = _own_gram(module, grams[spec.name].gram)
+        gram = own_gram(module, grams[spec.name].gram)
         own_grams.append(gram)
         raw = coefficient_matrix(module.weight, gram)
         eps = damping(raw, cfg.damp)

@@ -29,7 +29,7 @@ from ..events import ProgressCallback
 from ..results import CompPlan, PruneResult
 from ..runtime import count_parameters, peak_rss_mb
 
-KINDS = ("structured", "unstructured")
+KINDS = ("structured", "unstructured", "composed")  # composed: structured, then masks
 
 
 class Method:

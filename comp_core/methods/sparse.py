@@ -1,0 +1,207 @@
+"""Masks inside every linear of every block: magnitude, Wanda, SparseGPT and APT (RIA lives in ``ria``).
+
+Per decoder block, sequentially, on the captured calibration inputs with the already pruned earlier blocks
+(``loop.block_loop`` with accumulated propagation, as Wanda's and SparseGPT's reference loops do): one
+statistics pass per block (the Gram of every dense input, shared by denses that read the same tensor),
+then every dense gets its mask (and, for the OBS methods, its compensated weights). Embeddings and the LM
+head stay dense. Nothing is physically removed, so the realised ratio is 0; the result reports the sparsity
+over the pruned linears and the share of all parameters that are zero.
+
+* ``magnitude`` — |W|, compared over the whole matrix (wanda's ``prune_magnitude``); no data.
+* ``wanda`` — |W_ij| · ‖X_j‖₂, compared within each output row (locuslab/wanda ``prune_wanda``).
+* ``sparsegpt`` / ``apt`` — ``comp_core.obs`` (block size 128, damping 1 % of the mean Hessian diagonal).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..capture import calibration_context, capture_block_inputs
+from ..loop import BlockVisit, block_loop
+from ..models.adapters import get_adapter
+from ..obs import apt, reconstruction_error, sparsegpt
+from ..results import DenseReport, LayerReport
+from ..runtime import count_parameters
+from ..sparsity import SparsityPattern, pattern_mask, zero_counts
+from ..stats import InputStats, own_gram
+from .registry import Method, finish, register_method, working_copy
+from .structured import structured_plan
+
+
+@dataclass
+class SparseSettings:
+    """sparsity: "0.5" (any share in [0, 1)), "2:4" or "4:8". protected: blocks left dense. dense_kinds: which
+    linears get masks (None = all of q/k/v/o/gate/up/down). percdamp/blocksize: the OBS solvers'."""
+
+    sparsity: str = "0.5"
+    protected: tuple[int, ...] = ()
+    dense_kinds: tuple[str, ...] | None = None
+    percdamp: float = 0.01
+    blocksize: int = 128
+    batch_size: int = 8
+    propagation: str = "accumulated"
+
+    def __post_init__(self) -> None:
+        self.sparsity = SparsityPattern.parse(self.sparsity).label
+        if self.percdamp <= 0 or math.isnan(self.percdamp):
+            raise ValueError("percdamp must be > 0")
+        if self.blocksize < 1:
+            raise ValueError("blocksize must be >= 1")
+        if self.propagation not in ("identical", "accumulated"):
+            raise ValueError("propagation must be 'identical' or 'accumulated'")
+        self.protected = tuple(sorted({int(i) for i in self.protected}))
+
+    @property
+    def pattern(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.sparsity)
+
+
+@dataclass
+class MaskedWeight:
+    weight: torch.Tensor  # new weight (pruned entries 0), the dense's dtype
+    mask: torch.Tensor  # bool, True = pruned
+    scores: torch.Tensor | None = None  # what ranked the weights, for reports (d_out, d_in)
+
+
+class MaskMethod(Method):
+    """Masks every selected dense of every block; subclasses decide one dense's mask and weight."""
+
+    kind = "unstructured"
+    settings_class = SparseSettings
+    uses_activations = True
+
+    def mask_dense(self, weight: torch.Tensor, stats: InputStats | None, gram: torch.Tensor | None,
+                   pattern: SparsityPattern, settings) -> MaskedWeight:
+        raise NotImplementedError
+
+    def _pattern_for(self, weight: torch.Tensor, pattern: SparsityPattern) -> tuple[SparsityPattern, int]:
+        """N:M over the columns that fill whole groups; the < M tail columns of an odd width stay dense."""
+        if not pattern.is_nm:
+            return pattern, weight.shape[1]
+        return pattern, weight.shape[1] - weight.shape[1] % pattern.m
+
+    def prune(self, model, samples, settings, *, on_event=None, inplace=False):
+        start = time.perf_counter()
+        params_before = count_parameters(model)
+        if self.uses_activations and samples is None:
+            raise ValueError("this method needs calibration samples")
+        target = working_copy(model, inplace)
+        adapter = get_adapter(target)
+        blocks = list(adapter.blocks(target))
+        n_layers = len(blocks)
+        bad = [i for i in settings.protected if not -n_layers <= i < n_layers]
+        if bad:
+            raise ValueError(f"protected layers {bad} do not exist: the model has layers 0..{n_layers - 1}")
+        protected = {i % n_layers for i in settings.protected}
+        kinds = settings.dense_kinds
+        if kinds is not None:
+            unknown = [k for k in kinds if k not in {d.kind for d in adapter.denses}]
+            if unknown:
+                raise ValueError(f"dense kinds {unknown} do not exist; this model's are "
+                                 f"{', '.join(d.kind for d in adapter.denses)}")
+        specs = [d for d in adapter.denses if kinds is None or d.kind in kinds]
+        pattern = settings.pattern
+        plan = structured_plan(target, settings, method=type(self).__name__.lower(), params_total=params_before,
+                               layer_params=[sum(p.numel() for p in b.parameters()) for b in blocks],
+                               protected=sorted(protected))
+        masked_linears: list[nn.Module] = []
+        tails = 0
+
+        def mask_block(layer: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
+            nonlocal tails
+            t0 = time.perf_counter()
+            zeroed = 0
+            for spec in specs:
+                module = adapter.dense(block, spec.name)
+                weight = module.weight.data
+                _, width = self._pattern_for(weight, pattern)
+                st = stats[spec.name] if stats is not None else None
+                gram = own_gram(module, st.gram) if st is not None else None
+                part = slice(0, width)
+                result = self.mask_dense(weight[:, part], st, gram[part, part] if gram is not None else None,
+                                         pattern, settings)
+                if width < weight.shape[1]:
+                    tails += 1
+                before = weight.clone() if gram is not None else None
+                weight[:, part] = result.weight.to(weight.dtype)
+                mask = result.mask
+                zeroed += int(mask.sum())
+                masked_linears.append(module)
+                err = reconstruction_error(before, weight, gram) if gram is not None else float("nan")
+                plan.dense_reports.append(DenseReport(
+                    layer=layer, name=spec.name, kind=spec.kind, d_in=weight.shape[1], d_out=weight.shape[0],
+                    n_removed=0, scores=mask.float().mean(dim=0).cpu(), pruned_index=torch.zeros(0, dtype=torch.long),
+                    mask_variance=0.0, error_no_tuning=err, error_tuned=err, sparsity=float(mask.float().mean())))
+            params = plan.layer_params[layer]
+            plan.layer_reports.append(LayerReport(index=layer, importance=float("nan"), ratio=zeroed / params,
+                                                  budget=zeroed, removed_params=0, tau=float("nan"), params=params,
+                                                  seconds=time.perf_counter() - t0))
+            plan.layer_ratios[layer] = zeroed / params
+
+        active = [i for i in range(n_layers) if i not in protected]
+        t0 = time.perf_counter()
+        if self.uses_activations:
+            with calibration_context(target):
+                inputs = capture_block_inputs(target, adapter, samples, batch_size=settings.batch_size)
+                plan.timings["capture"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+
+                def visit(v: BlockVisit):
+                    if v.index in protected:
+                        return None
+                    mask_block(v.index, v.block, v.stats)
+                    return v.block
+
+                block_loop(blocks, inputs, range(n_layers), visit, adapter=adapter,
+                           with_stats=lambda i: i not in protected, propagation=settings.propagation,
+                           on_event=on_event, stage="masking")
+        else:
+            for i in active:
+                mask_block(i, blocks[i], None)
+        plan.timings["masking"] = time.perf_counter() - t0
+        counts = zero_counts(target, masked_linears)
+        plan.planned_params_after = params_before
+        if tails:
+            plan.notes.append(f"{tails} linears have a width that is not a multiple of {pattern.m}: their last "
+                              f"(width mod {pattern.m}) columns stay dense")
+        result = finish(target, plan, params_before, start)
+        result.extra = {"sparsity": pattern.label, **counts}
+        return target, result
+
+
+@register_method("magnitude", summary="magnitude: |W| over the whole matrix (no data)")
+class Magnitude(MaskMethod):
+    uses_activations = False
+    requires_calibration = False
+
+    def mask_dense(self, weight, stats, gram, pattern, settings):
+        scores = weight.detach().abs().float()
+        mask = pattern_mask(scores, pattern, per_row=False)
+        return MaskedWeight(weight=weight.masked_fill(mask, 0), mask=mask, scores=scores)
+
+
+@register_method("wanda", summary="Wanda: |W|·‖X‖ compared within each output row")
+class Wanda(MaskMethod):
+    def mask_dense(self, weight, stats, gram, pattern, settings):
+        x_norm = gram.diagonal().sqrt().to(weight.device, torch.float32)  # ‖X_j‖₂ of the inputs it reads
+        scores = weight.detach().abs().float() * x_norm.unsqueeze(0)
+        mask = pattern_mask(scores, pattern, per_row=True)
+        return MaskedWeight(weight=weight.masked_fill(mask, 0), mask=mask, scores=scores)
+
+
+@register_method("sparsegpt", summary="SparseGPT: OBS one weight at a time with lazy batch updates")
+class SparseGPT(MaskMethod):
+    def mask_dense(self, weight, stats, gram, pattern, settings):
+        out = sparsegpt(weight, gram, pattern, blocksize=settings.blocksize, percdamp=settings.percdamp)
+        return MaskedWeight(weight=out.weight, mask=out.mask)
+
+
+@register_method("apt", summary="APT: joint multi-weight OBS per row with closed-form compensation")
+class APT(MaskMethod):
+    def mask_dense(self, weight, stats, gram, pattern, settings):
+        out = apt(weight, gram, pattern, blocksize=settings.blocksize, percdamp=settings.percdamp)
+        return MaskedWeight(weight=out.weight, mask=out.mask)
