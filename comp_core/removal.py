@@ -46,6 +46,13 @@ def layers_for_ratio(ratio: float, params_total: int, block_params: list[int], c
     return min(int(round(ratio * params_total / mean_block)), candidates)
 
 
+def layers_within(ratio: float, n_remove: int, params_total: int, block_params: list[int]) -> int:
+    """How many of ``n_remove`` whole blocks a hybrid method removes at ``ratio``: never more than the ratio's
+    budget holds (ratio 0 removes none)."""
+    mean_block = sum(block_params) / len(block_params)
+    return min(int(n_remove), int(ratio * params_total // mean_block))
+
+
 @dataclass
 class RemovalResult:
     """Removal order and how every remaining layer's importance moved after each removal."""

@@ -24,7 +24,7 @@ from torch import nn
 from .allocation import ImpossibleRatioError
 from .events import ProgressCallback
 from .methods.comp import CompConfig, analyze, layer_caps, reallocate
-from .removal import RemovalResult
+from .removal import RemovalResult, layers_within
 from .results import CompPlan
 from .runtime import count_parameters
 
@@ -68,13 +68,6 @@ class WhatIf:
 
 
 # ------------------------------------------------------------------------------------------------ analysis
-
-
-def layers_within(ratio: float, n_remove: int, params_total: int, layer_params: list[int]) -> int:
-    """How many of ``n_remove`` whole layers COMP removes at ``ratio``: never more than the ratio's budget
-    holds (ratio 0 removes none). Mirrors the hybrid rule of ``comp_core.methods.comp``."""
-    mean_block = sum(layer_params) / len(layer_params)
-    return min(int(n_remove), int(ratio * params_total // mean_block))
 
 
 def feasible_ratio(ratio: float, removed: list[int], prunable: list[int], layer_params: list[int],

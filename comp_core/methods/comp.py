@@ -31,7 +31,7 @@ from ..stats import own_gram
 from ..mask_tuning import (coefficient_matrix, mask_path, refit_columns, refit_relative_error, relative_error,
                            solve_mask)
 from ..models.adapters import ArchAdapter, get_adapter
-from ..removal import RemovalResult, iterative_removal, layers_for_ratio
+from ..removal import RemovalResult, iterative_removal, layers_for_ratio, layers_within
 from ..results import CompPlan, DenseReport, LayerReport, PruneResult
 from .registry import Method, register_method
 from ..runtime import count_parameters, peak_rss_mb
@@ -271,9 +271,7 @@ def _layers_to_remove(cfg: CompConfig, candidates: int, params_total: int, block
         raise AssertionError("auto is resolved by prune()")
     if int(cfg.remove_layers) > candidates:
         raise ValueError(f"cannot remove {cfg.remove_layers} layers: only {candidates} are not protected")
-    # an upper bound: never more whole blocks than the ratio's budget holds (ratio 0 removes nothing)
-    fits = int(cfg.ratio * params_total // (sum(block_params) / len(block_params)))
-    return min(int(cfg.remove_layers), fits)
+    return layers_within(cfg.ratio, cfg.remove_layers, params_total, block_params)
 
 
 def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: bool,
