@@ -19,8 +19,10 @@ What is physically removed (docs/export.md has the measurements behind each choi
   the whole group is gone), as far as grouped-query attention stays uniform: every key/value group must keep
   the same number of query heads, so a group keeps some dead heads when another group lost fewer. A block
   always keeps at least one head (its o_proj columns are then simply not read).
+* added output biases: a dense that has a bias where the stock block has none (FLAP's compensation gives
+  o_proj / down_proj one) is listed in its block record (``added_bias``) and rebuilt with a bias on reload.
 
-A model whose blocks all have stock shapes (only whole blocks removed) is saved as the stock architecture:
+A model whose blocks all have stock shapes and biases (only whole blocks removed) is saved as the stock architecture:
 any transformers install loads it. Otherwise the folder's ``model_type`` is ``comp_<type>``
 (``comp_core.models.pruned``): ``load_pruned(path)`` or, once ``comp_core.export`` (or
 ``comp_core.models.pruned``) is imported, plain ``AutoModelForCausalLM.from_pretrained(path)``.
@@ -57,6 +59,7 @@ from .models.pruned import (
     head_dim_of,
     is_stock_record,
     register_all,
+    stock_biased,
 )
 from .runtime import count_parameters, resolve_device, resolve_dtype
 from .surgery import IndexedInputLinear, prune_outputs
@@ -183,6 +186,7 @@ def plan_export(model: nn.Module) -> ExportPlan:
     head_dim = head_dim_of(model.config)
     prefix = _blocks_prefix(model, adapter)
     state = dict(model.state_dict())
+    stock_bias = stock_biased(model.config, base_type)
     records = []
     removed_heads = 0
     for i, block in enumerate(adapter.blocks(model)):
@@ -196,7 +200,7 @@ def plan_export(model: nn.Module) -> ExportPlan:
                     del state[key]
                 state.update({f"{prefix}.{i}.{name}.{key}": value for key, value in module.state_dict().items()})
             denses.update(replaced)
-        records.append(block_record(denses, adapter, head_dim))
+        records.append(block_record(denses, adapter, head_dim, stock_bias))
 
     stock = all(is_stock_record(r, model.config, base_type) for r in records)
     config_dict = model.config.to_dict()

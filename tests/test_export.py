@@ -1,5 +1,6 @@
 """Physically smaller export: save → reload gives the same logits on every supported architecture, no pickle,
-atomic writes, attention-head removal, speed measurement plumbing; plus the bundled model at 20 %."""
+atomic writes, attention-head removal, added output biases, speed measurement plumbing; plus the bundled
+model at 20 %."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,9 @@ import comp_core.export  # registers comp_<type> with the Auto classes (the pack
 from comp_core import CompConfig, count_parameters, prune
 from comp_core.export import folder_bytes, load_pruned, plan_export, read_report, save_pruned
 from comp_core.models.adapters import get_adapter
+from comp_core.models.pruned import check_records, comp_classes, is_stock_record, stock_biased
 from comp_core.speed import SpeedReport, compare_speed, measure_speed, pad_indexed_linears
-from comp_core.surgery import IndexedInputLinear, prune_inputs
+from comp_core.surgery import IndexedInputLinear, add_output_bias, prune_inputs
 
 torch.set_num_threads(1)
 
@@ -227,6 +229,101 @@ def test_dead_heads_are_removed(arch, kill, expect_heads, expect_kv, tmp_path):
     again = save_pruned(loaded, None, tmp_path / "again")  # a reloaded comp model exports unchanged
     assert json.loads((again / "config.json").read_text())["comp_layers"] == \
         json.loads((out / "config.json").read_text())["comp_layers"]
+
+
+# ------------------------------------------------------------------------------------- added biases
+
+
+def _add_biases(model, targets: dict[int, list[str]]) -> None:
+    adapter = get_adapter(model)
+    generator = torch.Generator().manual_seed(3)
+    for layer, names in targets.items():
+        for name in names:
+            module = adapter.dense(adapter.blocks(model)[layer], name)
+            add_output_bias(module, torch.randn(module.out_features, generator=generator))
+
+
+@pytest.mark.parametrize("arch, stock", [
+    ("llama", set()), ("mistral", set()), ("qwen3", set()),
+    ("qwen2", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}),
+    ("opt", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"}),
+])
+def test_stock_biased_reads_the_family_rules(arch, stock):
+    config = make_config(arch)
+    assert stock_biased(config, arch) == stock
+    if arch == "llama":
+        config.attention_bias = True
+        assert stock_biased(config, arch) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_added_bias_alone_saves_comp_type_and_reloads(arch, tmp_path):
+    """A bias where the stock block has none (FLAP's compensation) is a shape change of its own."""
+    model = tiny(arch)
+    _add_biases(model, {1: ["self_attn.o_proj"], 3: ["mlp.down_proj", "self_attn.o_proj"]})
+    plan = plan_export(model)
+    assert plan.model_type == f"comp_{arch}"
+    assert plan.records[1]["added_bias"] == ["self_attn.o_proj"]
+    assert plan.records[3]["added_bias"] == ["self_attn.o_proj", "mlp.down_proj"]  # adapter order
+    assert all("added_bias" not in plan.records[i] for i in (0, 2, 4, 5))
+    assert not is_stock_record(plan.records[1], model.config, arch)
+    assert is_stock_record(plan.records[0], model.config, arch)
+    assert plan.params == count_parameters(model)
+    out = save_pruned(model, None, tmp_path / "m")
+    loaded, _ = load_pruned(out)
+    assert count_parameters(loaded) == count_parameters(model)
+    assert loaded.model.layers[3].mlp.down_proj.bias is not None and loaded.model.layers[2].mlp.down_proj.bias is None
+    assert max_diff(model, loaded) <= TOL
+    again = save_pruned(loaded, None, tmp_path / "again")  # a reloaded comp model exports unchanged
+    assert json.loads((again / "config.json").read_text())["comp_layers"] == \
+        json.loads((out / "config.json").read_text())["comp_layers"]
+
+
+def test_bias_on_a_stock_biased_dense_stays_stock(tmp_path):
+    model = tiny("opt")  # every OPT dense has a bias: compensation only changes its values
+    adapter = get_adapter(model)
+    add_output_bias(adapter.dense(adapter.blocks(model)[2], "fc2"), torch.ones(64))
+    out = save_pruned(model, None, tmp_path / "m")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "opt"
+    loaded, _ = load_pruned(out)
+    assert max_diff(model, loaded) <= TOL
+
+
+def test_records_without_added_bias_still_load():
+    config = make_config("llama")
+    record = {"mlp_width": 100, "heads": 2, "kv_heads": 1, "indexed": {}}  # a record written before the key
+    check_records([dict(record) for _ in range(6)], config, "llama")
+    config_cls, model_cls = comp_classes("llama")
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+    with torch.device("meta"):
+        model = model_cls(config_cls.from_dict({**values, "comp_layers": [dict(record) for _ in range(6)]}))
+    assert model.model.layers[0].mlp.down_proj.bias is None
+    assert model.model.layers[0].self_attn.num_key_value_groups == 2  # set_attention_heads: 2 heads over 1
+
+
+@pytest.mark.parametrize("added, message", [
+    ("mlp.down_proj", "list of distinct"),
+    (["mlp.down_proj", "mlp.down_proj"], "list of distinct"),
+    ([3], "list of distinct"),
+    (["mlp.nowhere"], "unknown denses"),
+])
+def test_check_records_rejects_bad_added_bias(added, message):
+    config = make_config("llama")
+    records = [{"mlp_width": 128, "heads": 4, "kv_heads": 2, "indexed": {}} for _ in range(6)]
+    records[2]["added_bias"] = added
+    with pytest.raises(ValueError, match=message):
+        check_records(records, config, "llama")
+
+
+def test_added_bias_on_a_stock_biased_dense_is_refused():
+    config = make_config("opt")
+    config_cls, model_cls = comp_classes("opt")
+    records = [{"mlp_width": 128, "heads": 4, "kv_heads": 4, "indexed": {}} for _ in range(6)]
+    records[0]["added_bias"] = ["fc2"]
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+    with pytest.raises(ValueError, match="already has a bias"), torch.device("meta"):
+        model_cls(config_cls.from_dict({**values, "comp_layers": records}))
 
 
 # ------------------------------------------------------------------------------------- atomic writes

@@ -8,9 +8,13 @@ differ per layer" (shared notes/hf-reload.md), so each supported family gets a t
 
       {"mlp_width": 1097,            # intermediate_size (Llama family) / ffn_dim (OPT) of this block
        "heads": 9, "kv_heads": 3,    # attention heads kept in this block (kv_heads == heads for OPT)
-       "indexed": {"self_attn.o_proj": 536}}   # denses that read only some input columns: kept count
+       "indexed": {"self_attn.o_proj": 536},   # denses that read only some input columns: kept count
+       "added_bias": ["self_attn.o_proj", "mlp.down_proj"]}   # optional: denses that gained a bias
 
-  Validation (``@strict`` + ``validate_architecture``) checks every record against the stock config.
+  ``added_bias`` lists the denses that have an output bias although the stock block has none (FLAP's bias
+  compensation gives o_proj / down_proj one); it is left out when empty, so records written before it
+  existed still load. Validation (``@strict`` + ``validate_architecture``) checks every record against
+  the stock config.
 * ``Comp<Base>ForCausalLM``: the stock model class; after the stock ``__init__`` has built full-size blocks
   (on the meta device inside ``from_pretrained``, so that costs nothing) each block's denses are replaced by
   modules of the recorded shapes. Weight names are unchanged, and an ``IndexedInputLinear`` adds one key,
@@ -29,7 +33,7 @@ import functools
 import torch
 from torch import nn
 
-from ..surgery import IndexedInputLinear
+from ..surgery import IndexedInputLinear, set_attention_heads
 from .adapters import LLAMA_FAMILY, OPT_FAMILY, ArchAdapter, UnsupportedModelError
 
 COMP_PREFIX = "comp_"
@@ -89,26 +93,54 @@ def mlp_names(adapter: ArchAdapter) -> tuple[tuple[str, ...], str]:
     return consumer.coupled_producers, consumer.name
 
 
-def block_record(denses: dict[str, nn.Module], adapter: ArchAdapter, head_dim: int) -> dict:
-    """The record (see module docstring) describing a block whose denses are ``denses`` (path -> module)."""
+_CONFIG_ONLY_KEYS = ("model_type", "transformers_version", "architectures", LAYERS_FIELD, "auto_map")
+
+
+def stock_biased(config, base_type: str) -> frozenset[str]:
+    """Denses that have an output bias in a stock block of ``config`` (stock or ``comp_<type>``).
+
+    Read from one stock block built on the meta device (no memory, no weights), so every family's own
+    rules (``attention_bias``, ``mlp_bias``, Qwen2's biased q/k/v, OPT's ``enable_bias``) apply unchanged.
+    """
+    import transformers
+
+    config_name, model_name = SUPPORTED[base_type]
+    values = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_ONLY_KEYS + ("layer_types",)}
+    values["num_hidden_layers"] = 1
+    stock_config = getattr(transformers, config_name).from_dict(values)
+    with torch.device("meta"):
+        stock = getattr(transformers, model_name)(stock_config)
+    adapter = adapter_for(base_type)
+    block = adapter.blocks(stock)[0]
+    return frozenset(d.name for d in adapter.denses if adapter.dense(block, d.name).bias is not None)
+
+
+def block_record(denses: dict[str, nn.Module], adapter: ArchAdapter, head_dim: int,
+                 stock_bias: frozenset[str] | set[str] = frozenset()) -> dict:
+    """The record (see module docstring) describing a block whose denses are ``denses`` (path -> module);
+    ``stock_bias``: the denses a stock block has a bias in (``stock_biased``), so the others' are recorded."""
     names = dense_names(adapter)
     _, consumer = mlp_names(adapter)
     down = denses[consumer]
     indexed = {name: int(module.input_index.numel()) for name, module in denses.items()
                if isinstance(module, IndexedInputLinear)}
-    return {
+    record = {
         "mlp_width": int(down.in_features),  # an IndexedInputLinear's in_features is the width it reads
         "heads": int(denses[names["q"]].out_features // head_dim),
         "kv_heads": int(denses[names["k"]].out_features // head_dim),
         "indexed": indexed,
     }
+    added = [d.name for d in adapter.denses if denses[d.name].bias is not None and d.name not in stock_bias]
+    if added:
+        record["added_bias"] = added
+    return record
 
 
 def is_stock_record(record: dict, config, base_type: str) -> bool:
-    """True when a block has exactly the stock shapes (nothing but whole-block removal happened to it)."""
+    """True when a block has exactly the stock shapes and biases (nothing but whole-block removal happened)."""
     heads, kv_heads = full_heads(config)
     return (record["mlp_width"] == getattr(config, mlp_width_attr(base_type)) and record["heads"] == heads
-            and record["kv_heads"] == kv_heads and not record["indexed"])
+            and record["kv_heads"] == kv_heads and not record["indexed"] and not record.get("added_bias"))
 
 
 def check_records(records, config, base_type: str) -> None:
@@ -138,6 +170,13 @@ def check_records(records, config, base_type: str) -> None:
                 raise ValueError(f"{LAYERS_FIELD}[{i}].indexed: unknown dense '{name}' (known: {sorted(dims)})")
             if not isinstance(kept, int) or kept < 1:
                 raise ValueError(f"{LAYERS_FIELD}[{i}].indexed['{name}'] must be an integer >= 1, got {kept!r}")
+        added = rec.get("added_bias", [])
+        if (not isinstance(added, (list, tuple)) or not all(isinstance(n, str) for n in added)
+                or len(set(added)) != len(added)):
+            raise ValueError(f"{LAYERS_FIELD}[{i}].added_bias must be a list of distinct dense names, got {added!r}")
+        unknown = sorted(set(added) - dims)
+        if unknown:
+            raise ValueError(f"{LAYERS_FIELD}[{i}].added_bias: unknown denses {unknown} (known: {sorted(dims)})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,27 +197,28 @@ def apply_record(block: nn.Module, record: dict, adapter: ArchAdapter, head_dim:
     shapes = {names["q"]: (None, heads * head_dim), names["k"]: (None, kv_heads * head_dim),
               names["v"]: (None, kv_heads * head_dim), names["o"]: (heads * head_dim, None),
               consumer: (width, None), **{p: (None, width) for p in producers}}
+    added = set(record.get("added_bias", ()))
     for spec in adapter.denses:
         old = adapter.dense(block, spec.name)
         d_in, d_out = shapes[spec.name]
         d_in = old.in_features if d_in is None else d_in
         d_out = old.out_features if d_out is None else d_out
-        has_bias = old.bias is not None
+        if spec.name in added and old.bias is not None:
+            raise ValueError(f"{LAYERS_FIELD}: '{spec.name}' is listed in added_bias but a stock block already "
+                             "has a bias there")
+        has_bias = old.bias is not None or spec.name in added
         if spec.name in record["indexed"]:
             kept = record["indexed"][spec.name]
             new = IndexedInputLinear(
                 torch.empty(d_out, kept, device=old.weight.device, dtype=old.weight.dtype),  # (d_out, k)
                 torch.empty(d_out, device=old.weight.device, dtype=old.weight.dtype) if has_bias else None,
                 torch.zeros(kept, dtype=torch.long, device=old.weight.device), d_in)
-        elif (d_in, d_out) != (old.in_features, old.out_features):
+        elif (d_in, d_out) != (old.in_features, old.out_features) or has_bias != (old.bias is not None):
             new = _linear(d_in, d_out, has_bias, old)
         else:
             continue
         _set_path(block, spec.name, new)
-    if adapter is OPT_FAMILY:
-        attn.num_heads = heads
-    else:
-        attn.num_key_value_groups = heads // kv_heads
+    set_attention_heads(attn, heads, kv_heads)
     assert attn.head_dim == head_dim, (attn.head_dim, head_dim)
 
 
