@@ -120,12 +120,11 @@ def select_global(scores: torch.Tensor, costs: torch.Tensor, remove: float,
     return keep
 
 
-def flap_reference_mask(scores: torch.Tensor, weights: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The reference's AL-AM rule verbatim (for comparison): ``score > sorted[argmin |cumsum(w) − Σw·(1−r)|]``."""
-    sorted_scores, order = torch.sort(scores, descending=True)
-    cum = torch.cumsum(weights[order], 0)
-    threshold = sorted_scores[torch.argmin(torch.abs(cum - weights.sum() * (1 - ratio)))]
-    return scores > threshold
+def flap_scores(o_metric: torch.Tensor, down_metric: torch.Tensor, units: AttentionUnits
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's AL-AM scores from its raw WIFV metrics: attention units (the o_proj metric squared,
+    standardised, averaged per unit) and MLP channels (standardised): (units,), (channels,) float64."""
+    return unit_scores(standardise(o_metric.pow(2)), units), standardise(down_metric)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,6 +167,8 @@ class Flap(Method):
         metrics: dict[int, _LayerMetrics] = {}
 
         def measure(v: BlockVisit) -> None:
+            if v.index not in shapes:  # protected
+                return None
             metrics[v.index] = _LayerMetrics(
                 o=wifv(adapter.dense(v.block, o_name).weight, v.stats[o_name].variance).cpu(),
                 down=wifv(adapter.dense(v.block, down_name).weight, v.stats[down_name].variance).cpu())
@@ -219,11 +220,12 @@ def select_cuts(metrics: dict[int, _LayerMetrics], shapes: dict[int, BlockShape]
     layers = sorted(shapes)
     names = dense_by_kind(adapter)
     o_name, down_name = names["o"], mlp_consumer(adapter)
+    layer_scores = {layer: flap_scores(metrics[layer].o, metrics[layer].down, shapes[layer].units)
+                    for layer in layers}
     scores, costs, forced, owner = [], [], [], []  # owner: (layer, "unit"/"channel", count)
-    for kind in ("unit", "channel"):  # all attention scores first, then all MLP scores, as the reference
+    for position, kind in enumerate(("unit", "channel")):  # all attention scores, then all MLP scores
         for layer in layers:
-            shape, m = shapes[layer], metrics[layer]
-            s = unit_scores(standardise(m.o.pow(2)), shape.units) if kind == "unit" else standardise(m.down)
+            shape, s = shapes[layer], layer_scores[layer][position]
             cost = shape.unit_params if kind == "unit" else shape.channel_params
             top = torch.zeros(s.numel(), dtype=torch.bool)
             top[int(torch.argmax(s))] = True  # torch.argmax: the first maximum
