@@ -55,9 +55,11 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float):
     w[:, dead] = 0.0
     damp = percdamp * torch.mean(torch.diag(h))
     h.diagonal().add_(damp)
-    lower = torch.linalg.cholesky(h)
-    h_inv = torch.cholesky_inverse(lower)
-    upper = torch.linalg.cholesky(h_inv, upper=True)
+    # U (upper, H⁻¹ = UᵀU) without forming H⁻¹: with J the reversal, J H J = L̃ L̃ᵀ gives U = J L̃⁻¹ J.
+    # Same factor as SparseGPT's cholesky(cholesky_inverse(cholesky(H)), upper=True), one factorisation fewer.
+    flipped = torch.linalg.cholesky(h.flip(0, 1))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    upper = torch.linalg.solve_triangular(flipped, eye, upper=False).flip(0, 1)
     return w, upper, dead
 
 
@@ -135,22 +137,41 @@ def apt(weight: torch.Tensor, hessian: torch.Tensor, pattern: SparsityPattern, *
                 mask1 = torch.zeros_like(w1, dtype=torch.bool)
                 if k:
                     mask1.view(-1)[torch.sort(saliency.flatten(), stable=True).indices[:k]] = True
-        pruned = mask1.to(w.dtype)  # (rows, b)
-        # per row: solve (H_F⁻¹)_QQ λ = w_Q, padded to the block with the identity outside Q
-        system = pruned.unsqueeze(2) * g_bb.unsqueeze(0) * pruned.unsqueeze(1)  # (rows, b, b)
-        system = system + torch.diag_embed(1.0 - pruned)
-        rhs = (w1 * pruned).unsqueeze(2)  # (rows, b, 1)
-        lower, info = torch.linalg.cholesky_ex(system)
-        if int(info.max()) != 0:  # a numerically singular sub-block: fall back to a general solve
-            lam = torch.linalg.solve(system, rhs)
-        else:
-            lam = torch.cholesky_solve(rhs, lower)
-        lam = lam.squeeze(2)  # (rows, b)
-        loss += float((lam * (w1 * pruned)).sum()) / 2
+        lam = _joint_multipliers(w1, g_bb, mask1)  # (rows, b), zero outside each row's removed set
+        loss += float((lam * w1.masked_fill(~mask1, 0.0)).sum()) / 2
         w[:, i1:] -= lam @ g_block
         w[:, i1:i2][mask1] = 0.0  # exact zeros (the update leaves rounding-level residues)
         full_mask[:, i1:i2] = mask1
     return ObsResult(weight=w.to(weight.dtype), mask=full_mask, loss=loss)
+
+
+def _joint_multipliers(w1: torch.Tensor, g_bb: torch.Tensor, mask1: torch.Tensor) -> torch.Tensor:
+    """λ_r = [(H_F⁻¹)_{Q_r Q_r}]⁻¹ w_{r,Q_r} for every row r, as one batched solve.
+
+    Each row's system is gathered to the largest |Q_r| of the block (rows with fewer removed weights are
+    padded with identity rows and zero right-hand sides), so the cost is rows × k³/3 with k ≈ the removed
+    share of the block, not the block size. (rows, b) float64, zero outside each row's removed set.
+    """
+    rows, b = w1.shape
+    counts = mask1.sum(dim=1)  # (rows,)
+    k = int(counts.max()) if rows else 0
+    lam = torch.zeros_like(w1)
+    if k == 0:
+        return lam
+    # removed columns first (stable), so position p < counts[r] holds row r's p-th removed column
+    order = torch.sort((~mask1).to(torch.int8), dim=1, stable=True).indices[:, :k]  # (rows, k)
+    valid = torch.arange(k, device=w1.device).unsqueeze(0) < counts.unsqueeze(1)  # (rows, k)
+    system = g_bb[order.unsqueeze(2), order.unsqueeze(1)]  # (rows, k, k)
+    both = valid.unsqueeze(2) & valid.unsqueeze(1)
+    system = torch.where(both, system, torch.zeros((), dtype=system.dtype)) + torch.diag_embed((~valid).to(system.dtype))
+    rhs = torch.where(valid, torch.gather(w1, 1, order), torch.zeros((), dtype=w1.dtype)).unsqueeze(2)  # (rows, k, 1)
+    lower, info = torch.linalg.cholesky_ex(system)
+    if int(info.max()) != 0:  # a numerically singular sub-block: fall back to a general solve
+        solved = torch.linalg.solve(system, rhs)
+    else:
+        solved = torch.cholesky_solve(rhs, lower)
+    solved = torch.where(valid, solved.squeeze(2), torch.zeros((), dtype=w1.dtype))
+    return lam.scatter_(1, order, solved)
 
 
 def least_squares_given_mask(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor,

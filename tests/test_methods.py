@@ -29,9 +29,9 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.conftest import ARCHS, make_calib, make_tiny_model
 
-STRUCTURED = ["comp", "comp-layers", "comp-neurons", "shortgpt", "wanda-sp", "wanda-sp+mask", "magnitude-sp",
+STRUCTURED = ["comp", "comp-layers", "comp-neurons", "shortgpt", "flap", "wanda-sp", "wanda-sp+mask", "magnitude-sp",
               "magnitude-sp+mask"]
-EXACT_RATIO = ["comp", "comp-neurons", "wanda-sp", "wanda-sp+mask", "magnitude-sp", "magnitude-sp+mask"]
+EXACT_RATIO = ["comp", "comp-neurons", "flap", "wanda-sp", "wanda-sp+mask", "magnitude-sp", "magnitude-sp+mask"]
 
 
 def _logits(model, ids):
@@ -108,7 +108,7 @@ def test_realised_ratio_is_the_parameters_really_gone(arch, method, calib):
     assert out.shape == (2, calib.shape[1], model.config.vocab_size) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("method", ["wanda-sp", "magnitude-sp+mask", "shortgpt", "comp"])
+@pytest.mark.parametrize("method", ["wanda-sp", "magnitude-sp+mask", "shortgpt", "comp", "flap"])
 def test_pruned_models_save_and_reload_exactly(arch, method, calib, tmp_path):
     ratio = 0.2 if method.startswith(("comp", "shortgpt")) else 0.5  # 0.5 removes attention units too
     pruned, result = prune_with(method, make_tiny_model(arch), calib, ratio=ratio)
