@@ -9,6 +9,8 @@ asks for ``tiny_model`` runs once per architecture unless it parametrises ``arch
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -83,3 +85,19 @@ def one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A tiny Llama saved as a model folder with the tiny tokenizer: what a user points ``--model`` at."""
+    try:
+        from tiny_tokenizer import make_tiny_tokenizer
+    except ImportError:  # tests/ imported as a package
+        from tests.tiny_tokenizer import make_tiny_tokenizer
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder

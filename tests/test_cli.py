@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from comp_core.cli import main
-
-try:
-    from tiny_tokenizer import make_tiny_tokenizer
-except ImportError:  # tests/ imported as a package
-    from tests.tiny_tokenizer import make_tiny_tokenizer
 
 DATA = Path(os.environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not (DATA / "wikitext2" / "wiki.test.raw").exists(), reason="no local data sets")
@@ -27,17 +21,6 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("COMP_DATA_DIR", str(DATA))
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    make_tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def run_json(capsys, *args: str) -> dict:

@@ -6,17 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from comp_core import data
 from comp_core.cli import main
 from comp_core.compare import compare_methods, rows_table
 
 try:
-    from tiny_tokenizer import _CORPUS, make_tiny_tokenizer
+    from tiny_tokenizer import _CORPUS
 except ImportError:  # tests/ imported as a package
-    from tests.tiny_tokenizer import _CORPUS, make_tiny_tokenizer
+    from tests.tiny_tokenizer import _CORPUS
 
 try:
     from conftest import make_calib
@@ -35,17 +33,6 @@ def own_data(monkeypatch, tmp_path) -> Path:
     data.clear_token_cache()
     yield folder
     data.clear_token_cache()
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    make_tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_compare_methods_rows(own_data, tiny_folder):

@@ -25,9 +25,9 @@ from comp_core.runtime import count_parameters
 from comp_core.stats import InputStats
 
 try:
-    from conftest import ARCHS, make_calib, make_tiny_model
+    from conftest import make_calib, make_tiny_model
 except ImportError:  # tests/ imported as a package
-    from tests.conftest import ARCHS, make_calib, make_tiny_model
+    from tests.conftest import make_calib, make_tiny_model
 
 STRUCTURED = ["comp", "comp-layers", "comp-neurons", "shortgpt", "flap", "wanda-sp", "wanda-sp+mask", "magnitude-sp",
               "magnitude-sp+mask"]

@@ -14,9 +14,9 @@ from comp_core.runtime import count_parameters
 from comp_core.sparsity import SparsityPattern, holds_pattern, matrix_mask, nm_mask, row_mask, zero_counts
 
 try:
-    from conftest import make_calib, make_tiny_model
+    from conftest import make_tiny_model
 except ImportError:
-    from tests.conftest import make_calib, make_tiny_model
+    from tests.conftest import make_tiny_model
 
 MASK_METHODS = ["magnitude", "wanda", "sparsegpt", "apt"]
 PATTERNS = ["0.5", "2:4", "4:8"]
