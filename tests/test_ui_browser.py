@@ -2,8 +2,10 @@
 
 tiny Llama folder → bad model shows a message → Analyse → plots rendered → instant what-if → Prune (measured
 again: the ratio moved) → Evaluate → the results table has a row; then the Compare tab: two methods, two ratios,
-two windows → rows streamed into the table, the perplexity plot and one method's layer/neuron views rendered.
-Screenshots go to the test's tmp dir (printed with ``-s``; the Compare tab also to /tmp/compare_tab.png).
+two windows, plus one mask method (magnitude) at 2:4 → rows streamed into the table, the perplexity plot (masks
+in their own panel), the mask row's sparsity views and one structured method's layer/neuron views rendered.
+Screenshots go to the test's tmp dir (printed with ``-s``; the Compare tab also to /tmp/compare_tab.png, its mask
+views to /tmp/compare_masks.png).
 Skipped when playwright, chromium or the local data sets are missing (CI installs chromium: see .ci/run).
 """
 from __future__ import annotations
@@ -188,10 +190,13 @@ def test_compare_tab_in_a_browser(app_url, browser):
     methods.wait_for(timeout=30_000)
     for box in methods.locator("input[type=checkbox]").all():
         box.uncheck()
-    for name in ("comp-layers", "comp"):
+    for name in ("comp-layers", "comp", "magnitude"):
         methods.get_by_label(name, exact=True).check()
     ratios = page.locator("#compare-ratios textarea, #compare-ratios input").first
     ratios.fill("0.2, 0.3")
+    sparsities = page.locator("#compare-sparsities textarea, #compare-sparsities input").first
+    assert sparsities.input_value() == "0.5, 2:4"
+    sparsities.fill("2:4")
     _set_number(page, "compare-windows", 2)
 
     started = time.perf_counter()
@@ -200,15 +205,32 @@ def test_compare_tab_in_a_browser(app_url, browser):
     seconds = time.perf_counter() - started
     table = page.locator("#compare-table")
     page.wait_for_function("document.querySelector('#compare-table [role=grid]')"
-                           "?.getAttribute('aria-rowcount') === '6'", timeout=30_000)  # header, original, 4 rows
+                           "?.getAttribute('aria-rowcount') === '7'", timeout=30_000)  # header, original, 5 rows
     text = table.inner_text()
-    assert "comp-layers" in text and "original" in text and "C5" in text
+    assert "comp-layers" in text and "original" in text and "C6" in text
+    mask_row = table.locator("[role=row]", has_text="C6").first.inner_text()
+    assert "magnitude" in mask_row and "2:4" in mask_row and "nothing removed" in mask_row, mask_row
+    headers = [h.strip() for h in table.locator("[role=columnheader]").all_inner_texts()]
+    assert "sparsity" in headers and "zeros of all params" in headers, headers
     page.wait_for_function("document.querySelectorAll('#plot-compare .js-plotly-plot .scatterlayer .trace')"
-                           ".length >= 3", timeout=30_000)  # the original and one line per method
+                           ".length >= 4", timeout=30_000)  # the original, one line per method, the masks
     legend = page.eval_on_selector_all("#plot-compare .legendtext", "els => els.map(e => e.textContent)")
-    assert {"original", "comp-layers", "comp"} <= set(legend), legend
-    # where the last row's method (comp at 30 %) cut: layer bars and the neuron map
+    assert {"original", "comp-layers", "comp", "magnitude"} <= set(legend), legend
+    assert page.locator("#plot-compare .x2tick text", has_text="2:4").count() == 1  # the masks' panel
+    # the last row (magnitude at 2:4): zeroed share per layer and the layers × denses sparsity map
+    page.wait_for_selector("#compare-plan-note >> text=magnitude @ 2:4", timeout=30_000)
+    assert "nothing removed" in page.locator("#compare-plan-note").inner_text()
+    page.wait_for_selector("#plot-compare-bars >> text=Zeroed share", timeout=30_000)
+    assert _traces(page, "plot-compare-bars", ".barlayer .trace") >= 1
+    page.wait_for_function("document.querySelectorAll('#plot-compare-heatmap .heatmaplayer image').length > 0",
+                           timeout=30_000)
+    assert page.locator("#plot-compare-heatmap .heatmaplayer text", has_text="50.0%").count() >= 6
+    page.locator("#tab-compare").screenshot(path="/tmp/compare_masks.png")
+    # where comp at 30 % cut: layer bars and the neuron map
+    page.locator("#compare-plan input").click()
+    page.get_by_role("option", name="C5 · comp @ 30%").click()
     page.wait_for_selector("#compare-plan-note >> text=comp @ 30%", timeout=30_000)
+    page.wait_for_selector("#plot-compare-bars >> text=Removed parameters", timeout=30_000)
     assert _traces(page, "plot-compare-bars", ".barlayer .trace") >= 2  # pruned neurons + a removed layer
     page.wait_for_function("document.querySelectorAll('#plot-compare-heatmap .heatmaplayer image').length > 0",
                            timeout=30_000)

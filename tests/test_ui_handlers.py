@@ -267,9 +267,13 @@ def test_prune_after_analyse_applies_the_analysed_plan(folder):
 def test_method_dropdown_runs_any_registered_method(folder):
     from comp_core.methods import method_names
 
-    other = next(n for n in method_names() if not sidebar.uses_comp_controls(n))
-    note, group = sidebar.select_method(other)
+    from comp_core.methods import get_method
+
+    other = next(n for n in method_names() if not sidebar.uses_comp_controls(n)
+                 and get_method(n).kind == "structured")
+    note, group, ratio, sparsity = sidebar.select_method(other)
     assert group["visible"] is False and "Only the target ratio applies" in note
+    assert ratio["visible"] is True and sparsity["visible"] is False
     assert sidebar.select_method("comp")[1]["visible"] is True
     assert [v for _, v in sidebar.method_choices()] == method_names()
     session = Session()
@@ -289,3 +293,50 @@ def test_method_settings_follow_the_registry(folder):
     assert (layers.granularity, layers.remove_layers, layers.protected, layers.score) == ("layers", 2, (0, 5), "obs")
     comp = sidebar.method_settings(session, "comp", 0.3, 2, False, [0, 5], "obs", False, "identical", None, 3)
     assert comp == sidebar.session_config(session, 0.3, 2, False, [0, 5], "obs", False, "identical", None, 3)
+
+
+def test_sidebar_shows_the_sparsity_for_mask_and_composed_methods():
+    note, group, ratio, sparsity = sidebar.select_method("magnitude")
+    assert (group["visible"], ratio["visible"], sparsity["visible"]) == (False, False, True)
+    assert "Only the sparsity applies" in note and "removes none" in note
+    note, group, ratio, sparsity = sidebar.select_method("comp+nm")
+    assert (group["visible"], ratio["visible"], sparsity["visible"]) == (False, True, True)
+    assert "target ratio" in note and "sparsity" in note
+    _, _, ratio, sparsity = sidebar.select_method("comp")
+    assert (ratio["visible"], sparsity["visible"]) == (True, False)
+    assert sidebar.parse_sparsity("2:4") == "2:4" and sidebar.parse_sparsity(" 4 : 8 ") == "4:8"
+    assert sidebar.parse_sparsity("50%") == "0.5" and sidebar.parse_sparsity(0.6) == "0.6"
+    for bad in ("", "0", "1.5", "4:2", "half"):
+        with pytest.raises(ValueError):
+            sidebar.parse_sparsity(bad)
+    session = Session()
+    masks = sidebar.method_settings(session, "magnitude", 0.3, 1, False, None, "diag", True, "identical", None, 3,
+                                    "2:4")
+    assert masks.sparsity == "2:4" and not hasattr(masks, "ratio")
+    assert sidebar.method_settings(session, "wanda", *plan_args()[:-1], 3, None).sparsity == "0.5"  # the default
+    both = sidebar.method_settings(session, "comp+nm", *plan_args(ratio=0.25)[:-1], 3, "4:8")
+    assert (both.ratio, both.sparsity) == (0.25, "4:8")
+
+
+def test_prune_with_a_mask_method_says_nothing_was_removed(folder):
+    session = Session()
+    status, table, fig, _ = runs.run_prune(session, *data_args(folder), *plan_args(), method="magnitude",
+                                           sparsity="2:4", progress=no_progress)
+    assert "R1: masked</b> with <b>magnitude" in status and "2:4 masks" in status and "nothing removed" in status
+    assert "pruned 0.00%" not in status
+    row = table[table["run"] == "R1"].iloc[0]
+    assert row["realised ratio"] == runs.NOTHING_REMOVED and row["sparsity"] == "2:4"
+    assert row["zeros of all params"].endswith("%") and 30 < float(row["zeros of all params"][:-1]) < 50
+    assert row["params"] == table[table["run"] == "original"].iloc[0]["params"]  # nothing removed
+    original = table[table["run"] == "original"].iloc[0]
+    assert original["sparsity"] == "" and original["zeros of all params"] == ""
+    assert session.runs[-1]["zeros in linears"] == pytest.approx(0.5)
+    with pytest.raises(gr.Error, match="N:M"):
+        runs.run_prune(session, *data_args(folder), *plan_args(), method="magnitude", sparsity="2:x",
+                       progress=no_progress)
+    # composed: the structural ratio, then the masks
+    status, table, *_ = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.2), method="comp+nm",
+                                       sparsity="2:4", progress=no_progress)
+    assert "pruned 20" in status and "then 2:4 masks" in status
+    row = table[table["run"] == "R2"].iloc[0]
+    assert row["realised ratio"].startswith("20.") and row["sparsity"] == "2:4"

@@ -93,3 +93,15 @@ def test_ppl_vs_ratio_and_empty_figure():
     assert fig.layout.yaxis.type == "log"
     empty = plots.ppl_vs_ratio([{"run": "R1", "realised ratio": 0.2}])
     assert not empty.data and "Evaluate" in empty.layout.annotations[0].text
+
+
+def test_ppl_vs_ratio_shows_mask_runs_apart_from_the_line():
+    runs = [{"run": "original", "realised ratio": 0.0, "ppl wikitext2": 20.0},
+            {"run": "R1", "kind": "structured", "realised ratio": 0.2, "ppl wikitext2": 35.0},
+            {"run": "R2", "kind": "unstructured", "sparsity": "2:4", "realised ratio": 0.0, "ppl wikitext2": 30.0}]
+    fig = plots.ppl_vs_ratio(runs)
+    assert _names(fig) == ["wikitext2 · masks", "wikitext2"]
+    masks, line = fig.data
+    assert list(masks.x) == [0.0] and list(masks.text) == ["R2 2:4"] and masks.mode == "markers+text"
+    assert list(line.text) == ["original", "R1"]  # the line runs through removals only
+    assert plots.is_mask_row(runs[2]) and not plots.is_mask_row(runs[1])

@@ -320,6 +320,26 @@ def dense_detail(scores: np.ndarray, pruned: np.ndarray, title: str) -> go.Figur
 # ------------------------------------------------------------------------------------------------- runs
 
 
+def is_mask_row(row: Mapping) -> bool:
+    """Whether a runs / Compare row comes from a mask method (weights zeroed, none removed)."""
+    return row.get("kind") == "unstructured"
+
+
+def pattern_order(label: str) -> tuple:
+    """Sort key of a sparsity label: by the share it zeroes, unstructured before N:M, then by M."""
+    text = str(label)
+    if ":" in text:
+        n, _, m = text.partition(":")
+        try:
+            return (int(n) / int(m), 1, int(m), text)
+        except (ValueError, ZeroDivisionError):
+            return (math.inf, 2, 0, text)
+    try:
+        return (float(text), 0, 0, text)
+    except ValueError:
+        return (math.inf, 2, 0, text)
+
+
 def ppl_vs_ratio(runs: Sequence[Mapping], datasets: Sequence[str] = ("wikitext2", "ptb", "c4"),
                  title: str = "Perplexity vs realised ratio (all runs of this session)") -> go.Figure:
     """One line per evaluation set through every run that has a perplexity for it (log y).
@@ -330,13 +350,21 @@ def ppl_vs_ratio(runs: Sequence[Mapping], datasets: Sequence[str] = ("wikitext2"
     any_point = False
     for ds in datasets:
         key = f"ppl {ds}"
-        points = [(r["realised ratio"], r[key], str(r["run"])) for r in runs
-                  if r.get(key) is not None and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
-                  and r.get("realised ratio") is not None]
+        measured = [r for r in runs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+                    and r.get("realised ratio") is not None]
+        masks = [r for r in measured if is_mask_row(r)]
+        points = sorted((r["realised ratio"], r[key], str(r["run"])) for r in measured if not is_mask_row(r))
+        if masks:  # nothing removed: markers at 0, not a point of the line through the removals
+            any_point = True
+            fig.add_trace(go.Scatter(
+                x=[0.0] * len(masks), y=[r[key] for r in masks], mode="markers+text", name=f"{ds} · masks",
+                text=[f"{r['run']} {r.get('sparsity') or ''}".strip() for r in masks], textposition="middle right",
+                marker={"symbol": "diamond-open", "size": 10, "line": {"width": 2},
+                        "color": DATASET_COLORS.get(ds, COLORS["primary"])}, textfont={"size": 9},
+                hovertemplate=f"{ds}<br>run %{{text}} (masks: nothing removed)<br>ppl %{{y:.2f}}<extra></extra>"))
         if not points:
             continue
         any_point = True
-        points.sort()
         fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], text=[p[2] for p in points],
                                  mode="lines+markers+text", textposition="top center", name=ds,
                                  line={"color": DATASET_COLORS.get(ds, COLORS["primary"]), "width": 2},
@@ -362,6 +390,13 @@ def method_color(method: str, order: Sequence[str]) -> str:
 
 
 _DASHES = ("solid", "dash", "dot", "dashdot")
+_SYMBOLS = ("circle", "square", "triangle-up", "diamond", "cross")
+_MASK_SYMBOLS = ("diamond", "circle", "square", "triangle-up")
+
+
+def _ppl(row: Mapping, ds: str) -> float | None:
+    value = row.get(f"ppl {ds}")
+    return value if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
 
 
 def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequence[str] = (),
@@ -369,47 +404,178 @@ def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequen
     """One line per method (per evaluation set when there are several: dashed for the second, …), log y;
     the original as a star at ratio 0 and, for reference, the start of every line.
 
-    ``rows``: the Compare table's rows as dicts with "method", "realised ratio", "ppl <set>" (and "error").
+    Composed rows (structure removed, then masks) get one line per sparsity, through their realised
+    (structural) ratios. Mask rows (``kind`` "unstructured": weights zeroed, none removed) have no place on a
+    ratio axis: they go to a second, narrow panel with the sparsity patterns as categories, one marker per
+    method and pattern, the original's perplexity as a dotted line.
+
+    ``rows``: the Compare table's rows as dicts with "method", "kind", "realised ratio", "target",
+    "sparsity", "ppl <set>" (and "error", "zeros of all params").
     """
-    fig = go.Figure()
+    good = [r for r in rows if not r.get("error")]
+    masks = [r for r in good if is_mask_row(r) and r.get("sparsity")]
+    patterns = sorted({str(r["sparsity"]) for r in masks}, key=pattern_order)
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, column_widths=[0.72, 0.28], horizontal_spacing=0.03,
+                        subplot_titles=("structured: by realised ratio", "masks (nothing removed): by pattern")
+                        ) if masks else go.Figure()
+
+    def add(trace, col: int = 1) -> None:
+        if masks:
+            fig.add_trace(trace, row=1, col=col)
+        else:
+            fig.add_trace(trace)
+
     original = [r for r in rows if r.get("method") == "original"]
-    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("method") != "original"))
-    values = []
-
-    def ppl(row, ds):
-        value = row.get(f"ppl {ds}")
-        return value if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
-
+    # one line per (method, sparsity of a composed method)
+    groups = list(dict.fromkeys((r["method"], r.get("sparsity") if r.get("kind") == "composed" else None)
+                                for r in good if r.get("method") != "original" and not is_mask_row(r)))
+    composed_patterns = sorted({g[1] for g in groups if g[1]}, key=pattern_order)
+    mask_methods = list(dict.fromkeys(r["method"] for r in masks))
+    values, line_x, plotted = [], [], False
     several = len(eval_sets) > 1
     for k, ds in enumerate(eval_sets):
-        base = next((ppl(r, ds) for r in reversed(original) if ppl(r, ds) is not None), None)
+        base = next((_ppl(r, ds) for r in reversed(original) if _ppl(r, ds) is not None), None)
         if base is not None:
             values.append(base)
-            fig.add_trace(go.Scatter(x=[0.0], y=[base], mode="markers", name=f"original · {ds}" if several else
-                                     "original", marker={"symbol": "star", "size": 13, "color": COLORS["ink"]},
-                                     hovertemplate=f"original<br>{ds} ppl %{{y:.2f}}<extra></extra>"))
-        for method in methods:
-            points = sorted((r["realised ratio"], ppl(r, ds), f"{r['target']:.0%}") for r in rows
-                            if r.get("method") == method and not r.get("error") and ppl(r, ds) is not None
+            line_x.append(0.0)
+            add(go.Scatter(x=[0.0], y=[base], mode="markers", name=f"original · {ds}" if several else "original",
+                           marker={"symbol": "star", "size": 13, "color": COLORS["ink"]},
+                           hovertemplate=f"original<br>{ds} ppl %{{y:.2f}}<extra></extra>"))
+        for method, sparsity in groups:
+            points = sorted((r["realised ratio"], _ppl(r, ds), f"{r['target']:.0%}") for r in good
+                            if r.get("method") == method and _ppl(r, ds) is not None
+                            and (r.get("sparsity") if r.get("kind") == "composed" else None) == sparsity
                             and isinstance(r.get("realised ratio"), (int, float)))
             if not points:
                 continue
-            if base is not None:
+            if base is not None and sparsity is None:  # a composed line never passes through the original
                 points = [(0.0, base, "original")] + points
             values += [p[1] for p in points]
-            fig.add_trace(go.Scatter(
+            line_x += [p[0] for p in points]
+            plotted = True
+            label = f"{method} {sparsity}" if sparsity else method
+            symbol = _SYMBOLS[1 + composed_patterns.index(sparsity) % (len(_SYMBOLS) - 1)] if sparsity else "circle"
+            add(go.Scatter(
                 x=[p[0] for p in points], y=[p[1] for p in points], customdata=[p[2] for p in points],
-                mode="lines+markers", name=f"{method} · {ds}" if several else method,
+                mode="lines+markers", name=f"{label} · {ds}" if several else label,
                 line={"color": method_color(method, order), "width": 2, "dash": _DASHES[k % len(_DASHES)]},
-                marker={"size": 7},
-                hovertemplate=(f"{method}<br>target %{{customdata}}<br>realised %{{x:.1%}}<br>{ds} ppl %{{y:.2f}}"
+                marker={"size": 8 if sparsity else 7, "symbol": symbol},
+                hovertemplate=(f"{label}<br>target %{{customdata}}<br>realised %{{x:.1%}}<br>{ds} ppl %{{y:.2f}}"
                                "<extra></extra>")))
-    if not any(t.mode == "lines+markers" for t in fig.data):
+        if masks:
+            if base is not None:
+                add(go.Scatter(x=[-0.5, len(patterns) - 0.5], y=[base, base], mode="lines", showlegend=False,
+                               line={"color": COLORS["ink"], "width": 1, "dash": "dot"},
+                               hovertemplate=f"original<br>{ds} ppl %{{y:.2f}}<extra></extra>"), col=2)
+            width = min(0.16, 0.64 / max(1, len(mask_methods)))
+            for j, method in enumerate(mask_methods):
+                hits = sorted(((patterns.index(str(r["sparsity"])), _ppl(r, ds), r) for r in masks
+                               if r["method"] == method and _ppl(r, ds) is not None), key=lambda h: h[0])
+                if not hits:
+                    continue
+                plotted = True
+                values += [h[1] for h in hits]
+                offset = (j - (len(mask_methods) - 1) / 2) * width
+                zeros = [r.get("zeros of all params") for _, _, r in hits]
+                add(go.Scatter(
+                    x=[i + offset for i, _, _ in hits], y=[v for _, v, _ in hits],
+                    customdata=[[str(r["sparsity"]), f"{z:.1%}" if isinstance(z, float) else "—"]
+                                for (_, _, r), z in zip(hits, zeros)],
+                    mode="markers", name=f"{method} · {ds}" if several else method,
+                    marker={"symbol": _MASK_SYMBOLS[k % len(_MASK_SYMBOLS)], "size": 10,
+                            "color": method_color(method, order), "line": {"color": COLORS["ink"], "width": 1}},
+                    hovertemplate=(f"{method} (masks)<br>pattern %{{customdata[0]}}<br>zeros of all params "
+                                   f"%{{customdata[1]}}<br>{ds} ppl %{{y:.2f}}<extra></extra>")), col=2)
+    if not plotted:
         return empty_figure("Run a comparison to see perplexity against the realised ratio.", title)
-    top = max(max(t.x) for t in fig.data)
+    top = max(line_x) if line_x else 0.0
+    left = {"row": 1, "col": 1} if masks else {}
     fig.update_xaxes(title_text="realised ratio (share of parameters removed)", tickformat=".0%",
-                     gridcolor=COLORS["grid"], range=[-0.03 - 0.03 * top, top * 1.08 + 0.03])
+                     gridcolor=COLORS["grid"], range=[-0.03 - 0.03 * top, top * 1.08 + 0.03], **left)
+    if masks:
+        fig.update_xaxes(title_text="sparsity pattern", tickmode="array", tickvals=list(range(len(patterns))),
+                         ticktext=patterns, range=[-0.5, len(patterns) - 0.5], gridcolor=COLORS["grid"],
+                         row=1, col=2)
+        fig.update_annotations(font={"size": 11, "color": COLORS["muted"]})
     # 1-2-5 ticks over a wide range; plotly's own ticks when the values sit close together (none would show)
     ticks = _log_ticks(values) if max(values) / min(values) > 3 else {}
-    fig.update_yaxes(title_text="perplexity (log)", type="log", gridcolor=COLORS["grid"], **ticks)
-    return _layout(fig, title, height=360)
+    fig.update_yaxes(type="log", gridcolor=COLORS["grid"], **ticks)
+    fig.update_yaxes(title_text="perplexity (log)", **left)
+    return _layout(fig, title, height=360 if not masks else 380)
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+def sparsity_bars(n_layers: int, layer_ratios: Mapping[int, float], protected: Sequence[int] = (),
+                  removed: Sequence[int] = (), pattern_share: float | None = None,
+                  layer_params: Sequence[int] | None = None,
+                  title: str = "Zeroed share of each layer's parameters") -> go.Figure:
+    """Where a mask method put its zeros: each layer's zeroed share of its parameters (nothing is removed);
+    protected (left dense) layers marked at 0, layers a composed method removed first as hatched bars.
+
+    ``pattern_share``: the share the pattern zeroes in every masked linear (0.5 for 2:4), drawn as a line;
+    a layer sits a little below it because its norms stay dense.
+    """
+    fig = go.Figure()
+    masked = sorted(i for i in layer_ratios if 0 <= i < n_layers)
+    if masked:
+        custom = [layer_params[i] / 1e6 if layer_params else 0.0 for i in masked]
+        fig.add_trace(go.Bar(x=masked, y=[layer_ratios[i] for i in masked], name="weights zeroed",
+                             marker={"color": PRUNED_FILL, "line": {"color": COLORS["removed"], "width": 1}},
+                             customdata=custom,
+                             hovertemplate="layer %{x}: %{y:.1%} of %{customdata:.2f} M params zero<extra></extra>"))
+    rem = sorted(i for i in removed if 0 <= i < n_layers)
+    if rem:
+        fig.add_trace(go.Bar(x=rem, y=[1.0] * len(rem), name="layer removed",
+                             marker={"color": "rgba(100,116,139,0.15)", "line": {"color": COLORS["muted"], "width": 1},
+                                     "pattern": {"shape": "/", "fgcolor": COLORS["muted"], "size": 6}},
+                             hovertemplate="layer %{x}: removed before masking<extra></extra>"))
+    prot = sorted(i for i in protected if 0 <= i < n_layers and i not in layer_ratios)
+    if prot:
+        fig.add_trace(go.Scatter(x=prot, y=[0.0] * len(prot), mode="markers", name="left dense",
+                                 marker={"symbol": "diamond", "size": 10, "color": COLORS["protected"],
+                                         "line": {"color": COLORS["ink"], "width": 1}},
+                                 hovertemplate="layer %{x}: left dense<extra></extra>", cliponaxis=False))
+    if pattern_share is not None:
+        fig.add_hline(y=pattern_share, line={"color": COLORS["accent"], "dash": "dash", "width": 1.5},
+                      annotation_text=f"pattern {pattern_share:.0%} of each linear", annotation_position="top left",
+                      annotation_font={"color": COLORS["accent"], "size": 10})
+    if not masked:
+        fig.add_annotation(text="no masks", x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                           font={"size": 12, "color": COLORS["muted"]})
+    _layer_axis(fig, n_layers)
+    fig.update_yaxes(title_text="share of the layer's parameters", range=[0, 1.05], tickformat=".0%",
+                     gridcolor=COLORS["grid"])
+    fig.update_layout(barmode="overlay", bargap=0.2)
+    return _layout(fig, title)
+
+
+SPARSITY_SCALE = [[0.0, "#f8fafc"], [0.5, "#fda4af"], [1.0, COLORS["removed"]]]
+
+
+def sparsity_heatmap(values: np.ndarray, kinds: Sequence[str], *, row_notes: Mapping[int, str] | None = None,
+                     title: str = "Share of zero weights per dense") -> go.Figure:
+    """Layers × dense kinds: the share of each dense's weights a mask method zeroed, written in every cell.
+
+    ``values``: float [n_layers, len(kinds)], NaN where a layer has no such masked dense (left dense,
+    removed); ``row_notes``: text for those rows ("removed", "dense").
+    """
+    values = np.asarray(values, dtype=np.float32)
+    n_layers = values.shape[0]
+    text = [[f"{v:.1%}" if np.isfinite(v) else "" for v in row] for row in values]
+    fig = go.Figure(go.Heatmap(
+        z=values, x=list(kinds), y=list(range(n_layers)), zmin=0.0, zmax=1.0, colorscale=SPARSITY_SCALE,
+        text=text, texttemplate="%{text}", textfont={"size": 9 if n_layers > 16 else 10},
+        xgap=1, ygap=1, colorbar={"title": {"text": "zero share", "side": "right"}, "thickness": 12, "len": 0.9,
+                                  "tickformat": ".0%"},
+        hovertemplate="layer %{y} · %{x}<br>%{z:.2%} of the weights zero<extra></extra>"))
+    notes = row_notes or {}
+    ticks = list(range(n_layers))
+    step = 1 if n_layers <= 16 else 2
+    fig.update_yaxes(title_text="layer", autorange="reversed", tickmode="array",
+                     tickvals=[i for i in ticks if i % step == 0 or i in notes],
+                     ticktext=[f"{i} · {notes[i]}" if i in notes else str(i) for i in ticks
+                               if i % step == 0 or i in notes], tickfont={"size": 9})
+    fig.update_xaxes(title_text="dense", side="bottom", showgrid=False)
+    return _layout(fig, title, height=max(300, min(460, 120 + 11 * n_layers)))

@@ -1,8 +1,10 @@
 """The sidebar: model and calibration, the pruning method and its settings, and the action buttons.
 
 Settings become a method's settings dataclass here and nowhere else: methods whose settings are COMP's
-``CompConfig`` (comp and its ablations) take every COMP control, every other method takes only the target
-ratio (its other settings are the registry's defaults). The registry decides, not a list of method names.
+``CompConfig`` (comp and its ablations) take every COMP control, every other method takes the target ratio
+and/or the sparsity pattern, whichever of the two its settings have (mask methods: the sparsity; composed
+methods: both); its other settings are the registry's defaults. The registry decides, not a list of method
+names.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import gradio as gr
 from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError
 from comp_core.methods import get_method, make_settings, method_names, setting_names
 from comp_core.scoring import SCORES
+from comp_core.sparsity import SparsityPattern
 
 from . import common
 from .session import Session
@@ -23,6 +26,9 @@ SCORE_LABELS = {"diag": "diag — ‖W_j‖²·‖X_j‖² (default)", "obs": "o
                 "cond": "cond — condition-number sensitivity", "fisher": "fisher — loss Fisher information",
                 "magnitude": "magnitude — weights only", "activation": "activation — inputs only"}
 DEFAULT_METHOD = "comp"
+SPARSITY_CHOICES = [("0.5 — half of every linear's weights", "0.5"), ("2:4 — 2 zeros in every 4 weights", "2:4"),
+                    ("4:8 — 4 zeros in every 8 weights", "4:8")]
+DEFAULT_SPARSITY = "0.5"
 MAX_REMOVE = 8
 DEFAULT_DEPTH = 4
 DEFAULT_DENSE_KINDS = CompConfig().dense_kinds  # the core's measured default (None would mean every dense)
@@ -82,16 +88,41 @@ def session_config(session: Session, ratio, n_remove, auto, protected, score, ma
                        dense_kinds, common.dense_kinds(session), depth)
 
 
+def parse_sparsity(text) -> str:
+    """"0.5", "50%", "2:4" (spaces allowed) -> the core's label ("0.5", "2:4"); ValueError says what is
+    accepted. A sparsity of 0 masks nothing and is refused."""
+    spec = "".join(str(text if text is not None else "").split())
+    if not spec:
+        raise ValueError("choose a sparsity: a share like 0.5, or N:M like 2:4")
+    if spec.endswith("%"):
+        try:
+            spec = f"{float(spec[:-1]) / 100:g}"
+        except ValueError:
+            raise ValueError(f"'{text}' is not a sparsity; type 0.5, 50% or N:M like 2:4") from None
+    pattern = SparsityPattern.parse(spec)
+    if pattern.fraction <= 0:
+        raise ValueError("a sparsity of 0 masks nothing; use a share in (0, 1) like 0.5, or N:M like 2:4")
+    return pattern.label
+
+
+def uses(method: str, setting: str) -> bool:
+    """Whether ``method``'s settings have the field ``setting`` ("ratio", "sparsity")."""
+    return setting in setting_names(method)
+
+
 def method_settings(session: Session, method, ratio, n_remove, auto, protected, score, mask_tuning, inputs,
-                    dense_kinds, depth=DEFAULT_DEPTH):
-    """The settings dataclass ``method`` runs with: its registered defaults, then the controls that apply."""
+                    dense_kinds, depth=DEFAULT_DEPTH, sparsity=None):
+    """The settings dataclass ``method`` runs with: its registered defaults, then the controls that apply
+    (``sparsity`` None or empty: the method's default pattern)."""
     method = method or DEFAULT_METHOD
     if uses_comp_controls(method):
         cfg = session_config(session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
                              depth)
         return make_settings(method, **{k: getattr(cfg, k) for k in COMP_CONTROL_FIELDS})
-    ratio_only = {"ratio": float(ratio)} if "ratio" in setting_names(method) else {}
-    return make_settings(method, **ratio_only)
+    overrides = {"ratio": float(ratio)} if uses(method, "ratio") else {}
+    if uses(method, "sparsity") and sparsity not in (None, ""):
+        overrides["sparsity"] = parse_sparsity(sparsity)
+    return make_settings(method, **overrides)
 
 
 
@@ -103,15 +134,27 @@ def method_note(method) -> str:
     """The chosen method's summary and which controls apply to it."""
     method = method or DEFAULT_METHOD
     entry = get_method(method)
-    which = ("The COMP settings below apply." if uses_comp_controls(method) else
-             "Only the target ratio applies; its other settings are the method's defaults. "
-             "<b>Analyse</b> always shows COMP's plan.")
+    if uses_comp_controls(method):
+        which = "The COMP settings below apply."
+    elif uses(method, "ratio") and uses(method, "sparsity"):
+        which = ("The target ratio (removed first, with the structured method's defaults) and the sparsity "
+                 "(masks on what is left) apply. <b>Analyse</b> always shows COMP's plan.")
+    elif uses(method, "sparsity"):
+        which = ("Only the sparsity applies: it zeroes weights inside every linear but removes none, so the "
+                 "parameter count stays (2:4 can run faster on sparse tensor cores). <b>Analyse</b> always "
+                 "shows COMP's plan.")
+    else:
+        which = ("Only the target ratio applies; its other settings are the method's defaults. "
+                 "<b>Analyse</b> always shows COMP's plan.")
     return f"<div class='cx-help'><b>{entry.name}</b> ({entry.kind}): {entry.summary}. {which}</div>"
 
 
 def select_method(method):
-    """(method note, COMP controls group) for the method dropdown."""
-    return method_note(method), gr.update(visible=uses_comp_controls(method or DEFAULT_METHOD))
+    """(method note, COMP controls group, ratio slider, sparsity dropdown) for the method dropdown: each
+    control shows when the method's settings have it (Analyse keeps the hidden ratio)."""
+    method = method or DEFAULT_METHOD
+    return (method_note(method), gr.update(visible=uses_comp_controls(method)),
+            gr.update(visible=uses(method, "ratio")), gr.update(visible=uses(method, "sparsity")))
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -175,6 +218,10 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
     c.method_note = gr.HTML(method_note(DEFAULT_METHOD), elem_id="method-note")
     c.ratio = gr.Slider(0.0, 0.8, value=0.2, step=0.01, label="Target ratio",
                         info="share of all parameters to remove", elem_id="ratio")
+    c.sparsity = gr.Dropdown(SPARSITY_CHOICES, value=DEFAULT_SPARSITY, allow_custom_value=True, label="Sparsity",
+                             info="zeros inside every linear: a share (0.5, 60%) or N:M (2:4 = 2 zeros in every "
+                                  "4 weights); nothing is removed", visible=uses(DEFAULT_METHOD, "sparsity"),
+                             elem_id="sparsity")
     with gr.Column(visible=True, elem_id="comp-controls") as c.comp_controls:
         with gr.Row(equal_height=True):
             c.n_remove = gr.Slider(0, MAX_REMOVE, value=DEFAULT_REMOVE, step=1, label="Layers to remove", scale=3,
@@ -208,4 +255,4 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
 def wire(c: SimpleNamespace, session: gr.State, heavy: dict) -> None:
     c.calib.change(lambda v: gr.update(visible=v == "file"), c.calib, c.calib_file, queue=False)
     c.load.click(load, [session, *c.data], [c.card, c.protected, c.kinds, c.n_remove], **heavy)
-    c.method.change(select_method, c.method, [c.method_note, c.comp_controls], queue=False)
+    c.method.change(select_method, c.method, [c.method_note, c.comp_controls, c.ratio, c.sparsity], queue=False)

@@ -3,7 +3,11 @@
 Run calls ``comp_core.compare.compare_methods`` in a worker thread and streams its rows (``on_row``) into
 the table as they finish; progress and Cancel go through the session's ``Bridge`` as everywhere else.
 Rows stay in the session across runs. For every row with a per-layer plan, the same layer and neuron views
-as the Analyse tab show where that method cut.
+as the Analyse tab show where that method cut; mask rows (weights zeroed, none removed) show their zeros per
+layer and per dense instead, and composed rows both.
+
+Structured methods run at every target ratio, mask methods at every sparsity, composed methods at every
+(ratio, sparsity) pair, as ``compare_methods`` schedules them.
 """
 from __future__ import annotations
 
@@ -16,21 +20,27 @@ import time
 from types import SimpleNamespace
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 
 from comp_core import Cancelled, CompPlan
-from comp_core.methods import get_method, method_names
+from comp_core.methods import get_method, method_names, setting_names
+from comp_core.sparsity import SparsityPattern
 from comp_core.whatif import neuron_maps
 
-from .. import common, plots
+from .. import common, plots, sidebar
 from ..session import Session
 
 PRESELECTED = ("comp", "flap", "shortgpt", "wanda-sp", "magnitude-sp")
 DEFAULT_RATIOS = "0.2, 0.3"
+DEFAULT_SPARSITIES = "0.5, 2:4"
 POLL_S = 0.5  # how often the streaming handler looks for rows and progress
 STATUS_EVERY_S = 1.0  # at most one progress-only update a second
 COLUMNS_HEAD = ["#", "method", "kind", "target", "realised ratio"]
+COLUMNS_MASKS = ["sparsity", "zeros in linears", "zeros of all params"]  # shown once a row has masks
 COLUMNS_TAIL = ["prune s", "peak RSS MB", "saved MB", "eval", "calibration", "note"]
+NOTHING_REMOVED = "masks: nothing removed"
+MASK_VIEW = "zeros"  # the dense dropdown's entry for a composed row's sparsity map
 
 
 def compare_available() -> bool:
@@ -71,12 +81,28 @@ def parse_ratios(text) -> list[float]:
     return ratios
 
 
-def _light(plan: CompPlan | None) -> CompPlan | None:
-    """The plan without refit weights, masks and the removal measurement: what the views need, kept small."""
+def parse_sparsities(text) -> list[str]:
+    """"0.5, 2:4" or "50% 4:8" -> ["0.5", "2:4"] / ["0.5", "4:8"]; duplicates dropped, order kept."""
+    parts = [p for p in re.split(r"[,;\s]+", str(text or "").strip()) if p]
+    if not parts:
+        raise ValueError("type one or more sparsities for the mask methods, e.g. 0.5, 2:4")
+    out = []
+    for part in parts:
+        label = sidebar.parse_sparsity(part)
+        if label not in out:
+            out.append(label)
+    return out
+
+
+def _light(plan: CompPlan | None, masks: bool = False) -> CompPlan | None:
+    """The plan without refit weights, masks and the removal measurement: what the views need, kept small.
+    A mask plan's per-column scores go too (its views read ``sparsity`` and ``layer_ratios``)."""
     if plan is None:
         return None
-    dense = [dataclasses.replace(d, mask=None, new_weight=None) for d in plan.dense_reports]
-    return dataclasses.replace(plan, dense_reports=dense, removal=None)
+    drop = {"scores": plan.dense_reports[0].scores[:0]} if masks and plan.dense_reports else {}
+    dense = [dataclasses.replace(d, mask=None, new_weight=None, **drop) for d in plan.dense_reports]
+    return dataclasses.replace(plan, dense_reports=dense, removal=None,
+                               sparse_plan=_light(plan.sparse_plan, masks=True))
 
 
 def _has_plan(method: str) -> bool:
@@ -84,15 +110,24 @@ def _has_plan(method: str) -> bool:
     return method in method_names() and get_method(method).method.has_plan
 
 
+def target_label(record: dict) -> str:
+    """"30%", "2:4" (masks) or "20% + 2:4" (composed): what a row asked for."""
+    ratio = f"{record['target']:.0%}" if record.get("target") or not record.get("sparsity") else ""
+    return " + ".join(t for t in (ratio, record.get("sparsity") or "") if t)
+
+
 def row_record(row, number: int, *, model_key: str | None, eval_tag: str, calibration: str) -> dict:
     """A ``CompareRow`` as the session keeps it: the table's numbers plus the (light) plan for the views."""
     record = {"#": f"C{number}", "key": model_key, "method": row.method, "kind": row.kind,
               "target": row.target_ratio, "realised ratio": row.realised_ratio,
+              "sparsity": getattr(row, "sparsity", None), "zeros in linears": getattr(row, "linear_sparsity", None),
+              "zeros of all params": getattr(row, "zero_share", None),
               "prune s": row.prune_seconds, "peak RSS MB": row.peak_rss_mb,
               "saved MB": row.saved_bytes / 2**20 if row.saved_bytes is not None else None,
               "eval": eval_tag, "calibration": calibration if row.method != "original" else "",
               "note": row.error or "; ".join(getattr(row, "notes", None) or []), "error": row.error,
-              "plan": _light(row.plan) if row.plan is not None and _has_plan(row.method) else None}
+              "plan": (_light(row.plan, masks=row.kind == "unstructured")
+                       if getattr(row, "plan", None) is not None and _has_plan(row.method) else None)}
     record.update({f"ppl {name}": value for name, value in (row.ppl or {}).items()})
     return record
 
@@ -104,12 +139,19 @@ def _sets_in(rows: list[dict]) -> list[str]:
 def compare_table(session: Session) -> pd.DataFrame:
     """Every comparison row of the session, formatted for reading."""
     rows = session.compare_rows
-    cols = COLUMNS_HEAD + [f"ppl {ds}" for ds in _sets_in(rows)] + COLUMNS_TAIL
-    specs = {"target": ".0%", "realised ratio": ".2%", "prune s": ",.1f", "peak RSS MB": ",.0f",
+    masks = COLUMNS_MASKS if any(r.get("sparsity") for r in rows) else []
+    cols = COLUMNS_HEAD + masks + [f"ppl {ds}" for ds in _sets_in(rows)] + COLUMNS_TAIL
+    specs = {"realised ratio": ".2%", "prune s": ",.1f", "peak RSS MB": ",.0f",
              "saved MB": ",.1f", **{c: ",.2f" for c in cols if c.startswith("ppl ")}}
     out = []
     for r in rows:
-        out.append({c: common.fmt(r.get(c), specs.get(c, ""), empty="—" if c in specs else "") for c in cols})
+        cells = {c: common.fmt(r.get(c), specs.get(c, ""), empty="—" if c in specs else "") for c in cols}
+        cells["target"] = target_label(r)
+        if r.get("sparsity"):
+            cells.update({c: common.fmt(r.get(c), ".1%") for c in COLUMNS_MASKS[1:]})
+            if plots.is_mask_row(r) and r.get("realised ratio") is not None:
+                cells["realised ratio"] = NOTHING_REMOVED
+        out.append(cells)
     return pd.DataFrame(out, columns=cols)
 
 
@@ -119,7 +161,9 @@ def compare_figure(session: Session):
     if rows:
         last = rows[-1]
         rows = [r for r in rows if r["key"] == last["key"] and r["eval"] == last["eval"]]
-    title = f"Perplexity vs realised ratio, per method · {rows[-1]['eval']}" if rows else None
+    what = "Perplexity per method" if any(plots.is_mask_row(r) for r in rows) else (
+        "Perplexity vs realised ratio, per method")
+    title = f"{what} · {rows[-1]['eval']}" if rows else None
     fig = plots.compare_ppl(rows, _sets_in(rows), order=method_names(),
                             **({"title": title} if title else {}))
     session.figures["compare_ppl"] = fig
@@ -127,7 +171,7 @@ def compare_figure(session: Session):
 
 
 def plan_choices(session: Session) -> list[tuple[str, str]]:
-    return [(f"{r['#']} · {r['method']} @ {r['target']:.0%}", r["#"]) for r in session.compare_rows
+    return [(f"{r['#']} · {r['method']} @ {target_label(r)}", r["#"]) for r in session.compare_rows
             if r.get("plan") is not None]
 
 
@@ -144,28 +188,97 @@ def _default_kind(kinds: list[str]) -> str | None:
     return "down" if "down" in kinds else (kinds[0] if kinds else None)
 
 
+def sparsity_grid(plan: CompPlan, layers: list[int] | None = None, n_layers: int | None = None
+                  ) -> tuple[np.ndarray, list[str]]:
+    """(zero share [n_layers, n_kinds] float32, NaN where a layer has no masked dense of that kind; the kinds)
+    from a mask plan's ``dense_reports[*].sparsity``. ``layers`` maps the plan's layer indices to the rows
+    (a composed method masks the smaller model: its layer j is original layer ``layers[j]``)."""
+    kinds = list(dict.fromkeys(d.kind for d in plan.dense_reports))
+    rows = n_layers if n_layers is not None else plan.n_layers
+    grid = np.full((rows, len(kinds)), np.nan, dtype=np.float32)
+    for d in plan.dense_reports:
+        layer = layers[d.layer] if layers is not None else d.layer
+        if d.sparsity is not None and 0 <= layer < rows:
+            grid[layer, kinds.index(d.kind)] = d.sparsity
+    return grid, kinds
+
+
+def _kept_layers(plan: CompPlan) -> list[int] | None:
+    """Original indices of the layers a structured plan kept (the composed mask stage's layer order)."""
+    kept = [i for i in range(plan.n_layers) if i not in set(plan.removed_layers)]
+    sparse = plan.sparse_plan
+    return kept if sparse is not None and sparse.n_layers == len(kept) else None
+
+
+def _pattern_share(label) -> float | None:
+    try:
+        return SparsityPattern.parse(label).fraction
+    except (ValueError, TypeError):
+        return None
+
+
+def _mask_summary(record: dict) -> str:
+    linear, zeros = record.get("zeros in linears"), record.get("zeros of all params")
+    parts = [f"{record['sparsity']} masks"]
+    if linear is not None:
+        parts.append(f"{linear:.1%} of the masked linears' weights zero")
+    if zeros is not None:
+        parts.append(f"{zeros:.1%} of all parameters")
+    return " · ".join(parts)
+
+
+def _sparsity_map(plan: CompPlan, label: str, layers: list[int] | None = None, n_layers: int | None = None,
+                  notes: dict[int, str] | None = None):
+    grid, kinds = sparsity_grid(plan, layers, n_layers)
+    dense = {i: "dense" for i in range(grid.shape[0]) if np.isnan(grid[i]).all()}
+    return plots.sparsity_heatmap(grid, kinds, row_notes={**dense, **(notes or {})},
+                                  title=f"Share of zero weights per dense · {label}")
+
+
 def plan_views(session: Session, row_id, kind=None):
-    """(summary HTML, kind dropdown update, removed-share bars, neuron heatmap) of one row's plan."""
+    """(summary HTML, kind dropdown update, per-layer bars, per-dense map) of one row's plan.
+
+    Structured rows: removed share per layer and the neuron map of one dense kind. Mask rows: the zeroed
+    share of every layer and the layers × dense kinds sparsity map (no dense to choose). Composed rows:
+    the structural bars, and either the sparsity map (default) or one kind's neuron map."""
     record = _record(session, row_id)
     if record is None:
         empty = "Run a comparison, then choose a row to see where its method cut."
-        return ("<span class='cx-muted'>No plan chosen.</span>", gr.update(choices=[], value=None),
+        return ("<span class='cx-muted'>No plan chosen.</span>", gr.update(choices=[], value=None, visible=True),
                 plots.empty_figure(empty, "Removed parameters per layer"),
                 plots.empty_figure(empty, "Neuron importance", height=360))
     plan: CompPlan = record["plan"]
+    label = f"{record['method']} @ {target_label(record)}"
+    notes = "".join(f"<div class='cx-note'>{n}</div>" for n in plan.notes)
+    if plots.is_mask_row(record):
+        summary = (f"<b>{record['#']} · {label}</b>: {_mask_summary(record)} · nothing removed, so the "
+                   f"parameter count stays{notes}")
+        bars = plots.sparsity_bars(plan.n_layers, plan.layer_ratios, plan.protected,
+                                   pattern_share=_pattern_share(record["sparsity"]), layer_params=plan.layer_params,
+                                   title=f"Zeroed share of each layer's parameters · {label}")
+        heat = _sparsity_map(plan, label)
+        session.figures["compare_bars"], session.figures["compare_heatmap"] = bars, heat
+        return summary, gr.update(choices=[], value=None, visible=False), bars, heat
     kinds = _kinds(plan)
-    kind = kind if kind in kinds else _default_kind(kinds)
-    label = f"{record['method']} @ {record['target']:.0%}"
+    choices = list(kinds)
+    composed = plan.sparse_plan is not None
+    if composed:
+        choices = [(f"{MASK_VIEW} (masks)", MASK_VIEW)] + [(k, k) for k in kinds]
+    values = [c[1] if isinstance(c, tuple) else c for c in choices]
+    kind = kind if kind in values else (MASK_VIEW if composed else _default_kind(kinds))
     removed = ", ".join(map(str, plan.removed_layers)) or "none"
     pruned_layers = sum(1 for i, n in plan.removed_per_layer.items() if n and i not in plan.removed_layers)
-    notes = "".join(f"<div class='cx-note'>{n}</div>" for n in plan.notes)
     realised = record["realised ratio"]
+    masks = f" · then {_mask_summary(record)}" if composed and record.get("sparsity") else ""
     summary = (f"<b>{record['#']} · {label}</b>: realised {realised:.2%} · removed layers: {removed} · "
-               f"neurons pruned in {pruned_layers} layers{notes}" if realised is not None else label)
+               f"neurons pruned in {pruned_layers} layers{masks}{notes}" if realised is not None else label)
     bars = plots.removed_share_bars(plan.n_layers, plan.removed_per_layer, plan.layer_params, plan.removed_layers,
                                     plan.protected, title=f"Removed parameters per layer · {label}")
     maps = neuron_maps(plan)
-    if kind in maps:
+    if kind == MASK_VIEW:
+        heat = _sparsity_map(plan.sparse_plan, label, _kept_layers(plan), plan.n_layers,
+                             {i: "removed" for i in plan.removed_layers})
+    elif kind in maps:
         scores, pruned = maps[kind]
         name = next((d.name for d in plan.dense_reports if d.kind == kind), kind)
         heat = plots.neuron_heatmap(scores, pruned, kind, row_notes=plots.row_notes(plan.removed_layers,
@@ -175,7 +288,7 @@ def plan_views(session: Session, row_id, kind=None):
         heat = plots.empty_figure(f"{record['method']} removes whole layers only: no neuron map.",
                                   "Neuron importance", height=360)
     session.figures["compare_bars"], session.figures["compare_heatmap"] = bars, heat
-    return summary, gr.update(choices=kinds, value=kind), bars, heat
+    return summary, gr.update(choices=choices, value=kind, visible=True), bars, heat
 
 
 def _outputs(session: Session, status: str, select=None):
@@ -183,6 +296,13 @@ def _outputs(session: Session, status: str, select=None):
     choices = plan_choices(session)
     value = select if select in [c[1] for c in choices] else (choices[-1][1] if choices else None)
     return status, compare_table(session), compare_figure(session), gr.update(choices=choices, value=value)
+
+
+def _grid_text(ratios: list[float], sparsities: list[str]) -> str:
+    """"ratios 20%, 30% · sparsities 0.5, 2:4" (the targets the methods ran at)."""
+    parts = ([f"ratios {', '.join(f'{r:.0%}' for r in ratios)}"] if ratios else []) + (
+        [f"sparsities {', '.join(sparsities)}"] if sparsities else [])
+    return " · ".join(parts)
 
 
 def _wants_original(session: Session, eval_tag: str, eval_sets: list[str]) -> bool:
@@ -193,8 +313,10 @@ def _wants_original(session: Session, eval_tag: str, eval_sets: list[str]) -> bo
 
 @common.user_errors
 def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len, seed, methods, ratios, eval_sets,
-                windows, progress=gr.Progress()):
-    """Generator: (status, table, figure, plan selector, 4 plan views, model card) after every finished row."""
+                windows, sparsities=DEFAULT_SPARSITIES, progress=gr.Progress()):
+    """Generator: (status, table, figure, plan selector, 4 plan views, model card) after every finished row.
+
+    ``ratios`` are read only when a ticked method has a ratio, ``sparsities`` only when one has a sparsity."""
     if not compare_available():
         raise common.fail("Comparing needs comp_core.compare, which this install does not have.", "Unavailable")
     from comp_core.compare import compare_methods
@@ -203,7 +325,9 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
     methods = [m for m in (methods or []) if m in known]
     if not methods:
         raise common.fail("Tick at least one method to compare.", "Nothing to compare")
-    ratio_list = parse_ratios(ratios)
+    wants = {m: set(setting_names(m)) & {"ratio", "sparsity"} for m in methods}  # the targets each one takes
+    ratio_list = parse_ratios(ratios) if any("ratio" in w for w in wants.values()) else []
+    sparsity_list = parse_sparsities(sparsities) if any("sparsity" in w for w in wants.values()) else []
     eval_sets = [d for d in (eval_sets or []) if d in common.EVAL_SETS]
     if not eval_sets:
         raise common.fail("Tick at least one evaluation data set.", "Nothing to compare")
@@ -223,16 +347,17 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
         eval_len = common.eval_seq_len(loaded.model)
         eval_tag = f"{n_windows or 'all'}×{eval_len}"
         calibration = common.calib_text(session.calib_key)
-        jobs = len(methods) * len(ratio_list)
-        yield *_outputs(session, f"<b>Comparing {len(methods)} methods at {len(ratio_list)} ratios</b> "
-                                 f"({jobs} prunes) …"), *no_views[1:], common.model_card(session)
+        jobs = sum((len(ratio_list) if "ratio" in w else 1) * (len(sparsity_list) if "sparsity" in w else 1)
+                   for w in wants.values())
+        yield *_outputs(session, f"<b>Comparing {len(methods)} methods</b> ({_grid_text(ratio_list, sparsity_list)}"
+                                 f"; {jobs} prunes) …"), *no_views[1:], common.model_card(session)
         with_original = _wants_original(session, eval_tag, eval_sets)
         results: queue.Queue = queue.Queue()
 
         def work() -> None:
             try:
                 compare_methods(loaded.model, loaded.tokenizer, session.samples, methods, ratio_list, eval_sets,
-                                max_windows=n_windows, eval_seq_len=eval_len,
+                                sparsities=sparsity_list or None, max_windows=n_windows, eval_seq_len=eval_len,
                                 measure_bytes=common.export_available(),
                                 include_original=with_original,
                                 on_event=bridge, on_row=lambda row: results.put(("row", row)))
@@ -279,9 +404,9 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
     if stopped is not None:
         status = f"<b>Stopped</b> after {new_rows} new rows ({seconds:.1f} s); the finished rows are kept."
     else:
-        status = (f"<b>Compared in {seconds:.1f} s</b>: {new_rows} new rows ({len(methods)} methods × "
-                  f"{len(ratio_list)} ratios, {eval_tag} tokens of {', '.join(eval_sets)}). Each method runs with "
-                  "its registered defaults at each ratio.")
+        status = (f"<b>Compared in {seconds:.1f} s</b>: {new_rows} new rows ({len(methods)} methods; "
+                  f"{_grid_text(ratio_list, sparsity_list)}; {eval_tag} tokens of {', '.join(eval_sets)}). Each "
+                  "method runs with its registered defaults at each of its targets.")
     status_, table, figure, select = _outputs(session, status + failures)
     chosen = select["value"]
     yield (status_, table, figure, select, *plan_views(session, chosen), common.model_card(session))
@@ -317,12 +442,18 @@ def build() -> SimpleNamespace:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             t.methods = gr.CheckboxGroup([(n, n) for n in method_names()], value=default_methods(),
-                                         label="Methods", elem_id="compare-methods")
+                                         label="Methods", elem_id="compare-methods",
+                                         info="structured ones run at every target ratio; mask ones (magnitude, "
+                                              "wanda, sparsegpt, …) at every sparsity; comp+nm at every pair")
             with gr.Accordion("What each method does", open=False):
                 gr.HTML(method_summaries())
         with gr.Column(scale=2, min_width=260):
-            t.ratios = gr.Textbox(value=DEFAULT_RATIOS, label="Target ratios", elem_id="compare-ratios",
-                                  info="shares of all parameters, e.g. 0.2, 0.3")
+            with gr.Row():
+                t.ratios = gr.Textbox(value=DEFAULT_RATIOS, label="Target ratios", elem_id="compare-ratios",
+                                      info="shares of all parameters, e.g. 0.2, 0.3", min_width=120)
+                t.sparsities = gr.Textbox(value=DEFAULT_SPARSITIES, label="Sparsities (masks)",
+                                          elem_id="compare-sparsities", min_width=120,
+                                          info="0.5 = half of each linear; N:M = N zeros in every M (2:4, 4:8)")
             with gr.Row():
                 t.sets = gr.CheckboxGroup([(common.EVAL_LABELS[d], d) for d in common.EVAL_SETS],
                                           value=["wikitext2"], label="Perplexity on", elem_id="compare-sets",
@@ -355,7 +486,7 @@ def build() -> SimpleNamespace:
 def wire(t: SimpleNamespace, session: gr.State, c: SimpleNamespace, heavy: dict) -> list:
     """Run (streaming), Cancel, Clear and the plan views; returns the events the sidebar's Cancel stops."""
     views = [t.plan_note, t.kind, t.bars, t.heatmap]
-    t.run.click(run_compare, [session, *c.data, t.methods, t.ratios, t.sets, t.windows],
+    t.run.click(run_compare, [session, *c.data, t.methods, t.ratios, t.sets, t.windows, t.sparsities],
                 [t.status, t.table, t.plot, t.plan, *views, c.card], show_progress_on=[t.status], **heavy)
     # cooperative: the worker stops at its next step and the handler reports the rows it kept
     t.cancel.click(cancel, session, t.status, queue=False)

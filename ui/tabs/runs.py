@@ -24,9 +24,11 @@ from .. import common, plots, sidebar
 from ..session import Session
 
 # what a comparison needs first (ratio, perplexity, speed, size), then how each run was made
-RESULT_COLUMNS = ["run", "model", "method", "realised ratio", "ppl wikitext2", "ppl ptb", "ppl c4", "tokens/s",
-                  "params", "weights MB", "disk MB", "removed layers", "target", "score", "mask tuning",
-                  "calibration", "eval", "prune s", "path"]
+# (mask runs: the realised ratio says that nothing was removed; sparsity and zeros say what the masks did)
+RESULT_COLUMNS = ["run", "model", "method", "realised ratio", "sparsity", "zeros of all params", "ppl wikitext2",
+                  "ppl ptb", "ppl c4", "tokens/s", "params", "weights MB", "disk MB", "removed layers", "target",
+                  "score", "mask tuning", "calibration", "eval", "prune s", "path"]
+NOTHING_REMOVED = "masks: nothing removed"
 # a quick measurement for the GUI: batch 1, short prompt, two timed rounds (the bench uses more)
 SPEED_SETTINGS = {"prefill_tokens": 128, "decode_tokens": 32, "batch_sizes": (1,), "repeats": 2,
                   "measure_memory": False}
@@ -71,7 +73,8 @@ def original_row(session: Session) -> dict:
             return row
     model = session.loaded.model
     row = {"run": "original", "key": session.model_key, "model": common.model_name(session), "method": "",
-           "target": 0.0, "realised ratio": 0.0, "removed layers": "", "score": "", "mask tuning": "",
+           "kind": "", "target": 0.0, "realised ratio": 0.0, "sparsity": "", "zeros of all params": None,
+           "zeros in linears": None, "removed layers": "", "score": "", "mask tuning": "",
            "calibration": "", "params": count_parameters(model), "weights MB": common.weights_mb(model),
            "disk MB": None, "eval": "", "tokens/s": None, "prune s": None, "path": ""}
     session.runs.insert(sum(1 for r in session.runs if r["run"] == "original"), row)
@@ -92,6 +95,10 @@ def results_table(session: Session) -> pd.DataFrame:
                 row[col] = f"{value / 1e6:,.2f} M" if value else "—"
             elif col in ("target", "realised ratio") and run["run"] == "original":
                 row[col] = "0%"
+            elif col == "realised ratio" and plots.is_mask_row(run):
+                row[col] = NOTHING_REMOVED
+            elif col == "zeros of all params":
+                row[col] = common.fmt(value, ".2%", empty="")
             else:
                 row[col] = common.fmt(value, specs.get(col, ""), empty="—" if col in specs else "")
         rows.append(row)
@@ -107,8 +114,10 @@ def results_plot(session: Session):
 @common.user_errors
 def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, seed, ratio, n_remove, auto,
               protected, score, mask_tuning, inputs, dense_kinds, depth, method=sidebar.DEFAULT_METHOD,
-              progress=gr.Progress()):
-    """Prune a private copy of the original; returns (status, results table, ppl plot, model card)."""
+              sparsity=None, progress=gr.Progress()):
+    """Prune a private copy of the original; returns (status, results table, ppl plot, model card).
+
+    ``sparsity``: the pattern of mask and composed methods (None: the method's default)."""
     method = method or sidebar.DEFAULT_METHOD
     entry = get_method(method)
     bridge = common.Bridge(progress, session)
@@ -116,7 +125,7 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
         common.ensure_model(session, source, bridge)
         common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
         settings = sidebar.method_settings(session, method, ratio, n_remove, auto, protected, score, mask_tuning,
-                                           inputs, dense_kinds, depth)
+                                           inputs, dense_kinds, depth, sparsity)
         plan, why_not = plan_to_apply(session, settings)
         session.drop_pruned()  # free the previous pruned copy before making a new one
         bridge.step("Copying the model (the original stays untouched) …", stage="copy")
@@ -137,9 +146,12 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
         run_id = f"R{sum(1 for r in session.runs if r['run'] != 'original') + 1}"
         session.pruned, session.result, session.pruned_run = pruned, result, run_id
         removed = result.plan.removed_layers
+        extra = result.extra or {}
         session.runs.append({
             "run": run_id, "key": session.model_key, "model": common.model_name(session), "method": method,
-            "target": getattr(settings, "ratio", None), "realised ratio": result.realised_ratio,
+            "kind": entry.kind, "target": getattr(settings, "ratio", None), "realised ratio": result.realised_ratio,
+            "sparsity": extra.get("sparsity") or "", "zeros of all params": extra.get("zero_share"),
+            "zeros in linears": extra.get("linear_sparsity"),
             "removed layers": ",".join(str(i) for i in removed) or "none",
             "score": _setting(settings, "score"),
             "mask tuning": _setting(settings, "mask_tuning", {True: "on", False: "off"}),
@@ -153,12 +165,29 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
                           is not None else f"{s['remove_layers']}: impossible" for s in result.plan.auto_sweep)
         sweep = f"<br>Auto sweep (layers: calibration loss): {tried}"
     notes = "".join(f"<div class='cx-note'>{n}</div>" for n in result.plan.notes)
-    status = (f"<b>{run_id}: pruned {result.realised_ratio:.2%}</b> of the parameters with <b>{method}</b> "
-              f"({result.params_before / 1e6:,.2f} M → {result.params_after / 1e6:,.2f} M) in {seconds:.1f} s; "
-              f"removed layers: {', '.join(map(str, removed)) or 'none'}.<br>Path: {path}."
+    masks = mask_text(extra)
+    if entry.kind == "unstructured":
+        what = (f"<b>{run_id}: masked</b> with <b>{method}</b> in {seconds:.1f} s — {masks}; nothing removed "
+                f"({result.params_after / 1e6:,.2f} M parameters, the zeros included).")
+    else:
+        then = f"; then {masks}" if masks else ""
+        what = (f"<b>{run_id}: pruned {result.realised_ratio:.2%}</b> of the parameters with <b>{method}</b> "
+                f"({result.params_before / 1e6:,.2f} M → {result.params_after / 1e6:,.2f} M) in {seconds:.1f} s; "
+                f"removed layers: {', '.join(map(str, removed)) or 'none'}{then}.")
+    status = (f"{what}<br>Path: {path}."
               f"<br><span class='cx-muted'>{common.stage_text(stages)}</span>{sweep}{notes}"
               f"<br>Next: <b>Evaluate</b> to compare perplexity.")
     return status, results_table(session), results_plot(session), common.model_card(session)
+
+
+def mask_text(extra: dict) -> str:
+    """"2:4 masks: 49.9% of the masked linears' weights are zero (38.5% of all parameters)", or "" without."""
+    if not extra or not extra.get("sparsity"):
+        return ""
+    linear, zeros = extra.get("linear_sparsity"), extra.get("zero_share")
+    share = f"{linear:.1%} of the masked linears' weights are zero" if linear is not None else "weights zeroed"
+    of_all = f" ({zeros:.1%} of all parameters)" if zeros is not None else ""
+    return f"{extra['sparsity']} masks: {share}{of_all}"
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -272,7 +301,7 @@ def build() -> SimpleNamespace:
 def wire(t: SimpleNamespace, session: gr.State, tabs, c: SimpleNamespace, start, heavy: dict) -> list:
     """Prune (from the sidebar) and Evaluate; returns the events Cancel stops."""
     pruned = c.prune.click(start("runs"), None, [tabs, c.cancel_note], queue=False).then(
-        run_prune, [session, *c.data, *c.settings, c.method], [t.prune_status, t.table, t.plot, c.card],
+        run_prune, [session, *c.data, *c.settings, c.method, c.sparsity], [t.prune_status, t.table, t.plot, c.card],
         show_progress_on=[t.prune_status], **heavy)
     evaluated = t.evaluate.click(start(), None, c.cancel_note, queue=False).then(
         run_evaluate, [session, t.datasets, t.mode, t.speed], [t.eval_status, t.table, t.plot],
