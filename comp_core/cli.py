@@ -142,9 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--pruned", required=True, help="folder written by `prune --out`")
     speed.add_argument("--repeats", type=int, default=5)
     speed.add_argument("--decode-tokens", type=int, default=64)
-    evaluate = sub.add_parser("eval", help="perplexity of a model")
+    evaluate = sub.add_parser("eval", help="perplexity and/or zero-shot accuracy (lm-evaluation-harness) of a model")
     _add_common(evaluate)
     _add_eval(evaluate, default="wikitext2")
+    evaluate.set_defaults(eval=None)  # wikitext2 unless --tasks is given alone (see run)
+    evaluate.add_argument("--tasks", type=_name_list, default=None,
+                          help="zero-shot lm-eval tasks, comma-separated, e.g. boolq,piqa,winogrande,arc_easy,"
+                               "arc_challenge,hellaswag (needs the 'eval' extra); with --tasks, perplexity runs only "
+                               "if --eval is given, otherwise eval measures wikitext2 perplexity")
+    evaluate.add_argument("--limit", type=int, default=None, help="score only each task's first N items (quick check)")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="batch size of the harness's model wrapper")
     compare = sub.add_parser("compare", help="several methods on the same calibration sample: one table")
     _add_common(compare)
     compare.add_argument("--methods", type=_name_list, default=("comp", "flap", "shortgpt", "wanda-sp", "magnitude-sp"),
@@ -279,7 +286,20 @@ def run(args: argparse.Namespace) -> dict:
             report["speed_table"] = comparison.to_markdown()
         elif args.command == "eval":
             report["params"] = count_parameters(model)
-            report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model")
+            if args.limit is not None and not args.tasks:
+                raise ValueError("--limit applies to zero-shot --tasks (perplexity uses --max-windows)")
+            if args.tasks:
+                from .zeroshot import evaluate_tasks
+
+                with stage("zeroshot", timings):
+                    zeroshot = evaluate_tasks(model, tokenizer, args.tasks, limit=args.limit,
+                                              batch_size=args.batch_size, quiet=args.quiet, on_event=progress)
+                report["zeroshot"] = zeroshot.to_dict()
+                report["table"] = zeroshot.table()
+            elif not eval_names:
+                eval_names = ["wikitext2"]
+            if eval_names:
+                report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model")
         elif args.command == "compare":
             from .compare import compare_methods, rows_table
             from .methods import get_method
