@@ -37,7 +37,7 @@ from torch import nn
 
 from .export import REPORT_FILE, _check_replaceable, _move_into_place, folder_bytes, plan_export, save_pruned
 from .models.adapters import get_adapter
-from .sparsity import SparsityPattern
+from .sparsity import SparsityPattern, zero_counts
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +117,6 @@ def compressible_denses(model: nn.Module, fmt: str) -> dict[str, nn.Module]:
     return chosen
 
 
-def _zero_share(model: nn.Module) -> float:
-    seen, total, zero = set(), 0, 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel()
-        zero += int((p == 0).sum())
-    return zero / total if total else 0.0
-
-
 def save_compressed(model: nn.Module, tokenizer, path: str | os.PathLike, pattern: "SparsityPattern | str", *,
                     report: dict | None = None, overwrite: bool = False, fmt: str | None = None,
                     max_shard_size: int | str = "2GB") -> Path:
@@ -159,7 +148,7 @@ def save_compressed(model: nn.Module, tokenizer, path: str | os.PathLike, patter
         raise ValueError(f"no linear of this model is stored losslessly as {fmt} (pattern {pattern.label}): "
                          "prune it first, with the same pattern")
     config = SparsityCompressionConfig.load_from_registry(
-        fmt, targets=targets, ignore=[], global_sparsity=_zero_share(model),
+        fmt, targets=targets, ignore=[], global_sparsity=zero_counts(model, [])["zero_share"],
         sparsity_structure="2:4" if fmt == FORMAT_24 else "unstructured")
     compressor = BaseCompressor.load_from_registry(fmt, config=config)
 
