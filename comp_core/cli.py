@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
                          metavar="METHOD.KEY=VALUE", help="a setting of one method, e.g. flap.compensation=none")
     compare.add_argument("--no-bytes", action="store_true", help="skip saving each model to measure its size")
+    compare.add_argument("--tasks", type=_name_list, default=None,
+                         help="zero-shot lm-eval tasks scored on every row (needs the 'eval' extra)")
+    compare.add_argument("--limit", type=int, default=None, help="score only each task's first N items")
     _add_calibration(compare)
     _add_eval(compare, default="wikitext2")
     return parser
@@ -305,6 +308,8 @@ def run(args: argparse.Namespace) -> dict:
             from .methods import get_method
             from .sparsity import SparsityPattern
 
+            if args.limit is not None and not args.tasks:
+                raise ValueError("--limit applies to zero-shot --tasks (perplexity uses --max-windows)")
             for name in args.methods:
                 get_method(name)
             per_method = _compare_settings(list(args.methods), args.settings)
@@ -320,10 +325,12 @@ def run(args: argparse.Namespace) -> dict:
             with stage("compare", timings):
                 rows = compare_methods(model, tokenizer, samples, list(args.methods), list(args.ratio), eval_names,
                                        sparsities=list(args.sparsity), max_windows=args.max_windows, eval_seq_len=args.eval_seq_len,
-                                       settings=settings, measure_bytes=not args.no_bytes, on_event=progress)
+                                       settings=settings, measure_bytes=not args.no_bytes,
+                                       tasks=list(args.tasks or []), task_limit=args.limit, on_event=progress)
             report["calibration"] = {"name": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
                                      "seed": args.seed}
-            report["eval"] = {"sets": eval_names, "seq_len": args.eval_seq_len, "max_windows": args.max_windows}
+            report["eval"] = {"sets": eval_names, "seq_len": args.eval_seq_len, "max_windows": args.max_windows,
+                              "tasks": list(args.tasks or []), "task_limit": args.limit}
             report["rows"] = [r.to_dict() for r in rows]
             report["table"] = rows_table(rows, eval_names)
         else:

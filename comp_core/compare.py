@@ -33,6 +33,7 @@ class CompareRow:
     target_ratio: float
     realised_ratio: float | None
     ppl: dict[str, float] = field(default_factory=dict)
+    accuracy: dict[str, float] = field(default_factory=dict)  # zero-shot, per task (ZeroShotReport.headline)
     prune_seconds: float | None = None
     peak_rss_mb: float | None = None
     saved_bytes: int | None = None
@@ -46,7 +47,8 @@ class CompareRow:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "kind": self.kind, "target_ratio": self.target_ratio,
-                "realised_ratio": self.realised_ratio, "ppl": dict(self.ppl), "prune_seconds": self.prune_seconds,
+                "realised_ratio": self.realised_ratio, "ppl": dict(self.ppl), "accuracy": dict(self.accuracy),
+                "prune_seconds": self.prune_seconds,
                 "peak_rss_mb": self.peak_rss_mb, "saved_bytes": self.saved_bytes, "params_after": self.params_after,
                 "sparsity": self.sparsity, "linear_sparsity": self.linear_sparsity, "zero_share": self.zero_share,
                 "error": self.error, "notes": list(self.notes)}
@@ -79,6 +81,18 @@ def _evaluate(model, tokens: dict[str, torch.Tensor], seq_len: int, max_windows:
     return out
 
 
+def _accuracy(model, tokenizer, tasks: list[str], limit: int | None,
+              on_event: ProgressCallback | None, label: str) -> dict[str, float]:
+    if not tasks:
+        return {}
+    from .zeroshot import evaluate_tasks
+
+    emit(on_event, "zeroshot", 0, 1, f"{label}: {', '.join(tasks)}")
+    report = evaluate_tasks(model, tokenizer, tasks, limit=limit, quiet=True)
+    emit(on_event, "zeroshot", 1, 1, f"{label}: done")
+    return report.headline()
+
+
 def _jobs(methods: list[str], ratios: list[float], sparsities: list[str], settings: dict[str, dict]) -> list:
     """(ratio, sparsity, method, settings) per row: structured methods at every ratio, mask methods at every
     sparsity, composed methods (which have both) at every pair."""
@@ -96,16 +110,25 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
                     ratios: list[float], eval_sets: list[str], *, sparsities: list[str] | None = None,
                     max_windows: int | None = None,
                     eval_seq_len: int = 512, settings: dict[str, dict] | None = None, measure_bytes: bool = True,
-                    include_original: bool = True, on_event: ProgressCallback | None = None,
-                    on_row=None) -> list[CompareRow]:
+                    include_original: bool = True, tasks: list[str] | None = None, task_limit: int | None = None,
+                    on_event: ProgressCallback | None = None, on_row=None) -> list[CompareRow]:
     """One row per (ratio or sparsity, method), plus the original first; ``model`` is never changed.
 
     Settings are each method's registered defaults with ``ratio`` and ``settings[method]`` applied; bad
     method names, settings or ratios fail here before any pruning. A method that cannot reach a ratio gets
     a row with ``error`` set instead of stopping the comparison. ``Cancelled`` raised from ``on_event``
-    stops it.
+    stops it. ``tasks``: lm-eval zero-shot tasks scored on every row (``task_limit``: each task's first N
+    items), the accuracy papers tabulate (acc_norm where the task has it, else acc).
     """
     settings = settings or {}
+    tasks = list(tasks or [])
+    if tasks:
+        from .zeroshot import build_tasks
+
+        if task_limit is not None and (isinstance(task_limit, bool) or not isinstance(task_limit, int)
+                                       or task_limit < 1):
+            raise ValueError(f"task_limit must be an integer >= 1, got {task_limit!r}")
+        build_tasks(tasks)  # harness installed, names known, data readable: fail before minutes of pruning
     for name in settings:
         get_method(name)
     jobs = _jobs(methods, ratios, list(sparsities or ["0.5"]), settings)
@@ -121,6 +144,7 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
         row = CompareRow(method="original", kind="-", target_ratio=0.0, realised_ratio=0.0,
                          params_after=count_parameters(model))
         row.ppl = _evaluate(model, tokens, eval_seq_len, max_windows, on_event, "original")
+        row.accuracy = _accuracy(model, tokenizer, tasks, task_limit, on_event, "original")
         if measure_bytes:
             row.saved_bytes = saved_size(model, tokenizer)
         done(row)
@@ -149,6 +173,7 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
         row.linear_sparsity = result.extra.get("linear_sparsity")
         row.zero_share = result.extra.get("zero_share")
         row.ppl = _evaluate(pruned, tokens, eval_seq_len, max_windows, on_event, name)
+        row.accuracy = _accuracy(pruned, tokenizer, tasks, task_limit, on_event, name)
         if measure_bytes:
             try:
                 row.saved_bytes = saved_size(pruned, tokenizer)
@@ -161,22 +186,32 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
     return rows
 
 
+def mean_accuracy(accuracy: dict[str, float]) -> float:
+    """Unweighted mean over tasks, as the papers' 'Avg' column."""
+    return sum(accuracy.values()) / len(accuracy)
+
+
 def rows_table(rows: list[CompareRow], eval_sets: list[str]) -> str:
     """The comparison as a Markdown table (what the CLI prints)."""
     masks = any(r.sparsity for r in rows)
+    tasks = list(dict.fromkeys(t for r in rows for t in r.accuracy))
     head = (["method", "kind", "target", "realised"] + (["sparsity", "zeros of all"] if masks else [])
-            + [f"ppl {n}" for n in eval_sets] + ["prune s", "peak RSS MB", "saved MB"])
+            + [f"ppl {n}" for n in eval_sets] + [f"acc {t}" for t in tasks] + (["mean acc"] if tasks else [])
+            + ["prune s", "peak RSS MB", "saved MB"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         target = " + ".join(t for t in (f"{r.target_ratio:.0%}" if r.target_ratio else "", r.sparsity or "") if t)
         mask_cells = ([f"{r.linear_sparsity:.2%}" if r.linear_sparsity is not None else "—",
                        f"{r.zero_share:.2%}" if r.zero_share is not None else "—"] if masks else [])
         if r.error:
-            cells = [r.method, r.kind, target or "0%", "—"] + ["—"] * (len(mask_cells) + len(eval_sets)) + ["—", "—", "—"]
+            cells = ([r.method, r.kind, target or "0%", "—"]
+                     + ["—"] * (len(head) - 4))
             cells[-1] = f"error: {r.error[:60]}"
         else:
             cells = ([r.method, r.kind, target or "0%", f"{r.realised_ratio:.2%}"] + mask_cells
                      + [f"{r.ppl[n]:.2f}" for n in eval_sets]
+                     + [f"{r.accuracy[t]:.4f}" if t in r.accuracy else "—" for t in tasks]
+                     + ([f"{mean_accuracy(r.accuracy):.4f}" if r.accuracy else "—"] if tasks else [])
                      + [f"{r.prune_seconds:.1f}" if r.prune_seconds is not None else "—",
                         f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb is not None else "—",
                         f"{r.saved_bytes / 2**20:.1f}" if r.saved_bytes is not None else "—"])

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 import shutil
 import uuid
 from pathlib import Path
@@ -56,7 +57,10 @@ class SparseFormatUnavailable(ImportError):
 def _compressed_tensors():
     """The package, checked to have the sparse-bitmask compressors; raises ``SparseFormatUnavailable``."""
     try:
-        import compressed_tensors
+        with warnings.catch_warnings():  # its import calls torch.jit.script_method, deprecated in torch 2.13
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated",
+                                    category=DeprecationWarning)
+            import compressed_tensors
     except ImportError as err:
         raise SparseFormatUnavailable(
             f"saving in the compressed-tensors sparse format needs the '{PACKAGE}' package, which is not "

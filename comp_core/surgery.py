@@ -174,3 +174,30 @@ def remove_attention_units(block: nn.Module, adapter: ArchAdapter, units, keep: 
     kv_heads = keep.numel() if units.grouped else heads
     set_attention_heads(adapter.dense(block, adapter.attention_path), heads, kv_heads)
     return params - sum(p.numel() for p in block.parameters())
+
+
+def apply_input_order(block: nn.Module, adapter: ArchAdapter, name: str, order: torch.Tensor) -> None:
+    """Store dense ``name``'s weight with its input columns in ``order`` and make its input arrive in that
+    order, without changing what the block computes.
+
+    A plain coupled consumer (down_proj, fc2) gets its producers' output rows (and biases) permuted, so the
+    activations arrive already permuted at no runtime cost; any other dense reads a tensor it shares (the
+    normed residual stream, the heads' outputs) and becomes an ``IndexedInputLinear`` reading
+    ``input[..., index[order]]``."""
+    module = adapter.dense(block, name)
+    spec = adapter.dense_spec(name)
+    order = order.to(module.weight.device)
+    if order.numel() != module.weight.shape[1]:
+        raise ValueError(f"{name}: order has {order.numel()} entries, the weight {module.weight.shape[1]} columns")
+    weight = module.weight.data[:, order].contiguous()  # (d_out, d_in) in stored order
+    if spec.coupled_producers and not isinstance(module, IndexedInputLinear):
+        module.weight.data = weight
+        for producer in spec.coupled_producers:
+            source = adapter.dense(block, producer)
+            source.weight.data = source.weight.data[order].contiguous()  # output rows in stored order
+            if source.bias is not None:
+                source.bias.data = source.bias.data[order].contiguous()
+        return
+    bias = module.bias.data.clone() if module.bias is not None else None
+    index = input_index_of(module)[order]
+    replace_submodule(block, name, IndexedInputLinear(weight, bias, index, module.in_features))

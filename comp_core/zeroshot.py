@@ -475,12 +475,24 @@ class ZeroShotReport:
         value = self.results.get(task, {}).get(f"{name},none")
         return value if isinstance(value, (int, float)) else None
 
+    def headline(self) -> dict[str, float]:
+        """One accuracy per task, the one pruning papers tabulate (LLM-Pruner, Wanda, COMP): acc_norm where the
+        harness reports it (piqa, arc, hellaswag), else acc (boolq, winogrande)."""
+        out = {}
+        for task in self.results:
+            value = self.metric(task, "acc_norm")
+            value = self.metric(task, "acc") if value is None else value
+            if value is not None:
+                out[task] = float(value)
+        return out
+
     def to_dict(self) -> dict:
         notes = {t: LOCAL_TASKS[t].note for t, s in self.sources.items()
                  if s != "hub" and t in LOCAL_TASKS and LOCAL_TASKS[t].note}
         return {"harness": self.harness, "limit": self.limit, "num_fewshot": self.num_fewshot,
                 "batch_size": self.batch_size, "results": self.results, "n_samples": self.n_samples,
-                "versions": self.versions, "sources": self.sources, "notes": notes, "seconds": self.seconds}
+                "versions": self.versions, "sources": self.sources, "notes": notes, "seconds": self.seconds,
+                "headline": self.headline()}
 
     def table(self) -> str:
         """A markdown table: items scored, acc and acc_norm with their standard errors (– where a task has none)."""

@@ -357,3 +357,34 @@ def test_tasks_with_eval_runs_both(tiny_folder, capsys, monkeypatch):
                              "--eval", "ptb", "--max-windows", "1", "--eval-seq-len", "64")
     assert code == 0, err
     assert "| boolq | 2/3270 |" in out and "ptb=" in out  # the table, then the perplexity row
+
+
+@needs_harness
+@needs_data
+def test_compare_scores_every_row_on_the_tasks(tiny_folder, capsys, monkeypatch):
+    """`compare --tasks` adds the papers' accuracy (acc_norm where the task has it, else acc) to every row:
+    the original's equals `eval --tasks` on the same model; a pruned row's differs; the table shows them."""
+    monkeypatch.setenv("COMP_DATA_DIR", str(DATA))
+    tasks, limit = "boolq,piqa", 8
+    code, out, err = run_cli(capsys, "eval", "--model", str(tiny_folder), "--tasks", tasks, "--limit", str(limit),
+                             "--json")
+    assert code == 0, err
+    alone = json.loads(out)["zeroshot"]
+    expected = {"boolq": alone["results"]["boolq"]["acc,none"], "piqa": alone["results"]["piqa"]["acc_norm,none"]}
+    assert alone["headline"] == expected
+    code, out, err = run_cli(capsys, "compare", "--model", str(tiny_folder), "--methods", "magnitude",
+                             "--sparsity", "0.9", "--tasks", tasks, "--limit", str(limit), "--calib", "wikitext2",
+                             "--n-samples", "2", "--seq-len", "16", "--max-windows", "2", "--no-bytes", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    original, masked = report["rows"]
+    assert original["method"] == "original" and original["accuracy"] == expected
+    assert masked["method"] == "magnitude" and set(masked["accuracy"]) == {"boolq", "piqa"}
+    assert all(0.0 <= v <= 1.0 for v in masked["accuracy"].values())
+    assert "acc boolq" in report["table"] and "mean acc" in report["table"]
+    assert report["eval"]["tasks"] == ["boolq", "piqa"] and report["eval"]["task_limit"] == limit
+
+
+def test_compare_limit_needs_tasks(tiny_folder, capsys):
+    code, _, err = run_cli(capsys, "compare", "--model", str(tiny_folder), "--methods", "magnitude", "--limit", "5")
+    assert code == 2 and "--limit applies to zero-shot --tasks" in err

@@ -28,6 +28,7 @@ from ..results import DenseReport, LayerReport
 from ..runtime import count_parameters
 from ..sparsity import SparsityPattern, pattern_mask, zero_counts
 from ..stats import InputStats, own_gram
+from ..surgery import apply_input_order
 from .registry import Method, finish, register_method, working_copy
 from .structured import structured_plan
 
@@ -65,6 +66,10 @@ class MaskedWeight:
     weight: torch.Tensor  # new weight (pruned entries 0), the dense's dtype
     mask: torch.Tensor  # bool, True = pruned
     scores: torch.Tensor | None = None  # what ranked the weights, for reports (d_out, d_in)
+    # Stored column order (stored position -> original input), when the mask holds its pattern only in that
+    # order (RIA's channel permutation); the dense is re-laid out after the loop (``surgery.apply_input_order``).
+    input_order: torch.Tensor | None = None
+    report: dict | None = None  # per-dense facts for ``summarize`` (e.g. retained importance)
 
 
 class MaskMethod(Method):
@@ -77,6 +82,20 @@ class MaskMethod(Method):
     def mask_dense(self, weight: torch.Tensor, stats: InputStats | None, gram: torch.Tensor | None,
                    pattern: SparsityPattern, settings) -> MaskedWeight:
         raise NotImplementedError
+
+    def summarize(self, reports: list[dict], pattern: SparsityPattern) -> tuple[dict, list[str]]:
+        """Method-specific ``result.extra`` entries and plan notes from the per-dense ``report`` dicts."""
+        return {}, []
+
+    def relayout(self, model: nn.Module, orders: list[tuple[int, str, torch.Tensor]]) -> None:
+        """Store each reordered dense in its mask's column order. Changes no output, so doing it after the
+        loop (every later block was calibrated on the masked weights in original order) is equivalent."""
+        adapter = get_adapter(model)
+        blocks = list(adapter.blocks(model))
+        for layer, name, order in orders:
+            d_in = adapter.dense(blocks[layer], name).weight.shape[1]
+            full = torch.cat([order.cpu(), torch.arange(order.numel(), d_in)])  # a ragged tail stays in place
+            apply_input_order(blocks[layer], adapter, name, full)
 
     def _pattern_for(self, weight: torch.Tensor, pattern: SparsityPattern) -> tuple[SparsityPattern, int]:
         """N:M over the columns that fill whole groups; the < M tail columns of an odd width stay dense."""
@@ -109,6 +128,8 @@ class MaskMethod(Method):
                                layer_params=[sum(p.numel() for p in b.parameters()) for b in blocks],
                                protected=sorted(protected))
         masked_linears: list[nn.Module] = []
+        orders: list[tuple[int, str, torch.Tensor]] = []
+        reports: list[dict] = []
         tails = 0
 
         def mask_block(layer: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
@@ -131,6 +152,12 @@ class MaskMethod(Method):
                 mask = result.mask
                 zeroed += int(mask.sum())
                 masked_linears.append(module)
+                order = result.input_order
+                reordered = order is not None and not torch.equal(order.cpu(), torch.arange(order.numel()))
+                if reordered:
+                    orders.append((layer, spec.name, order))
+                if result.report is not None:
+                    reports.append({"layer": layer, "name": spec.name, "permuted": reordered, **result.report})
                 err = reconstruction_error(before, weight, gram) if gram is not None else float("nan")
                 plan.dense_reports.append(DenseReport(
                     layer=layer, name=spec.name, kind=spec.kind, d_in=weight.shape[1], d_out=weight.shape[0],
@@ -164,12 +191,15 @@ class MaskMethod(Method):
                 mask_block(i, blocks[i], None)
         plan.timings["masking"] = time.perf_counter() - t0
         counts = zero_counts(target, masked_linears)
+        self.relayout(target, orders)
         plan.planned_params_after = params_before
         if tails:
             plan.notes.append(f"{tails} linears have a width that is not a multiple of {pattern.m}: their last "
                               f"(width mod {pattern.m}) columns stay dense")
+        extra, notes = self.summarize(reports, pattern)
+        plan.notes.extend(notes)
         result = finish(target, plan, params_before, start)
-        result.extra = {"sparsity": pattern.label, **counts}
+        result.extra = {"sparsity": pattern.label, **counts, **extra}
         return target, result
 
 
