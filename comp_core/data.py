@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .runtime import cache_of, with_cache
+
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "COMP_DATA_DIR"
@@ -459,8 +461,8 @@ def _data_free(model, tokenizer, n_samples: int, seq_len: int, seed: int) -> tor
             past = None
             step_input = first.to(device)
             for _ in range(seq_len - 1):
-                out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=step_input, use_cache=True, **with_cache(model, past))
+                past = cache_of(out)
                 logits = out.logits[:, -1, :].float()  # (n, V)
                 top_values, top_ids = logits.topk(min(50, logits.shape[-1]), dim=-1)  # (n, k)
                 probs = torch.softmax(top_values / 1.0, dim=-1).cpu()  # temperature 1.0

@@ -213,3 +213,25 @@ def count_parameters(model: torch.nn.Module) -> int:
         seen.add(key)
         total += param.numel()
     return total
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` since transformers 5.2x (where
+    ``past_key_values`` is deprecated, to go in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def with_cache(model: torch.nn.Module, cache) -> dict:
+    """Keyword arguments that pass ``cache`` to ``model`` under the name its transformers version expects."""
+    return {_cache_argument(model): cache}
+
+
+def cache_of(output):
+    """The KV cache a forward returned (``output.cache``, or ``past_key_values`` on older transformers)
+    without touching the deprecated attribute when the new one exists."""
+    if "cache" in output:
+        return output["cache"]
+    return output.get("past_key_values")

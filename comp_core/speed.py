@@ -9,7 +9,7 @@
   alternating between the two on every repeat so that load from other processes hits both alike. For
   folders it also reports the safetensors bytes and the peak RSS of loading each one in a fresh subprocess.
 
-Decoding is a plain loop (``model(next_token, past_key_values=cache)`` then argmax), i.e. what
+Decoding is a plain loop (``model(next_token, cache=cache)`` then argmax), i.e. what
 ``generate(do_sample=False)`` does without its per-step bookkeeping, so the timings are the model's own.
 Inputs are random token ids from a seeded generator; prefill asks for the last position's logits only
 (``logits_to_keep=1``), as ``generate`` does.
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .runtime import count_parameters
+from .runtime import cache_of, count_parameters, with_cache
 from .surgery import IndexedInputLinear
 
 
@@ -120,14 +120,14 @@ def greedy_decode(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> tupl
     """
     device = prompt.device
     out = model(prompt, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = cache_of(out)
     token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
     tokens = [token]
     _sync(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(n_tokens - 1):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(token, use_cache=True, **with_cache(model, cache))
+        cache = cache_of(out)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         tokens.append(token)
     _sync(device)

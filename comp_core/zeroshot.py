@@ -291,6 +291,34 @@ def local_files(task: str, root: str | Path | None = None) -> dict[str, Path]:
     return paths
 
 
+def harness_installed() -> bool:
+    """Whether lm-eval can be imported (without importing it: it takes seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("lm_eval") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def runnable_tasks(root: str | Path | None = None) -> list[str]:
+    """The standard tasks (``DEFAULT_TASKS``) that can run here: with a data folder, those whose local copy
+    is complete; without one, all of them (they load from the hub)."""
+    base = _local_root(root)
+    if base is None:
+        return list(DEFAULT_TASKS)
+    out = []
+    for task in DEFAULT_TASKS:
+        if task not in LOCAL_TASKS:
+            continue
+        try:
+            local_files(task, base)
+        except DataError:
+            continue
+        out.append(task)
+    return out
+
+
 def load_local_docs(task: str, root: str | Path | None = None) -> dict[str, Rows]:
     """The local copy of ``task`` as ``{split: rows}`` with the hub data set's field names (see module doc)."""
     if task not in LOCAL_TASKS:

@@ -186,6 +186,35 @@ def test_evaluate_fills_the_table_and_the_plot(folder):
     assert [t.name for t in fig.data] == ["wikitext2"] and len(fig.data[0].x) == 2
 
 
+@needs_data
+@pytest.mark.skipif(not common.zeroshot_tasks(), reason="lm-eval or the local zero-shot copies missing")
+def test_evaluate_zero_shot_adds_accuracy_columns_and_reuses_the_original(folder, monkeypatch):
+    """Evaluate with tasks: acc columns for both rows, the original scored once per (task, limit)."""
+    monkeypatch.setattr(common, "ZEROSHOT_QUICK_LIMIT", 4)
+    calls = []
+    real = runs._zeroshot
+
+    def counting(model, tokenizer, tasks, limit):
+        calls.append((tuple(tasks), limit))
+        return real(model, tokenizer, tasks, limit)
+
+    monkeypatch.setattr(runs, "_zeroshot", counting)
+    session = Session()
+    runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    status, table, _ = runs.run_evaluate(session, [], "quick", False, ["boolq", "piqa"], progress=no_progress)
+    assert "Zero-shot accuracy (first 4 items" in status and "boolq:" in status and "Perplexity" not in status
+    assert {"acc boolq", "acc piqa", "mean acc"} <= set(table.columns)
+    assert list(table.columns).index("acc boolq") > list(table.columns).index("ppl c4")
+    for run in session.runs:
+        assert 0.0 <= run["acc boolq"] <= 1.0 and 0.0 <= run["acc piqa"] <= 1.0
+        assert run["mean acc"] == pytest.approx((run["acc boolq"] + run["acc piqa"]) / 2)
+    assert calls == [(("boolq", "piqa"), 4), (("boolq", "piqa"), 4)]
+    runs.run_evaluate(session, [], "quick", False, ["boolq"], progress=no_progress)
+    assert calls[-1] == (("boolq",), 4) and len(calls) == 3  # only the pruned model scored again
+    with pytest.raises(gr.Error, match="zero-shot task"):
+        runs.run_evaluate(session, [], "quick", False, [], progress=no_progress)
+
+
 def test_generate_side_by_side(folder):
     session = Session()
     runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)

@@ -31,6 +31,7 @@ ORIGINAL_RESULTS = ResultCache()  # (model key, what, ...) -> perplexity / speed
 EVAL_SETS = ("wikitext2", "ptb", "c4")
 EVAL_LABELS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 QUICK_WINDOWS = 8
+ZEROSHOT_QUICK_LIMIT = 50  # items per zero-shot task in quick mode (the harness's first N)
 EVAL_SEQ_LEN = 512
 BUSY_WAIT_S = 120
 STAGE_LABELS = {
@@ -174,6 +175,41 @@ def export_available() -> bool:
     except Exception:  # noqa: BLE001 - any import problem just hides the feature
         return False
     return True
+
+
+def zeroshot_tasks() -> list[str]:
+    """The zero-shot tasks the GUI offers: none without lm-eval, else those runnable with this data folder."""
+    from comp_core import zeroshot
+
+    return zeroshot.runnable_tasks() if zeroshot.harness_installed() else []
+
+
+def zeroshot_note() -> str:
+    """Why no zero-shot task is offered (HTML), or "" when some are."""
+    from comp_core import zeroshot
+
+    if not zeroshot.harness_installed():
+        return ("Zero-shot accuracy needs lm-evaluation-harness: <code>pip install -e '.[eval]'</code>")
+    if not zeroshot.runnable_tasks():
+        return (f"No zero-shot task has a local copy under <code>${zeroshot.DATA_DIR_ENV}/"
+                f"{zeroshot.ZEROSHOT_FOLDER}</code>.")
+    return ""
+
+
+def accuracy_columns(rows: list[dict]) -> list[str]:
+    """"acc <task>" columns present in any of ``rows``, in the standard task order, then "mean acc"."""
+    from comp_core.zeroshot import DEFAULT_TASKS
+
+    present = {k[4:] for r in rows for k in r if k.startswith("acc ")}
+    tasks = [t for t in DEFAULT_TASKS if t in present] + sorted(present - set(DEFAULT_TASKS))
+    return [f"acc {t}" for t in tasks] + (["mean acc"] if tasks else [])
+
+
+def set_accuracy(row: dict, accuracy: dict[str, float]) -> None:
+    """Store per-task accuracies in a table row and refresh its mean over every task it has."""
+    row.update({f"acc {task}": value for task, value in accuracy.items()})
+    values = [v for k, v in row.items() if k.startswith("acc ") and isinstance(v, (int, float))]
+    row["mean acc"] = sum(values) / len(values) if values else None
 
 
 def speed_available() -> bool:

@@ -34,8 +34,11 @@ SPEED_SETTINGS = {"prefill_tokens": 128, "decode_tokens": 32, "batch_sizes": (1,
                   "measure_memory": False}
 
 
-def columns() -> list[str]:
-    return [c for c in RESULT_COLUMNS if c != "tokens/s" or common.speed_available()]
+def columns(rows: list[dict] | None = None) -> list[str]:
+    """The table's columns; zero-shot accuracies follow the perplexities once a run has them."""
+    cols = [c for c in RESULT_COLUMNS if c != "tokens/s" or common.speed_available()]
+    at = cols.index("ppl c4") + 1
+    return cols[:at] + common.accuracy_columns(rows or []) + cols[at:]
 
 
 # ---------------------------------------------------------------------------------------- prune
@@ -85,7 +88,8 @@ def results_table(session: Session) -> pd.DataFrame:
     """Every run of the session, formatted for reading (numbers stay numbers in ``session.runs``)."""
     specs = {"target": ".0%", "realised ratio": ".2%", "weights MB": ",.0f", "disk MB": ",.0f",
              "ppl wikitext2": ",.2f", "ppl ptb": ",.2f", "ppl c4": ",.2f", "tokens/s": ",.1f", "prune s": ",.1f"}
-    cols = columns()
+    cols = columns(session.runs)
+    specs.update({c: ".3f" for c in cols if c.startswith("acc ") or c == "mean acc"})
     rows = []
     for run in session.runs:
         row = {}
@@ -216,17 +220,26 @@ def _speed(model, tokenizer):
     return tokens_per_second(measure_speed(model, tokenizer, **settings))
 
 
+def _zeroshot(model, tokenizer, tasks: list[str], limit: int | None) -> dict[str, float]:
+    from comp_core.zeroshot import evaluate_tasks
+
+    return evaluate_tasks(model, tokenizer, tasks, limit=limit, quiet=True).headline()
+
+
 @common.user_errors
-def run_evaluate(session: Session, datasets, mode, with_speed, progress=gr.Progress()):
-    """Perplexity (and speed) of the original and the latest pruned model; returns (status, table, plot)."""
+def run_evaluate(session: Session, datasets, mode, with_speed, tasks=None, progress=gr.Progress(track_tqdm=True)):
+    """Perplexity, zero-shot accuracy (lm-eval) and speed of the original and the latest pruned model;
+    returns (status, table, plot). The original's figures are measured once per model and reused."""
     if session.loaded is None:
         raise common.fail("Load a model first (Analyse or Prune loads it).", "Nothing to evaluate")
     datasets = [d for d in (datasets or []) if d in common.EVAL_SETS]
-    if not datasets:
-        raise common.fail("Tick at least one evaluation data set.", "Nothing to evaluate")
+    tasks = list(tasks or [])
+    if not datasets and not tasks:
+        raise common.fail("Tick at least one evaluation data set or zero-shot task.", "Nothing to evaluate")
     bridge = common.Bridge(progress, session)
     quick = mode != "full"
     windows = common.QUICK_WINDOWS if quick else None
+    limit = common.ZEROSHOT_QUICK_LIMIT if quick else None
     started = time.perf_counter()
     with common.exclusive(session):
         loaded = session.loaded
@@ -256,6 +269,22 @@ def run_evaluate(session: Session, datasets, mode, with_speed, progress=gr.Progr
                 lines.append(f"{label}: {original[f'ppl {ds}']:.2f} → {targets[1][2][f'ppl {ds}']:.2f}")
             else:
                 lines.append(f"{label}: {original[f'ppl {ds}']:.2f}")
+        accuracy_lines = []
+        if tasks:
+            for name, model, row, shared in targets:
+                found = {t: common.ORIGINAL_RESULTS.get((session.model_key, "zeroshot", t, limit)) for t in tasks}
+                missing = [t for t in tasks if found[t] is None or not shared]
+                if missing:
+                    bridge.step(f"Zero-shot {', '.join(missing)} · {name} (lm-eval) …", stage="zeroshot")
+                    found.update(_zeroshot(model, loaded.tokenizer, missing, limit))
+                    if shared:
+                        for t in missing:
+                            common.ORIGINAL_RESULTS.put((session.model_key, "zeroshot", t, limit), found[t])
+                common.set_accuracy(row, {t: v for t, v in found.items() if v is not None})
+                row["eval"] = eval_text
+            for t in tasks:
+                values = [row.get(f"acc {t}") for _, _, row, _ in targets]
+                accuracy_lines.append(f"{t}: " + " → ".join(common.fmt(v, ".3f") for v in values))
         if with_speed and common.speed_available():
             for name, model, row, shared in targets:
                 bridge.step(f"Generation speed · {name} …", stage="speed")
@@ -268,9 +297,14 @@ def run_evaluate(session: Session, datasets, mode, with_speed, progress=gr.Progr
                 row["tokens/s"] = value
     seconds = time.perf_counter() - started
     who = f"original → {session.pruned_run}" if len(targets) == 2 else "original only (prune to compare)"
-    status = (f"<b>Evaluated in {seconds:.1f} s</b> ({who}; "
-              f"{'first ' + str(common.QUICK_WINDOWS) if quick else 'all'} windows of {seq_len} tokens)"
-              "<br>Perplexity " + " · ".join(lines))
+    parts = []
+    if lines:
+        parts.append(f"Perplexity ({'first ' + str(common.QUICK_WINDOWS) if quick else 'all'} windows of "
+                     f"{seq_len} tokens) " + " · ".join(lines))
+    if accuracy_lines:
+        parts.append(f"Zero-shot accuracy ({'first ' + str(limit) + ' items' if quick else 'all items'} per task; "
+                     "acc_norm where the task has it, else acc) " + " · ".join(accuracy_lines))
+    status = f"<b>Evaluated in {seconds:.1f} s</b> ({who})<br>" + "<br>".join(parts)
     return status, results_table(session), results_plot(session)
 
 
@@ -289,6 +323,14 @@ def build() -> SimpleNamespace:
                           value="quick", label="Evaluation", scale=2,
                           info=f"quick = first {common.QUICK_WINDOWS} windows of 512 tokens; full is slow on a CPU")
         t.speed = gr.Checkbox(label="Generation speed", value=True, visible=common.speed_available(), scale=1)
+    offered = common.zeroshot_tasks()
+    with gr.Row(equal_height=True):
+        t.tasks = gr.CheckboxGroup(offered, value=[], label="Zero-shot accuracy (lm-evaluation-harness)",
+                                   elem_id="eval-tasks", visible=bool(offered), scale=5,
+                                   info=f"quick = first {common.ZEROSHOT_QUICK_LIMIT} items of each task; about a "
+                                        "minute per task and model on a CPU")
+        if not offered:
+            gr.HTML(f"<span class='cx-muted'>{common.zeroshot_note()}</span>", elem_id="eval-tasks-missing")
         t.evaluate = gr.Button("Evaluate", variant="primary", scale=1, elem_id="btn-evaluate")
     t.eval_status = gr.HTML("", elem_id="eval-status")
     t.table = gr.Dataframe(headers=columns(), value=None, interactive=False, wrap=False, label="Runs of this session",
@@ -304,6 +346,6 @@ def wire(t: SimpleNamespace, session: gr.State, tabs, c: SimpleNamespace, start,
         run_prune, [session, *c.data, *c.settings, c.method, c.sparsity], [t.prune_status, t.table, t.plot, c.card],
         show_progress_on=[t.prune_status], **heavy)
     evaluated = t.evaluate.click(start(), None, c.cancel_note, queue=False).then(
-        run_evaluate, [session, t.datasets, t.mode, t.speed], [t.eval_status, t.table, t.plot],
+        run_evaluate, [session, t.datasets, t.mode, t.speed, t.tasks], [t.eval_status, t.table, t.plot],
         show_progress_on=[t.eval_status], **heavy)
     return [pruned, evaluated]
