@@ -7,7 +7,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from test_ui_handlers import HAVE_DATA, data_args, no_progress, save_tiny_llama  # noqa: E402
-from ui import plots  # noqa: E402
+from ui import common, plots  # noqa: E402
 from ui.session import Session  # noqa: E402
 from ui.tabs import compare  # noqa: E402
 
@@ -20,10 +20,10 @@ def folder(tmp_path_factory) -> str:
 
 
 def _run(session, folder, methods=("comp-layers", "comp"), ratios="0.2, 0.3", windows=2, on_yield=None,
-         sparsities=compare.DEFAULT_SPARSITIES):
+         sparsities=compare.DEFAULT_SPARSITIES, tasks=None, task_items=4):
     outputs = []
     for out in compare.run_compare(session, *data_args(folder), list(methods), ratios, ["wikitext2"], windows,
-                                   sparsities, progress=no_progress):
+                                   sparsities, tasks, task_items, progress=no_progress):
         outputs.append(out)
         if on_yield is not None:
             on_yield(out)
@@ -155,6 +155,27 @@ def test_compare_masks_and_composed_rows(folder):
     assert session.compare_rows[-1]["sparsity"] == "4:8"
     with pytest.raises(gr.Error, match="N:M"):
         _run(session, folder, methods=["magnitude"], sparsities="2:x")
+
+
+@needs_data
+@pytest.mark.skipif(not common.zeroshot_tasks(), reason="lm-eval or the local zero-shot copies missing")
+def test_compare_with_zero_shot_tasks(folder):
+    """Ticked tasks: every row gets acc columns and their mean; a second run on the same windows, sets and
+    tasks reuses the original's row, a new task measures the original again."""
+    session = Session()
+    status, table, *_ = _run(session, folder, methods=["magnitude"], sparsities="0.5", windows=1,
+                             tasks=["boolq"], task_items=3)[-1]
+    assert list(table["method"]) == ["original", "magnitude"]
+    assert {"acc boolq", "mean acc"} <= set(table.columns)
+    assert list(table.columns).index("acc boolq") > list(table.columns).index("ppl wikitext2")
+    assert all(0.0 <= r["acc boolq"] <= 1.0 and r["mean acc"] == r["acc boolq"] for r in session.compare_rows)
+    assert "3 items/task" in session.compare_rows[0]["eval"]
+    _run(session, folder, methods=["magnitude"], sparsities="2:4", windows=1, tasks=["boolq"], task_items=3)
+    assert [r["method"] for r in session.compare_rows] == ["original", "magnitude", "magnitude"]
+    _run(session, folder, methods=["magnitude"], sparsities="2:4", windows=1, tasks=["piqa"], task_items=3)
+    assert [r["method"] for r in session.compare_rows][-2:] == ["original", "magnitude"]
+    with pytest.raises(gr.Error, match="Items per task"):
+        _run(session, folder, methods=["magnitude"], tasks=["boolq"], task_items="x")
 
 
 @needs_data

@@ -129,6 +129,8 @@ def row_record(row, number: int, *, model_key: str | None, eval_tag: str, calibr
               "plan": (_light(row.plan, masks=row.kind == "unstructured")
                        if getattr(row, "plan", None) is not None and _has_plan(row.method) else None)}
     record.update({f"ppl {name}": value for name, value in (row.ppl or {}).items()})
+    if getattr(row, "accuracy", None):
+        common.set_accuracy(record, row.accuracy)
     return record
 
 
@@ -140,9 +142,11 @@ def compare_table(session: Session) -> pd.DataFrame:
     """Every comparison row of the session, formatted for reading."""
     rows = session.compare_rows
     masks = COLUMNS_MASKS if any(r.get("sparsity") for r in rows) else []
-    cols = COLUMNS_HEAD + masks + [f"ppl {ds}" for ds in _sets_in(rows)] + COLUMNS_TAIL
+    cols = (COLUMNS_HEAD + masks + [f"ppl {ds}" for ds in _sets_in(rows)] + common.accuracy_columns(rows)
+            + COLUMNS_TAIL)
     specs = {"realised ratio": ".2%", "prune s": ",.1f", "peak RSS MB": ",.0f",
-             "saved MB": ",.1f", **{c: ",.2f" for c in cols if c.startswith("ppl ")}}
+             "saved MB": ",.1f", **{c: ",.2f" for c in cols if c.startswith("ppl ")},
+             **{c: ".3f" for c in cols if c.startswith("acc ") or c == "mean acc"}}
     out = []
     for r in rows:
         cells = {c: common.fmt(r.get(c), specs.get(c, ""), empty="—" if c in specs else "") for c in cols}
@@ -305,15 +309,18 @@ def _grid_text(ratios: list[float], sparsities: list[str]) -> str:
     return " · ".join(parts)
 
 
-def _wants_original(session: Session, eval_tag: str, eval_sets: list[str]) -> bool:
-    """Whether the session still lacks the original's perplexity on these windows and sets."""
+def _wants_original(session: Session, eval_tag: str, eval_sets: list[str], tasks: list[str] = ()) -> bool:
+    """Whether the session still lacks the original's perplexity (and accuracy) on these windows, sets and
+    tasks."""
     return not any(r["method"] == "original" and r["key"] == session.model_key and r["eval"] == eval_tag
-                   and all(f"ppl {ds}" in r for ds in eval_sets) for r in session.compare_rows)
+                   and all(f"ppl {ds}" in r for ds in eval_sets) and all(f"acc {t}" in r for t in tasks)
+                   for r in session.compare_rows)
 
 
 @common.user_errors
 def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len, seed, methods, ratios, eval_sets,
-                windows, sparsities=DEFAULT_SPARSITIES, progress=gr.Progress()):
+                windows, sparsities=DEFAULT_SPARSITIES, tasks=None, task_items=common.ZEROSHOT_QUICK_LIMIT,
+                progress=gr.Progress()):
     """Generator: (status, table, figure, plan selector, 4 plan views, model card) after every finished row.
 
     ``ratios`` are read only when a ticked method has a ratio, ``sparsities`` only when one has a sparsity."""
@@ -337,6 +344,13 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
         raise common.fail("Windows must be a whole number (empty = the whole test set).", "Cannot do that") from None
     if n_windows is not None and n_windows < 1:
         n_windows = None
+    tasks = list(tasks or [])
+    try:
+        task_limit = int(task_items) if task_items not in (None, "") else None
+    except (TypeError, ValueError):
+        raise common.fail("Items per task must be a whole number (0 = every item).", "Cannot do that") from None
+    if task_limit is not None and task_limit < 1:
+        task_limit = None
     bridge = common.Bridge(progress, session)
     no_views = (gr.update(),) * 5  # the plan views and the model card
     started = time.perf_counter()
@@ -345,13 +359,13 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
         common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
         loaded = session.loaded
         eval_len = common.eval_seq_len(loaded.model)
-        eval_tag = f"{n_windows or 'all'}×{eval_len}"
+        eval_tag = f"{n_windows or 'all'}×{eval_len}" + (f", {task_limit or 'all'} items/task" if tasks else "")
         calibration = common.calib_text(session.calib_key)
         jobs = sum((len(ratio_list) if "ratio" in w else 1) * (len(sparsity_list) if "sparsity" in w else 1)
                    for w in wants.values())
         yield *_outputs(session, f"<b>Comparing {len(methods)} methods</b> ({_grid_text(ratio_list, sparsity_list)}"
                                  f"; {jobs} prunes) …"), *no_views[1:], common.model_card(session)
-        with_original = _wants_original(session, eval_tag, eval_sets)
+        with_original = _wants_original(session, eval_tag, eval_sets, tasks)
         results: queue.Queue = queue.Queue()
 
         def work() -> None:
@@ -359,7 +373,7 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
                 compare_methods(loaded.model, loaded.tokenizer, session.samples, methods, ratio_list, eval_sets,
                                 sparsities=sparsity_list or None, max_windows=n_windows, eval_seq_len=eval_len,
                                 measure_bytes=common.export_available(),
-                                include_original=with_original,
+                                include_original=with_original, tasks=tasks, task_limit=task_limit,
                                 on_event=bridge, on_row=lambda row: results.put(("row", row)))
                 results.put(("done", None))
             except BaseException as err:  # noqa: BLE001 - handed to the generator, which reports it
@@ -461,6 +475,13 @@ def build() -> SimpleNamespace:
                 t.windows = gr.Number(value=common.QUICK_WINDOWS, precision=0, minimum=0, label="Windows",
                                       info="of 512 tokens; 0 = all", elem_id="compare-windows", scale=1,
                                       min_width=90)
+            offered = common.zeroshot_tasks()
+            with gr.Row(visible=bool(offered)):
+                t.tasks = gr.CheckboxGroup(offered, value=[], label="Zero-shot accuracy (lm-eval)",
+                                           elem_id="compare-tasks", scale=2)
+                t.task_items = gr.Number(value=common.ZEROSHOT_QUICK_LIMIT, precision=0, minimum=0,
+                                         label="Items per task", info="the harness's first N; 0 = all",
+                                         elem_id="compare-task-items", scale=1, min_width=90)
     with gr.Row():
         t.run = gr.Button("Run comparison", variant="primary", elem_id="btn-compare", interactive=available)
         t.cancel = gr.Button("Cancel", variant="stop", elem_id="btn-compare-cancel")
@@ -486,7 +507,8 @@ def build() -> SimpleNamespace:
 def wire(t: SimpleNamespace, session: gr.State, c: SimpleNamespace, heavy: dict) -> list:
     """Run (streaming), Cancel, Clear and the plan views; returns the events the sidebar's Cancel stops."""
     views = [t.plan_note, t.kind, t.bars, t.heatmap]
-    t.run.click(run_compare, [session, *c.data, t.methods, t.ratios, t.sets, t.windows, t.sparsities],
+    t.run.click(run_compare, [session, *c.data, t.methods, t.ratios, t.sets, t.windows, t.sparsities, t.tasks,
+                              t.task_items],
                 [t.status, t.table, t.plot, t.plan, *views, c.card], show_progress_on=[t.status], **heavy)
     # cooperative: the worker stops at its next step and the handler reports the rows it kept
     t.cancel.click(cancel, session, t.status, queue=False)
