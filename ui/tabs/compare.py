@@ -302,6 +302,15 @@ def _outputs(session: Session, status: str, select=None):
     return status, compare_table(session), compare_figure(session), gr.update(choices=choices, value=value)
 
 
+def count_or_all(value, message: str) -> int | None:
+    """A count from a number box: None (= all) for empty or < 1; ``message`` when it is not a number."""
+    try:
+        count = int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        raise common.fail(message, "Cannot do that") from None
+    return count if count is not None and count >= 1 else None
+
+
 def _grid_text(ratios: list[float], sparsities: list[str]) -> str:
     """"ratios 20%, 30% · sparsities 0.5, 2:4" (the targets the methods ran at)."""
     parts = ([f"ratios {', '.join(f'{r:.0%}' for r in ratios)}"] if ratios else []) + (
@@ -338,19 +347,9 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
     eval_sets = [d for d in (eval_sets or []) if d in common.EVAL_SETS]
     if not eval_sets:
         raise common.fail("Tick at least one evaluation data set.", "Nothing to compare")
-    try:
-        n_windows = int(windows) if windows not in (None, "") else None
-    except (TypeError, ValueError):
-        raise common.fail("Windows must be a whole number (empty = the whole test set).", "Cannot do that") from None
-    if n_windows is not None and n_windows < 1:
-        n_windows = None
+    n_windows = count_or_all(windows, "Windows must be a whole number (0 or empty = the whole test set).")
     tasks = list(tasks or [])
-    try:
-        task_limit = int(task_items) if task_items not in (None, "") else None
-    except (TypeError, ValueError):
-        raise common.fail("Items per task must be a whole number (0 = every item).", "Cannot do that") from None
-    if task_limit is not None and task_limit < 1:
-        task_limit = None
+    task_limit = count_or_all(task_items, "Items per task must be a whole number (0 = every item).")
     bridge = common.Bridge(progress, session)
     no_views = (gr.update(),) * 5  # the plan views and the model card
     started = time.perf_counter()
