@@ -106,8 +106,10 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
     comp.add_argument("--dense-kinds", type=_dense_kinds, default=None,
                       help="denses whose input neurons may be pruned, e.g. 'down,o' or 'all' (default: library default)")
     comp.add_argument("--no-mask-tuning", action="store_true", default=None, help="prune without the least-squares mask")
-    comp.add_argument("--inputs", choices=("identical", "accumulated"), default=None,
-                      help="calibration inputs of each layer: from the unpruned model (paper) or the pruned one")
+    comp.add_argument("--inputs", choices=("identical", "accumulated", "paired"), default=None,
+                      help="calibration inputs of each layer: 'identical' from the unpruned model (paper), "
+                           "'accumulated' from the pruned one, 'paired' the paper's accumulated form: inputs from "
+                           "the pruned model, target from the unpruned one")
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:

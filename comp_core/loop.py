@@ -7,7 +7,11 @@ unpruned outputs, statistics — and moves on with either
 * **identical** inputs: the next block sees this block's *unpruned* outputs (COMP's and FLAP's default:
   every block is calibrated on the unpruned model's activations), or
 * **accumulated** inputs: the next block sees this block's outputs *after* the method changed it
-  (SparseGPT/Wanda style), replayed only when the method says it changed something.
+  (SparseGPT/Wanda style), replayed only when the method says it changed something, or
+* **paired** inputs (the COMP paper's accumulated form): both streams at once — ``reference`` (unpruned
+  blocks, what identical propagates) and ``shifted`` (pruned blocks, what accumulated propagates) — and
+  statistics that pair what a dense reads on the shifted stream with its input on the reference one
+  (``stats.collect_paired_block_stats``), so a method can fit the unpruned output from pruned inputs.
 
 Methods never write a loop of their own: they pass a visitor, and global steps (allocation, thresholds
 across layers, layer removal) run before or after the loop.
@@ -20,12 +24,12 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .capture import BlockInputs, replay
+from .capture import BlockInputs, replay, run_block
 from .events import ProgressCallback, emit
 from .models.adapters import ArchAdapter
-from .stats import InputStats, collect_block_stats
+from .stats import InputStats, collect_block_stats, collect_paired_block_stats
 
-PROPAGATION = ("identical", "accumulated")
+PROPAGATION = ("identical", "accumulated", "paired")
 
 
 @dataclass
@@ -39,6 +43,7 @@ class BlockVisit:
     kwargs: list[dict]
     outputs: list[torch.Tensor]  # the block's outputs before the visitor changed anything
     stats: dict[str, InputStats] | None  # dense name -> its input statistics (None when not collected)
+    shifted_inputs: list[torch.Tensor] | None = None  # paired only: the pruned model's hidden states entering
 
 
 # A visitor returns None when it left the block as it was, else the module whose outputs the next block
@@ -52,32 +57,50 @@ def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[in
                propagation: str = "identical", stat_device: torch.device | str | None = None,
                on_event: ProgressCallback | None = None, stage: str = "blocks",
                describe: Callable[[int], str] | None = None) -> list[torch.Tensor]:
-    """Visit ``active`` blocks (original indices into ``blocks``) in order; returns the last hidden states.
+    """Visit ``active`` blocks (original indices into ``blocks``) in order; returns the last hidden states
+    (with paired propagation: the shifted stream's, what the pruned model computes).
 
     ``with_stats(i)`` says whether block i's input statistics are collected (needs ``adapter``); statistics
     are gathered during the same replay that produces the block's outputs, so no block runs twice unless
-    accumulated propagation must see a changed block.
+    accumulated propagation must see a changed block. Paired propagation runs every block on both streams
+    (until a block changes they are one list, and a block without statistics then runs once);
+    ``visit.inputs``/``visit.outputs`` are then the reference stream's, ``visit.shifted_inputs`` the other.
     """
     if propagation not in PROPAGATION:
         raise ValueError(f"propagation must be one of {PROPAGATION}, got '{propagation}'")
+    paired = propagation == "paired"
     active = list(active)
     hidden = inputs.hidden
+    shifted = hidden  # paired only: the pruned model's stream; the same list until a block changes
     for step, i in enumerate(active):
         block = blocks[i]
         kwargs = [inputs.kwargs_for(block, b) for b in range(len(hidden))]
         stats = None
+        shifted_outputs = None
         if with_stats is not None and with_stats(i):
             if adapter is None:
                 raise ValueError("collecting statistics needs the model's adapter")
             device = stat_device if stat_device is not None else next(block.parameters()).device
-            with collect_block_stats(block, adapter, device) as stats:
-                outputs = replay(block, hidden, kwargs)
+            if paired:
+                stats, outputs, shifted_outputs = collect_paired_block_stats(
+                    block, adapter, lambda b: run_block(block, hidden[b], kwargs[b]).to(hidden[b].device),
+                    lambda b: run_block(block, shifted[b], kwargs[b]).to(shifted[b].device), len(hidden), device)
+                if shifted is hidden:  # same inputs, same block: keep one stream until something changes
+                    shifted_outputs = outputs
+            else:
+                with collect_block_stats(block, adapter, device) as stats:
+                    outputs = replay(block, hidden, kwargs)
         else:
             outputs = replay(block, hidden, kwargs)
+            if paired:
+                shifted_outputs = outputs if shifted is hidden else replay(block, shifted, kwargs)
         changed = visit(BlockVisit(index=i, step=step, block=block, inputs=hidden, kwargs=kwargs,
-                                   outputs=outputs, stats=stats))
+                                   outputs=outputs, stats=stats, shifted_inputs=shifted if paired else None))
         if propagation == "accumulated" and changed is not None:
             outputs = replay(changed, hidden, kwargs)
+        if paired and changed is not None:
+            shifted_outputs = replay(changed, shifted, kwargs)
         emit(on_event, stage, step + 1, len(active), describe(i) if describe else f"layer {i}", layer=i)
         hidden = outputs
-    return hidden
+        shifted = shifted_outputs
+    return shifted if paired else hidden

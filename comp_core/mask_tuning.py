@@ -16,6 +16,16 @@ order the columns most-important first; the leading k×k block of C has as Chole
 block of L, and L⁻¹'s leading block is that block's inverse, so with y = L⁻¹ b (a prefix-stable forward
 substitution) the mask of the first k columns is  m_k[i] = Σ_{p<k} (L⁻¹)[p, i] · y[p]  — the row-wise
 cumulative sum of Z = L⁻¹ ⊙ y. One O(n³/3) factorisation instead of n re-factorisations.
+
+Paired inputs (the paper's accumulated form, Table III): the dense reads X̃ from the pruned model but the
+target stays the unpruned model's W X. With A = WᵀW, G̃ = X̃X̃ᵀ, M = X̃Xᵀ (rows: pruned stream), G = XXᵀ,
+
+    ‖W X − W diag(m) X̃‖²  =  1ᵀ(A ⊙ G)1 − 2 bᵀm + mᵀ C̃ m,      C̃ = A ⊙ G̃,  b = (A ⊙ M) · 1,
+
+so the normal equations become C̃_UU m_U = b_U: the same solves with another right-hand side (``rhs``),
+and with X̃ = X, b = C · 1 is today's. Damping keeps the convention above: C̃ + εI on the left, b + ε·1 on
+the right and 1ᵀ(A⊙G)1 + d_in·ε as the total (``damped_target``), i.e. the objective plus ε‖1 − m‖².
+The full refit generalises the same way: W' = W (M_U,:)ᵀ (G̃_UU + εI)⁻¹.
 """
 from __future__ import annotations
 
@@ -32,24 +42,55 @@ def coefficient_matrix(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor
     return (w.T @ w) * gram
 
 
-def solve_mask(coeff: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mask of the kept columns: solve C_UU m_U = C_U,: · 1 by Cholesky (C already damped)."""
+def target_terms(weight: torch.Tensor, cross: torch.Tensor, target_gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """b = ((WᵀW) ⊙ M) · 1 (d_in,) and ‖W X‖² = 1ᵀ((WᵀW) ⊙ G)1, float64, undamped.
+
+    ``cross`` is M = X̃Xᵀ (rows: the inputs the dense reads, columns: the target's inputs), ``target_gram``
+    G = XXᵀ: what paired inputs need besides C̃ to fit the unpruned output W X from X̃.
+    """
+    w = weight.detach().to(device=cross.device, dtype=STAT_DTYPE)  # (d_out, d_in)
+    a = w.T @ w  # (d_in, d_in)
+    return (a * cross).sum(dim=1), float((a * target_gram).sum())
+
+
+def damped_target(rhs: torch.Tensor, total: float, eps: float) -> tuple[torch.Tensor, float]:
+    """The right-hand side and total that go with C̃ + εI: b + ε·1 and total + d_in·ε, so the damped
+    objective is ‖WX − W diag(m) X̃‖² + ε‖1 − m‖², exactly the unpaired convention when X̃ = X."""
+    return rhs + eps, total + rhs.numel() * eps
+
+
+def solve_mask(coeff: torch.Tensor, keep: torch.Tensor, rhs: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask of the kept columns: solve C_UU m_U = b_U by Cholesky (C already damped).
+
+    ``rhs``: the full-length b (d_in,), already damped; None = C · 1 (target and inputs from one stream).
+    """
     c_uu = coeff[keep][:, keep]  # (k, k)
-    rhs = coeff[keep].sum(dim=1)  # (k,)
+    b = coeff[keep].sum(dim=1) if rhs is None else rhs[keep].to(coeff.dtype)  # (k,)
     lower, _ = cholesky(c_uu)
-    return torch.cholesky_solve(rhs.unsqueeze(1), lower).squeeze(1)
+    return torch.cholesky_solve(b.unsqueeze(1), lower).squeeze(1)
 
 
-def reconstruction_error(coeff: torch.Tensor, mask: torch.Tensor) -> float:
-    """(1 − m)ᵀ C (1 − m): squared output error ‖WX − W diag(m) X‖² for a full-length mask."""
-    delta = 1.0 - mask.to(coeff.dtype)
-    return float(delta @ coeff @ delta)
+def reconstruction_error(coeff: torch.Tensor, mask: torch.Tensor, rhs: torch.Tensor | None = None,
+                         total: float | None = None) -> float:
+    """Squared output error for a full-length mask: (1 − m)ᵀ C (1 − m) = ‖WX − W diag(m) X‖², or with
+    ``rhs`` b and ``total`` ‖WX‖² (paired inputs) total − 2 bᵀm + mᵀ C m = ‖WX − W diag(m) X̃‖²."""
+    if rhs is None:
+        delta = 1.0 - mask.to(coeff.dtype)
+        return float(delta @ coeff @ delta)
+    if total is None:
+        raise ValueError("a paired error needs the total ‖WX‖² as well as the right-hand side")
+    m = mask.to(coeff.dtype)
+    return total - 2.0 * float(rhs.to(coeff.dtype) @ m) + float(m @ coeff @ m)
 
 
-def relative_error(coeff: torch.Tensor, mask: torch.Tensor) -> float:
-    """Reconstruction error relative to ‖W X‖² = 1ᵀ C 1 (0 = perfect, 1 = output lost)."""
-    total = float(coeff.sum())
-    return reconstruction_error(coeff, mask) / total if total > 0 else 0.0
+def relative_error(coeff: torch.Tensor, mask: torch.Tensor, rhs: torch.Tensor | None = None,
+                   total: float | None = None) -> float:
+    """Reconstruction error relative to ‖W X‖² (1ᵀ C 1, or ``total`` with ``rhs``): 0 = perfect, 1 = output lost."""
+    if rhs is None:
+        total = float(coeff.sum())
+        return reconstruction_error(coeff, mask) / total if total > 0 else 0.0
+    error = reconstruction_error(coeff, mask, rhs, total)  # checks that ``total`` is given
+    return error / total if total > 0 else 0.0
 
 
 @dataclass
@@ -78,9 +119,11 @@ class MaskPath:
 
 
 def mask_path(coeff: torch.Tensor, prune_order: torch.Tensor, max_removed: int, *, keep_masks: bool = False,
-              chunk: int = 512) -> MaskPath:
+              chunk: int = 512, rhs: torch.Tensor | None = None) -> MaskPath:
     """Exact variance of the tuned mask after removing each prefix of ``prune_order`` (C already damped).
 
+    ``rhs``: full-length b (d_in,) as in ``solve_mask``; None = C · 1. Any b keeps the path exact: the
+    forward substitution y = L⁻¹ b_perm is prefix-stable whatever b is.
     Cost: one Cholesky and one triangular inverse of the permuted C; the cumulative sums are streamed in
     row chunks, so unless ``keep_masks`` only O(chunk × d_in) extra memory is used.
     """
@@ -88,7 +131,10 @@ def mask_path(coeff: torch.Tensor, prune_order: torch.Tensor, max_removed: int, 
     max_removed = int(min(max_removed, n - 1))
     keep_order = prune_order.flip(0)
     permuted = coeff[keep_order][:, keep_order]  # (n, n)
-    rhs = permuted.sum(dim=1)  # C_{U,:}·1 in keep order, (n,)
+    if rhs is None:
+        rhs = permuted.sum(dim=1)  # C_{U,:}·1 in keep order, (n,)
+    else:
+        rhs = rhs.to(coeff.dtype)[keep_order]  # b in keep order, (n,)
     lower, _ = cholesky(permuted)
     eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
     lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)  # (n, n) lower triangular
@@ -116,13 +162,14 @@ def mask_path(coeff: torch.Tensor, prune_order: torch.Tensor, max_removed: int, 
     return MaskPath(prune_order=prune_order, variance=variance, _cumulative=cumulative)
 
 
-def mask_variance_plain(coeff: torch.Tensor, prune_order: torch.Tensor, max_removed: int) -> torch.Tensor:
+def mask_variance_plain(coeff: torch.Tensor, prune_order: torch.Tensor, max_removed: int,
+                        rhs: torch.Tensor | None = None) -> torch.Tensor:
     """Reference implementation of ``mask_path(...).variance``: re-solve from scratch at every step."""
     n = coeff.shape[0]
     out = []
     keep_order = prune_order.flip(0)
     for k in range(min(max_removed, n - 1) + 1):
-        m = solve_mask(coeff, keep_order[: n - k])
+        m = solve_mask(coeff, keep_order[: n - k], rhs)
         out.append(m.var(unbiased=False))
     return torch.stack(out)
 
@@ -131,27 +178,43 @@ def damped_coefficients(weight: torch.Tensor, gram: torch.Tensor, relative_damp:
     return damped(coefficient_matrix(weight, gram), relative_damp)
 
 
-def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, relative_damp: float) -> torch.Tensor:
-    """Full least-squares refit of the kept columns: argmin_W' ‖W X − W' X_U‖², float64 (d_out × k).
+def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, relative_damp: float, *,
+                  cross: torch.Tensor | None = None) -> torch.Tensor:
+    """Full least-squares refit of the kept columns: argmin_W' ‖W X − W' X̃_U‖², float64 (d_out × k).
 
-    W' = W G_{:,U} (G_UU + εI)⁻¹. A free weight per kept entry instead of one scalar per column: better
-    with plenty of calibration tokens, catastrophic when tokens < d_in (G_UU is then rank-deficient and the
-    solve fits noise; shared notes/calibration.md measured 3 299 vs 68.6 perplexity at 10 × 128 tokens).
+    W' = W (M_U,:)ᵀ (G̃_UU + εI)⁻¹ with G̃ = ``gram`` (what the dense reads) and M = ``cross`` = X̃Xᵀ; without
+    ``cross`` X̃ = X and M = G: W' = W G_{:,U} (G_UU + εI)⁻¹. A free weight per kept entry instead of one
+    scalar per column: better with plenty of calibration tokens, catastrophic when tokens < d_in (G_UU is
+    then rank-deficient and the solve fits noise; shared notes/calibration.md measured 3 299 vs 68.6
+    perplexity at 10 × 128 tokens).
     """
     w = weight.detach().to(device=gram.device, dtype=STAT_DTYPE)  # (d_out, d_in)
     g_uu = damped(gram[keep][:, keep], relative_damp)  # (k, k)
-    rhs = (w @ gram[:, keep]).T  # (k, d_out)
+    rhs = (w @ gram[:, keep]).T if cross is None else cross[keep] @ w.T  # (k, d_out)
     lower, _ = cholesky(g_uu)
     return torch.cholesky_solve(rhs, lower).T  # (d_out, k)
 
 
-def refit_relative_error(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, new_weight: torch.Tensor) -> float:
-    """‖W X − W' X_U‖² / ‖W X‖² computed from the Gram (no activations needed)."""
+def refit_relative_error(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, new_weight: torch.Tensor, *,
+                         cross: torch.Tensor | None = None, target_gram: torch.Tensor | None = None) -> float:
+    """‖W X − W' X̃_U‖² / ‖W X‖² computed from second moments (no activations needed).
+
+    Without ``cross`` X̃ = X (one Gram). With it: (tr(W G Wᵀ) − 2 tr(W' M_U,: Wᵀ) + tr(W' G̃_UU W'ᵀ)) / tr(W G Wᵀ),
+    ``gram`` = G̃, ``cross`` = M, ``target_gram`` = G.
+    """
     w = weight.detach().to(device=gram.device, dtype=STAT_DTYPE)
-    delta = w.clone()
-    delta[:, keep] -= new_weight
-    total = float(((w @ gram) * w).sum())
-    return float(((delta @ gram) * delta).sum()) / total if total > 0 else 0.0
+    if cross is None:
+        delta = w.clone()
+        delta[:, keep] -= new_weight
+        total = float(((w @ gram) * w).sum())
+        return float(((delta @ gram) * delta).sum()) / total if total > 0 else 0.0
+    if target_gram is None:
+        raise ValueError("a paired refit error needs the target Gram as well as the cross moment")
+    v = new_weight.to(device=gram.device, dtype=STAT_DTYPE)  # (d_out, k)
+    total = float(((w @ target_gram) * w).sum())
+    mixed = float(((v @ cross[keep]) * w).sum())  # tr(W' M_U,: Wᵀ)
+    fitted = float(((v @ gram[keep][:, keep]) * v).sum())
+    return max(total - 2.0 * mixed + fitted, 0.0) / total if total > 0 else 0.0
 
 
 def bias_compensation(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,117 @@ def log_condition(matrix: torch.Tensor) -> float:
     return float(torch.log(eig[-1] / eig[0]))
 
 
+def logdet_score(coeff: torch.Tensor) -> torch.Tensor:
+    """−Δ_j log det C = −log [C⁻¹]_jj: the log-volume of the re-tuning problem that only column j carries.
+
+    Exact. The Schur-complement (rank-one downdate) identity det C = det C_{-j,-j} · r_j with
+    r_j = C_jj − C_j,-j C_{-j,-j}⁻¹ C_-j,j = 1/[C⁻¹]_jj gives, for every j at once from one inverse,
+
+        Δ_j = log det C_{-j,-j} − log det C = log [C⁻¹]_jj = log Σ_k u_kj² / λ_k   (the whole spectrum).
+
+    The score is −Δ_j = log r_j, higher = keep. Why this sign: r_j is the part of column j's output that the
+    other columns cannot reproduce (its residual after projecting on them), so removing a neuron with large
+    r_j shrinks the volume of the re-tuning problem most: nothing can stand in for it. A small r_j (large
+    [C⁻¹]_jj) means j is nearly collinear with the rest and the mask solve can absorb its removal, so it goes
+    first. Note: r_j is exactly the OBS error (``obs_score``), so this score is log(obs) and ranks neurons as
+    ``obs`` does (an identity, not an approximation); it adds the volume reading, not new information.
+    """
+    return -torch.log(spd_inverse(coeff).diagonal())
+
+
+def _nearest_interlaced_root(pivot: torch.Tensor, weights: torch.Tensor, gaps: torch.Tensor,
+                             max_iter: int = 100) -> torch.Tensor:
+    """For every column j, the root t_j ∈ [0, gaps[0]] of F(t) = t · Σ_k weights[k, j] / (gaps[k] − t) − pivot_j.
+
+    This is the secular equation of a principal submatrix, written in the distance t of its extreme
+    eigenvalue from the full matrix's one (so t keeps full relative precision when it is tiny). On
+    [0, gaps[0]) F is increasing and convex with F(0) = −pivot ≤ 0: the root is unique, and if F stays
+    negative up to gaps[0] (weights[0, j] = 0: the next eigenvector does not touch j) Cauchy interlacing
+    caps the answer at gaps[0]. Safeguarded Newton inside a bracket [lo, hi], all columns at once, O(d²)
+    per step; Newton steps that leave the bracket are replaced by bisection.
+    pivot: (d,) ≥ 0; weights: (d−1, d) ≥ 0; gaps: (d−1,) ascending ≥ 0. Returns t: (d,).
+    """
+    active = weights > 0  # (d−1, d) zero weights contribute nothing, not 0/0
+    gap_col = gaps.unsqueeze(1)  # (d−1, 1)
+
+    def secular(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = torch.where(active, 1.0 / (gap_col - t), torch.zeros((), dtype=t.dtype))  # (d−1, d)
+        h = (weights * inv).sum(0)  # (d,)
+        dh = (weights * inv * inv).sum(0)  # (d,)
+        return t * h - pivot, h + t * dh
+
+    hi = gaps[0].expand_as(pivot).clone()  # interlacing bound
+    lo = torch.zeros_like(pivot)
+    h0 = (weights / torch.where(gap_col > 0, gap_col, torch.ones((), dtype=gaps.dtype))).sum(0)
+    # t·h(t) ≥ t·h(0), so pivot / h(0) bounds the root from above (where it is finite)
+    upper = torch.where(h0 > 0, pivot / h0, torch.full_like(pivot, float("inf")))
+    hi = torch.minimum(hi, upper)
+    done = (pivot <= 0) | (hi <= 0)
+    hi = torch.where(done, torch.zeros_like(hi), hi)
+    tol = 16 * torch.finfo(pivot.dtype).eps
+    t = hi.clone()
+    for _ in range(max_iter):
+        f, df = secular(t)
+        lo = torch.where(f < 0, t, lo)
+        hi = torch.where(f > 0, t, hi)
+        exact = f == 0
+        lo, hi = torch.where(exact, t, lo), torch.where(exact, t, hi)
+        newton = t - f / df
+        inside = (newton > lo) & (newton < hi)  # False for nan/inf
+        new_t = torch.where(inside, newton, 0.5 * (lo + hi))
+        new_t = torch.where(done | exact, hi, new_t)
+        converged = done | exact | (hi - lo <= tol * hi) | (inside & ((new_t - t).abs() <= tol * new_t))
+        t = new_t
+        if bool(converged.all()):
+            break
+    return torch.clamp(t, min=0.0, max=float(gaps[0]))
+
+
+def submatrix_extreme_eigenvalues(coeff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """λ_min and λ_max of every principal submatrix C_{-j,-j}, from one eigendecomposition of C.
+
+    Exact up to the root tolerance. With C = U diag(λ) Uᵀ and w_kj = u_kj², the eigenvalues μ of C_{-j,-j}
+    are roots of Σ_k w_kj / (λ_k − μ) = 0 (plus the λ_k whose eigenvector vanishes at j), and they interlace
+    λ (Cauchy), so λ_min(C_{-j,-j}) ∈ [λ_1, λ_2] and λ_max ∈ [λ_{d−1}, λ_d]. Both are found as the nearest root
+    of the same secular form (``_nearest_interlaced_root``), bottom from λ_1 upward, top from λ_d downward.
+    coeff: (d, d) SPD, d ≥ 2. Returns (mu_min, mu_max), each (d,).
+    """
+    eigvals, t, s = _extreme_shifts(coeff)
+    return eigvals[0] + t, eigvals[-1] - s
+
+
+def _extreme_shifts(coeff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenvalues λ of C (ascending) and, per column j, t_j = λ_min(C_{-j,-j}) − λ_1 ≥ 0 and
+    s_j = λ_d − λ_max(C_{-j,-j}) ≥ 0 (kept as shifts: full relative precision when they are tiny)."""
+    if coeff.shape[0] < 2:
+        raise ValueError("a principal submatrix needs d ≥ 2")
+    eigvals, eigvecs = torch.linalg.eigh(coeff)  # ascending
+    weights = eigvecs.T.pow(2)  # (k, j): w_kj = u_kj² (eigenvector k at column j), each column sums to 1
+    t = _nearest_interlaced_root(weights[0], weights[1:], eigvals[1:] - eigvals[0])
+    s = _nearest_interlaced_root(weights[-1], weights[:-1].flip(0), eigvals[-1] - eigvals[:-1].flip(0))
+    return eigvals, t, s
+
+
+def exact_condition_score(coeff: torch.Tensor) -> torch.Tensor:
+    """|Δ_j log κ|: the exact drop of log κ(C) when column/row j is removed, for every j (higher = keep).
+
+    Exact (up to the root tolerance), not a Taylor estimate: with λ_min, λ_max of each principal submatrix
+    from ``submatrix_extreme_eigenvalues``,
+
+        Δ_j = log(μ_max,j / μ_min,j) − log(λ_max / λ_min) = log1p(−s_j/λ_max) − log1p(t_j/λ_min) ≤ 0,
+
+    (t_j = μ_min,j − λ_min, s_j = λ_max − μ_max,j; interlacing makes Δ_j ≤ 0: removing a column never worsens
+    κ). The whole spectrum enters through the secular weights, but Δ_j is still driven by how much column j
+    loads the two extreme eigenvectors. Heuristic part: the score is the magnitude |Δ_j| = −Δ_j with
+    higher = keep (as ``cond``): a neuron whose removal moves the conditioning of the re-tuning problem a
+    lot is one the extreme directions are built on (the dominant-energy direction or the near-collinear
+    one); that this predicts accuracy is an assumption that the perplexity runs test, not a theorem.
+    Cost: one eigh plus O(d²) per root-finding step.
+    """
+    eigvals, t, s = _extreme_shifts(coeff)
+    return torch.log1p(t / eigvals[0]) - torch.log1p(-s / eigvals[-1])
+
+
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
     """‖W_:,j‖²: weights alone (the classic magnitude baseline)."""
     return weight.detach().to(STAT_DTYPE).pow(2).sum(dim=0)
@@ -74,6 +185,8 @@ SCORES: dict[str, str] = {
     "diag": "‖W_:,j‖²·‖X_j‖² (diagonal of the mask-tuning matrix)",
     "obs": "error left after removing j and re-tuning the rest, 1/[C⁻¹]_jj",
     "cond": "condition-number sensitivity (second-order Taylor, diagonal empirical Fisher)",
+    "cond-exact": "exact drop of log κ when j is removed (secular equation, whole spectrum)",
+    "logdet": "log-volume only j carries, −log [C⁻¹]_jj (exact; ranks as obs)",
     "fisher": "Fisher information of the next-token loss w.r.t. the mask (FPT style)",
     "magnitude": "‖W_:,j‖² (weights only)",
     "activation": "‖X_j‖² (activations only)",
@@ -89,6 +202,10 @@ def score_neurons(name: str, coeff: torch.Tensor, weight: torch.Tensor, gram: to
         return obs_score(coeff)
     if name == "cond":
         return condition_score(coeff, damp)
+    if name == "cond-exact":
+        return exact_condition_score(coeff)
+    if name == "logdet":
+        return logdet_score(coeff)
     if name == "magnitude":
         return magnitude_score(weight).to(coeff.device)
     if name == "activation":

@@ -5,11 +5,16 @@ the Gram ``XᵀX`` (COMP's mask tuning, SparseGPT/APT Hessians), the column sums
 bias compensation) and the token count. Squared column norms ‖X_j‖² (Wanda, RIA) are the Gram's diagonal
 and the per-channel sample variance (FLAP's fluctuation) follows from the diagonal and the mean, so no
 method keeps a second pass or a second accumulator. All sums are float64 (shared notes/calibration.md).
+
+Paired inputs (COMP's ``inputs="paired"``) run a block on two streams — the unpruned model's hidden states
+(reference, giving the target input X) and the pruned model's (shifted, giving X̃, what the dense reads) —
+and add two more sums: the cross moment X̃ᵀX and the target Gram XᵀX. ``gram`` stays X̃ᵀX̃, so every
+method and score that reads only the Gram works unchanged.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -20,18 +25,36 @@ STAT_DTYPE = torch.float64
 
 
 class InputStats:
-    """Running ``XᵀX`` (a sum, not a mean: mask tuning is scale-free), ``Σ_t x_t`` and the token count."""
+    """Running ``XᵀX`` (a sum, not a mean: mask tuning is scale-free), ``Σ_t x_t`` and the token count.
 
-    def __init__(self, width: int, device: torch.device | str = "cpu"):
+    With ``paired``: also ``cross`` = X̃ᵀX (rows: the inputs the dense reads) and ``target_gram`` = XᵀX of
+    the reference inputs; ``gram``, ``total`` and ``n_tokens`` then describe X̃.
+    """
+
+    def __init__(self, width: int, device: torch.device | str = "cpu", *, paired: bool = False):
         self.gram = torch.zeros(width, width, dtype=STAT_DTYPE, device=device)  # (d, d)
         self.total = torch.zeros(width, dtype=STAT_DTYPE, device=device)  # (d,)
         self.n_tokens = 0
+        self.cross = torch.zeros_like(self.gram) if paired else None  # (d, d) X̃ᵀX
+        self.target_gram = torch.zeros_like(self.gram) if paired else None  # (d, d) XᵀX
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(device=self.gram.device, dtype=STAT_DTYPE)  # (N, d)
         self.gram.addmm_(x.T, x)
         self.total.add_(x.sum(dim=0))
         self.n_tokens += x.shape[0]
+
+    def update_pair(self, shifted: torch.Tensor, reference: torch.Tensor) -> None:
+        """Add one batch read as X̃ (``shifted``) whose target input is X (``reference``), same tokens."""
+        if self.cross is None:
+            raise ValueError("these statistics were not made for paired inputs (InputStats(..., paired=True))")
+        if shifted.shape != reference.shape:
+            raise ValueError(f"paired inputs differ in shape: {tuple(shifted.shape)} vs {tuple(reference.shape)}")
+        xs = shifted.reshape(-1, shifted.shape[-1]).to(device=self.gram.device, dtype=STAT_DTYPE)  # (N, d)
+        xr = reference.reshape(-1, reference.shape[-1]).to(device=self.gram.device, dtype=STAT_DTYPE)  # (N, d)
+        self.update(xs)
+        self.cross.addmm_(xs.T, xr)
+        self.target_gram.addmm_(xr.T, xr)
 
     @property
     def width(self) -> int:
@@ -65,6 +88,15 @@ def own_gram(module: nn.Module, gram: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def own_moments(module: nn.Module, stats: InputStats
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(G̃, M, G) restricted to the inputs ``module`` reads: the same index on both sides of every moment,
+    since an input-indexed dense reads x̃[index] and its target is W x[index]. M and G are None unpaired."""
+    cross = own_gram(module, stats.cross) if stats.cross is not None else None
+    target = own_gram(module, stats.target_gram) if stats.target_gram is not None else None
+    return own_gram(module, stats.gram), cross, target
+
+
 @contextlib.contextmanager
 def collect_block_stats(block: nn.Module, adapter: ArchAdapter, device: torch.device | str = "cpu"
                         ) -> Iterator[dict[str, InputStats]]:
@@ -89,3 +121,48 @@ def collect_block_stats(block: nn.Module, adapter: ArchAdapter, device: torch.de
     finally:
         for h in handles:
             h.remove()
+
+
+Output = TypeVar("Output")
+
+
+def collect_paired_block_stats(block: nn.Module, adapter: ArchAdapter, run_reference: Callable[[int], Output],
+                               run_shifted: Callable[[int], Output], n_batches: int,
+                               device: torch.device | str = "cpu"
+                               ) -> tuple[dict[str, InputStats], list[Output], list[Output]]:
+    """Paired statistics of ``block``'s denses and both streams' outputs, one calibration batch at a time.
+
+    Per batch b: ``run_reference(b)`` (the block on the unpruned model's hidden states) while hooks keep each
+    input group's tensor X, then ``run_shifted(b)`` (the block on the pruned model's) while hooks add
+    (X̃, X) to the group's accumulator; so only one batch of reference inputs is ever held. Both runs must
+    see the same tokens. Hooks are always removed on exit.
+    """
+    stats: dict[str, InputStats] = {}
+    held: dict[int, torch.Tensor] = {}
+    phase = {"reference": True}
+    handles = []
+    for g, group in enumerate(adapter.input_groups):
+        first = adapter.dense(block, group[0])
+        acc = InputStats(first.in_features, device, paired=True)
+        for name in group:
+            stats[name] = acc
+
+        def hook(_module, args, acc=acc, g=g):
+            if phase["reference"]:
+                held[g] = args[0].detach()
+            else:
+                acc.update_pair(args[0], held.pop(g))
+        handles.append(first.register_forward_pre_hook(hook))
+    reference_out, shifted_out = [], []
+    try:
+        for b in range(n_batches):
+            phase["reference"] = True
+            reference_out.append(run_reference(b))
+            phase["reference"] = False
+            shifted_out.append(run_shifted(b))
+            if held:
+                raise RuntimeError("a dense ran on the reference stream but not on the shifted one")
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, reference_out, shifted_out

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from comp_core.allocation import (DenseShape, ImpossibleRatioError, LayerCut, choose_cuts, harmonic_mean,
-                                  layer_ratios, removed_parameters)
+from comp_core.allocation import (DenseShape, ImpossibleRatioError, LayerCut, choose_cuts, equal_share_cuts,
+                                  harmonic_mean, layer_ratios, removed_parameters)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,3 +270,58 @@ def test_choose_cuts_never_returns_negative_cuts():
     ]
     cut = choose_cuts(variances, shapes, 5)  # currently removed_inputs == [-1, 2], removed_params == 10
     _check_cut(cut, variances, shapes, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# equal_share_cuts (the ablation of the variance threshold)
+# ---------------------------------------------------------------------------------------------------------
+
+def _check_uniform(cut: LayerCut, shapes, budget, max_cuts):
+    assert all(0 <= k <= m for k, m in zip(cut.removed_inputs, max_cuts))  # caps respected, 0-cap denses kept
+    assert cut.removed_params == removed_parameters(shapes, cut.removed_inputs) >= budget
+    one_fewer = [removed_parameters(shapes, [k - (i == d) for i, k in enumerate(cut.removed_inputs)])
+                 for d, k in enumerate(cut.removed_inputs) if k > 0]
+    assert min(one_fewer) < budget  # on the budget within one neuron, as choose_cuts
+    # equal shares within rounding: every dense below its cap is within two neurons of the largest share
+    share = max(k / s.d_in for k, s in zip(cut.removed_inputs, shapes))
+    for k, m, s in zip(cut.removed_inputs, max_cuts, shapes):
+        if 0 < m and k < m:
+            assert share * s.d_in - 2 <= k <= share * s.d_in + 1e-9, (k, share, s.d_in)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("prunable", ["all", "down+o"])
+def test_equal_share_cuts_meet_budget_with_equal_shares(family, prunable):
+    shapes = llama_shapes() if family == "llama" else opt_shapes()
+    kinds = {"llama": (3, 6), "opt": (3, 5)}[family]
+    max_cuts = [int(0.9 * s.d_in) if prunable == "all" or d in kinds else 0 for d, s in enumerate(shapes)]
+    capacity = removed_parameters(shapes, max_cuts)
+    rng = random.Random(7)
+    for share in (0.01, 0.1, 0.3, 0.6, 0.95, 1.0):
+        budget = min(capacity, max(1, int(share * capacity) + rng.randint(0, 40)))
+        cut = equal_share_cuts(shapes, budget, max_cuts)
+        assert math.isnan(cut.tau) and cut.budget == budget
+        _check_uniform(cut, shapes, budget, max_cuts)
+
+
+def test_equal_share_cuts_keep_going_past_a_binding_cap():
+    """A dense at its cap stops; the others take the rest of the budget."""
+    shapes = llama_shapes()
+    max_cuts = [0, 0, 0, 6, 0, 0, 115]  # o may lose at most 6 of 64 inputs, down 115 of 128
+    budget = removed_parameters(shapes, [6, 0, 0, 0, 0, 0, 60])
+    cut = equal_share_cuts(shapes, budget, max_cuts)
+    assert cut.removed_inputs[3] == 6 and cut.removed_inputs[6] > 6 * 128 / 64
+    _check_uniform(cut, shapes, budget, max_cuts)
+
+
+def test_equal_share_cuts_edges():
+    shapes = opt_shapes()
+    max_cuts = [int(0.5 * s.d_in) for s in shapes]
+    capacity = removed_parameters(shapes, max_cuts)
+    over = equal_share_cuts(shapes, capacity + 1, max_cuts)
+    assert over.tau == float("inf") and over.removed_inputs == max_cuts and over.removed_params == capacity
+    assert equal_share_cuts(shapes, capacity, max_cuts).removed_params == capacity
+    for budget in (0, -3):
+        assert equal_share_cuts(shapes, budget, max_cuts).removed_inputs == [0] * len(shapes)
+    with pytest.raises(ValueError, match="one cap per dense"):
+        equal_share_cuts(shapes, 10, max_cuts[:-1])

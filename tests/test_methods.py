@@ -311,3 +311,26 @@ def test_structured_settings_validate():
     with pytest.raises(ValueError, match="every layer is protected"):
         StructuredSettings(protected=tuple(range(6))).prunable_layers(6)
     assert dataclasses.asdict(StructuredSettings())["compensation"] == "none"
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_comp_uniform_allocation_cuts_equal_shares(arch, calib):
+    """allocation="uniform": the same ratio per layer as COMP, the same share of every prunable dense's inputs."""
+    model = make_tiny_model(arch)
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        CompConfig(allocation="equal")
+    pruned, result = prune(model, calib, CompConfig(ratio=0.25, allocation="uniform", refit="never"))
+    variance = analyze(model, calib, CompConfig(ratio=0.25))
+    plan = result.plan
+    assert count_parameters(pruned) == plan.planned_params_after == result.params_after
+    assert plan.layer_ratios == variance.layer_ratios  # only the split inside a layer changes
+    by_layer: dict[int, list] = {}
+    for d in plan.dense_reports:
+        if d.n_removed > 0:
+            by_layer.setdefault(d.layer, []).append(d)
+    assert by_layer
+    for layer in plan.layer_reports:
+        assert layer.removed_params >= layer.budget
+    for reports in by_layer.values():
+        shares = [d.n_removed / d.d_in for d in reports]
+        assert max(shares) - min(shares) <= 2 / min(d.d_in for d in reports)

@@ -1,13 +1,16 @@
 """Neuron importance scores: definitions, the OBS brute force, and the condition-number score's ranking quality."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from comp_core.linalg import STAT_DTYPE, damped, damping
 from comp_core.mask_tuning import coefficient_matrix, reconstruction_error, solve_mask
-from comp_core.scoring import (SCORES, activation_score, condition_score, diagonal_score, log_condition,
-                               magnitude_score, obs_score, score_neurons)
+from comp_core.scoring import (SCORES, activation_score, condition_score, diagonal_score, exact_condition_score,
+                               log_condition, logdet_score, magnitude_score, obs_score, score_neurons,
+                               submatrix_extreme_eigenvalues)
 
 
 def _problem(d_in: int, d_out: int, n_tokens: int, generator: torch.Generator, spread: float = 1.0):
@@ -110,6 +113,8 @@ def test_score_neurons_dispatch():
         "diag": diagonal_score(coeff),
         "obs": obs_score(coeff),
         "cond": condition_score(coeff, eps),
+        "cond-exact": exact_condition_score(coeff),
+        "logdet": logdet_score(coeff),
         "magnitude": magnitude_score(w),
         "activation": activation_score(gram),
         "fisher": fisher.double(),
@@ -177,3 +182,97 @@ def test_condition_score_ranks_true_condition_change_better_than_chance():
     assert float((score_corr > 0).float().mean()) >= 0.9
     assert abs(float(chance_corr.mean())) < 0.2
     assert float(score_corr.mean()) > float(chance_corr.mean()) + 0.4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# whole-spectrum condition scores: exact log det and exact log κ change per removed column
+# ---------------------------------------------------------------------------------------------------------
+
+def _brute_extremes(coeff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """λ_min, λ_max of every principal submatrix C_{-j,-j} by a full eigvalsh each."""
+    eig = [torch.linalg.eigvalsh(_drop(coeff, j)) for j in range(coeff.shape[0])]
+    return torch.stack([e[0] for e in eig]), torch.stack([e[-1] for e in eig])
+
+
+@pytest.mark.parametrize("seed, d", [(0, 12), (1, 25), (2, 40)])
+def test_exact_condition_score_equals_brute_force(seed, d):
+    g = torch.Generator().manual_seed(seed)
+    _, _, raw = _problem(d, 2 * d, 3 * d, g)
+    coeff = damped(raw, 0.01)
+    mu_min, mu_max = submatrix_extreme_eigenvalues(coeff)
+    brute_min, brute_max = _brute_extremes(coeff)
+    torch.testing.assert_close(mu_min, brute_min, rtol=1e-10, atol=0)
+    torch.testing.assert_close(mu_max, brute_max, rtol=1e-10, atol=0)
+    truth = log_condition(coeff) - torch.log(brute_max / brute_min)  # drop of log κ, ≥ 0 by interlacing
+    score = exact_condition_score(coeff)
+    assert bool((score >= 0).all())
+    torch.testing.assert_close(score, truth, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed, d", [(3, 12), (4, 25), (5, 40)])
+def test_logdet_score_equals_brute_force(seed, d):
+    g = torch.Generator().manual_seed(seed)
+    _, _, raw = _problem(d, 2 * d, 3 * d, g)
+    coeff = damped(raw, 0.01)
+    full = torch.linalg.slogdet(coeff)
+    assert float(full.sign) == 1.0
+    brute = torch.stack([full.logabsdet - torch.linalg.slogdet(_drop(coeff, j)).logabsdet for j in range(d)])
+    score = logdet_score(coeff)
+    torch.testing.assert_close(score, brute, rtol=1e-8, atol=1e-10)
+    # the identity behind it: log det C − log det C_{-j,-j} = log of the OBS error, so both rank alike
+    torch.testing.assert_close(score, torch.log(obs_score(coeff)), rtol=1e-10, atol=1e-12)
+    assert torch.equal(torch.argsort(score), torch.argsort(obs_score(coeff)))
+
+
+def test_exact_condition_score_degenerate_spectra():
+    """u_kj = 0 (block-diagonal and diagonal C) and repeated eigenvalues keep the eigenvalue, as brute force."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(5, 9, generator=g, dtype=STAT_DTYPE)
+    b = torch.randn(4, 9, generator=g, dtype=STAT_DTYPE)
+    block = torch.block_diag(a @ a.T, 3.0 * (b @ b.T)) + 0.1 * torch.eye(9, dtype=STAT_DTYPE)
+    diagonal = torch.diag(torch.tensor([3.0, 1.0, 7.0, 2.0, 5.0], dtype=STAT_DTYPE))
+    low = torch.randn(8, 3, generator=g, dtype=STAT_DTYPE)
+    repeated = low @ low.T + 0.5 * torch.eye(8, dtype=STAT_DTYPE)  # λ = 0.5 five times
+    for coeff in (block, diagonal, repeated):
+        mu_min, mu_max = submatrix_extreme_eigenvalues(coeff)
+        brute_min, brute_max = _brute_extremes(coeff)
+        torch.testing.assert_close(mu_min, brute_min, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(mu_max, brute_max, rtol=1e-10, atol=1e-13)
+    # a diagonal C: only removing the smallest (1.0) or largest (7.0) entry changes κ, by log(2) and log(7/5)
+    expected = torch.tensor([0.0, math.log(2.0), math.log(7 / 5), 0.0, 0.0], dtype=STAT_DTYPE)
+    torch.testing.assert_close(exact_condition_score(diagonal), expected, rtol=1e-12, atol=1e-14)
+    # repeated λ_min: every submatrix keeps it, so only the top of the spectrum can move
+    torch.testing.assert_close(submatrix_extreme_eigenvalues(repeated)[0], torch.full((8,), 0.5, dtype=STAT_DTYPE))
+
+
+def test_whole_spectrum_scores_finite_when_ill_conditioned():
+    """Fewer tokens than columns (a rank-deficient Gram) plus light damping: finite, interlaced scores."""
+    g = torch.Generator().manual_seed(8)
+    d = 40
+    _, _, raw = _problem(d, 6, 10, g, spread=1.5)  # the Gram has rank 10 < d
+    coeff = damped(raw, 1e-6)  # 1e-2 caps κ near 100·d; this one is far worse
+    eig = torch.linalg.eigvalsh(coeff)
+    assert float(eig[-1] / eig[0]) > 1e7
+    for score in (exact_condition_score(coeff), logdet_score(coeff)):
+        assert score.shape == (d,) and score.dtype == STAT_DTYPE
+        assert bool(torch.isfinite(score).all())
+    assert bool((exact_condition_score(coeff) >= 0).all())
+    mu_min, mu_max = submatrix_extreme_eigenvalues(coeff)
+    assert bool((mu_min >= eig[0]).all() and (mu_min <= eig[1]).all())
+    assert bool((mu_max <= eig[-1]).all() and (mu_max >= eig[-2]).all())
+    # still equal to brute force where brute force itself is accurate (absolute error ~ eps·λ_max)
+    brute_min, brute_max = _brute_extremes(coeff)
+    torch.testing.assert_close(mu_min, brute_min, rtol=1e-6, atol=1e-12 * float(eig[-1]))
+    torch.testing.assert_close(mu_max, brute_max, rtol=1e-10, atol=0)
+
+
+def test_whole_spectrum_scores_by_name():
+    g = torch.Generator().manual_seed(9)
+    w, gram, raw = _problem(10, 12, 30, g)
+    coeff = damped(raw, 0.01)
+    eps = damping(raw, 0.01)
+    for name, fn in (("cond-exact", exact_condition_score), ("logdet", logdet_score)):
+        assert name in SCORES
+        got = score_neurons(name, coeff, w, gram, damp=eps)
+        assert got.dtype == STAT_DTYPE and got.shape == (10,)
+        torch.testing.assert_close(got, fn(coeff), msg=name)

@@ -7,7 +7,9 @@
    smallest variance threshold τ that meets the block's budget → remove columns (and coupled rows),
    folding the least-squares mask into the kept columns;
 5. the next block sees the unpruned (layer-removed) model's activations ("identical inputs", the paper's
-   default) or the pruned block's ("accumulated").
+   default) or the pruned block's ("accumulated": inputs and target both from the pruned model), or
+   "paired", the paper's accumulated form (Table III): inputs X̃ from the pruned model, target W X from the
+   unpruned one, min ‖W X − Ŵ X̃‖ (``mask_tuning``'s paired terms, ``loop``'s two streams).
 
 ``analyze`` runs the same loop without touching weights and returns the plan; ``prune`` applies it.
 """
@@ -21,15 +23,16 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..allocation import DenseShape, ImpossibleRatioError, choose_cuts, layer_ratios, removed_parameters
+from ..allocation import (DenseShape, ImpossibleRatioError, choose_cuts, layer_ratios, removed_parameters,
+                          equal_share_cuts)
 from ..capture import BlockInputs, calibration_context, capture_block_inputs
 from ..events import ProgressCallback, emit
 from ..fisher import collect_fisher
 from ..linalg import damping, damped
 from ..loop import BlockVisit, block_loop
-from ..stats import own_gram
-from ..mask_tuning import (coefficient_matrix, mask_path, refit_columns, refit_relative_error, relative_error,
-                           solve_mask)
+from ..stats import own_moments
+from ..mask_tuning import (coefficient_matrix, damped_target, mask_path, refit_columns, refit_relative_error,
+                           relative_error, solve_mask, target_terms)
 from ..models.adapters import ArchAdapter, get_adapter
 from ..removal import RemovalResult, iterative_removal, layers_for_ratio, layers_within
 from ..results import CompPlan, DenseReport, LayerReport, PruneResult
@@ -39,8 +42,9 @@ from ..scoring import SCORES, score_neurons
 from ..surgery import apply_cuts
 
 GRANULARITIES = ("hybrid", "layers", "neurons")
-INPUT_MODES = ("identical", "accumulated")
+INPUT_MODES = ("identical", "accumulated", "paired")
 REFIT_MODES = ("never", "auto", "always")
+ALLOCATIONS = ("variance", "uniform")
 DEFAULT_DENSE_KINDS = ("down", "o")
 
 
@@ -65,6 +69,9 @@ class CompConfig:
         ``refit_tokens_per_input`` tokens per input column, else mask tuning (too few tokens make the
         refit overfit: shared notes/calibration.md). ``refit_damp`` is its relative damping: a free weight
         per entry needs less than the mask solve (measured 64.3 vs 69.9 perplexity at 1e-3 vs 1e-2).
+    allocation: how a block's budget is shared by its denses: "variance" (COMP: the smallest variance
+        threshold τ of the tuned masks that meets the budget) or "uniform" (ablation: every prunable dense
+        loses the same share of its inputs, ``allocation.equal_share_cuts``).
     """
 
     ratio: float = 0.2
@@ -83,6 +90,7 @@ class CompConfig:
     refit_damp: float = 1e-3
     auto_max_layers: int = 8
     batch_size: int = 8
+    allocation: str = "variance"  # per-dense cuts: the variance threshold τ, or "uniform" (ablation)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -99,6 +107,8 @@ class CompConfig:
             raise ValueError("max_dense_ratio and layer_cap must be in (0, 1)")
         if self.refit not in REFIT_MODES:
             raise ValueError(f"refit must be one of {REFIT_MODES}, got '{self.refit}'")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got '{self.allocation}'")
         if self.damp <= 0 or self.refit_damp <= 0:
             raise ValueError("damp and refit_damp must be > 0")
         if self.protected is not None:
@@ -169,24 +179,31 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
     params = sum(p.numel() for p in block.parameters())
     shapes = _dense_shapes(block, adapter)
     budget = int(round(ratio * params))
-    coeffs, orders, paths, own_grams = [], [], [], []
+    coeffs, orders, paths, moments, targets = [], [], [], [], []
     max_cuts = _max_cuts(shapes, adapter, cfg)
     scores_by_dense = []
     for spec, cap in zip(adapter.denses, max_cuts):
         module = adapter.dense(block, spec.name)
-        gram = own_gram(module, grams[spec.name].gram)
-        own_grams.append(gram)
+        gram, cross, target_gram = own_moments(module, grams[spec.name])
+        moments.append((gram, cross, target_gram))
         raw = coefficient_matrix(module.weight, gram)
         eps = damping(raw, cfg.damp)
         coeff = damped(raw, cfg.damp)
+        # paired inputs: b and ‖WX‖² of the unpruned target (None: target and inputs from one stream)
+        target = damped_target(*target_terms(module.weight, cross, target_gram), eps) if cross is not None else None
+        targets.append(target)
         scores = score_neurons(cfg.score, coeff, module.weight, gram, damp=eps,
                                fisher=fisher.get(spec.name) if fisher else None)
         order = torch.argsort(scores, stable=True)  # least important first
         coeffs.append(coeff)
         orders.append(order)
         scores_by_dense.append(scores)
-        paths.append(mask_path(coeff, order, cap) if budget > 0 and cap > 0 else None)
-    if budget > 0:
+        variance_cuts = cfg.allocation == "variance"
+        paths.append(mask_path(coeff, order, cap, rhs=target[0] if target is not None else None)
+                     if variance_cuts and budget > 0 and cap > 0 else None)
+    if cfg.allocation == "uniform":  # ablation: the same share of every prunable dense's inputs
+        cut = equal_share_cuts(shapes, budget, max_cuts)
+    elif budget > 0:
         zero = torch.zeros(1, dtype=torch.float64)
         cut = choose_cuts([p.variance if p is not None else zero for p in paths], shapes, budget)
     else:
@@ -202,34 +219,40 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
         module = adapter.dense(block, spec.name)
         keep = keeps[spec.name]
         consumer = adapter.coupled_consumer(spec.name)
-        gram = own_grams[i]
+        gram, cross, target_gram = moments[i]
+        target = targets[i]
         # Rows that die with the consumer's removed inputs do not count in this dense's own fit.
         rows = slice(None)
         if consumer is not None and cut.removed_inputs[names.index(consumer)] > 0:
             rows = keeps[consumer]
-            coeff = damped(coefficient_matrix(module.weight[rows], gram), cfg.damp)
+            raw = coefficient_matrix(module.weight[rows], gram)
+            coeff = damped(raw, cfg.damp)
+            if target is not None:  # b and ‖WX‖² of the same rows, damped like their C̃
+                target = damped_target(*target_terms(module.weight[rows], cross, target_gram), damping(raw, cfg.damp))
+        rhs, total = target if target is not None else (None, None)
         indicator = torch.zeros(shape.d_in, dtype=coeff.dtype, device=coeff.device)
         indicator[keep] = 1.0
-        err_plain = relative_error(coeff, indicator)
+        err_plain = relative_error(coeff, indicator, rhs, total)
         mask = None
         new_weight = None
         err_tuned = err_plain
         variance = 0.0
         compensation = "none"
         if n_removed > 0:
-            kept_mask = solve_mask(coeff, keep)
+            kept_mask = solve_mask(coeff, keep, rhs)
             variance = float(kept_mask.var(unbiased=False))
             use_refit = cfg.refit == "always" or (
                 cfg.refit == "auto" and grams[spec.name].n_tokens >= cfg.refit_tokens_per_input * shape.d_in)
             if cfg.mask_tuning and use_refit:
-                new_weight = refit_columns(module.weight, gram, keep, cfg.refit_damp)
-                err_tuned = refit_relative_error(module.weight[rows], gram, keep, new_weight[rows])
+                new_weight = refit_columns(module.weight, gram, keep, cfg.refit_damp, cross=cross)
+                err_tuned = refit_relative_error(module.weight[rows], gram, keep, new_weight[rows], cross=cross,
+                                                 target_gram=target_gram)
                 compensation = "refit"
             elif cfg.mask_tuning:
                 mask = kept_mask
                 full = torch.zeros_like(indicator)
                 full[keep] = kept_mask
-                err_tuned = relative_error(coeff, full)
+                err_tuned = relative_error(coeff, full, rhs, total)
                 compensation = "mask"
         pruned = torch.sort(order[:n_removed]).values
         index_map = module.input_index if hasattr(module, "input_index") else None
@@ -354,7 +377,7 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
             plan.dense_reports.extend(dense_reports)
             if apply:
                 return v.block
-            if cfg.inputs == "accumulated":  # analysis must predict prune: the next block sees this one pruned
+            if cfg.inputs in ("accumulated", "paired"):  # analysis must predict prune: the next block sees it pruned
                 pruned_copy = copy.deepcopy(v.block)
                 prune_block(pruned_copy, adapter, v.stats, ratio_of[i], cfg, layer_index=i, apply=True,
                             fisher=layer_fisher)
