@@ -234,8 +234,10 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
                               label="Neuron importance score")
         c.mask = gr.Checkbox(label="Mask tuning (least-squares compensation)", value=True)
         with gr.Accordion("Advanced", open=False):
-            c.inputs = gr.Radio([("identical (paper)", "identical"), ("accumulated", "accumulated")],
-                                value="identical", label="Calibration inputs of each layer")
+            c.inputs = gr.Radio([("identical (paper)", "identical"), ("accumulated", "accumulated"),
+                                 ("paired (paper's accumulated form)", "paired")],
+                                value="identical", label="Calibration inputs of each layer",
+                                info="paired: inputs from the pruned model, target from the unpruned one")
             c.kinds = gr.CheckboxGroup([], value=[], label="Denses that may lose neurons")
             c.depth = gr.Slider(1, MAX_REMOVE, value=DEFAULT_DEPTH, step=1,
                                 label="Removal order measured to (layers)",
