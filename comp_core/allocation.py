@@ -118,58 +118,15 @@ def choose_cuts(variances: list[torch.Tensor], shapes: list[DenseShape], budget:
     if removed_parameters(shapes, max_cut) < budget:
         return LayerCut(max_cut, float("inf"), removed_parameters(shapes, max_cut), budget)
     candidates = torch.unique(torch.cat(run_max)).tolist()  # sorted
-    lo, hi = 0, len(candidates) - 1  # find smallest index with removed >= budget
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if removed_parameters(shapes, cuts(candidates[mid])) >= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    tau = candidates[lo]
-    top = cuts(tau)
-    current = cuts(candidates[lo - 1]) if lo > 0 else [0] * len(shapes)
-    for d in range(len(shapes)):
-        trial = current.copy()
-        trial[d] = top[d]
-        if removed_parameters(shapes, trial) < budget:
-            current = trial
-            continue
-        low, high = current[d], top[d]  # smallest k_d reaching the budget
-        while low < high:
-            mid = (low + high) // 2
-            trial[d] = mid
-            if removed_parameters(shapes, trial) >= budget:
-                high = mid
-            else:
-                low = mid + 1
-        current[d] = low
-        break
+    current, tau = _land_on_budget(shapes, budget, cuts, candidates)
     return LayerCut(current, tau, removed_parameters(shapes, current), budget)
 
 
-def equal_share_cuts(shapes: list[DenseShape], budget: int, max_cuts: list[int]) -> LayerCut:
-    """The ablation of the variance threshold: every prunable dense (``max_cuts[d] > 0``) loses the same
-    share s of its inputs, k_d(s) = min(max_cuts[d], ⌊s · d_in⌋), with the smallest s that reaches the
-    layer budget — then, as in ``choose_cuts``, the denses whose cut jumps at that s give neurons one at a
-    time, in dense order, so the layer lands on its budget within one neuron. Shares differ by less than
-    one neuron per dense (1/d_in) until a dense reaches its cap; the others then keep going. ``tau`` is
-    NaN (no threshold decided it); above the capacity at the caps every dense is cut to its cap (τ = inf,
-    as ``choose_cuts`` reports it).
-    """
-    if len(max_cuts) != len(shapes):
-        raise ValueError(f"one cap per dense: got {len(max_cuts)} caps for {len(shapes)} denses")
-    caps = [max(0, min(int(c), s.d_in - 1)) for c, s in zip(max_cuts, shapes)]
-    if budget <= 0:
-        return LayerCut([0] * len(shapes), 0.0, 0, budget)
-    if removed_parameters(shapes, caps) < budget:
-        return LayerCut(caps, float("inf"), removed_parameters(shapes, caps), budget)
-
-    def cuts(share: float) -> list[int]:
-        return [min(cap, math.floor(share * s.d_in + 1e-9)) for cap, s in zip(caps, shapes)]
-
-    # the shares at which some dense's cut steps up: j / d_in for j = 1..cap
-    candidates = sorted({j / s.d_in for cap, s in zip(caps, shapes) for j in range(1, cap + 1)})
-    lo, hi = 0, len(candidates) - 1  # smallest share with removed >= budget
+def _land_on_budget(shapes: list[DenseShape], budget: int, cuts, candidates: list) -> tuple[list[int], float]:
+    """The smallest candidate level whose ``cuts(level)`` reaches ``budget`` (bisection; cuts grow with the
+    level), then from the level below, the denses whose cut jumps there give neurons one at a time, in dense
+    order, so the layer lands on its budget within one neuron. Returns (cuts, that level)."""
+    lo, hi = 0, len(candidates) - 1
     while lo < hi:
         mid = (lo + hi) // 2
         if removed_parameters(shapes, cuts(candidates[mid])) >= budget:
@@ -194,4 +151,30 @@ def equal_share_cuts(shapes: list[DenseShape], budget: int, max_cuts: list[int])
                 low = mid + 1
         current[d] = low
         break
+    return current, candidates[lo]
+
+
+def equal_share_cuts(shapes: list[DenseShape], budget: int, max_cuts: list[int]) -> LayerCut:
+    """The ablation of the variance threshold: every prunable dense (``max_cuts[d] > 0``) loses the same
+    share s of its inputs, k_d(s) = min(max_cuts[d], ⌊s · d_in⌋), with the smallest s that reaches the
+    layer budget — then, as in ``choose_cuts``, the denses whose cut jumps at that s give neurons one at a
+    time, in dense order, so the layer lands on its budget within one neuron. Shares differ by less than
+    one neuron per dense (1/d_in) until a dense reaches its cap; the others then keep going. ``tau`` is
+    NaN (no threshold decided it); above the capacity at the caps every dense is cut to its cap (τ = inf,
+    as ``choose_cuts`` reports it).
+    """
+    if len(max_cuts) != len(shapes):
+        raise ValueError(f"one cap per dense: got {len(max_cuts)} caps for {len(shapes)} denses")
+    caps = [max(0, min(int(c), s.d_in - 1)) for c, s in zip(max_cuts, shapes)]
+    if budget <= 0:
+        return LayerCut([0] * len(shapes), 0.0, 0, budget)
+    if removed_parameters(shapes, caps) < budget:
+        return LayerCut(caps, float("inf"), removed_parameters(shapes, caps), budget)
+
+    def cuts(share: float) -> list[int]:
+        return [min(cap, math.floor(share * s.d_in + 1e-9)) for cap, s in zip(caps, shapes)]
+
+    # the shares at which some dense's cut steps up: j / d_in for j = 1..cap
+    candidates = sorted({j / s.d_in for cap, s in zip(caps, shapes) for j in range(1, cap + 1)})
+    current, _ = _land_on_budget(shapes, budget, cuts, candidates)
     return LayerCut(current, float("nan"), removed_parameters(shapes, current), budget)
