@@ -16,7 +16,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from common import (CALIBRATION, QUICK_SEQ_LEN, Section, bundled, calibration, eval_protocol, fresh_model, machine,
+from common import (command_line, CALIBRATION, QUICK_SEQ_LEN, Section, bundled, calibration, eval_protocol, fresh_model, machine,
                     main_for, markdown_table, measure, ppl, save_figure)
 from comp_core.capture import calibration_context, capture_block_inputs
 from comp_core.methods.comp import CompConfig
@@ -289,7 +289,7 @@ def run(quick: bool, out: Path) -> Section:
     parts = [_layer_order_markdown(order, original_ppl), _input_modes_markdown(inputs), _granularity_markdown(gran),
              _allocation_markdown(alloc), _scores_markdown(score_rows)]
     markdown = "\n\n".join(
-        ["`python bench/run_all.py" + (" --quick" if quick else "") + "` (section `bench/ablations.py`)"]
+        [command_line("ablations", quick)]
         + [_with_settings(part, quick) for part in parts])
     figures = save_figure(_layer_order_figure(order, original_ppl), out, "ablation_layer_order")
     data = {"original_ppl": original_ppl, "layer_order": order,

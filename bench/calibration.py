@@ -12,7 +12,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from common import (CALIBRATION, QUICK_SEQ_LEN, Section, bundled, calibration, eval_protocol, machine, main_for,
+from common import (command_line, CALIBRATION, QUICK_SEQ_LEN, Section, bundled, calibration, eval_protocol, machine, main_for,
                     markdown_table, measure, ppl, save_figure)
 from comp_core import data as comp_data
 
@@ -103,7 +103,7 @@ def _markdown(results: list[dict], quick: bool, original_ppl: float) -> str:
     by_mean = sorted(results, key=lambda r: statistics.fmean(run["ppl"] for run in r["runs"]))
     spread = max(results, key=lambda r: _stats([run["ppl"] for run in r["runs"]])[1])
     return "\n\n".join([
-        "`python bench/run_all.py" + (" --quick" if quick else "") + "` (section `bench/calibration.py`)",
+        command_line("calibration", quick),
         f"COMP (default settings) at {RATIO:.0%} of all parameters on the bundled SmolLM2-135M-Instruct, each "
         f"seed a new sample of {cal['n_samples']}×{cal['seq_len']} tokens (C4: random windows of random train "
         "documents; WikiText-2: random windows of the joined split; data-free: top-k 50 sampling from the model "

@@ -194,3 +194,8 @@ def measure(method: str, *, quick: bool, datasets: tuple[str, ...] = ("wikitext2
            "ppl": {ds: ppl(pruned, ds, quick=quick) for ds in datasets}}
     _MEASURED[key] = row
     return {**row, "model": pruned} if keep_model else row
+
+
+def command_line(section: str, quick: bool) -> str:
+    """The Markdown line that says which command produced a section's tables."""
+    return "`python bench/run_all.py" + (" --quick" if quick else "") + f"` (section `bench/{section}.py`)"

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 import torch  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
-from common import CALIBRATION, Section, bundled, calibration, machine, main_for, markdown_table, save_figure  # noqa: E402
+from common import command_line, CALIBRATION, Section, bundled, calibration, machine, main_for, markdown_table, save_figure  # noqa: E402
 
 import comp_core.loop  # noqa: E402
 import comp_core.methods.comp  # noqa: E402
@@ -575,7 +575,7 @@ def _markdown(quick: bool, default: Profile, floor: dict, by_tokens: list[Profil
                    ", ".join(f"{k} {v}" for k, v in sorted(p.compensation.items()))] for p in by_tokens]
     width_profiles = [w["profile"] for w in widths]
     return "\n\n".join([
-        "`python bench/run_all.py" + (" --quick" if quick else "") + "` (section `bench/cost.py`)",
+        command_line("cost", quick),
         f"COMP at ratio {RATIO} with the library's defaults (1 removed layer, inputs of down and o pruned, "
         f"refit 'auto'), bundled SmolLM2-135M-Instruct in float32 on CPU with {THREADS} torch thread{'s' if THREADS > 1 else ''} (two threads "
         "ran 5× slower on this shared machine under load), calibration "

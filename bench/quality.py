@@ -18,7 +18,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import plotly.graph_objects as go  # noqa: E402
-from common import (CALIBRATION, Section, bundled, eval_protocol, machine, main_for, markdown_table,  # noqa: E402
+from common import (command_line, CALIBRATION, Section, bundled, eval_protocol, machine, main_for, markdown_table,  # noqa: E402
                     measure, ppl, save_figure)
 
 from comp_core.methods import get_method, method_names  # noqa: E402
@@ -122,7 +122,7 @@ def _markdown(rows: list[dict], tasks: list[str], quick: bool, limit: int | None
           f"(piqa, arc_easy, hellaswag), else acc; on the original and every method at 20 % / 2:4; 'retained' = "
           "mean accuracy / the original's." if tasks else "Zero-shot: lm-eval not installed, no accuracy.")
     return "\n\n".join([
-        "`python bench/run_all.py" + (" --quick" if quick else "") + "` (section `bench/quality.py`)",
+        command_line("quality", quick),
         f"Bundled SmolLM2-135M-Instruct; calibration {cal['name']} {cal['n_samples']}×{cal['seq_len']} tokens, "
         f"seed {cal['seed']} (every method on the same sample); perplexity: {eval_protocol(quick)}. Realised ratio "
         "= share of all parameters removed; mask methods remove none ('zeros of all' = share of all parameters "
