@@ -78,37 +78,44 @@ def logdet_score(coeff: torch.Tensor) -> torch.Tensor:
 
 def _nearest_interlaced_root(pivot: torch.Tensor, weights: torch.Tensor, gaps: torch.Tensor,
                              max_iter: int = 100) -> torch.Tensor:
-    """For every column j, the root t_j ∈ [0, gaps[0]] of F(t) = t · Σ_k weights[k, j] / (gaps[k] − t) − pivot_j.
+    """For every column j, the root t_j ∈ [0, gaps[0]] of t · Σ_k weights[k, j] / (gaps[k] − t) = pivot_j.
 
     This is the secular equation of a principal submatrix, written in the distance t of its extreme
-    eigenvalue from the full matrix's one (so t keeps full relative precision when it is tiny). On
-    [0, gaps[0]) F is increasing and convex with F(0) = −pivot ≤ 0: the root is unique, and if F stays
-    negative up to gaps[0] (weights[0, j] = 0: the next eigenvector does not touch j) Cauchy interlacing
-    caps the answer at gaps[0]. Safeguarded Newton inside a bracket [lo, hi], all columns at once, O(d²)
-    per step; Newton steps that leave the bracket are replaced by bisection.
-    pivot: (d,) ≥ 0; weights: (d−1, d) ≥ 0; gaps: (d−1,) ascending ≥ 0. Returns t: (d,).
+    eigenvalue from the full matrix's one (so t keeps full relative precision when it is tiny). With g = gaps
+    it is multiplied by (g_0 − t) to remove the nearest pole:
+
+        G(t) = t · Σ_k w_k r_k(t) − p · (g_0 − t),   r_k = (g_0 − t)/(g_k − t) ∈ [0, 1]  (r_k = 1 where g_k = g_0),
+
+    smooth on [0, g_0], G(0) = −p g_0 ≤ 0, G(g_0) = g_0 Σ_{g_k = g_0} w_k ≥ 0, with one sign change (that of the
+    increasing secular function). So the root is unique; if G < 0 up to g_0 (the next eigenvector does not
+    touch j) Cauchy interlacing caps the answer at g_0. Safeguarded Newton inside a bracket [lo, hi], all
+    columns at once, O(d²) per step; steps that leave the bracket are replaced by bisection. Without the
+    pole removal a root next to g_0 (a column that carries most of the extreme eigenvector) converged only
+    linearly. pivot: (d,) ≥ 0; weights: (d−1, d) ≥ 0; gaps: (d−1,) ascending ≥ 0. Returns t: (d,).
     """
-    active = weights > 0  # (d−1, d) zero weights contribute nothing, not 0/0
+    g0 = gaps[0]
     gap_col = gaps.unsqueeze(1)  # (d−1, 1)
+    tied = gap_col == g0  # (d−1, 1) r_k = 1 identically
 
-    def secular(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv = torch.where(active, 1.0 / (gap_col - t), torch.zeros((), dtype=t.dtype))  # (d−1, d)
-        h = (weights * inv).sum(0)  # (d,)
-        dh = (weights * inv * inv).sum(0)  # (d,)
-        return t * h - pivot, h + t * dh
+    def pole_free(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = torch.where(tied, torch.zeros((), dtype=t.dtype), 1.0 / (gap_col - t))  # (d−1, d)
+        ratio = torch.where(tied, torch.ones((), dtype=t.dtype), (g0 - t) * inv)  # (d−1, d)
+        total = (weights * ratio).sum(0)  # (d,)
+        slope = (weights * (g0 - gap_col) * inv * inv).sum(0)  # (d,) Σ w_k r_k'(t)
+        return t * total - pivot * (g0 - t), total + t * slope + pivot
 
-    hi = gaps[0].expand_as(pivot).clone()  # interlacing bound
     lo = torch.zeros_like(pivot)
-    h0 = (weights / torch.where(gap_col > 0, gap_col, torch.ones((), dtype=gaps.dtype))).sum(0)
-    # t·h(t) ≥ t·h(0), so pivot / h(0) bounds the root from above (where it is finite)
-    upper = torch.where(h0 > 0, pivot / h0, torch.full_like(pivot, float("inf")))
-    hi = torch.minimum(hi, upper)
+    hi = g0.expand_as(pivot).clone()  # interlacing bound
+    if float(g0) > 0:
+        # t·Σ w_k/(g_k − t) ≥ t·Σ w_k/g_k, so the root is at most pivot / Σ w_k/g_k
+        h0 = (weights / gap_col).sum(0)  # (d,)
+        hi = torch.minimum(hi, torch.where(h0 > 0, pivot / h0, hi))
     done = (pivot <= 0) | (hi <= 0)
     hi = torch.where(done, torch.zeros_like(hi), hi)
     tol = 16 * torch.finfo(pivot.dtype).eps
     t = hi.clone()
     for _ in range(max_iter):
-        f, df = secular(t)
+        f, df = pole_free(t)
         lo = torch.where(f < 0, t, lo)
         hi = torch.where(f > 0, t, hi)
         exact = f == 0
@@ -121,7 +128,7 @@ def _nearest_interlaced_root(pivot: torch.Tensor, weights: torch.Tensor, gaps: t
         t = new_t
         if bool(converged.all()):
             break
-    return torch.clamp(t, min=0.0, max=float(gaps[0]))
+    return torch.clamp(t, min=0.0, max=float(g0))
 
 
 def submatrix_extreme_eigenvalues(coeff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
