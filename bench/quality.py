@@ -30,6 +30,7 @@ DATASETS = ("wikitext2", "ptb")
 QUICK_RATIOS = [0.2]
 QUICK_PATTERNS = ["2:4"]
 QUICK_TASK_LIMIT = 20
+ZERO_SHOT_BATCH = 16  # the harness's batch: 2.2x faster than 1 on 2 cores (31 vs 69 s for 5 tasks × 20 items)
 
 
 def targets(quick: bool) -> dict[str, list[dict]]:
@@ -56,7 +57,8 @@ def headline_target(settings: dict) -> bool:
 def zero_shot(model, tasks: list[str], limit: int | None) -> dict[str, float]:
     from comp_core.zeroshot import evaluate_tasks
 
-    return evaluate_tasks(model, bundled().tokenizer, tasks, limit=limit, quiet=True).headline()
+    return evaluate_tasks(model, bundled().tokenizer, tasks, limit=limit, batch_size=ZERO_SHOT_BATCH,
+                          quiet=True).headline()
 
 
 def target_label(settings: dict) -> str:
