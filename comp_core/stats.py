@@ -22,6 +22,10 @@ from torch import nn
 from .models.adapters import ArchAdapter
 
 STAT_DTYPE = torch.float64
+# One batch's products XᵀX are taken in float32 (twice the CPU throughput of float64) and summed into the
+# float64 accumulators: a batch holds a few thousand tokens, so float32's rounding stays ~1e-6 relative,
+# while the accumulators keep full precision over any number of batches.
+PRODUCT_DTYPE = torch.float32
 
 
 class InputStats:
@@ -31,18 +35,45 @@ class InputStats:
     the reference inputs; ``gram``, ``total`` and ``n_tokens`` then describe X̃.
     """
 
-    def __init__(self, width: int, device: torch.device | str = "cpu", *, paired: bool = False):
+    def __init__(self, width: int, device: torch.device | str = "cpu", *, paired: bool = False, folds: int = 0):
         self.gram = torch.zeros(width, width, dtype=STAT_DTYPE, device=device)  # (d, d)
         self.total = torch.zeros(width, dtype=STAT_DTYPE, device=device)  # (d,)
         self.n_tokens = 0
         self.cross = torch.zeros_like(self.gram) if paired else None  # (d, d) X̃ᵀX
         self.target_gram = torch.zeros_like(self.gram) if paired else None  # (d, d) XᵀX
+        if folds not in (0, 2):
+            raise ValueError(f"folds must be 0 (none) or 2, got {folds}")
+        if folds and paired:
+            raise ValueError("held-out folds are kept for unpaired statistics only")
+        # folds=2: the Gram of every other calibration sequence (``fold_grams[f]``, samples f, f+2, …) as well,
+        # so a compensation can be fitted on one half and checked on the other; gram = their sum
+        self.fold_grams = [torch.zeros_like(self.gram) for _ in range(folds)]
+        self._sequences = 0
+
+    @staticmethod
+    def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """aᵀb for one batch (N, d) × (N, d), in float32 (float64 inputs stay float64), returned as float64."""
+        dtype = STAT_DTYPE if a.dtype == STAT_DTYPE else PRODUCT_DTYPE
+        return (a.to(dtype).T @ b.to(dtype)).to(STAT_DTYPE)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(device=self.gram.device, dtype=STAT_DTYPE)  # (N, d)
-        self.gram.addmm_(x.T, x)
-        self.total.add_(x.sum(dim=0))
-        self.n_tokens += x.shape[0]
+        """Add one batch, (sequences, tokens, d) or (tokens, d) = one sequence."""
+        sequences = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.unsqueeze(0)  # (S, T, d)
+        sequences = sequences.to(device=self.gram.device)
+        flat = sequences.reshape(-1, sequences.shape[-1])  # (N, d)
+        if self.fold_grams:
+            for fold, acc in enumerate(self.fold_grams):
+                first = (fold - self._sequences) % 2
+                part = sequences[first::2].reshape(-1, sequences.shape[-1])
+                if part.shape[0]:
+                    product = self._product(part, part)
+                    acc.add_(product)
+                    self.gram.add_(product)
+        else:
+            self.gram.add_(self._product(flat, flat))
+        self._sequences += sequences.shape[0]
+        self.total.add_(flat.sum(dim=0, dtype=STAT_DTYPE))
+        self.n_tokens += flat.shape[0]
 
     def update_pair(self, shifted: torch.Tensor, reference: torch.Tensor) -> None:
         """Add one batch read as X̃ (``shifted``) whose target input is X (``reference``), same tokens."""
@@ -50,11 +81,11 @@ class InputStats:
             raise ValueError("these statistics were not made for paired inputs (InputStats(..., paired=True))")
         if shifted.shape != reference.shape:
             raise ValueError(f"paired inputs differ in shape: {tuple(shifted.shape)} vs {tuple(reference.shape)}")
-        xs = shifted.reshape(-1, shifted.shape[-1]).to(device=self.gram.device, dtype=STAT_DTYPE)  # (N, d)
-        xr = reference.reshape(-1, reference.shape[-1]).to(device=self.gram.device, dtype=STAT_DTYPE)  # (N, d)
+        xs = shifted.reshape(-1, shifted.shape[-1]).to(device=self.gram.device)  # (N, d)
+        xr = reference.reshape(-1, reference.shape[-1]).to(device=self.gram.device)  # (N, d)
         self.update(xs)
-        self.cross.addmm_(xs.T, xr)
-        self.target_gram.addmm_(xr.T, xr)
+        self.cross.add_(self._product(xs, xr))
+        self.target_gram.add_(self._product(xr, xr))
 
     @property
     def width(self) -> int:
