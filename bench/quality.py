@@ -127,12 +127,19 @@ def _markdown(rows: list[dict], tasks: list[str], quick: bool, limit: int | None
           f"{'first ' + str(limit) + ' items of each' if limit else 'all items'}, acc_norm where the task has it "
           f"(piqa, arc_easy, hellaswag), else acc; on the original and every method at 20 % / 2:4; 'retained' = "
           "mean accuracy / the original's." if tasks else "Zero-shot: lm-eval not installed, no accuracy.")
+    noise = ""
+    if tasks and limit:
+        item_se = (0.25 / limit) ** 0.5  # binomial standard error of one task's accuracy at p = 0.5
+        noise = (f" **At {limit} items per task these accuracies are mostly noise**: one task's standard error is "
+                 f"≈ {item_se:.2f}, the mean's ≈ {item_se / len(tasks) ** 0.5:.2f}, so differences in mean accuracy "
+                 f"below ≈ {2 * item_se / len(tasks) ** 0.5:.2f} (and 'retained' above 100 %) say nothing; the full "
+                 "run scores every item.")
     return "\n\n".join([
         command_line("quality", quick),
         f"Bundled SmolLM2-135M-Instruct; calibration {cal['name']} {cal['n_samples']}×{cal['seq_len']} tokens, "
         f"seed {cal['seed']} (every method on the same sample); perplexity: {eval_protocol(quick)}. Realised ratio "
         "= share of all parameters removed; mask methods remove none ('zeros of all' = share of all parameters "
-        "that are zero). " + zs,
+        "that are zero). " + zs + noise,
         markdown_table(head, body), f"Machine: {machine()}."])
 
 

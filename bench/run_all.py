@@ -84,9 +84,8 @@ def write_results(sections: list[Section], quick: bool, out: Path, seconds: floa
     parts = [
         "# Measured results",
         "",
-        f"Last rewritten by `{command}` on {stamp} at commit `{git_revision()}` ({seconds / 60:.1f} min, "
-        f"{'quick' if quick else 'full'} mode); a section it did not run keeps the result of the run that measured "
-        f"it, named under the section. Machine: {machine()}. Raw numbers: the JSON files under `{out}`; this file "
+        f"Last rewritten by `{command}` on {stamp} at commit `{git_revision()}`; every section names the run that "
+        f"measured it (command, mode, time) underneath. Machine: {machine()}. Raw numbers: the JSON files under `{out}`; this file "
         "is rewritten by every run, do not edit it by hand.",
         "",
         "Zero-shot accuracy comes from lm-evaluation-harness itself (`comp_core.zeroshot` wraps the loaded model "
@@ -121,9 +120,11 @@ def main() -> int:
     parser.add_argument("--out", default="bench-out", help="folder for the JSON and figure files")
     parser.add_argument("--sections", default=None, help=f"comma-separated, from {', '.join(SECTIONS)} (default: "
                         f"all; with --quick: {', '.join(QUICK_SECTIONS)})")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="run nothing: rewrite RESULTS.md from the JSON files already under --out")
     args = parser.parse_args()
     default = QUICK_SECTIONS if args.quick else SECTIONS
-    names = [n for n in (args.sections or ",".join(default)).split(",") if n]
+    names = [] if args.rewrite else [n for n in (args.sections or ",".join(default)).split(",") if n]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
@@ -132,8 +133,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    command = "python bench/run_all.py" + (" --quick" if args.quick else "") + (
-        f" --sections {args.sections}" if args.sections else "")
+    command = "python bench/run_all.py" + (" --rewrite" if args.rewrite else (" --quick" if args.quick else "") + (
+        f" --sections {args.sections}" if args.sections else ""))
     sections = []
     for name in SECTIONS:
         section = run_section(name, args.quick, out, command) if name in names else earlier_section(name, out)
