@@ -4,6 +4,7 @@
     COMP_DATA_DIR=../shared/data python bench/run_all.py                    # full protocols (hours on a CPU)
     python bench/run_all.py --quick --sections ablations,cost                # some sections only
     python bench/run_all.py --sections protocol                              # whole test sets at 2048 (~25 min)
+    python bench/run_all.py --sections levers                                # COMP's default levers (~30 min)
 
 Writes ``<out>/<section>.json`` (raw numbers) and the figures (HTML, PNG when kaleido can render) under
 ``<out>``, copies the figures to ``docs/results/`` and rewrites ``docs/RESULTS.md``: every table with the
@@ -28,8 +29,9 @@ sys.path.insert(0, str(BENCH))
 
 from common import ROOT, Section, git_revision, machine  # noqa: E402
 
-SECTIONS = ("quality", "ablations", "calibration", "cost", "protocol")
-# the whole-test-set protocol takes ~25 min on its own: --quick keeps its last result unless asked for
+SECTIONS = ("quality", "ablations", "calibration", "cost", "levers", "protocol")
+# COMP's default levers (~30 min) and the whole-test-set protocol (~25 min) are not part of --quick: it keeps
+# their last results unless they are asked for with --sections
 QUICK_SECTIONS = ("quality", "ablations", "calibration", "cost")
 DOCS = ROOT / "docs"
 

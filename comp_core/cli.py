@@ -355,6 +355,7 @@ def run(args: argparse.Namespace) -> dict:
                 report["removal_order"] = plan["removal_order"]
                 report["auto_sweep"] = plan["auto_sweep"]
                 report["config"] = plan["config"]
+                report["notes"] = plan["notes"]
                 if eval_names:
                     report["ppl_after"] = _evaluate(pruned, tokenizer, eval_names, args, progress, timings, "after")
                 if args.out:
@@ -374,7 +375,7 @@ def run(args: argparse.Namespace) -> dict:
 def _print_table(report: dict) -> None:
     rows = []
     for key in ("model", "saved_to", "realised_ratio", "params_before", "params_after", "params", "removed_layers",
-                "ppl", "ppl_before", "ppl_after", "seconds", "peak_rss_mb"):
+                "compensation", "ppl", "ppl_before", "ppl_after", "seconds", "peak_rss_mb"):
         if key in report:
             value = report[key]
             if isinstance(value, float):
@@ -390,6 +391,7 @@ def _print_table(report: dict) -> None:
         print(report["table"])
     if "timings" in report:
         rows.append(("stages", ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["timings"].items())))
+    rows += [("note", note) for note in report.get("notes", [])]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

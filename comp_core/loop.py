@@ -55,7 +55,7 @@ Visitor = Callable[[BlockVisit], "nn.Module | None"]
 def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[int], visit: Visitor, *,
                adapter: ArchAdapter | None = None, with_stats: Callable[[int], bool] | None = None,
                propagation: str = "identical", stat_device: torch.device | str | None = None,
-               on_event: ProgressCallback | None = None, stage: str = "blocks",
+               stat_folds: int = 0, on_event: ProgressCallback | None = None, stage: str = "blocks",
                describe: Callable[[int], str] | None = None) -> list[torch.Tensor]:
     """Visit ``active`` blocks (original indices into ``blocks``) in order; returns the last hidden states
     (with paired propagation: the shifted stream's, what the pruned model computes).
@@ -65,6 +65,7 @@ def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[in
     accumulated propagation must see a changed block. Paired propagation runs every block on both streams
     (until a block changes they are one list, and a block without statistics then runs once);
     ``visit.inputs``/``visit.outputs`` are then the reference stream's, ``visit.shifted_inputs`` the other.
+    ``stat_folds=2`` also keeps every input Gram split by calibration sequence (``InputStats.fold_grams``).
     """
     if propagation not in PROPAGATION:
         raise ValueError(f"propagation must be one of {PROPAGATION}, got '{propagation}'")
@@ -88,7 +89,7 @@ def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[in
                 if shifted is hidden:  # same inputs, same block: keep one stream until something changes
                     shifted_outputs = outputs
             else:
-                with collect_block_stats(block, adapter, device) as stats:
+                with collect_block_stats(block, adapter, device, folds=stat_folds) as stats:
                     outputs = replay(block, hidden, kwargs)
         else:
             outputs = replay(block, hidden, kwargs)

@@ -29,11 +29,12 @@ The full refit generalises the same way: W' = W (M_U,:)ᵀ (G̃_UU + εI)⁻¹.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .linalg import STAT_DTYPE, cholesky, damped
+from .linalg import STAT_DTYPE, cholesky, damped, damping
 
 
 def coefficient_matrix(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -215,6 +216,70 @@ def refit_relative_error(weight: torch.Tensor, gram: torch.Tensor, keep: torch.T
     mixed = float(((v @ cross[keep]) * w).sum())  # tr(W' M_U,: Wᵀ)
     fitted = float(((v @ gram[keep][:, keep]) * v).sum())
     return max(total - 2.0 * mixed + fitted, 0.0) / total if total > 0 else 0.0
+
+
+def ridge_refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, anchor: torch.Tensor,
+                ridge: float) -> torch.Tensor:
+    """The blend of the two compensations: argmin_W' ‖W X − W' X_U‖² + λ‖W' − A‖², float64 (d_out × k).
+
+    W' = (W G_{:,U} + λA)(G_UU + λI)⁻¹ with λ = ``ridge`` × mean diag(G_UU) and A = ``anchor``, the mask-tuned
+    weight W_U diag(m_U). ridge → 0 is the full refit (a free weight per entry), ridge → ∞ the mask solution
+    (one scalar per column): in between, the refit's extra freedom is spent only where the calibration
+    tokens support it, which is what a rank-deficient or noisy G_UU cannot do alone.
+    """
+    g_uu = gram[keep][:, keep]  # (k, k)
+    lam = damping(g_uu, ridge)
+    w = weight.detach().to(device=gram.device, dtype=STAT_DTYPE)
+    rhs = (w @ gram[:, keep]).T + lam * anchor.to(device=gram.device, dtype=STAT_DTYPE).T  # (k, d_out)
+    lower, _ = cholesky(g_uu + lam * torch.eye(g_uu.shape[0], dtype=g_uu.dtype, device=g_uu.device))
+    return torch.cholesky_solve(rhs, lower).T
+
+
+@dataclass
+class RidgeChoice:
+    """The blend strength a dense gets, chosen on held-out calibration sequences.
+
+    ``heldout[r]``: relative error ‖W X_B − W'_A X_B,U‖² / ‖W X_B‖² of the blend fitted on one fold (ridge r)
+    and measured on the other, averaged over both directions; ``mask_heldout`` the same for the anchor alone
+    (ridge = ∞). ``ridge`` is the arg-min (``math.inf`` = keep the mask solution)."""
+
+    ridge: float
+    heldout: dict[float, float]
+    mask_heldout: float
+
+
+RIDGE_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+
+
+def choose_ridge(weight: torch.Tensor, folds: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
+                 anchor: torch.Tensor, grid: tuple[float, ...] = RIDGE_GRID) -> RidgeChoice:
+    """Two-fold cross-validation of ``ridge_refit`` over ``grid`` (relative to the fitting fold's mean diagonal).
+
+    One eigendecomposition of each fold's G_UU = Q diag(e) Qᵀ gives the blend for every λ at the cost of a
+    matrix product: W'(λ) = (B + λA) Q diag(1/(e + λ)) Qᵀ with B = W G_{:,U}. The held-out error needs only
+    the other fold's Gram (``refit_relative_error``), so no activations are kept.
+    """
+    w = weight.detach().to(device=folds[0].device, dtype=STAT_DTYPE)
+    a = anchor.to(device=folds[0].device, dtype=STAT_DTYPE)  # (d_out, k)
+    sums = {r: 0.0 for r in grid}
+    mask_sum = 0.0
+    for fit, check in ((folds[0], folds[1]), (folds[1], folds[0])):
+        g_uu = fit[keep][:, keep]
+        values, vectors = torch.linalg.eigh(g_uu)  # ascending, (k,), (k, k)
+        values = values.clamp_min(0.0)
+        mean_diag = float(g_uu.diagonal().mean()) or 1.0
+        b_q = (w @ fit[:, keep]) @ vectors  # (d_out, k)
+        a_q = a @ vectors
+        for r in grid:
+            lam = r * mean_diag
+            blended = ((b_q + lam * a_q) / (values + lam)) @ vectors.T  # (d_out, k)
+            sums[r] += refit_relative_error(weight, check, keep, blended)
+        mask_sum += refit_relative_error(weight, check, keep, a)
+    heldout = {r: v / 2 for r, v in sums.items()}
+    mask_heldout = mask_sum / 2
+    best = min(heldout, key=heldout.get)
+    ridge = best if heldout[best] < mask_heldout else math.inf
+    return RidgeChoice(ridge=ridge, heldout=heldout, mask_heldout=mask_heldout)
 
 
 def bias_compensation(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ class DenseReport:
     error_no_tuning: float  # ‖WX − W_pruned X‖² / ‖WX‖² with mask = 1 on the kept set
     error_tuned: float  # after compensation (mask or refit; equals error_no_tuning without)
     mask: torch.Tensor | None = None  # (d_in - n_removed,) tuned mask of the kept columns
-    compensation: str = "none"  # "mask", "refit", "bias" or "none"
+    compensation: str = "none"  # "mask", "refit", "blend", "bias" or "none"
+    ridge: float | None = None  # blend: the ridge towards the mask solution chosen on held-out sequences
     removed_heads: int = 0  # whole attention heads among the removed inputs (o_proj of head-pruning methods)
     new_weight: torch.Tensor | None = None  # refit weight of the kept columns (kept in memory, never serialised)
     sparsity: float | None = None  # masks: share of this dense's weights that are zero
@@ -93,6 +94,17 @@ class CompPlan:
 
     def dense(self, layer: int, kind: str) -> DenseReport:
         return next(d for d in self.dense_reports if d.layer == layer and d.kind == kind)
+
+    def compensation_summary(self) -> str:
+        """"blend 40 (ridge 0.003–0.3), mask 14" over the denses that lost inputs ('' when none did)."""
+        cut = [d for d in self.dense_reports if d.n_removed > 0]
+        parts = []
+        for kind in sorted({d.compensation for d in cut}):
+            ridges = sorted(d.ridge for d in cut if d.compensation == kind and d.ridge is not None)
+            span = (f" (ridge {ridges[0]:g}" + (f"–{ridges[-1]:g}" if ridges[-1] != ridges[0] else "") + ")"
+                    if ridges else "")
+            parts.append(f"{kind} {sum(d.compensation == kind for d in cut)}{span}")
+        return ", ".join(parts)
 
     def to_dict(self, with_scores: bool = False) -> dict:
         return {

@@ -129,8 +129,8 @@ def own_moments(module: nn.Module, stats: InputStats
 
 
 @contextlib.contextmanager
-def collect_block_stats(block: nn.Module, adapter: ArchAdapter, device: torch.device | str = "cpu"
-                        ) -> Iterator[dict[str, InputStats]]:
+def collect_block_stats(block: nn.Module, adapter: ArchAdapter, device: torch.device | str = "cpu", *,
+                        folds: int = 0) -> Iterator[dict[str, InputStats]]:
     """While active, every forward of ``block`` adds its denses' inputs to one ``InputStats`` per input group.
 
     Denses that read the same tensor (q/k/v, gate/up) share one accumulator; the dict maps every dense name
@@ -140,7 +140,7 @@ def collect_block_stats(block: nn.Module, adapter: ArchAdapter, device: torch.de
     handles = []
     for group in adapter.input_groups:
         first = adapter.dense(block, group[0])
-        acc = InputStats(first.in_features, device)
+        acc = InputStats(first.in_features, device, folds=folds)
         for name in group:
             stats[name] = acc
 

@@ -25,9 +25,9 @@ from comp_core.runtime import count_parameters
 from comp_core.stats import InputStats
 
 try:
-    from conftest import make_calib, make_tiny_model
+    from conftest import VOCAB, make_calib, make_tiny_model
 except ImportError:  # tests/ imported as a package
-    from tests.conftest import make_calib, make_tiny_model
+    from tests.conftest import VOCAB, make_calib, make_tiny_model
 
 STRUCTURED = ["comp", "comp-layers", "comp-neurons", "shortgpt", "flap", "wanda-sp", "wanda-sp+mask", "magnitude-sp",
               "magnitude-sp+mask"]
@@ -170,8 +170,8 @@ def test_wanda_sp_score_is_the_hand_computed_one():
     w = torch.randn(6, 5, generator=g)
     x = torch.randn(40, 5, generator=g)
     stats = InputStats(5)
-    stats.update(x[:25])
-    stats.update(x[25:])
+    stats.update(x[:25].double())  # float64 inputs: exact sums
+    stats.update(x[25:].double())
     expected = torch.tensor([[abs(float(w[i, j])) * float(x[:, j].double().norm()) for j in range(5)]
                              for i in range(6)], dtype=torch.float64).mean(dim=0)
     torch.testing.assert_close(WandaSP().column_scores(w, stats), expected, rtol=1e-12, atol=1e-12)
@@ -334,3 +334,33 @@ def test_comp_uniform_allocation_cuts_equal_shares(arch, calib):
     for reports in by_layer.values():
         shares = [d.n_removed / d.d_in for d in reports]
         assert max(shares) - min(shares) <= 2 / min(d.d_in for d in reports)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_comp_blend_fits_at_least_as_well_as_the_mask_and_reports_its_ridge(arch):
+    """refit="blend": the same cuts as mask tuning; each dense keeps the mask (no ridge beat it on held-out
+    sequences) or a blend whose calibration error is at most the mask's (the ridge objective at W' = the mask
+    solution is the mask's error); the model computes what the plan says."""
+    from comp_core.mask_tuning import RIDGE_GRID
+
+    model = make_tiny_model(arch)
+    calib = torch.randint(0, VOCAB, (16, 48), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="blend"):
+        CompConfig(refit="blend", inputs="paired")
+    pruned, blend = prune(model, calib, CompConfig(ratio=0.25, refit="blend"))
+    _, mask = prune(model, calib, CompConfig(ratio=0.25, refit="never"))
+    assert count_parameters(pruned) == blend.params_after == mask.params_after
+    assert analyze(model, calib, CompConfig(ratio=0.25, refit="blend")).dense_reports[0].to_dict() == \
+        blend.plan.dense_reports[0].to_dict()
+    pairs = [(b, m) for b, m in zip(blend.plan.dense_reports, mask.plan.dense_reports) if b.n_removed > 0]
+    assert pairs
+    seen = set()
+    for b, m in pairs:
+        assert torch.equal(b.pruned_index, m.pruned_index)
+        seen.add(b.compensation)
+        if b.compensation == "blend":
+            assert b.ridge in RIDGE_GRID
+            assert b.error_tuned <= m.error_tuned * (1 + 1e-6) + 1e-9
+        else:
+            assert b.compensation == "mask" and b.ridge is None
+    assert seen <= {"blend", "mask"}

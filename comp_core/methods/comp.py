@@ -30,8 +30,9 @@ from ..events import ProgressCallback, emit
 from ..fisher import collect_fisher
 from ..linalg import damping, damped
 from ..loop import BlockVisit, block_loop
-from ..stats import own_moments
-from ..mask_tuning import (coefficient_matrix, damped_target, mask_path, refit_columns, refit_relative_error,
+from ..stats import own_gram, own_moments
+from ..mask_tuning import (choose_ridge, coefficient_matrix, damped_target, mask_path, refit_columns,
+                           refit_relative_error, ridge_refit,
                            relative_error, solve_mask, target_terms)
 from ..models.adapters import ArchAdapter, get_adapter
 from ..removal import RemovalResult, iterative_removal, layers_for_ratio, layers_within
@@ -43,7 +44,7 @@ from ..surgery import apply_cuts
 
 GRANULARITIES = ("hybrid", "layers", "neurons")
 INPUT_MODES = ("identical", "accumulated", "paired")
-REFIT_MODES = ("never", "auto", "always")
+REFIT_MODES = ("never", "auto", "always", "blend")
 ALLOCATIONS = ("variance", "uniform")
 DEFAULT_DENSE_KINDS = ("down", "o")
 
@@ -69,6 +70,9 @@ class CompConfig:
         ``refit_tokens_per_input`` tokens per input column, else mask tuning (too few tokens make the
         refit overfit: shared notes/calibration.md). ``refit_damp`` is its relative damping: a free weight
         per entry needs less than the mask solve (measured 64.3 vs 69.9 perplexity at 1e-3 vs 1e-2).
+        "blend" = per dense, the ridge between the two (``mask_tuning.ridge_refit``) whose fit on half of the
+        calibration sequences best predicts the other half (``choose_ridge``), or the mask itself if no
+        ridge beats it: the rank-aware choice, made from the data instead of a tokens-per-column threshold.
     allocation: how a block's budget is shared by its denses: "variance" (COMP: the smallest variance
         threshold τ of the tuned masks that meets the budget) or "uniform" (ablation: every prunable dense
         loses the same share of its inputs, ``allocation.equal_share_cuts``).
@@ -107,6 +111,9 @@ class CompConfig:
             raise ValueError("max_dense_ratio and layer_cap must be in (0, 1)")
         if self.refit not in REFIT_MODES:
             raise ValueError(f"refit must be one of {REFIT_MODES}, got '{self.refit}'")
+        if self.refit == "blend" and self.inputs == "paired":
+            raise ValueError("refit='blend' chooses its ridge on held-out unpaired statistics; use inputs="
+                             "'identical' or 'accumulated' with it")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got '{self.allocation}'")
         if self.damp <= 0 or self.refit_damp <= 0:
@@ -238,12 +245,24 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
         err_tuned = err_plain
         variance = 0.0
         compensation = "none"
+        ridge = None
         if n_removed > 0:
             kept_mask = solve_mask(coeff, keep, rhs)
             variance = float(kept_mask.var(unbiased=False))
+            if cfg.mask_tuning and cfg.refit == "blend":
+                anchor = module.weight.detach().to(kept_mask.dtype)[:, keep] * kept_mask  # W_U diag(m_U)
+                folds = tuple(own_gram(module, f) for f in grams[spec.name].fold_grams)
+                choice = choose_ridge(module.weight, folds, keep, anchor)
+                if math.isfinite(choice.ridge):
+                    ridge = choice.ridge
+                    new_weight = ridge_refit(module.weight, gram, keep, anchor, ridge)
+                    err_tuned = refit_relative_error(module.weight[rows], gram, keep, new_weight[rows])
+                    compensation = "blend"
             use_refit = cfg.refit == "always" or (
                 cfg.refit == "auto" and grams[spec.name].n_tokens >= cfg.refit_tokens_per_input * shape.d_in)
-            if cfg.mask_tuning and use_refit:
+            if compensation == "blend":
+                pass
+            elif cfg.mask_tuning and use_refit:
                 new_weight = refit_columns(module.weight, gram, keep, cfg.refit_damp, cross=cross)
                 err_tuned = refit_relative_error(module.weight[rows], gram, keep, new_weight[rows], cross=cross,
                                                  target_gram=target_gram)
@@ -261,7 +280,7 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
             n_removed=n_removed, scores=scores_by_dense[i].float().cpu(),
             pruned_index=(index_map[pruned] if index_map is not None else pruned).cpu(),
             mask_variance=variance, error_no_tuning=err_plain, error_tuned=err_tuned,
-            mask=mask.float().cpu() if mask is not None else None, compensation=compensation,
+            mask=mask.float().cpu() if mask is not None else None, compensation=compensation, ridge=ridge,
             new_weight=new_weight.cpu() if new_weight is not None else None))
     if apply:
         realised = apply_cuts(block, adapter, keeps, {d.name: d.mask for d in reports},
@@ -385,12 +404,15 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
             return None
 
         block_loop(blocks, inputs, active, visit, adapter=adapter, with_stats=lambda i: i in ratio_of,
-                   propagation=cfg.inputs, stat_device=next(model.parameters()).device, on_event=on_event,
+                   propagation=cfg.inputs, stat_device=next(model.parameters()).device,
+                   stat_folds=2 if cfg.refit == "blend" and cfg.mask_tuning else 0, on_event=on_event,
                    stage="neuron-pruning",
                    describe=lambda i: f"layer {i}: ratio {ratio_of[i]:.3f}" if i in ratio_of else f"layer {i}: kept")
         timings["neuron_pruning"] = time.perf_counter() - t0
     neuron_removed = sum(r.removed_params for r in plan.layer_reports)
     plan.planned_params_after = params_total - params_removed - neuron_removed
+    if plan.compensation_summary():
+        plan.notes.append(f"compensation of the pruned denses: {plan.compensation_summary()}")
     return plan
 
 
@@ -473,7 +495,8 @@ def prune(model: nn.Module, samples: torch.Tensor, cfg: CompConfig | None = None
     params_after = count_parameters(target)
     assert params_after == plan.planned_params_after, (params_after, plan.planned_params_after)
     result = PruneResult(plan=plan, params_before=params_before, params_after=params_after,
-                         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+                         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
+                         extra={"compensation": plan.compensation_summary()})
     return target, result
 
 

@@ -181,7 +181,8 @@ def detail_figure(session: Session, kind: str, layer):
         report = a.plan.dense(layer, kind)
         scores, pruned = a.heatmaps[kind]
         title = (f"Layer {layer} · {report.name} · {report.n_removed} of {report.d_in} inputs pruned · "
-                 f"fit error {report.error_no_tuning:.3g} → {report.error_tuned:.3g} with {report.compensation}")
+                 f"fit error {report.error_no_tuning:.3g} → {report.error_tuned:.3g} with {report.compensation}"
+                 + (f" (ridge {report.ridge:g}, chosen on held-out sequences)" if report.ridge is not None else ""))
         fig = plots.dense_detail(scores[layer, :report.d_in], pruned[layer, :report.d_in], title)
     session.figures["dense_detail"] = fig
     return fig
