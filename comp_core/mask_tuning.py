@@ -255,9 +255,12 @@ def choose_ridge(weight: torch.Tensor, folds: tuple[torch.Tensor, torch.Tensor],
                  anchor: torch.Tensor, grid: tuple[float, ...] = RIDGE_GRID) -> RidgeChoice:
     """Two-fold cross-validation of ``ridge_refit`` over ``grid`` (relative to the fitting fold's mean diagonal).
 
-    One eigendecomposition of each fold's G_UU = Q diag(e) Qᵀ gives the blend for every λ at the cost of a
-    matrix product: W'(λ) = (B + λA) Q diag(1/(e + λ)) Qᵀ with B = W G_{:,U}. The held-out error needs only
-    the other fold's Gram (``refit_relative_error``), so no activations are kept.
+    One eigendecomposition of the fitting fold's G_UU = Q diag(e) Qᵀ gives every blend at once:
+    W'(λ) = V_λ Qᵀ with V_λ = (P + λR) diag(1/(e + λ)), P = W G_{:,U} Q, R = A Q. The held-out error
+    ‖W X_c − W' X_c,U‖² = tr(W G_c Wᵀ) − 2 tr(W' (G_c)_{U,:} Wᵀ) + tr(W' (G_c)_UU W'ᵀ) then reduces, with
+    T = W (G_c)_{:,U} Q and S = Qᵀ (G_c)_UU Q, to sums of d_j (P_:j·T_:j + λ R_:j·T_:j) and quadratic forms
+    dᵀ(S ⊙ (PᵀP + λ(PᵀR + RᵀP) + λ²RᵀR))d: O(k²) per ridge after a fixed number of matrix products, so the
+    grid costs about one refit per fold. Only the folds' Grams are needed, no activations.
     """
     w = weight.detach().to(device=folds[0].device, dtype=STAT_DTYPE)
     a = anchor.to(device=folds[0].device, dtype=STAT_DTYPE)  # (d_out, k)
@@ -265,16 +268,28 @@ def choose_ridge(weight: torch.Tensor, folds: tuple[torch.Tensor, torch.Tensor],
     mask_sum = 0.0
     for fit, check in ((folds[0], folds[1]), (folds[1], folds[0])):
         g_uu = fit[keep][:, keep]
-        values, vectors = torch.linalg.eigh(g_uu)  # ascending, (k,), (k, k)
+        values, q = torch.linalg.eigh(g_uu)  # ascending (k,), (k, k)
         values = values.clamp_min(0.0)
         mean_diag = float(g_uu.diagonal().mean()) or 1.0
-        b_q = (w @ fit[:, keep]) @ vectors  # (d_out, k)
-        a_q = a @ vectors
+        p_ = (w @ fit[:, keep]) @ q  # (d_out, k)
+        r_ = a @ q  # (d_out, k)
+        wc = w @ check  # (d_out, d_in)
+        total = float((wc * w).sum())
+        if total <= 0:
+            continue
+        t_ = wc[:, keep] @ q  # (d_out, k)
+        s_ = q.T @ check[keep][:, keep] @ q  # (k, k)
+        pt, rt = (p_ * t_).sum(0), (r_ * t_).sum(0)  # (k,)
+        spp, srr = s_ * (p_.T @ p_), s_ * (r_.T @ r_)
+        pr = p_.T @ r_
+        spr = s_ * (pr + pr.T)
         for r in grid:
             lam = r * mean_diag
-            blended = ((b_q + lam * a_q) / (values + lam)) @ vectors.T  # (d_out, k)
-            sums[r] += refit_relative_error(weight, check, keep, blended)
-        mask_sum += refit_relative_error(weight, check, keep, a)
+            d = 1.0 / (values + lam)
+            mixed = float((d * (pt + lam * rt)).sum())
+            fitted = float(d @ (spp + lam * spr + lam * lam * srr) @ d)
+            sums[r] += max(total - 2.0 * mixed + fitted, 0.0) / total
+        mask_sum += max(total - 2.0 * float(rt.sum()) + float(srr.sum()), 0.0) / total
     heldout = {r: v / 2 for r, v in sums.items()}
     mask_heldout = mask_sum / 2
     best = min(heldout, key=heldout.get)
