@@ -260,14 +260,12 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
                     compensation = "blend"
             use_refit = cfg.refit == "always" or (
                 cfg.refit == "auto" and grams[spec.name].n_tokens >= cfg.refit_tokens_per_input * shape.d_in)
-            if compensation == "blend":
-                pass
-            elif cfg.mask_tuning and use_refit:
+            if cfg.mask_tuning and use_refit:  # never with refit="blend"
                 new_weight = refit_columns(module.weight, gram, keep, cfg.refit_damp, cross=cross)
                 err_tuned = refit_relative_error(module.weight[rows], gram, keep, new_weight[rows], cross=cross,
                                                  target_gram=target_gram)
                 compensation = "refit"
-            elif cfg.mask_tuning:
+            elif cfg.mask_tuning and compensation != "blend":  # the mask, also where no ridge beat it
                 mask = kept_mask
                 full = torch.zeros_like(indicator)
                 full[keep] = kept_mask
