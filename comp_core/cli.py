@@ -13,7 +13,9 @@ import sys
 import time
 from typing import Sequence
 
+from .data import DEFAULT_CALIBRATION, default_calibration_size
 from .events import PruneEvent
+from .methods.comp import PAPER_CALIBRATION, PAPER_SETTINGS
 from .scoring import SCORES
 
 log = logging.getLogger("comp_core")
@@ -29,12 +31,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _remove_layers(text: str) -> int | str:
-    if text == "auto":
+    if text in ("auto", "min"):
         return text
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected an integer, 'min' or 'auto', got '{text}'") from None
     if value < 0:
         raise argparse.ArgumentTypeError("--remove-layers must be >= 0")
     return value
@@ -99,8 +101,12 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
                    help="any setting of the method's settings dataclass, e.g. --set compensation=mask "
                         "(compare: METHOD.KEY=VALUE); repeatable")
     comp = p.add_argument_group("COMP settings (--method comp and its ablations)")
+    comp.add_argument("--paper", action="store_true",
+                      help="the COMP paper's setting: 10 × 128 calibration tokens, mask tuning only, the diagonal "
+                           "score, one removed layer (flags given beside it still win)")
     comp.add_argument("--remove-layers", type=_remove_layers, default=None,
-                      help="blocks to remove before neuron pruning, or 'auto' (default: library default)")
+                      help="blocks to remove before neuron pruning, 'min' (default: as few as the ratio needs, "
+                           "none on the bundled model up to ~50 %%) or 'auto' (sweep)")
     comp.add_argument("--granularity", choices=("hybrid", "layers", "neurons"), default=None)
     comp.add_argument("--score", choices=tuple(SCORES), default=None, help="neuron importance score")
     comp.add_argument("--dense-kinds", type=_dense_kinds, default=None,
@@ -114,8 +120,12 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="c4", help="calibration set: c4, wikitext2, ptb, data-free or a local file")
-    p.add_argument("--n-samples", type=int, default=10)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--n-samples", type=int, default=None,
+                   help=f"calibration sequences (default {DEFAULT_CALIBRATION[0]}; data-free and --paper: "
+                        f"{PAPER_CALIBRATION[0]})")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per calibration sequence (default {DEFAULT_CALIBRATION[1]}; data-free and "
+                        f"--paper: {PAPER_CALIBRATION[1]})")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -208,6 +218,10 @@ def _settings(method: str, args, ratio: float, extra: list[tuple[str, str]]):
     overrides: dict = {"ratio": ratio} if "ratio" in fields else {}
     given = {dest: getattr(args, dest, None) for dest in COMP_FLAGS}
     given = {dest: value for dest, value in given.items() if value is not None}
+    if getattr(args, "paper", False):
+        if get_method(method).settings_class is not CompConfig:
+            raise ValueError(f"--paper is COMP's setting, not one of method '{method}'")
+        overrides.update(PAPER_SETTINGS)
     if get_method(method).settings_class is CompConfig:
         for dest, value in given.items():
             if dest == "no_mask_tuning":
@@ -401,6 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .allocation import ImpossibleRatioError
 
     args = build_parser().parse_args(argv)
+    if hasattr(args, "calib"):  # a size not given: the project's default budget (the paper's with --paper)
+        default = PAPER_CALIBRATION if getattr(args, "paper", False) else default_calibration_size(args.calib)
+        args.n_samples = default[0] if args.n_samples is None else args.n_samples
+        args.seq_len = default[1] if args.seq_len is None else args.seq_len
     try:
         report = run(args)
     except (ValueError, ImpossibleRatioError, FileNotFoundError, FileExistsError) as err:

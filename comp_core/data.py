@@ -475,11 +475,23 @@ def _data_free(model, tokenizer, n_samples: int, seq_len: int, seed: int) -> tor
     return torch.cat(tokens, dim=1)  # (n, seq_len)
 
 
+# The calibration budget every entry point uses by default: 64 sequences × 512 tokens (32 768 tokens) of a
+# corpus — the knee of perplexity against seconds in docs/RESULTS.md ("levers"). Sampling from the model
+# (data-free) costs a generation per token, so it keeps the paper's 10 × 128.
+DEFAULT_CALIBRATION = (64, 512)
+DATA_FREE_CALIBRATION = (10, 128)
+
+
+def default_calibration_size(name: str) -> tuple[int, int]:
+    """(n_samples, seq_len) used when a user names a calibration source but no size."""
+    return DATA_FREE_CALIBRATION if name == "data-free" else DEFAULT_CALIBRATION
+
+
 def get_calibration(
     name: str,
     tokenizer,
-    n_samples: int = 10,
-    seq_len: int = 128,
+    n_samples: int = DEFAULT_CALIBRATION[0],
+    seq_len: int = DEFAULT_CALIBRATION[1],
     seed: int = 0,
     *,
     model=None,

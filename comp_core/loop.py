@@ -19,7 +19,7 @@ across layers, layer removal) run before or after the loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 import torch
 from torch import nn
@@ -55,7 +55,8 @@ Visitor = Callable[[BlockVisit], "nn.Module | None"]
 def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[int], visit: Visitor, *,
                adapter: ArchAdapter | None = None, with_stats: Callable[[int], bool] | None = None,
                propagation: str = "identical", stat_device: torch.device | str | None = None,
-               stat_folds: int = 0, on_event: ProgressCallback | None = None, stage: str = "blocks",
+               stat_folds: int = 0, stat_denses: Collection[str] | None = None,
+               on_event: ProgressCallback | None = None, stage: str = "blocks",
                describe: Callable[[int], str] | None = None) -> list[torch.Tensor]:
     """Visit ``active`` blocks (original indices into ``blocks``) in order; returns the last hidden states
     (with paired propagation: the shifted stream's, what the pruned model computes).
@@ -65,7 +66,8 @@ def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[in
     accumulated propagation must see a changed block. Paired propagation runs every block on both streams
     (until a block changes they are one list, and a block without statistics then runs once);
     ``visit.inputs``/``visit.outputs`` are then the reference stream's, ``visit.shifted_inputs`` the other.
-    ``stat_folds=2`` also keeps every input Gram split by calibration sequence (``InputStats.fold_grams``).
+    ``stat_folds=2`` also keeps every input Gram split by calibration sequence (``InputStats.fold_grams``);
+    ``stat_denses`` names the denses whose statistics the visitor reads (None: all).
     """
     if propagation not in PROPAGATION:
         raise ValueError(f"propagation must be one of {PROPAGATION}, got '{propagation}'")
@@ -85,11 +87,12 @@ def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[in
             if paired:
                 stats, outputs, shifted_outputs = collect_paired_block_stats(
                     block, adapter, lambda b: run_block(block, hidden[b], kwargs[b]).to(hidden[b].device),
-                    lambda b: run_block(block, shifted[b], kwargs[b]).to(shifted[b].device), len(hidden), device)
+                    lambda b: run_block(block, shifted[b], kwargs[b]).to(shifted[b].device), len(hidden), device,
+                    only=stat_denses)
                 if shifted is hidden:  # same inputs, same block: keep one stream until something changes
                     shifted_outputs = outputs
             else:
-                with collect_block_stats(block, adapter, device, folds=stat_folds) as stats:
+                with collect_block_stats(block, adapter, device, folds=stat_folds, only=stat_denses) as stats:
                     outputs = replay(block, hidden, kwargs)
         else:
             outputs = replay(block, hidden, kwargs)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .capture import BlockInputs
+from .capture import BlockInputs, capture_block_inputs
 from .events import ProgressCallback, emit
 from .loop import BlockVisit, block_loop
 
@@ -24,19 +24,42 @@ def cosine_importance(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     return float((1.0 - F.cosine_similarity(x, y, dim=-1)).sum()), x.shape[0]
 
 
+class ImportanceTally:
+    """Mean 1 − cos over every token a block saw, summed batch by batch (``add``) wherever the batches come
+    from: a block loop's replay or the capture forward."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, float] = {}
+        self.counts: dict[int, int] = {}
+
+    def add(self, index: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        s, n = cosine_importance(x, y)
+        self.sums[index] = self.sums.get(index, 0.0) + s
+        self.counts[index] = self.counts.get(index, 0) + n
+
+    def importances(self) -> dict[int, float]:
+        return {i: self.sums[i] / self.counts[i] for i in sorted(self.sums)}
+
+
 def layer_importances(blocks: list[nn.Module], active: list[int], inputs: BlockInputs) -> dict[int, float]:
     """Importance of every active block (original indices), running the active blocks in order."""
-    importances: dict[int, float] = {}
+    tally = ImportanceTally()
 
     def measure(visit: BlockVisit) -> None:
-        total, count = 0.0, 0
         for x, y in zip(visit.inputs, visit.outputs):
-            s, n = cosine_importance(x, y)
-            total, count = total + s, count + n
-        importances[visit.index] = total / count
+            tally.add(visit.index, x, y)
 
     block_loop(blocks, inputs, active, measure)
-    return importances
+    return tally.importances()
+
+
+def capture_with_importances(model: nn.Module, adapter, samples: torch.Tensor, *, batch_size: int = 8
+                             ) -> tuple[BlockInputs, dict[int, float]]:
+    """Block inputs and every block's importance on the unpruned model from one forward pass: the capture
+    forward runs the blocks in order anyway, so the removal search's first measurement comes with it."""
+    tally = ImportanceTally()
+    inputs = capture_block_inputs(model, adapter, samples, batch_size=batch_size, observe=tally.add)
+    return inputs, tally.importances()
 
 
 def layers_for_ratio(ratio: float, params_total: int, block_params: list[int], candidates: int) -> int:
@@ -68,8 +91,10 @@ class RemovalResult:
 
 
 def iterative_removal(blocks: list[nn.Module], inputs: BlockInputs, n_remove: int, protected: set[int],
-                      on_event: ProgressCallback | None = None) -> RemovalResult:
-    """Remove the least important non-protected block ``n_remove`` times, re-measuring after each."""
+                      on_event: ProgressCallback | None = None,
+                      initial: dict[int, float] | None = None) -> RemovalResult:
+    """Remove the least important non-protected block ``n_remove`` times, re-measuring after each.
+    ``initial``: the importances of all blocks, if already measured (``capture_with_importances``)."""
     active = list(range(len(blocks)))
     candidates = [i for i in active if i not in protected]
     if n_remove > len(candidates):
@@ -77,7 +102,7 @@ def iterative_removal(blocks: list[nn.Module], inputs: BlockInputs, n_remove: in
     result = RemovalResult(removal_order=[])
     for step in range(n_remove + 1):
         emit(on_event, "layer-removal", step, n_remove + 1, f"measuring {len(active)} layers")
-        importances = layer_importances(blocks, active, inputs)
+        importances = initial if step == 0 and initial is not None else layer_importances(blocks, active, inputs)
         result.history.append(importances)
         if step == n_remove:
             break

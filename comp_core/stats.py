@@ -14,7 +14,7 @@ method and score that reads only the Gram works unchanged.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Collection, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -52,9 +52,11 @@ class InputStats:
 
     @staticmethod
     def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """aᵀb for one batch (N, d) × (N, d), in float32 (float64 inputs stay float64), returned as float64."""
+        """aᵀb for one batch (N, d) × (N, d), in float32 (float64 inputs stay float64), returned as float64;
+        never under the calibration forward's autocast (bf16 *inputs* are exact in float32, bf16 products not)."""
         dtype = STAT_DTYPE if a.dtype == STAT_DTYPE else PRODUCT_DTYPE
-        return (a.to(dtype).T @ b.to(dtype)).to(STAT_DTYPE)
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            return (a.to(dtype).T @ b.to(dtype)).to(STAT_DTYPE)
 
     def update(self, x: torch.Tensor) -> None:
         """Add one batch, (sequences, tokens, d) or (tokens, d) = one sequence."""
@@ -128,17 +130,24 @@ def own_moments(module: nn.Module, stats: InputStats
     return own_gram(module, stats.gram), cross, target
 
 
+def _groups(adapter: ArchAdapter, only: Collection[str] | None) -> list[tuple[str, ...]]:
+    """The input groups holding at least one dense of ``only`` (None: all): a Gram nobody reads is not taken."""
+    return [g for g in adapter.input_groups if only is None or any(name in only for name in g)]
+
+
 @contextlib.contextmanager
 def collect_block_stats(block: nn.Module, adapter: ArchAdapter, device: torch.device | str = "cpu", *,
-                        folds: int = 0) -> Iterator[dict[str, InputStats]]:
+                        folds: int = 0, only: Collection[str] | None = None) -> Iterator[dict[str, InputStats]]:
     """While active, every forward of ``block`` adds its denses' inputs to one ``InputStats`` per input group.
 
     Denses that read the same tensor (q/k/v, gate/up) share one accumulator; the dict maps every dense name
-    to its group's accumulator. Hooks are always removed on exit.
+    to its group's accumulator. ``only``: the denses whose statistics are wanted (their groups are
+    collected, the rest not: on a Llama block the down_proj Gram alone is 70 % of the work). Hooks are
+    always removed on exit.
     """
     stats: dict[str, InputStats] = {}
     handles = []
-    for group in adapter.input_groups:
+    for group in _groups(adapter, only):
         first = adapter.dense(block, group[0])
         acc = InputStats(first.in_features, device, folds=folds)
         for name in group:
@@ -159,7 +168,7 @@ Output = TypeVar("Output")
 
 def collect_paired_block_stats(block: nn.Module, adapter: ArchAdapter, run_reference: Callable[[int], Output],
                                run_shifted: Callable[[int], Output], n_batches: int,
-                               device: torch.device | str = "cpu"
+                               device: torch.device | str = "cpu", *, only: Collection[str] | None = None
                                ) -> tuple[dict[str, InputStats], list[Output], list[Output]]:
     """Paired statistics of ``block``'s denses and both streams' outputs, one calibration batch at a time.
 
@@ -172,7 +181,7 @@ def collect_paired_block_stats(block: nn.Module, adapter: ArchAdapter, run_refer
     held: dict[int, torch.Tensor] = {}
     phase = {"reference": True}
     handles = []
-    for g, group in enumerate(adapter.input_groups):
+    for g, group in enumerate(_groups(adapter, only)):
         first = adapter.dense(block, group[0])
         acc = InputStats(first.in_features, device, paired=True)
         for name in group:

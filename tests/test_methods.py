@@ -242,7 +242,7 @@ def test_magnitude_sp_needs_no_calibration():
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_apply_plan_equals_prune(arch, inputs, calib):
     model = make_tiny_model(arch)
-    cfg = CompConfig(ratio=0.25, inputs=inputs)
+    cfg = CompConfig(ratio=0.25, inputs=inputs, remove_layers=1)
     plan = analyze(model, calib, cfg, removal_depth=3)
     assert len(plan.removal.removal_order) == 3 and plan.removal_order == plan.removal.removal_order[:1]
     applied, result = apply_plan(model, plan)

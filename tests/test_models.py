@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from comp_core import CompConfig, ImpossibleRatioError, UnsupportedModelError, analyze, count_parameters, get_adapter, prune
 from comp_core.capture import calibration_context, capture_block_inputs, replay, run_block
+from comp_core.removal import capture_with_importances, layer_importances
 from comp_core.stats import collect_block_stats
 from comp_core.surgery import IndexedInputLinear
 
@@ -134,6 +135,22 @@ def test_replayed_blocks_reproduce_final_hidden_state(arch, tiny_model, calib):
     assert replayed.shape == reference.shape
     assert float((replayed - reference).abs().max()) < 1e-5
     assert not any(m._forward_pre_hooks for m in tiny_model.modules())
+
+
+@by_arch
+def test_capture_measures_the_layer_importances_a_replay_would(arch, tiny_model, calib):
+    """The capture forward's importances (no pass of their own) equal those of replaying every block."""
+    adapter = get_adapter(tiny_model)
+    blocks = list(adapter.blocks(tiny_model))
+    with calibration_context(tiny_model):
+        inputs, fused = capture_with_importances(tiny_model, adapter, calib, batch_size=3)
+        replayed = layer_importances(blocks, list(range(len(blocks))), inputs)
+    assert sorted(fused) == list(range(N_LAYERS))
+    for i in range(N_LAYERS):
+        assert 0.0 < fused[i] < 2.0
+        assert fused[i] == pytest.approx(replayed[i], rel=1e-6, abs=1e-9), i
+    assert len(set(round(v, 9) for v in fused.values())) > 1  # real, layer-specific measurements
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny_model.modules())
 
 
 @by_arch
@@ -307,7 +324,7 @@ def test_pruned_model_runs_forward_and_generate(arch):
 
 @by_arch
 def test_mask_tuning_is_folded_into_the_kept_columns(arch):
-    original, _, pruned, result = _pruned(arch)
+    original, _, pruned, result = _pruned(arch, refit="never")
     adapter = get_adapter(pruned)
     plan = result.plan
     down = {r.layer: r for r in plan.dense_reports if adapter.dense_spec(r.name).coupled_producers}

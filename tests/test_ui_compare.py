@@ -111,19 +111,19 @@ def test_compare_streams_rows_and_shows_where_each_method_cut(folder):
 def test_compare_masks_and_composed_rows(folder):
     session = Session()
     status, table, figure, select, note, kind, bars, heat, card = _run(
-        session, folder, methods=["comp", "magnitude", "comp+nm"], ratios="0.2", windows=1,
+        session, folder, methods=["comp", "magnitude", "comp+nm"], ratios="0.3", windows=1,  # 30 %: the tiny model needs a removed layer
         sparsities="0.5, 2:4")[-1]
-    assert "ratios 20% · sparsities 0.5, 2:4" in status
+    assert "ratios 30% · sparsities 0.5, 2:4" in status
     # structured at every ratio, masks at every sparsity, composed at every pair
     assert list(table["method"]) == ["original", "comp", "comp+nm", "comp+nm", "magnitude", "magnitude"]
-    assert list(table["target"]) == ["0%", "20%", "20% + 0.5", "20% + 2:4", "0.5", "2:4"]
+    assert list(table["target"]) == ["0%", "30%", "30% + 0.5", "30% + 2:4", "0.5", "2:4"]
     assert {"sparsity", "zeros in linears", "zeros of all params"} <= set(table.columns)
     masks = table[table["method"] == "magnitude"]
     assert set(masks["realised ratio"]) == {compare.NOTHING_REMOVED} and list(masks["sparsity"]) == ["0.5", "2:4"]
     assert all(v == "50.0%" for v in masks["zeros in linears"])
     assert table.iloc[1]["sparsity"] == "" and table.iloc[1]["zeros of all params"] == ""
     composed = table[table["method"] == "comp+nm"]
-    assert all(v.startswith("20.") for v in composed["realised ratio"])
+    assert all(v.startswith("30.") for v in composed["realised ratio"])
     # the figure: structured and composed lines by realised ratio, masks in a second panel by pattern
     names = {t.name: t for t in figure.data}
     assert {"original", "comp", "comp+nm 0.5", "comp+nm 2:4", "magnitude"} <= set(names)

@@ -115,10 +115,11 @@ def test_what_if_updates_without_recomputing(analysed):
 
 def test_heatmap_and_detail_switch_dense(analysed):
     session, _ = analysed
-    heat, layer, detail = analyse_tab.update_heatmap(session, "q", True)
-    assert "self_attn.q_proj" in heat.layout.title.text
+    assert set(session.analysis.kinds) == {"o", "down"}  # the prunable denses: only they are measured
+    heat, layer, detail = analyse_tab.update_heatmap(session, "o", True)
+    assert "self_attn.o_proj" in heat.layout.title.text
     assert layer["value"] is not None
-    detail = analyse_tab.update_detail(session, "q", layer["value"])
+    detail = analyse_tab.update_detail(session, "o", layer["value"])
     assert f"Layer {layer['value']}" in detail.layout.title.text
 
 

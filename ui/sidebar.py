@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError
+from comp_core.data import default_calibration_size
 from comp_core.methods import get_method, make_settings, method_names, setting_names
 from comp_core.scoring import SCORES
 from comp_core.sparsity import SparsityPattern
@@ -32,7 +33,7 @@ DEFAULT_SPARSITY = "0.5"
 MAX_REMOVE = 8
 DEFAULT_DEPTH = 4
 DEFAULT_DENSE_KINDS = CompConfig().dense_kinds  # the core's measured default (None would mean every dense)
-DEFAULT_REMOVE = CompConfig().remove_layers if isinstance(CompConfig().remove_layers, int) else 1
+DEFAULT_REMOVE = CompConfig().remove_layers if isinstance(CompConfig().remove_layers, int) else 0  # "min": 0 here
 # the CompConfig fields the sidebar's COMP controls set (everything else: the method's registered defaults)
 COMP_CONTROL_FIELDS = ("ratio", "remove_layers", "protected", "score", "mask_tuning", "inputs", "dense_kinds",
                        "auto_max_layers")
@@ -206,8 +207,9 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
     c.calib_file = gr.Textbox(label="Calibration file", placeholder="/path/to/text.txt or .jsonl(.gz)",
                               visible=default_calib == "file", elem_id="calib-file")
     with gr.Row():
-        c.n_samples = gr.Number(value=10, label="Samples", precision=0, minimum=1, maximum=1024, min_width=70)
-        c.seq_len = gr.Number(value=128, label="Tokens", precision=0, minimum=8, maximum=8192, min_width=70)
+        n_default, len_default = default_calibration_size(default_calib)
+        c.n_samples = gr.Number(value=n_default, label="Samples", precision=0, minimum=1, maximum=1024, min_width=70)
+        c.seq_len = gr.Number(value=len_default, label="Tokens", precision=0, minimum=8, maximum=8192, min_width=70)
         c.seed = gr.Number(value=0, label="Seed", precision=0, min_width=60)
     c.load = gr.Button("Load", size="sm", elem_id="btn-load")
     c.card = gr.HTML(common.model_card(Session()), elem_id="model-card")

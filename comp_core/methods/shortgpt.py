@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..capture import calibration_context, capture_block_inputs
+from ..capture import calibration_context
 from ..events import emit
 from ..models.adapters import get_adapter
-from ..removal import layer_importances, layers_for_ratio
+from ..removal import capture_with_importances, layers_for_ratio
 from ..runtime import count_parameters
 from .registry import Method, finish, register_method, working_copy
 from .structured import structured_plan
@@ -59,11 +59,9 @@ class ShortGPT(Method):
             raise ValueError(f"cannot remove {n_remove} layers: only {len(candidates)} are not protected")
         t0 = time.perf_counter()
         with calibration_context(target):
-            emit(on_event, "capture", 0, 1, "capturing block inputs")
-            inputs = capture_block_inputs(target, adapter, samples, batch_size=settings.batch_size)
+            emit(on_event, "capture", 0, 1, f"measuring Block Influence of {n_layers} layers")
+            _, influence = capture_with_importances(target, adapter, samples, batch_size=settings.batch_size)
             capture_s = time.perf_counter() - t0
-            emit(on_event, "layer-removal", 0, 1, f"measuring Block Influence of {n_layers} layers")
-            influence = layer_importances(blocks, list(range(n_layers)), inputs)
         order = sorted(candidates, key=lambda i: influence[i])[:n_remove]
         plan = structured_plan(target, settings, method="shortgpt", params_total=params_before,
                                layer_params=block_params, protected=sorted(protected), removed_layers=order,

@@ -88,6 +88,19 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+def _into_process_memory(model: torch.nn.Module) -> None:
+    """Copy every CPU parameter and buffer out of the safetensors file mapping it may still live in.
+
+    transformers hands back tensors that view the memory-mapped checkpoint; once read they count as resident,
+    and the mapping is released only when *every* tensor of the file is gone. Pruning replaces weights one
+    block at a time, so the old weights would stay resident beside the new ones (measured: +600 MB at the end
+    of a 20 % COMP run on the bundled model). Owned copies are freed as soon as surgery replaces them."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """The folder that holds comp-explorer caches (see the module docstring for the order of precedence)."""
     if cache_dir is not None:
@@ -371,6 +384,8 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
             model = model.to(target_device)
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         raise ModelLoadError(f"could not move the model to {target_device} / {target_dtype}: {err}") from err
+    if target_device.type == "cpu":
+        _into_process_memory(model)
     model.eval()
     seconds = time.perf_counter() - start
     if kind == "bundled":
