@@ -353,6 +353,8 @@ def run(args: argparse.Namespace) -> dict:
             settings = _settings(args.method, args, args.ratio, args.settings)
             with stage("calibration", timings):
                 samples = get_calibration(args.calib, tokenizer, args.n_samples, args.seq_len, args.seed, model=model)
+            report["calibration"] = {"name": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
+                                     "seed": args.seed}
             if args.command == "analyze":
                 with stage("analyze", timings):
                     plan = analyze_with(args.method, model, samples, settings, on_event=progress)
@@ -397,6 +399,9 @@ def _print_table(report: dict) -> None:
             elif isinstance(value, dict):
                 value = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
             rows.append((key, value))
+    if "calibration" in report:
+        c = report["calibration"]
+        rows.insert(1, ("calibration", f"{c['name']} {c['n_samples']}×{c['seq_len']} tokens, seed {c['seed']}"))
     if "layer_ratios" in report:
         rows.append(("layer_ratios", ", ".join(f"{k}:{v:.2f}" for k, v in report["layer_ratios"].items())))
     if "speed_table" in report:

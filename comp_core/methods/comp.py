@@ -346,7 +346,7 @@ def fewest_layers(ratio: float, params_total: int, block_params: list[int], caps
     mean_capacity = sum(caps[i] * block_params[i] for i in candidates) / len(candidates)
     capacity = sum(caps[i] * block_params[i] for i in prunable)
     for n in range(len(candidates) + 1):
-        if ratio * params_total - n * mean_block <= (capacity - n * mean_capacity) * (1 - 1e-9):
+        if ratio * params_total - n * mean_block <= (capacity - n * mean_capacity) * (1 + 1e-12):  # as layer_ratios
             return n
     return len(candidates)
 
