@@ -4,7 +4,7 @@ Typical use::
 
     from comp_core import load_model, get_calibration, CompConfig, analyze, prune, perplexity, get_eval_tokens
     loaded = load_model()                                   # bundled SmolLM2-135M-Instruct
-    samples = get_calibration("c4", loaded.tokenizer)       # 10 × 128 tokens, seed 0
+    samples = get_calibration("c4", loaded.tokenizer)       # 64 × 512 tokens, seed 0
     plan = analyze(loaded.model, samples, CompConfig(ratio=0.2))
     pruned, result = prune(loaded.model, samples, CompConfig(ratio=0.2))
     print(result.realised_ratio, perplexity(pruned, get_eval_tokens("wikitext2", loaded.tokenizer), 512).ppl)
