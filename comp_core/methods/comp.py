@@ -59,15 +59,15 @@ class CompConfig:
     """Settings of one COMP run. Layer indices are those of the original model.
 
     The defaults are the measured best within two minutes on two cores (docs/RESULTS.md, "levers": 64 × 512
-    C4 tokens, no removed layer, activation score, blend compensation — 58.5 WikiText-2 perplexity at 20 %
-    on SmolLM2-135M against 70.5 for the paper's setting); ``PAPER_SETTINGS`` with ``PAPER_CALIBRATION`` is
+    C4 tokens, no removed layer, activation score, blend compensation — 58.6 WikiText-2 perplexity at 20 %
+    on SmolLM2-135M against 70.4 for the paper's setting); ``PAPER_SETTINGS`` with ``PAPER_CALIBRATION`` is
     the paper's own (10 × 128 tokens, mask tuning, one removed layer, the diagonal score).
 
     ratio: share of *all* parameters (embeddings included) to remove.
     remove_layers: how many blocks to remove first (at most as many as the ratio's budget holds, so ratio 0
         removes none), "auto" (sweep, keep the lowest calibration loss) or "min" (the default: as few as the
         ratio needs — none when neuron pruning alone reaches it within the caps, as on SmolLM2-135M up to
-        ~50 %; with 32 × 512 tokens and the blend, removing one block there measured 63.2 against 61.5).
+        ~50 %; with 64 × 512 tokens and the blend, removing one block first measured 61.4 against 58.6).
     protected: blocks never removed and never neuron-pruned; None = first two and last.
     granularity: "hybrid" (COMP), "layers" (layer removal only, as many blocks as the ratio needs),
         "neurons" (no layer removal).
@@ -169,8 +169,8 @@ def _dense_shapes(block: nn.Module, adapter: ArchAdapter) -> list[DenseShape]:
 
 def _max_cuts(shapes: list[DenseShape], adapter: ArchAdapter, cfg: CompConfig) -> list[int]:
     """Most input neurons each dense may lose: a share of its inputs, 0 for kinds not being pruned."""
-    return [max(0, min(s.d_in - 1, math.floor(cfg.max_dense_ratio * s.d_in)))
-            if cfg.dense_kinds is None or spec.kind in cfg.dense_kinds else 0
+    prunable = prunable_denses(adapter, cfg)
+    return [max(0, min(s.d_in - 1, math.floor(cfg.max_dense_ratio * s.d_in))) if spec.name in prunable else 0
             for s, spec in zip(shapes, adapter.denses)]
 
 
@@ -262,7 +262,7 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
         target = targets[i]
         # Rows that die with the consumer's removed inputs do not count in this dense's own fit.
         rows = slice(None)
-        if consumer is not None and cut.removed_inputs[names.index(consumer)] > 0:  # a prunable consumer
+        if consumer is not None and cut.removed_inputs[names.index(consumer)] > 0:
             rows = keeps[consumer]
             raw = coefficient_matrix(module.weight[rows], gram)
             coeff = damped(raw, cfg.damp)
