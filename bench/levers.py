@@ -3,9 +3,11 @@
 Every row is COMP on the bundled SmolLM2-135M-Instruct with the library's defaults except what the row names
 (C4 calibration, seed 0): the calibration budget (samples × tokens), the compensation (the paper's mask
 tuning, the full least-squares refit of the kept columns, or the blend between them whose ridge is chosen
-per dense on held-out calibration sequences), removed layers, neuron score, prunable denses, the split of a
-layer's budget, and the paper's own setting. Columns: WikiText-2 perplexity (first 24 test windows of 512
-tokens), prune seconds and peak RSS on this machine, and which compensation the denses ended with.
+per dense on held-out calibration sequences), removed layers, the neuron score (one-shot, or sequential OBS
+with weight updates between removals), prunable denses, o_proj's inputs one column or one whole attention
+unit (a KV group with its q/k/v rows) at a time, the split of a layer's budget, and the paper's own setting.
+Columns: WikiText-2 perplexity (first 24 test windows of 512 tokens), prune seconds and peak RSS on this
+machine, and which compensation the denses ended with.
 
     COMP_DATA_DIR=../shared/data python bench/levers.py --out bench-out
 """
@@ -34,6 +36,8 @@ ROWS = (
     ("compensation: full refit", DEFAULT, {"refit": "always"}),
     ("one removed layer first", DEFAULT, {"remove_layers": 1}),
     ("score: diagonal ‖W_j‖²‖X_j‖²", DEFAULT, {"score": "diag"}),
+    ("selection: sequential OBS with updates", DEFAULT, {"score": "obs-greedy"}),
+    ("o_proj inputs as whole KV groups", DEFAULT, {"o_granularity": "units"}),
     ("prunable denses: down only", DEFAULT, {"dense_kinds": ("down",)}),
     ("layer budget split: same share per dense", DEFAULT, {"allocation": "uniform"}),
 )
@@ -41,6 +45,7 @@ AT_30 = (
     ("paper's setting (`--paper`)", PAPER_CALIBRATION, dict(PAPER_SETTINGS)),
     ("**default**", DEFAULT, {}),
     ("prunable denses: down only", DEFAULT, {"dense_kinds": ("down",)}),
+    ("o_proj inputs as whole KV groups", DEFAULT, {"o_granularity": "units"}),
 )
 
 

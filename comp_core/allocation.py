@@ -122,6 +122,41 @@ def choose_cuts(variances: list[torch.Tensor], shapes: list[DenseShape], budget:
     return LayerCut(current, tau, removed_parameters(shapes, current), budget)
 
 
+def choose_cuts_with_units(variances: list[torch.Tensor], shapes: list[DenseShape], budget: int,
+                           unit_dense: int) -> LayerCut:
+    """``choose_cuts`` when dense ``unit_dense`` loses whole units (attention heads or KV groups: its
+    ``shapes`` entry counts units, each a large block of parameters) and the others single neurons.
+
+    Landing on the budget one unit at a time would overshoot by up to a unit, so every unit count k whose
+    units fit in the budget is tried: the fine denses take the rest (``choose_cuts``, within one neuron),
+    and the layer's threshold is max(running max of the unit dense's variance up to k, the fine denses' τ).
+    The k with the smallest threshold wins (the paper's "smallest τ that meets the budget"), ties to fewer
+    units; parameters are additive over the denses here (the unit dense's shape has no coupled producers).
+    """
+    unit_curve = torch.cummax(variances[unit_dense].double(), dim=0).values
+    unit_curve[0] = 0.0
+    fine = list(variances)
+    fine[unit_dense] = torch.zeros(1, dtype=torch.float64)  # no units: the fine denses alone
+    per_unit = removed_parameters(shapes, [1 if d == unit_dense else 0 for d in range(len(shapes))])
+    best: LayerCut | None = None
+    for k in range(unit_curve.numel()):
+        rest = budget - k * per_unit
+        if rest < 0:  # k units alone overshoot the budget
+            break
+        sub = choose_cuts(fine, shapes, rest)
+        if rest > 0 and sub.removed_params < rest:  # the fine denses cannot make up the rest at their caps
+            continue
+        tau = max(float(unit_curve[k]), sub.tau if rest > 0 else 0.0)
+        if best is None or tau < best.tau:
+            cuts = list(sub.removed_inputs)
+            cuts[unit_dense] = k
+            best = LayerCut(cuts, tau, removed_parameters(shapes, cuts), budget)
+    if best is None:  # not even every unit plus the fine denses' caps reaches it: everything at its cap
+        cuts = [v.numel() - 1 for v in variances]
+        return LayerCut(cuts, float("inf"), removed_parameters(shapes, cuts), budget)
+    return best
+
+
 def _land_on_budget(shapes: list[DenseShape], budget: int, cuts, candidates: list) -> tuple[list[int], float]:
     """The smallest candidate level whose ``cuts(level)`` reaches ``budget`` (bisection; cuts grow with the
     level), then from the level below, the denses whose cut jumps there give neurons one at a time, in dense

@@ -176,6 +176,45 @@ def exact_condition_score(coeff: torch.Tensor) -> torch.Tensor:
     return torch.log1p(t / eigvals[0]) - torch.log1p(-s / eigvals[-1])
 
 
+def sequential_obs_score(weight: torch.Tensor, gram: torch.Tensor, *, relative_damp: float = 0.01,
+                         group: int = 16) -> torch.Tensor:
+    """Structured OBS with weight updates between removals (SlimGPT's column pruning, Ling et al. 2024):
+    the score of column j is the step at which greedy removal takes it (higher = later = keep).
+
+    The objective is the refit one, ‖W X − Ŵ X‖² with the kept columns of Ŵ free. With H⁻¹ = (G + εI)⁻¹
+    restricted to the columns F still present, removing a set R costs tr(W_R [(H⁻¹)_RR]⁻¹ W_Rᵀ) and the
+    optimal update is W ← W − W_R [(H⁻¹)_RR]⁻¹ (H⁻¹)_R,: ; H⁻¹ then becomes the inverse over F∖R by the same
+    Schur step. Each step removes the ``group`` columns of lowest saliency ‖W_:,j‖² / (H⁻¹)_jj (as SlimGPT
+    batches its columns), recomputed after every update — unlike ``obs``, which scores once. ε is SparseGPT's
+    1 % of the mean diagonal.
+    """
+    w = weight.detach().to(device=gram.device, dtype=STAT_DTYPE).clone()  # (d_out, d_in)
+    d = gram.shape[0]
+    h = gram.clone()
+    h.diagonal().add_(relative_damp * float(gram.diagonal().mean()) or relative_damp)
+    h_inv = spd_inverse(h)  # (d, d)
+    rank = torch.empty(d, dtype=STAT_DTYPE, device=gram.device)
+    alive = torch.ones(d, dtype=torch.bool, device=gram.device)
+    step = 0
+    while step < d:
+        saliency = (w * w).sum(dim=0) / h_inv.diagonal().clamp_min(1e-300)
+        saliency[~alive] = float("inf")
+        chosen = torch.argsort(saliency, stable=True)[: min(group, d - step)]  # (g,) lowest first
+        rank[chosen] = torch.arange(step, step + chosen.numel(), dtype=STAT_DTYPE, device=gram.device)
+        step += chosen.numel()
+        alive[chosen] = False
+        if step == d:
+            break
+        inv_rr = torch.linalg.inv(h_inv[chosen][:, chosen])  # (g, g)
+        rows = h_inv[chosen]  # (g, d)
+        w -= (w[:, chosen] @ inv_rr) @ rows
+        h_inv -= rows.T @ inv_rr @ rows
+        w[:, chosen] = 0.0
+        h_inv[chosen] = 0.0
+        h_inv[:, chosen] = 0.0
+    return rank
+
+
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
     """‖W_:,j‖²: weights alone (the classic magnitude baseline)."""
     return weight.detach().to(STAT_DTYPE).pow(2).sum(dim=0)
@@ -195,6 +234,7 @@ SCORES: dict[str, str] = {
     "cond-exact": "exact drop of log κ when j is removed (secular equation, whole spectrum)",
     "logdet": "log-volume only j carries, −log [C⁻¹]_jj (exact; ranks as obs)",
     "fisher": "Fisher information of the next-token loss w.r.t. the mask (FPT style)",
+    "obs-greedy": "step at which sequential OBS with weight updates removes j (SlimGPT's columns)",
     "magnitude": "‖W_:,j‖² (weights only)",
     "activation": "‖X_j‖² (activations only)",
 }
@@ -213,6 +253,8 @@ def score_neurons(name: str, coeff: torch.Tensor, weight: torch.Tensor, gram: to
         return exact_condition_score(coeff)
     if name == "logdet":
         return logdet_score(coeff)
+    if name == "obs-greedy":
+        return sequential_obs_score(weight, gram)
     if name == "magnitude":
         return magnitude_score(weight).to(coeff.device)
     if name == "activation":

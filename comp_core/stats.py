@@ -36,19 +36,28 @@ class InputStats:
     """
 
     def __init__(self, width: int, device: torch.device | str = "cpu", *, paired: bool = False, folds: int = 0):
-        self.gram = torch.zeros(width, width, dtype=STAT_DTYPE, device=device)  # (d, d)
-        self.total = torch.zeros(width, dtype=STAT_DTYPE, device=device)  # (d,)
-        self.n_tokens = 0
-        self.cross = torch.zeros_like(self.gram) if paired else None  # (d, d) X̃ᵀX
-        self.target_gram = torch.zeros_like(self.gram) if paired else None  # (d, d) XᵀX
         if folds not in (0, 2):
             raise ValueError(f"folds must be 0 (none) or 2, got {folds}")
         if folds and paired:
             raise ValueError("held-out folds are kept for unpaired statistics only")
-        # folds=2: the Gram of every other calibration sequence (``fold_grams[f]``, samples f, f+2, …) as well,
-        # so a compensation can be fitted on one half and checked on the other; gram = their sum
-        self.fold_grams = [torch.zeros_like(self.gram) for _ in range(folds)]
+        self.device = torch.device(device)
+        self.total = torch.zeros(width, dtype=STAT_DTYPE, device=device)  # (d,)
+        self.n_tokens = 0
+        # folds=2: the Gram of every other calibration sequence (``fold_grams[f]``, samples f, f+2, …), so a
+        # compensation can be fitted on one half and checked on the other; ``gram`` is then their sum, formed
+        # when first read (one d × d addition instead of one per batch)
+        self.fold_grams = [torch.zeros(width, width, dtype=STAT_DTYPE, device=device) for _ in range(folds)]
+        self._gram = None if folds else torch.zeros(width, width, dtype=STAT_DTYPE, device=device)  # (d, d)
+        self.cross = torch.zeros(width, width, dtype=STAT_DTYPE, device=device) if paired else None  # X̃ᵀX
+        self.target_gram = torch.zeros_like(self.cross) if paired else None  # (d, d) XᵀX
         self._sequences = 0
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """Σ_t x_t x_tᵀ over every token seen, (d, d) float64."""
+        if self.fold_grams and self._gram is None:
+            self._gram = self.fold_grams[0] + self.fold_grams[1]
+        return self._gram
 
     @staticmethod
     def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -61,16 +70,15 @@ class InputStats:
     def update(self, x: torch.Tensor) -> None:
         """Add one batch, (sequences, tokens, d) or (tokens, d) = one sequence."""
         sequences = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.unsqueeze(0)  # (S, T, d)
-        sequences = sequences.to(device=self.gram.device)
+        sequences = sequences.to(device=self.device)
         flat = sequences.reshape(-1, sequences.shape[-1])  # (N, d)
         if self.fold_grams:
+            self._gram = None  # stale: re-formed from the folds when read
             for fold, acc in enumerate(self.fold_grams):
                 first = (fold - self._sequences) % 2
                 part = sequences[first::2].reshape(-1, sequences.shape[-1])
                 if part.shape[0]:
-                    product = self._product(part, part)
-                    acc.add_(product)
-                    self.gram.add_(product)
+                    acc.add_(self._product(part, part))
         else:
             self.gram.add_(self._product(flat, flat))
         self._sequences += sequences.shape[0]
@@ -83,15 +91,15 @@ class InputStats:
             raise ValueError("these statistics were not made for paired inputs (InputStats(..., paired=True))")
         if shifted.shape != reference.shape:
             raise ValueError(f"paired inputs differ in shape: {tuple(shifted.shape)} vs {tuple(reference.shape)}")
-        xs = shifted.reshape(-1, shifted.shape[-1]).to(device=self.gram.device)  # (N, d)
-        xr = reference.reshape(-1, reference.shape[-1]).to(device=self.gram.device)  # (N, d)
+        xs = shifted.reshape(-1, shifted.shape[-1]).to(device=self.device)  # (N, d)
+        xr = reference.reshape(-1, reference.shape[-1]).to(device=self.device)  # (N, d)
         self.update(xs)
         self.cross.add_(self._product(xs, xr))
         self.target_gram.add_(self._product(xr, xr))
 
     @property
     def width(self) -> int:
-        return self.gram.shape[0]
+        return self.total.shape[0]
 
     @property
     def sq_norms(self) -> torch.Tensor:

@@ -150,10 +150,11 @@ def set_attention_heads(attention: nn.Module, heads: int, kv_heads: int) -> None
 
 
 def remove_attention_units(block: nn.Module, adapter: ArchAdapter, units, keep: torch.Tensor,
-                           o_scale: torch.Tensor | None = None) -> int:
+                           o_scale: torch.Tensor | None = None, o_weight: torch.Tensor | None = None) -> int:
     """Remove every attention unit (head or KV group, ``structure.AttentionUnits``) not in ``keep``: q/k/v rows
     and o_proj columns go, and o_proj becomes a plain linear over the narrower attention output. ``o_scale``
-    (one factor per kept o column) folds a tuned mask into o_proj. Returns the parameters gone."""
+    (one factor per kept o column) folds a tuned mask into o_proj; ``o_weight`` (d_out × kept columns)
+    replaces its kept columns outright (a refit). Returns the parameters gone."""
     from .structure import dense_by_kind
 
     keep = torch.sort(keep.cpu()).values
@@ -169,7 +170,8 @@ def remove_attention_units(block: nn.Module, adapter: ArchAdapter, units, keep: 
         replace_submodule(block, names[kind], prune_outputs(module, rows.to(module.weight.device)))
     o = adapter.dense(block, names["o"])
     scale = o_scale.to(o.weight.device) if o_scale is not None else None
-    replace_submodule(block, names["o"], make_consumer_plain(prune_inputs(o, q_rows.to(o.weight.device), scale)))
+    replace_submodule(block, names["o"], make_consumer_plain(prune_inputs(o, q_rows.to(o.weight.device), scale,
+                                                                          o_weight)))
     heads = keep.numel() * units.query_heads_per_unit
     kv_heads = keep.numel() if units.grouped else heads
     set_attention_heads(adapter.dense(block, adapter.attention_path), heads, kv_heads)

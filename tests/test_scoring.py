@@ -10,6 +10,7 @@ from comp_core.linalg import STAT_DTYPE, damped, damping
 from comp_core.mask_tuning import coefficient_matrix, reconstruction_error, solve_mask
 from comp_core.scoring import (SCORES, activation_score, condition_score, diagonal_score, exact_condition_score,
                                log_condition, logdet_score, magnitude_score, obs_score, score_neurons,
+                               sequential_obs_score,
                                submatrix_extreme_eigenvalues)
 
 
@@ -116,6 +117,7 @@ def test_score_neurons_dispatch():
         "cond-exact": exact_condition_score(coeff),
         "logdet": logdet_score(coeff),
         "magnitude": magnitude_score(w),
+        "obs-greedy": sequential_obs_score(w, gram),
         "activation": activation_score(gram),
         "fisher": fisher.double(),
     }
@@ -276,3 +278,29 @@ def test_whole_spectrum_scores_by_name():
         got = score_neurons(name, coeff, w, gram, damp=eps)
         assert got.dtype == STAT_DTYPE and got.shape == (10,)
         torch.testing.assert_close(got, fn(coeff), msg=name)
+
+
+def _refit_error(w: torch.Tensor, h: torch.Tensor, removed: list[int]) -> float:
+    """min over the kept columns of tr((W − Ŵ) H (W − Ŵ)ᵀ), Ŵ zero on ``removed``: the refit objective."""
+    keep = [j for j in range(h.shape[0]) if j not in removed]
+    new = torch.zeros_like(w)
+    new[:, keep] = torch.linalg.solve(h[keep][:, keep], (w @ h[:, keep]).T).T
+    diff = w - new
+    return float(torch.einsum("ij,jk,ik->", diff, h, diff))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sequential_obs_is_the_greedy_refit_order(seed):
+    generator = torch.Generator().manual_seed(seed)
+    w, gram, _ = _problem(9, 5, 40, generator)
+    h = gram.clone()
+    h.diagonal().add_(0.01 * float(gram.diagonal().mean()))
+    removed: list[int] = []
+    for _ in range(8):  # brute-force greedy: each step removes the column whose removal (with refit) costs least
+        removed.append(min((j for j in range(9) if j not in removed), key=lambda j: _refit_error(w, h, removed + [j])))
+    order = torch.argsort(sequential_obs_score(w, gram, group=1))
+    assert order[:8].tolist() == removed
+    # with groups it is still a ranking: every column gets a distinct step
+    grouped = sequential_obs_score(w, gram, group=4)
+    assert sorted(grouped.tolist()) == list(range(9))
+    assert "obs-greedy" in SCORES

@@ -23,9 +23,12 @@ from .session import Session
 
 CALIB_CHOICES = [("C4 (train)", "c4"), ("WikiText-2", "wikitext2"), ("PTB", "ptb"),
                  ("Data-free (sampled from the model)", "data-free"), ("Local file…", "file")]
-SCORE_LABELS = {"diag": "diag — ‖W_j‖²·‖X_j‖² (default)", "obs": "obs — error after re-tuning",
+DEFAULT_SCORE = CompConfig().score  # the core's measured default
+SCORE_LABELS = {"diag": "diag — ‖W_j‖²·‖X_j‖²", "obs": "obs — error after re-tuning",
+                "obs-greedy": "obs-greedy — sequential OBS with updates (slow)",
                 "cond": "cond — condition-number sensitivity", "fisher": "fisher — loss Fisher information",
                 "magnitude": "magnitude — weights only", "activation": "activation — inputs only"}
+SCORE_LABELS[DEFAULT_SCORE] = SCORE_LABELS.get(DEFAULT_SCORE, DEFAULT_SCORE) + " (default)"
 DEFAULT_METHOD = "comp"
 SPARSITY_CHOICES = [("0.5 — half of every linear's weights", "0.5"), ("2:4 — 2 zeros in every 4 weights", "2:4"),
                     ("4:8 — 4 zeros in every 8 weights", "4:8")]
@@ -232,7 +235,7 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
                                  info="sweep, keep the best")
         c.protected = gr.Dropdown([], value=[], multiselect=True, label="Protected layers",
                                   info="never removed or pruned (default: first two and last)", elem_id="protected")
-        c.score = gr.Dropdown([(SCORE_LABELS.get(k, k), k) for k in SCORES], value="diag",
+        c.score = gr.Dropdown([(SCORE_LABELS.get(k, k), k) for k in SCORES], value=DEFAULT_SCORE,
                               label="Neuron importance score")
         c.mask = gr.Checkbox(label="Mask tuning (least-squares compensation)", value=True)
         with gr.Accordion("Advanced", open=False):
