@@ -10,16 +10,22 @@ Columns: WikiText-2 perplexity (first 24 test windows of 512 tokens), prune seco
 machine, and which compensation the denses ended with.
 
     COMP_DATA_DIR=../shared/data python bench/levers.py --out bench-out
+
+``LEVERS_KEEP_MEASURED=1`` measures only the rows the earlier ``<out>/levers.json`` lacks (a new lever) and
+keeps the others, each row naming the commit it was measured at (``measured at``); without it every row is
+measured again.
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Section, bundled, machine, main_for, markdown_table, measure, ppl  # noqa: E402
+from common import Section, bundled, git_revision, machine, main_for, markdown_table, measure, ppl  # noqa: E402
 
 from comp_core.data import DEFAULT_CALIBRATION  # noqa: E402
 from comp_core.methods.comp import PAPER_CALIBRATION, PAPER_SETTINGS  # noqa: E402
@@ -60,12 +66,26 @@ def _row(ratio: float, label: str, shape: tuple[int, int], settings: dict) -> di
     model = result.pop("model")
     del model
     return {**result, "ratio": ratio, "label": label, "calibration": f"{shape[0]}×{shape[1]}",
-            "tokens": shape[0] * shape[1]}
+            "tokens": shape[0] * shape[1], "revision": git_revision()}
+
+
+def _earlier_rows(out: Path) -> dict[tuple, dict]:
+    """Rows of the earlier run in ``out`` by (ratio, label, calibration), each with the commit that measured it."""
+    path = out / "levers.json"
+    if os.environ.get("LEVERS_KEEP_MEASURED") != "1" or not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    revision = earlier.get("provenance", {}).get("revision", "?")
+    return {(r["ratio"], r["label"], r["calibration"]): {"revision": revision, **r}
+            for r in earlier.get("data", {}).get("rows", [])}
 
 
 def run(quick: bool, out: Path) -> Section:  # noqa: ARG001 - the same rows in both modes
     original = ppl(bundled().model)
-    rows = [_row(0.2, *r) for r in ROWS] + [_row(0.3, *r) for r in AT_30]
+    kept = _earlier_rows(out)
+    wanted = [(0.2, *r) for r in ROWS] + [(0.3, *r) for r in AT_30]
+    rows = [kept.get((ratio, label, f"{shape[0]}×{shape[1]}")) or _row(ratio, label, shape, settings)
+            for ratio, label, shape, settings in wanted]
     return Section(name="levers", title="COMP's default: the levers of its quality",
                    markdown=_markdown(rows, original), data={"rows": rows, "original_ppl": original})
 
@@ -77,10 +97,10 @@ def _shape(row: dict) -> str:
 
 def _markdown(rows: list[dict], original: float) -> str:
     head = ["ratio", "setting", "calibration", "tokens", "ppl wikitext2", "× original", "prune s",
-            "peak RSS MB", "denses by compensation"]
+            "peak RSS MB", "denses by compensation", "measured at"]
     body = [[f"{r['ratio']:.0%}", r["label"], _shape(r), r.get("tokens", 0), r["ppl"]["wikitext2"],
              f"{r['ppl']['wikitext2'] / original:.2f}", f"{r['prune_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}",
-             r["extra"].get("compensation") or "—"] for r in rows]
+             r["extra"].get("compensation") or "—", f"`{r.get('revision', '?')}`"] for r in rows]
     best = min((r for r in rows if r["ratio"] == 0.2), key=lambda r: r["ppl"]["wikitext2"])
     return "\n\n".join([
         "`python bench/run_all.py --sections levers` (section `bench/levers.py`; not part of `--quick`)",
