@@ -112,7 +112,10 @@ def _markdown(rows: list[dict], original: float) -> str:
         f"and ≤ 3.0 × ({3.0 * original:.1f}) at 30 % within 120 s.",
         markdown_table(head, body),
         f"Best at 20 %: {best['label']} with {_shape(best)} tokens, {best['ppl']['wikitext2']:.2f} "
-        f"({best['ppl']['wikitext2'] / original:.2f} ×) in {best['prune_seconds']:.0f} s. Peak RSS here is the "
+        f"({best['ppl']['wikitext2'] / original:.2f} ×) in {best['prune_seconds']:.0f} s. `measured at`: the "
+        "commit each row was measured at (`LEVERS_KEEP_MEASURED=1` keeps earlier rows and measures only new ones; "
+        "seconds marked 'beside other jobs' were taken while other processes shared the two cores, so only their "
+        "perplexity compares). Peak RSS here is the "
         "benchmark process's, which also holds the unpruned model; `comp-explorer prune` alone holds one. "
         "Machine: " + machine() + "."])
 
