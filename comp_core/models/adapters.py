@@ -360,7 +360,7 @@ def _stock(adapter: ArchAdapter, config_class: str, model_class: str) -> ArchAda
     return dataclasses.replace(adapter, config_class=config_class, model_class=model_class)
 
 
-# stock model_type -> its entry. Gemma 2/3 and OLMo 2 have Llama's denses but their own blocks (extra norms,
+# stock model_type -> its entry (SmolLM and SmolLM2 checkpoints say "llama"). Gemma 2/3 and OLMo 2 have Llama's denses but their own blocks (extra norms,
 # soft capping, scaled embeddings; OLMo 2's q_norm/k_norm) and classes, so each is its own entry.
 REGISTRY: dict[str, ArchAdapter] = {
     "llama": _stock(LLAMA_FAMILY, "LlamaConfig", "LlamaForCausalLM"),
@@ -368,6 +368,8 @@ REGISTRY: dict[str, ArchAdapter] = {
     "qwen2": _stock(LLAMA_FAMILY, "Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": _stock(LLAMA_FAMILY, "Qwen3Config", "Qwen3ForCausalLM"),
     "opt": _stock(OPT_FAMILY, "OPTConfig", "OPTForCausalLM"),
+    "smollm3": _stock(LLAMA_FAMILY, "SmolLM3Config", "SmolLM3ForCausalLM"),  # + no_rope_layers
+    "gemma": _llama_like("gemma", "GemmaConfig", "GemmaForCausalLM"),
     "gemma2": _llama_like("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
     "gemma3_text": _llama_like("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
     "olmo2": _llama_like("olmo2", "Olmo2Config", "Olmo2ForCausalLM",
@@ -377,15 +379,12 @@ REGISTRY: dict[str, ArchAdapter] = {
     "gpt_neox": _stock(GPT_NEOX_FAMILY, "GPTNeoXConfig", "GPTNeoXForCausalLM"),
     "falcon": _stock(FALCON_FAMILY, "FalconConfig", "FalconForCausalLM"),
 }
-# SmolLM checkpoints say model_type "llama"; "smollm" is accepted as its alias
-REGISTRY["smollm"] = REGISTRY["llama"]
-
 # unknown model types are matched against these block layouts, in order
 STRUCTURAL: tuple[ArchAdapter, ...] = (LLAMA_FAMILY, OPT_FAMILY, PHI3_FAMILY, GPT_NEOX_FAMILY, FALCON_FAMILY)
 
 
 def supported_types() -> str:
-    return ", ".join(t for t in REGISTRY if t != "smollm")
+    return ", ".join(REGISTRY)
 
 
 def registered(model_type: str) -> ArchAdapter:

@@ -27,8 +27,9 @@ Importing this module registers every pair with ``AutoConfig`` / ``AutoModelForC
 ``import comp_core.models.pruned`` (done by ``comp_core.export``) a plain
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads a pruned folder; no remote code is involved.
 
-Supported stock types: ``llama`` (also SmolLM), ``mistral``, ``qwen2``, ``qwen3``, ``opt``, ``gemma2``,
-``gemma3_text`` (Gemma3ForCausalLM), ``phi3`` (Phi-3 and Phi-4), ``gpt_neox`` (Pythia), ``olmo2``, ``falcon``.
+Supported stock types: ``llama`` (also SmolLM/SmolLM2), ``smollm3``, ``mistral``, ``qwen2``, ``qwen3``, ``opt``,
+``gemma``, ``gemma2``, ``gemma3_text`` (Gemma3ForCausalLM), ``phi3`` (Phi-3 and Phi-4), ``gpt_neox`` (Pythia),
+``olmo2``, ``falcon``.
 """
 from __future__ import annotations
 
@@ -42,10 +43,9 @@ from .adapters import COMP_PREFIX, REGISTRY, ArchAdapter, registered
 
 LAYERS_FIELD = "comp_layers"
 # stock model_type -> (config class name, causal-LM class name) in the ``transformers`` namespace; read from
-# the registry (``models.adapters.REGISTRY``), aliases left out
+# the registry (``models.adapters.REGISTRY``)
 SUPPORTED: dict[str, tuple[str, str]] = {
-    model_type: (adapter.config_class, adapter.model_class) for model_type, adapter in REGISTRY.items()
-    if model_type != "smollm"}
+    model_type: (adapter.config_class, adapter.model_class) for model_type, adapter in REGISTRY.items()}
 
 
 def adapter_for(base_type: str) -> ArchAdapter:
