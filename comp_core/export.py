@@ -12,15 +12,22 @@ What is physically removed (docs/export.md has the measurements behind each choi
 
 * removed blocks: gone from the block list and the config (``num_hidden_layers``, ``layer_types``; done by
   ``ArchAdapter.keep_blocks`` during pruning);
-* pruned MLP channels: gate/up (fc1) rows and down (fc2) columns, so each block's MLP is simply narrower;
+* pruned MLP channels: gate/up (fc1) rows and down (fc2) columns, so each block's MLP is simply narrower
+  (a fused gate_up loses both halves' rows, through the registry's index map);
 * pruned input columns of q/k/v/o, gate/up (fc1): the smaller weight plus the kept indices
   (``IndexedInputLinear.input_index``, int64) — the input is index-selected before a smaller matmul;
 * whole attention heads: a head whose o_proj columns are all gone is removed from q (and its k/v head when
   the whole group is gone), as far as grouped-query attention stays uniform: every key/value group must keep
   the same number of query heads, so a group keeps some dead heads when another group lost fewer. A block
-  always keeps at least one head (its o_proj columns are then simply not read).
+  always keeps at least one head (its o_proj columns are then simply not read). The rows go wherever the
+  registry's layout puts them, also inside a fused q/k/v linear (Phi-3, GPT-NeoX, Falcon); families whose
+  heads cannot be removed exactly (OLMo 2, Phi-3: ``AttentionSpec.head_removal``) keep them all.
 * added output biases: a dense that has a bias where the stock block has none (FLAP's compensation gives
   o_proj / down_proj one) is listed in its block record (``added_bias``) and rebuilt with a bias on reload.
+
+Every model type of the registry (``comp_core.models.adapters.REGISTRY``: Llama/SmolLM, SmolLM3, Mistral,
+Qwen2, Qwen3, OPT, Gemma, Gemma 2, Gemma 3 text, Phi-3/Phi-4, GPT-NeoX/Pythia, OLMo 2, Falcon) is exported;
+any other raises ``UnsupportedModelError`` naming these.
 
 A model whose blocks all have stock shapes and biases (only whole blocks removed) is saved as the stock architecture:
 any transformers install loads it. Otherwise the folder's ``model_type`` is ``comp_<type>``

@@ -309,6 +309,7 @@ PHI3_FAMILY = ArchAdapter(
     input_groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
     attention=AttentionSpec("self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.o_proj",
                             layout="stacked",
+                            head_attrs=(("num_key_value_groups", "groups"), ("num_key_value_heads", "kv_heads")),
                             head_removal="Phi-3's attention slices q/k/v at config.num_attention_heads · head_dim, "
                                          "one count for every layer"),
 )
