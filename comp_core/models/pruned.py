@@ -34,6 +34,7 @@ Supported stock types: ``llama`` (also SmolLM/SmolLM2), ``smollm3``, ``mistral``
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 from torch import nn
@@ -65,9 +66,9 @@ def mlp_width_attr(base_type: str) -> str:
 def full_heads(config, base_type: str | None = None) -> tuple[int, int]:
     """(query heads, key/value heads) of an unpruned block of this config (read from a stock block, so
     Falcon's multi-query single kv head counts too)."""
-    base_type = base_type or config.model_type.removeprefix(COMP_PREFIX)
-    adapter = adapter_for(base_type)
-    return adapter.head_counts(stock_block(config, base_type), head_dim_of(config))
+    _, heads, kv_heads = _stock_facts(base_type or config.model_type.removeprefix(COMP_PREFIX),
+                                      _stock_values(config, base_type))
+    return heads, kv_heads
 
 
 def head_dim_of(config) -> int:
@@ -87,26 +88,46 @@ def mlp_names(adapter: ArchAdapter) -> tuple[tuple[str, ...], str]:
 _CONFIG_ONLY_KEYS = ("model_type", "transformers_version", "architectures", LAYERS_FIELD, "auto_map")
 
 
+def _stock_values(config, base_type: str | None) -> str:
+    """The config's values for a one-block stock config, as a JSON key (per-layer lists left out)."""
+    adapter = adapter_for(base_type or config.model_type.removeprefix(COMP_PREFIX))
+    drop = set(_CONFIG_ONLY_KEYS) | set(adapter.per_layer_config_lists)
+    values = {k: v for k, v in config.to_dict().items() if k not in drop}
+    values["num_hidden_layers"] = 1
+    return json.dumps(values, sort_keys=True, default=str)
+
+
 def stock_block(config, base_type: str) -> nn.Module:
     """One stock block of ``config`` (stock or ``comp_<type>``), built on the meta device (no memory, no
     weights), so every family's own rules (biases, head counts) are read from the stock code itself."""
+    return _build_stock_block(base_type, _stock_values(config, base_type))[0]
+
+
+def _build_stock_block(base_type: str, values: str) -> tuple[nn.Module, object]:
+    """(stock block, its one-block stock config)."""
     import transformers
 
     config_name, model_name = SUPPORTED[base_type]
-    values = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_ONLY_KEYS + ("layer_types",)}
-    values["num_hidden_layers"] = 1
-    stock_config = getattr(transformers, config_name).from_dict(values)
+    stock_config = getattr(transformers, config_name).from_dict(json.loads(values))
     with torch.device("meta"):
         stock = getattr(transformers, model_name)(stock_config)
-    return adapter_for(base_type).blocks(stock)[0]
+    return adapter_for(base_type).blocks(stock)[0], stock_config
+
+
+@functools.lru_cache(maxsize=64)
+def _stock_facts(base_type: str, values: str) -> tuple[frozenset[str], int, int]:
+    """(biased denses, heads, kv_heads) of a stock block; cached, as every record check asks for them."""
+    adapter = adapter_for(base_type)
+    block, stock_config = _build_stock_block(base_type, values)
+    biased = frozenset(d.name for d in adapter.denses if adapter.dense(block, d.name).bias is not None)
+    heads, kv_heads = adapter.head_counts(block, head_dim_of(stock_config))
+    return biased, heads, kv_heads
 
 
 def stock_biased(config, base_type: str) -> frozenset[str]:
     """Denses that have an output bias in a stock block of ``config`` (``attention_bias``, ``mlp_bias``,
     Qwen2's biased q/k/v, OPT's ``enable_bias``, GPT-NeoX's biases everywhere...)."""
-    adapter = adapter_for(base_type)
-    block = stock_block(config, base_type)
-    return frozenset(d.name for d in adapter.denses if adapter.dense(block, d.name).bias is not None)
+    return _stock_facts(base_type, _stock_values(config, base_type))[0]
 
 
 def block_record(denses: dict[str, nn.Module], adapter: ArchAdapter, head_dim: int,
