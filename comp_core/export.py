@@ -21,7 +21,8 @@ What is physically removed (docs/export.md has the measurements behind each choi
   the same number of query heads, so a group keeps some dead heads when another group lost fewer. A block
   always keeps at least one head (its o_proj columns are then simply not read). The rows go wherever the
   registry's layout puts them, also inside a fused q/k/v linear (Phi-3, GPT-NeoX, Falcon); families whose
-  heads cannot be removed exactly (OLMo 2, Phi-3: ``AttentionSpec.head_removal``) keep them all.
+  heads cannot be removed exactly (OLMo 2, Phi-3, Falcon with alibi: ``AttentionSpec.head_removal``) keep them
+  all.
 * added output biases: a dense that has a bias where the stock block has none (FLAP's compensation gives
   o_proj / down_proj one) is listed in its block record (``added_bias``) and rebuilt with a bias on reload.
 
@@ -95,7 +96,7 @@ def compute_head_removal(block: nn.Module, denses: dict[str, nn.Module], adapter
     """
     attention = adapter.attention
     o = denses[attention.o]
-    if not isinstance(o, IndexedInputLinear) or attention.head_removal is not None:
+    if not isinstance(o, IndexedInputLinear) or adapter.head_removal_refused(block) is not None:
         return {}
     heads, kv_heads = adapter.head_counts_of(denses, head_dim)
     group = heads // kv_heads

@@ -76,9 +76,10 @@ def attention_units(block: nn.Module, adapter: ArchAdapter, head_dim: int) -> At
     if hasattr(o, "input_index"):
         raise ValueError("this block's o_proj already lost single input columns; structured head pruning needs "
                          "whole heads — start from a model without neuron-pruned attention")
-    if adapter.attention.head_removal is not None:
+    refused = adapter.head_removal_refused(block)
+    if refused is not None:
         raise UnsupportedModelError(f"{adapter.family}: structured pruning removes attention heads, which this "
-                                    f"architecture cannot lose exactly ({adapter.attention.head_removal})")
+                                    f"architecture cannot lose exactly ({refused})")
     heads, kv_heads = adapter.head_counts(block, head_dim)
     return AttentionUnits(heads=heads, kv_heads=kv_heads, head_dim=head_dim)
 

@@ -153,9 +153,9 @@ def remove_attention_units(block: nn.Module, adapter: ArchAdapter, units, keep: 
     if keep.numel() == 0:
         raise ValueError("an attention module must keep at least one unit")
     attention = adapter.attention
-    if attention.head_removal is not None:
-        raise UnsupportedModelError(f"{adapter.family}: attention heads cannot be removed exactly: "
-                                    f"{attention.head_removal}")
+    refused = adapter.head_removal_refused(block)
+    if refused is not None:
+        raise UnsupportedModelError(f"{adapter.family}: attention heads cannot be removed exactly: {refused}")
     params = sum(p.numel() for p in block.parameters())
     heads = keep.numel() * units.query_heads_per_unit
     kv_heads = keep.numel() if units.grouped else heads

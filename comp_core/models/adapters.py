@@ -95,7 +95,8 @@ class AttentionSpec:
     of ``LAYOUTS``, or a function of the attention module returning one (Falcon's depends on its config).
     ``head_attrs``: attention attributes holding a head count, each set to ``"heads"``, ``"kv_heads"`` or
     ``"groups"`` (heads // kv_heads) when heads are removed. ``head_removal``: None when whole heads may be
-    removed exactly, else why not (the heads then stay; their o inputs can still go).
+    removed exactly, else why not (the heads then stay; their o inputs can still go), or a function of the
+    attention module saying so (Falcon: only without alibi).
     """
 
     q: str
@@ -104,10 +105,20 @@ class AttentionSpec:
     o: str
     layout: str | Callable[[nn.Module], str] = "separate"
     head_attrs: tuple[tuple[str, str], ...] = (("num_key_value_groups", "groups"),)
-    head_removal: str | None = None
+    head_removal: str | Callable[[nn.Module], str | None] | None = None
 
     def layout_of(self, attention: nn.Module) -> str:
         return self.layout if isinstance(self.layout, str) else self.layout(attention)
+
+    def head_removal_refused(self, attention: nn.Module) -> str | None:
+        """Why this attention module's heads cannot be removed exactly; None when they can."""
+        return self.head_removal(attention) if callable(self.head_removal) else self.head_removal
+
+
+def _falcon_alibi(attention: nn.Module) -> str | None:
+    if attention.config.alibi:
+        return "Falcon's alibi biases are built for config.num_attention_heads heads, one count for every layer"
+    return None
 
 
 def _falcon_layout(attention: nn.Module) -> str:
@@ -177,6 +188,10 @@ class ArchAdapter:
         """{"q": (heads, head_dim), "k"/"v": (kv_heads, head_dim)} row indices inside their denses."""
         layout = self.attention.layout_of(self.dense(block, self.attention_path))
         return LAYOUTS[layout](heads, kv_heads, head_dim)
+
+    def head_removal_refused(self, block: nn.Module) -> str | None:
+        """Why this block's attention heads cannot be removed exactly (``AttentionSpec.head_removal``)."""
+        return self.attention.head_removal_refused(self.dense(block, self.attention_path))
 
     def set_heads(self, block: nn.Module, heads: int, kv_heads: int) -> None:
         """Tell the stock attention module how many heads its (narrower) projections now hold."""
@@ -346,7 +361,8 @@ FALCON_FAMILY = ArchAdapter(
                   ("mlp.dense_4h_to_h",)),
     attention=AttentionSpec("self_attention.query_key_value", "self_attention.query_key_value",
                             "self_attention.query_key_value", "self_attention.dense", layout=_falcon_layout,
-                            head_attrs=(("num_heads", "heads"), ("num_kv_heads", "kv_heads"))),
+                            head_attrs=(("num_heads", "heads"), ("num_kv_heads", "kv_heads")),
+                            head_removal=_falcon_alibi),
     mlp_width_attr="ffn_hidden_size",
 )
 
