@@ -69,13 +69,14 @@ class DenseShape:
     d_in: int
     has_bias: bool
     consumer: int | None = None  # index of the dense whose removed inputs delete this dense's output rows
+    rows_per_input: int = 1  # output rows one removed consumer input deletes (2 for a fused gate_up)
 
 
 def removed_parameters(shapes: list[DenseShape], removed_inputs: list[int]) -> int:
     """Parameters physically removed from a layer's denses when dense d loses removed_inputs[d] columns."""
     removed = 0
     for shape, k in zip(shapes, removed_inputs):
-        rows_gone = removed_inputs[shape.consumer] if shape.consumer is not None else 0
+        rows_gone = removed_inputs[shape.consumer] * shape.rows_per_input if shape.consumer is not None else 0
         before = shape.d_out * shape.d_in + (shape.d_out if shape.has_bias else 0)
         out = shape.d_out - rows_gone
         after = out * (shape.d_in - k) + (out if shape.has_bias else 0)

@@ -12,15 +12,23 @@ What is physically removed (docs/export.md has the measurements behind each choi
 
 * removed blocks: gone from the block list and the config (``num_hidden_layers``, ``layer_types``; done by
   ``ArchAdapter.keep_blocks`` during pruning);
-* pruned MLP channels: gate/up (fc1) rows and down (fc2) columns, so each block's MLP is simply narrower;
+* pruned MLP channels: gate/up (fc1) rows and down (fc2) columns, so each block's MLP is simply narrower
+  (a fused gate_up loses both halves' rows, through the registry's index map);
 * pruned input columns of q/k/v/o, gate/up (fc1): the smaller weight plus the kept indices
   (``IndexedInputLinear.input_index``, int64) — the input is index-selected before a smaller matmul;
 * whole attention heads: a head whose o_proj columns are all gone is removed from q (and its k/v head when
   the whole group is gone), as far as grouped-query attention stays uniform: every key/value group must keep
   the same number of query heads, so a group keeps some dead heads when another group lost fewer. A block
-  always keeps at least one head (its o_proj columns are then simply not read).
+  always keeps at least one head (its o_proj columns are then simply not read). The rows go wherever the
+  registry's layout puts them, also inside a fused q/k/v linear (Phi-3, GPT-NeoX, Falcon); families whose
+  heads cannot be removed exactly (OLMo 2, Phi-3, Falcon with alibi: ``AttentionSpec.head_removal``) keep them
+  all.
 * added output biases: a dense that has a bias where the stock block has none (FLAP's compensation gives
   o_proj / down_proj one) is listed in its block record (``added_bias``) and rebuilt with a bias on reload.
+
+Every model type of the registry (``comp_core.models.adapters.REGISTRY``: Llama/SmolLM, SmolLM3, Mistral,
+Qwen2, Qwen3, OPT, Gemma, Gemma 2, Gemma 3 text, Phi-3/Phi-4, GPT-NeoX/Pythia, OLMo 2, Falcon) is exported;
+any other raises ``UnsupportedModelError`` naming these.
 
 A model whose blocks all have stock shapes and biases (only whole blocks removed) is saved as the stock architecture:
 any transformers install loads it. Otherwise the folder's ``model_type`` is ``comp_<type>``
@@ -50,19 +58,16 @@ from .models.adapters import ArchAdapter, get_adapter
 from .models.loading import _quiet
 from .models.pruned import (
     LAYERS_FIELD,
-    SUPPORTED,
-    adapter_for,
     base_model_type,
     block_record,
     comp_classes,
-    dense_names,
     head_dim_of,
     is_stock_record,
     register_all,
     stock_biased,
 )
 from .runtime import count_parameters, resolve_device, resolve_dtype
-from .surgery import IndexedInputLinear, prune_outputs
+from .surgery import IndexedInputLinear, prune_outputs, qkv_keep_rows
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +82,23 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # attention heads
 # ---------------------------------------------------------------------------------------------------------
 
-def compute_head_removal(denses: dict[str, nn.Module], adapter: ArchAdapter, head_dim: int) -> dict[str, nn.Module]:
+def compute_head_removal(block: nn.Module, denses: dict[str, nn.Module], adapter: ArchAdapter,
+                         head_dim: int) -> dict[str, nn.Module]:
     """Replacement q/k/v/o modules without the attention heads that o_proj no longer reads; {} if none can go.
 
-    Heads are read from the module shapes (query heads = q rows / head_dim, kv heads = k rows / head_dim), so
-    this also works on an already compacted block. Query head h belongs to kv group h // (heads / kv_heads).
-    Removal keeps the grouping uniform: a group whose heads are all dead goes with its k/v head; from every
-    other group the same number r of dead heads goes, r = the fewest dead heads of any surviving group.
+    Heads are read from the module shapes (``ArchAdapter.head_counts_of``), so this also works on an already
+    compacted block, and their rows from the registry's layout index map, so a fused q/k/v linear (Phi-3,
+    GPT-NeoX, Falcon) loses each removed head's rows wherever they sit. Query head h belongs to kv group
+    h // (heads / kv_heads). Removal keeps the grouping uniform: a group whose heads are all dead goes with
+    its k/v head; from every other group the same number r of dead heads goes, r = the fewest dead heads of
+    any surviving group. Families whose heads cannot be removed exactly (``AttentionSpec.head_removal``)
+    keep them all: their o_proj simply does not read the dead heads' columns.
     """
-    names = dense_names(adapter)
-    q, k, v, o = (denses[names[kind]] for kind in ("q", "k", "v", "o"))
-    if not isinstance(o, IndexedInputLinear):
+    attention = adapter.attention
+    o = denses[attention.o]
+    if not isinstance(o, IndexedInputLinear) or adapter.head_removal_refused(block) is not None:
         return {}
-    heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
+    heads, kv_heads = adapter.head_counts_of(denses, head_dim)
     group = heads // kv_heads
     alive = torch.bincount(o.input_index.cpu() // head_dim, minlength=heads) > 0  # (heads,)
     alive_by_group = alive.view(kv_heads, group)  # (kv_heads, group)
@@ -110,13 +119,10 @@ def compute_head_removal(denses: dict[str, nn.Module], adapter: ArchAdapter, hea
         return {}
     kept_heads = torch.nonzero(keep_head).flatten()  # (heads',) ascending
     kept_groups = torch.nonzero(group_alive).flatten()  # (kv_heads',)
-    offsets = torch.arange(head_dim)
-    q_rows = (kept_heads[:, None] * head_dim + offsets).flatten()  # (heads' * head_dim,)
-    kv_rows = (kept_groups[:, None] * head_dim + offsets).flatten()  # (kv_heads' * head_dim,)
-    device = q.weight.device
-    new = {names["q"]: prune_outputs(q, q_rows.to(device)),
-           names["k"]: prune_outputs(k, kv_rows.to(device)),
-           names["v"]: prune_outputs(v, kv_rows.to(device))}
+    kept_kv = kept_groups if kv_heads < heads else kept_heads
+    device = o.weight.device
+    new = {name: prune_outputs(denses[name], rows.to(device)) for name, rows in
+           qkv_keep_rows(adapter, block, heads, kv_heads, head_dim, kept_heads, kept_kv).items()}
     # o_proj: same weight, its input index re-expressed in the smaller attention output
     new_position = torch.full((heads,), -1, dtype=torch.long)
     new_position[kept_heads] = torch.arange(kept_heads.numel())
@@ -131,9 +137,9 @@ def compute_head_removal(denses: dict[str, nn.Module], adapter: ArchAdapter, hea
         plain.weight.data.copy_(o.weight.data)
         if bias is not None:
             plain.bias.data.copy_(bias)
-        new[names["o"]] = plain
+        new[attention.o] = plain
     else:
-        new[names["o"]] = IndexedInputLinear(o.weight.data.clone(), bias, new_index.to(device), width)
+        new[attention.o] = IndexedInputLinear(o.weight.data.clone(), bias, new_index.to(device), width)
     return new
 
 
@@ -180,9 +186,7 @@ def plan_export(model: nn.Module) -> ExportPlan:
     not reload into the same shapes fails here, before anything is written.
     """
     base_type = base_model_type(model.config.model_type)
-    adapter = get_adapter(model)
-    if adapter is not adapter_for(base_type):
-        raise ValueError(f"model_type '{model.config.model_type}' does not match its {adapter.family} block layout")
+    adapter = get_adapter(model)  # the registry entry, checked against the model's modules
     head_dim = head_dim_of(model.config)
     prefix = _blocks_prefix(model, adapter)
     state = dict(model.state_dict())
@@ -191,10 +195,10 @@ def plan_export(model: nn.Module) -> ExportPlan:
     removed_heads = 0
     for i, block in enumerate(adapter.blocks(model)):
         denses = {spec.name: adapter.dense(block, spec.name) for spec in adapter.denses}
-        replaced = compute_head_removal(denses, adapter, head_dim)
+        replaced = compute_head_removal(block, denses, adapter, head_dim)
         if replaced:
-            q_name = dense_names(adapter)["q"]
-            removed_heads += (denses[q_name].out_features - replaced[q_name].out_features) // head_dim
+            o_name = adapter.attention.o
+            removed_heads += (denses[o_name].in_features - replaced[o_name].in_features) // head_dim
             for name, module in replaced.items():
                 for key in [k for k in state if k.startswith(f"{prefix}.{i}.{name}.")]:
                     del state[key]
@@ -209,8 +213,8 @@ def plan_export(model: nn.Module) -> ExportPlan:
     if stock:
         import transformers
 
-        config_cls = getattr(transformers, SUPPORTED[base_type][0])
-        model_cls = getattr(transformers, SUPPORTED[base_type][1])
+        config_cls = getattr(transformers, adapter.config_class)
+        model_cls = getattr(transformers, adapter.model_class)
     else:
         config_cls, model_cls = comp_classes(base_type)
         config_dict[LAYERS_FIELD] = records

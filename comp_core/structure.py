@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models.adapters import ArchAdapter
+from .models.adapters import ArchAdapter, UnsupportedModelError
 
 
 def dense_by_kind(adapter: ArchAdapter) -> dict[str, str]:
@@ -72,29 +72,36 @@ class AttentionUnits:
 
 
 def attention_units(block: nn.Module, adapter: ArchAdapter, head_dim: int) -> AttentionUnits:
-    names = dense_by_kind(adapter)
-    q, k, o = (adapter.dense(block, names[kind]) for kind in ("q", "k", "o"))
+    o = adapter.dense(block, adapter.attention.o)
     if hasattr(o, "input_index"):
         raise ValueError("this block's o_proj already lost single input columns; structured head pruning needs "
                          "whole heads — start from a model without neuron-pruned attention")
-    heads, kv_heads = q.weight.shape[0] // head_dim, k.weight.shape[0] // head_dim
+    refused = adapter.head_removal_refused(block)
+    if refused is not None:
+        raise UnsupportedModelError(f"{adapter.family}: structured pruning removes attention heads, which this "
+                                    f"architecture cannot lose exactly ({refused})")
+    heads, kv_heads = adapter.head_counts(block, head_dim)
     return AttentionUnits(heads=heads, kv_heads=kv_heads, head_dim=head_dim)
 
 
 def attention_unit_params(block: nn.Module, adapter: ArchAdapter, units: AttentionUnits) -> int:
-    """Parameters one attention unit holds: its q, k, v rows and its o_proj columns (biases included)."""
-    names = dense_by_kind(adapter)
-    q, k, v, o = (adapter.dense(block, names[kind]) for kind in ("q", "k", "v", "o"))
+    """Parameters one attention unit holds: its q, k, v rows (wherever the layout keeps them) and its o_proj
+    columns (biases included)."""
+    a = adapter.attention
     q_rows = units.query_heads_per_unit * units.head_dim
-    return (_params(q, rows=q_rows) + _params(k, rows=units.head_dim) + _params(v, rows=units.head_dim)
-            + _params(o, cols=q_rows))
+    rows: dict[str, int] = {}
+    for name, n in ((a.q, q_rows), (a.k, units.head_dim), (a.v, units.head_dim)):
+        rows[name] = rows.get(name, 0) + n
+    return (sum(_params(adapter.dense(block, name), rows=n) for name, n in rows.items())
+            + _params(adapter.dense(block, a.o), cols=q_rows))
 
 
 def mlp_channel_params(block: nn.Module, adapter: ArchAdapter) -> int:
     """Parameters one MLP channel holds: a down_proj column and the gate/up rows that feed it."""
     consumer = next(d for d in adapter.denses if d.coupled_producers)
     down = adapter.dense(block, consumer.name)
-    return _params(down, cols=1) + sum(_params(adapter.dense(block, p), rows=1) for p in consumer.coupled_producers)
+    return _params(down, cols=1) + sum(_params(adapter.dense(block, p), rows=adapter.dense_spec(p).row_blocks)
+                                       for p in consumer.coupled_producers)
 
 
 def mlp_width(block: nn.Module, adapter: ArchAdapter) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .models.adapters import ArchAdapter
+from .models.adapters import ArchAdapter, UnsupportedModelError
 
 
 class IndexedInputLinear(nn.Module):
@@ -134,19 +134,10 @@ def apply_cuts(block: nn.Module, adapter: ArchAdapter, keeps: dict[str, torch.Te
         new_modules[spec.name] = make_consumer_plain(shrunk) if spec.coupled_producers else shrunk
         for producer in spec.coupled_producers:
             base = new_modules.get(producer, adapter.dense(block, producer))
-            new_modules[producer] = prune_outputs(base, keep)
+            new_modules[producer] = prune_outputs(base, adapter.producer_rows(producer, keep, module.weight.shape[1]))
     for name, module in new_modules.items():
         replace_submodule(block, name, module)
     return params - sum(p.numel() for p in block.parameters())
-
-
-def set_attention_heads(attention: nn.Module, heads: int, kv_heads: int) -> None:
-    """Tell a stock attention module how many heads its (narrower) projections now hold. OPT reshapes with
-    ``num_heads``; the Llama family infers heads from shapes and only needs ``num_key_value_groups``."""
-    if hasattr(attention, "num_heads"):
-        attention.num_heads = heads
-    if hasattr(attention, "num_key_value_groups"):
-        attention.num_key_value_groups = heads // kv_heads
 
 
 def remove_attention_units(block: nn.Module, adapter: ArchAdapter, units, keep: torch.Tensor,
@@ -154,28 +145,58 @@ def remove_attention_units(block: nn.Module, adapter: ArchAdapter, units, keep: 
     """Remove every attention unit (head or KV group, ``structure.AttentionUnits``) not in ``keep``: q/k/v rows
     and o_proj columns go, and o_proj becomes a plain linear over the narrower attention output. ``o_scale``
     (one factor per kept o column) folds a tuned mask into o_proj; ``o_weight`` (d_out × kept columns)
-    replaces its kept columns outright (a refit). Returns the parameters gone."""
-    from .structure import dense_by_kind
-
+    replaces its kept columns outright (a refit). The q/k/v rows go wherever the registry's layout puts
+    them (also inside a fused q/k/v linear). Returns the parameters gone."""
     keep = torch.sort(keep.cpu()).values
     if keep.numel() == units.count:
         return 0
     if keep.numel() == 0:
         raise ValueError("an attention module must keep at least one unit")
+    attention = adapter.attention
+    refused = adapter.head_removal_refused(block)
+    if refused is not None:
+        raise UnsupportedModelError(f"{adapter.family}: attention heads cannot be removed exactly: {refused}")
     params = sum(p.numel() for p in block.parameters())
-    names = dense_by_kind(adapter)
-    q_rows, kv_rows = units.q_rows(keep), units.kv_rows(keep)
-    for kind, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-        module = adapter.dense(block, names[kind])
-        replace_submodule(block, names[kind], prune_outputs(module, rows.to(module.weight.device)))
-    o = adapter.dense(block, names["o"])
-    scale = o_scale.to(o.weight.device) if o_scale is not None else None
-    replace_submodule(block, names["o"], make_consumer_plain(prune_inputs(o, q_rows.to(o.weight.device), scale,
-                                                                          o_weight)))
     heads = keep.numel() * units.query_heads_per_unit
     kv_heads = keep.numel() if units.grouped else heads
-    set_attention_heads(adapter.dense(block, adapter.attention_path), heads, kv_heads)
+    kept_heads = torch.nonzero(torch.isin(units.column_units()[::units.head_dim], keep)).flatten()
+    kept_kv = keep if units.grouped else kept_heads
+    replace_heads(block, adapter, units.heads, units.kv_heads, units.head_dim, kept_heads, kept_kv)
+    o = adapter.dense(block, attention.o)
+    q_rows = units.q_rows(keep)
+    scale = o_scale.to(o.weight.device) if o_scale is not None else None
+    replace_submodule(block, attention.o, make_consumer_plain(prune_inputs(o, q_rows.to(o.weight.device), scale,
+                                                                           o_weight)))
+    adapter.set_heads(block, heads, kv_heads)
     return params - sum(p.numel() for p in block.parameters())
+
+
+def qkv_keep_rows(adapter: ArchAdapter, block: nn.Module, heads: int, kv_heads: int, head_dim: int,
+                  kept_heads: torch.Tensor, kept_kv: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{q/k/v dense path: its output rows that the kept query heads and kv heads hold, ascending}; a fused
+    q/k/v dense gets the union. The layout's index map places them so that the kept rows, in order, are
+    the same layout with fewer heads (asserted)."""
+    rows = adapter.head_rows(block, heads, kv_heads, head_dim)
+    picked = {"q": rows["q"][kept_heads], "k": rows["k"][kept_kv], "v": rows["v"][kept_kv]}
+    attention = adapter.attention
+    by_dense: dict[str, list[torch.Tensor]] = {}
+    for kind, name in (("q", attention.q), ("k", attention.k), ("v", attention.v)):
+        by_dense.setdefault(name, []).append(picked[kind].flatten())
+    out = {name: torch.sort(torch.cat(parts)).values for name, parts in by_dense.items()}
+    # the kept rows, renumbered, must be the new layout's rows of the same heads
+    new_rows = adapter.head_rows(block, kept_heads.numel(), kept_kv.numel(), head_dim)
+    for kind, name in (("q", attention.q), ("k", attention.k), ("v", attention.v)):
+        renumbered = torch.searchsorted(out[name], picked[kind].flatten())
+        assert torch.equal(renumbered, new_rows[kind].flatten()), f"{name}: kept heads break the {kind} layout"
+    return out
+
+
+def replace_heads(block: nn.Module, adapter: ArchAdapter, heads: int, kv_heads: int, head_dim: int,
+                  kept_heads: torch.Tensor, kept_kv: torch.Tensor) -> None:
+    """Keep only the rows of query heads ``kept_heads`` and kv heads ``kept_kv`` in the q/k/v denses."""
+    for name, rows in qkv_keep_rows(adapter, block, heads, kv_heads, head_dim, kept_heads, kept_kv).items():
+        module = adapter.dense(block, name)
+        replace_submodule(block, name, prune_outputs(module, rows.to(module.weight.device)))
 
 
 def apply_input_order(block: nn.Module, adapter: ArchAdapter, name: str, order: torch.Tensor) -> None:
@@ -196,9 +217,10 @@ def apply_input_order(block: nn.Module, adapter: ArchAdapter, name: str, order: 
         module.weight.data = weight
         for producer in spec.coupled_producers:
             source = adapter.dense(block, producer)
-            source.weight.data = source.weight.data[order].contiguous()  # output rows in stored order
+            rows = adapter.producer_rows(producer, order, order.numel())
+            source.weight.data = source.weight.data[rows].contiguous()  # output rows in stored order
             if source.bias is not None:
-                source.bias.data = source.bias.data[order].contiguous()
+                source.bias.data = source.bias.data[rows].contiguous()
         return
     bias = module.bias.data.clone() if module.bias is not None else None
     index = input_index_of(module)[order]

@@ -185,7 +185,8 @@ def _dense_shapes(block: nn.Module, adapter: ArchAdapter, units: AttentionUnits 
         consumer = adapter.coupled_consumer(spec.name)
         shapes.append(DenseShape(d_out=module.weight.shape[0], d_in=module.weight.shape[1],
                                  has_bias=module.bias is not None,
-                                 consumer=names.index(consumer) if consumer else None))
+                                 consumer=names.index(consumer) if consumer else None,
+                                 rows_per_input=spec.row_blocks))
     return shapes
 
 
@@ -314,7 +315,7 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
         # Rows that die with the consumer's removed inputs do not count in this dense's own fit.
         rows = slice(None)
         if consumer is not None and removed_columns[names.index(consumer)] > 0:
-            rows = keeps[consumer]
+            rows = adapter.producer_rows(spec.name, keeps[consumer], columns[names.index(consumer)].d_in)
             raw = coefficient_matrix(module.weight[rows], gram)
             coeff = damped(raw, cfg.damp)
             if target is not None:  # b and ‖WX‖² of the same rows, damped like their C̃

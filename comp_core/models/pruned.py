@@ -1,13 +1,15 @@
 """Model classes for physically pruned checkpoints: every block rebuilt from its own record in config.json.
 
-No architecture in transformers 5.x expresses "a Llama/OPT block whose MLP width, head count or input columns
-differ per layer" (shared notes/hf-reload.md), so each supported family gets a thin pair of subclasses:
+No architecture in transformers 5.x expresses "a block whose MLP width, head count or input columns differ per
+layer" (shared notes/hf-reload.md), so each registered model type (``models.adapters.REGISTRY``) gets a thin
+pair of subclasses:
 
 * ``Comp<Base>Config`` (``model_type = "comp_<base>"``, e.g. ``comp_llama``): the stock config plus one field,
   ``comp_layers``, a list with one record per block::
 
-      {"mlp_width": 1097,            # intermediate_size (Llama family) / ffn_dim (OPT) of this block
-       "heads": 9, "kv_heads": 3,    # attention heads kept in this block (kv_heads == heads for OPT)
+      {"mlp_width": 1097,            # the registry's MLP width attribute (intermediate_size, ffn_dim...)
+       "heads": 9, "kv_heads": 3,    # attention heads kept (kv_heads == heads where the stock block has
+                                     # one kv head per query head: OPT, GPT-NeoX)
        "indexed": {"self_attn.o_proj": 536},   # denses that read only some input columns: kept count
        "added_bias": ["self_attn.o_proj", "mlp.down_proj"]}   # optional: denses that gained a bias
 
@@ -17,59 +19,56 @@ differ per layer" (shared notes/hf-reload.md), so each supported family gets a t
   the stock config.
 * ``Comp<Base>ForCausalLM``: the stock model class; after the stock ``__init__`` has built full-size blocks
   (on the meta device inside ``from_pretrained``, so that costs nothing) each block's denses are replaced by
-  modules of the recorded shapes. Weight names are unchanged, and an ``IndexedInputLinear`` adds one key,
+  modules of the recorded shapes (a fused q/k/v or gate/up linear gets the rows the registry's index maps
+  give), and the attention's cached head counts are set (``ArchAdapter.set_heads``). Weight names are unchanged, and an ``IndexedInputLinear`` adds one key,
   ``<dense>.input_index`` (int64, a persistent buffer), so the checkpoint maps key for key onto the model.
 
 Importing this module registers every pair with ``AutoConfig`` / ``AutoModelForCausalLM``, so after
 ``import comp_core.models.pruned`` (done by ``comp_core.export``) a plain
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads a pruned folder; no remote code is involved.
 
-Supported stock types: ``llama`` (also SmolLM), ``mistral``, ``qwen2``, ``qwen3``, ``opt``.
+Supported stock types: ``llama`` (also SmolLM/SmolLM2), ``smollm3``, ``mistral``, ``qwen2``, ``qwen3``, ``opt``,
+``gemma``, ``gemma2``, ``gemma3_text`` (Gemma3ForCausalLM), ``phi3`` (Phi-3 and Phi-4), ``gpt_neox`` (Pythia),
+``olmo2``, ``falcon``.
 """
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 from torch import nn
 
-from ..surgery import IndexedInputLinear, set_attention_heads
-from .adapters import LLAMA_FAMILY, OPT_FAMILY, ArchAdapter, UnsupportedModelError
+from ..surgery import IndexedInputLinear
+from .adapters import COMP_PREFIX, REGISTRY, ArchAdapter, registered
 
-COMP_PREFIX = "comp_"
 LAYERS_FIELD = "comp_layers"
-# stock model_type -> (config class name, causal-LM class name) in the ``transformers`` namespace
+# stock model_type -> (config class name, causal-LM class name) in the ``transformers`` namespace; read from
+# the registry (``models.adapters.REGISTRY``)
 SUPPORTED: dict[str, tuple[str, str]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-    "opt": ("OPTConfig", "OPTForCausalLM"),
-}
+    model_type: (adapter.config_class, adapter.model_class) for model_type, adapter in REGISTRY.items()}
 
 
 def adapter_for(base_type: str) -> ArchAdapter:
-    return OPT_FAMILY if base_type == "opt" else LLAMA_FAMILY
+    return registered(base_type)
 
 
 def base_model_type(model_type: str) -> str:
     """``"comp_qwen3"`` -> ``"qwen3"``; a stock type is returned unchanged. Raises for unsupported types."""
-    base = model_type.removeprefix(COMP_PREFIX)
-    if base not in SUPPORTED:
-        raise UnsupportedModelError(
-            f"cannot export/reload model_type '{model_type}': physically pruned checkpoints are supported for "
-            f"{', '.join(SUPPORTED)}")
-    return base
+    registered(model_type)
+    return model_type.removeprefix(COMP_PREFIX)
 
 
 def mlp_width_attr(base_type: str) -> str:
-    return "ffn_dim" if base_type == "opt" else "intermediate_size"
+    return adapter_for(base_type).mlp_width_attr
 
 
-def full_heads(config) -> tuple[int, int]:
-    """(query heads, key/value heads) of an unpruned block of this config."""
-    heads = config.num_attention_heads
-    return heads, getattr(config, "num_key_value_heads", None) or heads
+def full_heads(config, base_type: str | None = None) -> tuple[int, int]:
+    """(query heads, key/value heads) of an unpruned block of this config (read from a stock block, so
+    Falcon's multi-query single kv head counts too)."""
+    _, heads, kv_heads = _stock_facts(base_type or config.model_type.removeprefix(COMP_PREFIX),
+                                      _stock_values(config, base_type))
+    return heads, kv_heads
 
 
 def head_dim_of(config) -> int:
@@ -80,15 +79,8 @@ def head_dim_of(config) -> int:
 # records
 # ---------------------------------------------------------------------------------------------------------
 
-def dense_names(adapter: ArchAdapter) -> dict[str, str]:
-    """kind -> dense path inside a block (``{"q": "self_attn.q_proj", ..., "down": "mlp.down_proj"}``)."""
-    names = {d.kind: d.name for d in adapter.denses}
-    names.setdefault("down", mlp_names(adapter)[1])  # OPT's fc2 plays down_proj's role
-    return names
-
-
 def mlp_names(adapter: ArchAdapter) -> tuple[tuple[str, ...], str]:
-    """(producers, consumer) of the MLP: ((gate, up), down) or ((fc1,), fc2)."""
+    """(producers, consumer) of the MLP: ((gate, up), down), ((gate_up,), down) or ((fc1,), fc2)."""
     consumer = next(d for d in adapter.denses if d.coupled_producers)
     return consumer.coupled_producers, consumer.name
 
@@ -96,38 +88,61 @@ def mlp_names(adapter: ArchAdapter) -> tuple[tuple[str, ...], str]:
 _CONFIG_ONLY_KEYS = ("model_type", "transformers_version", "architectures", LAYERS_FIELD, "auto_map")
 
 
-def stock_biased(config, base_type: str) -> frozenset[str]:
-    """Denses that have an output bias in a stock block of ``config`` (stock or ``comp_<type>``).
+def _stock_values(config, base_type: str | None) -> str:
+    """The config's values for a one-block stock config, as a JSON key (per-layer lists left out)."""
+    adapter = adapter_for(base_type or config.model_type.removeprefix(COMP_PREFIX))
+    drop = set(_CONFIG_ONLY_KEYS) | set(adapter.per_layer_config_lists)
+    values = {k: v for k, v in config.to_dict().items() if k not in drop}
+    values["num_hidden_layers"] = 1
+    return json.dumps(values, sort_keys=True, default=str)
 
-    Read from one stock block built on the meta device (no memory, no weights), so every family's own
-    rules (``attention_bias``, ``mlp_bias``, Qwen2's biased q/k/v, OPT's ``enable_bias``) apply unchanged.
-    """
+
+def stock_block(config, base_type: str) -> nn.Module:
+    """One stock block of ``config`` (stock or ``comp_<type>``), built on the meta device (no memory, no
+    weights), so every family's own rules (biases, head counts) are read from the stock code itself."""
+    return _build_stock_block(base_type, _stock_values(config, base_type))[0]
+
+
+def _build_stock_block(base_type: str, values: str) -> tuple[nn.Module, object]:
+    """(stock block, its one-block stock config)."""
     import transformers
 
     config_name, model_name = SUPPORTED[base_type]
-    values = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_ONLY_KEYS + ("layer_types",)}
-    values["num_hidden_layers"] = 1
-    stock_config = getattr(transformers, config_name).from_dict(values)
+    stock_config = getattr(transformers, config_name).from_dict(json.loads(values))
     with torch.device("meta"):
         stock = getattr(transformers, model_name)(stock_config)
+    return adapter_for(base_type).blocks(stock)[0], stock_config
+
+
+@functools.lru_cache(maxsize=64)
+def _stock_facts(base_type: str, values: str) -> tuple[frozenset[str], int, int]:
+    """(biased denses, heads, kv_heads) of a stock block; cached, as every record check asks for them."""
     adapter = adapter_for(base_type)
-    block = adapter.blocks(stock)[0]
-    return frozenset(d.name for d in adapter.denses if adapter.dense(block, d.name).bias is not None)
+    block, stock_config = _build_stock_block(base_type, values)
+    biased = frozenset(d.name for d in adapter.denses if adapter.dense(block, d.name).bias is not None)
+    heads, kv_heads = adapter.head_counts(block, head_dim_of(stock_config))
+    return biased, heads, kv_heads
+
+
+def stock_biased(config, base_type: str) -> frozenset[str]:
+    """Denses that have an output bias in a stock block of ``config`` (``attention_bias``, ``mlp_bias``,
+    Qwen2's biased q/k/v, OPT's ``enable_bias``, GPT-NeoX's biases everywhere...)."""
+    return _stock_facts(base_type, _stock_values(config, base_type))[0]
 
 
 def block_record(denses: dict[str, nn.Module], adapter: ArchAdapter, head_dim: int,
                  stock_bias: frozenset[str] | set[str] = frozenset()) -> dict:
     """The record (see module docstring) describing a block whose denses are ``denses`` (path -> module);
     ``stock_bias``: the denses a stock block has a bias in (``stock_biased``), so the others' are recorded."""
-    names = dense_names(adapter)
     _, consumer = mlp_names(adapter)
     down = denses[consumer]
     indexed = {name: int(module.input_index.numel()) for name, module in denses.items()
                if isinstance(module, IndexedInputLinear)}
+    heads, kv_heads = adapter.head_counts_of(denses, head_dim)
     record = {
         "mlp_width": int(down.in_features),  # an IndexedInputLinear's in_features is the width it reads
-        "heads": int(denses[names["q"]].out_features // head_dim),
-        "kv_heads": int(denses[names["k"]].out_features // head_dim),
+        "heads": int(heads),
+        "kv_heads": int(kv_heads),
         "indexed": indexed,
     }
     added = [d.name for d in adapter.denses if denses[d.name].bias is not None and d.name not in stock_bias]
@@ -138,7 +153,7 @@ def block_record(denses: dict[str, nn.Module], adapter: ArchAdapter, head_dim: i
 
 def is_stock_record(record: dict, config, base_type: str) -> bool:
     """True when a block has exactly the stock shapes and biases (nothing but whole-block removal happened)."""
-    heads, kv_heads = full_heads(config)
+    heads, kv_heads = full_heads(config, base_type)
     return (record["mlp_width"] == getattr(config, mlp_width_attr(base_type)) and record["heads"] == heads
             and record["kv_heads"] == kv_heads and not record["indexed"] and not record.get("added_bias"))
 
@@ -151,7 +166,7 @@ def check_records(records, config, base_type: str) -> None:
     if not isinstance(records, (list, tuple)) or len(records) != n:
         raise ValueError(f"{LAYERS_FIELD} must be a list with one record per block ({n}), "
                          f"got {type(records).__name__} of length {len(records) if hasattr(records, '__len__') else '?'}")
-    heads, kv_heads = full_heads(config)
+    heads, kv_heads = full_heads(config, base_type)
     dims = {d.name for d in adapter_for(base_type).denses}
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or not {"mlp_width", "heads", "kv_heads", "indexed"} <= set(rec):
@@ -163,8 +178,9 @@ def check_records(records, config, base_type: str) -> None:
                 and h % kv == 0):
             raise ValueError(f"{LAYERS_FIELD}[{i}]: heads={h}, kv_heads={kv} must satisfy 1 <= kv_heads <= "
                              f"{kv_heads}, 1 <= heads <= {heads} and heads % kv_heads == 0")
-        if base_type == "opt" and h != kv:
-            raise ValueError(f"{LAYERS_FIELD}[{i}]: OPT has no grouped-query attention (heads == kv_heads)")
+        if kv_heads == heads and h != kv:
+            raise ValueError(f"{LAYERS_FIELD}[{i}]: a stock block of this config has one key/value head per "
+                             f"query head, so heads == kv_heads; got heads={h}, kv_heads={kv}")
         for name, kept in dict(rec["indexed"]).items():
             if name not in dims:
                 raise ValueError(f"{LAYERS_FIELD}[{i}].indexed: unknown dense '{name}' (known: {sorted(dims)})")
@@ -189,18 +205,22 @@ def _linear(in_features: int, out_features: int, bias: bool, like: nn.Module) ->
 
 def apply_record(block: nn.Module, record: dict, adapter: ArchAdapter, head_dim: int) -> None:
     """Replace the denses of a stock-shaped ``block`` by modules with the shapes in ``record`` (weights unset)."""
-    names = dense_names(adapter)
     producers, consumer = mlp_names(adapter)
-    attn = adapter.dense(block, adapter.attention_path)
+    attention = adapter.attention
     heads, kv_heads, width = record["heads"], record["kv_heads"], record["mlp_width"]
-    # (in_features, out_features) of every dense in the new block, before input indexing
-    shapes = {names["q"]: (None, heads * head_dim), names["k"]: (None, kv_heads * head_dim),
-              names["v"]: (None, kv_heads * head_dim), names["o"]: (heads * head_dim, None),
-              consumer: (width, None), **{p: (None, width) for p in producers}}
+    # (in_features, out_features) of every dense in the new block, before input indexing; a fused q/k/v
+    # dense holds the rows of every kind the layout puts in it
+    shapes: dict[str, tuple[int | None, int | None]] = {}
+    rows = adapter.head_rows(block, heads, kv_heads, head_dim)
+    for kind, name in (("q", attention.q), ("k", attention.k), ("v", attention.v)):
+        shapes[name] = (None, (shapes.get(name, (None, 0))[1] or 0) + rows[kind].numel())
+    shapes[attention.o] = (heads * head_dim, None)
+    shapes[consumer] = (width, None)
+    shapes.update({p: (None, width * adapter.dense_spec(p).row_blocks) for p in producers})
     added = set(record.get("added_bias", ()))
     for spec in adapter.denses:
         old = adapter.dense(block, spec.name)
-        d_in, d_out = shapes[spec.name]
+        d_in, d_out = shapes.get(spec.name, (None, None))
         d_in = old.in_features if d_in is None else d_in
         d_out = old.out_features if d_out is None else d_out
         if spec.name in added and old.bias is not None:
@@ -218,8 +238,7 @@ def apply_record(block: nn.Module, record: dict, adapter: ArchAdapter, head_dim:
         else:
             continue
         _set_path(block, spec.name, new)
-    set_attention_heads(attn, heads, kv_heads)
-    assert attn.head_dim == head_dim, (attn.head_dim, head_dim)
+    adapter.set_heads(block, heads, kv_heads)
 
 
 def _set_path(root: nn.Module, path: str, value: nn.Module) -> None:
