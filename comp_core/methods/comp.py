@@ -76,7 +76,8 @@ class CompConfig:
     granularity: "hybrid" (COMP), "layers" (layer removal only, as many blocks as the ratio needs),
         "neurons" (no layer removal).
     dense_kinds: which denses may lose input neurons (kinds "q", "k", "v", "o", "gate", "up", "down"; OPT's
-        fc1/fc2 are "up"/"down"); None = all, as in the paper. The default prunes only the inputs of down
+        fc1/fc2 are "up"/"down"; fused families' qkv_proj / gate_up_proj are "qkv" / "gate_up", see
+        ``models.adapters.REGISTRY``); None = all, as in the paper. The default prunes only the inputs of down
         (with the coupled gate/up rows) and o: on SmolLM2-135M at 20 % pruning every dense measured 341
         perplexity against 69.8 for down+o — the hidden-state inputs of q/k/v/gate/up carry the residual
         stream's outlier features and lose far more per removed parameter.
