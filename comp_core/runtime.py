@@ -139,7 +139,18 @@ def configure_threads(n: int | None = None) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (``getrusage`` high-water mark)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own memory. ``getrusage``'s
+    ``ru_maxrss`` is kept across ``exec``, so a child started by a large parent (``bench-speed``'s fresh
+    loading process) would report the parent's peak; it is only the fallback elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kB, macOS reports bytes.
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
