@@ -268,6 +268,16 @@ def _evaluate(model, tokenizer, names: list[str], args, progress, timings: dict,
     return out
 
 
+def _check_lengths(model, args, eval_names: list[str]) -> None:
+    """Calibration and evaluation windows within the model's context, before any of them is made."""
+    from .preflight import check_context
+
+    if getattr(args, "seq_len", None) is not None:
+        check_context(model, args.seq_len, "--seq-len")
+    if eval_names:
+        check_context(model, args.eval_seq_len, "--eval-seq-len")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Execute one parsed command; returns the report (also what ``--json`` prints)."""
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -276,7 +286,7 @@ def run(args: argparse.Namespace) -> dict:
     from .data import get_calibration
     from .methods import analyze_with, prune_with
     from .models.loading import load_model
-    from .preflight import check_context, check_exportable, check_output_folder, expected_save_bytes
+    from .preflight import check_exportable, check_output_folder, expected_save_bytes
     from .runtime import configure_threads, count_parameters, peak_rss_mb, stage
 
     out = getattr(args, "out", None)
@@ -298,10 +308,6 @@ def run(args: argparse.Namespace) -> dict:
         for name in eval_names:
             if name not in EVAL_SETS:
                 raise ValueError(f"unknown evaluation set '{name}'; choose from {', '.join(EVAL_SETS)}")
-        if eval_names:
-            check_context(model, args.eval_seq_len, "--eval-seq-len")
-        if getattr(args, "seq_len", None) is not None and args.command != "bench-speed":
-            check_context(model, args.seq_len, "--seq-len")
         if args.command == "bench-speed":
             from .speed import compare_speed
 
@@ -325,6 +331,7 @@ def run(args: argparse.Namespace) -> dict:
             elif not eval_names:
                 eval_names = ["wikitext2"]
             if eval_names:
+                _check_lengths(model, args, eval_names)
                 report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model")
         elif args.command == "compare":
             from .compare import compare_methods, rows_table
@@ -341,6 +348,7 @@ def run(args: argparse.Namespace) -> dict:
             for ratio in args.ratio:
                 for name in args.methods:
                     _settings(name, args, ratio, per_method[name])
+            _check_lengths(model, args, eval_names)
             with stage("calibration", timings):
                 samples = get_calibration(args.calib, tokenizer, args.n_samples, args.seq_len, args.seed, model=model)
             settings = {name: {k: v for k, v in vars(_settings(name, args, args.ratio[0], per_method[name])).items()
@@ -358,6 +366,7 @@ def run(args: argparse.Namespace) -> dict:
             report["table"] = rows_table(rows, eval_names)
         else:
             settings = _settings(args.method, args, args.ratio, args.settings)
+            _check_lengths(model, args, eval_names)
             if out:  # a family export does not cover, or a full disk, found now rather than after pruning
                 check_exportable(model)
                 check_output_folder(out, expected_save_bytes(model, getattr(settings, "ratio", 0.0)))
