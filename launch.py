@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+GUI_PACKAGES = ("gradio", "plotly", "pandas", "kaleido")  # the 'gui' extra of pyproject.toml
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home
 
     from comp_core.runtime import configure_threads
-    from ui.app import build_app, launch_kwargs
+
+    try:
+        from ui.app import build_app, launch_kwargs
+    except ImportError as err:  # gradio, plotly, pandas or kaleido missing: the GUI extra is not installed
+        missing = (err.name or "").split(".")[0]
+        if missing not in GUI_PACKAGES:
+            raise
+        print(f"launch.py: error: the GUI needs the 'gui' extra ({missing} is not installed); install it with "
+              "`pip install -e '.[gui]'` (or run `make app`)", file=sys.stderr)
+        return 2
 
     threads = configure_threads(args.threads)
     demo = build_app(default_source=args.model, default_calib=args.calib, export_folder=args.export_folder)

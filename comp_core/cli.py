@@ -20,7 +20,7 @@ from .scoring import SCORES
 
 log = logging.getLogger("comp_core")
 
-EVAL_SETS = ("wikitext2", "ptb", "c4")
+EVAL_SETS = ("wikitext2", "ptb", "c4", "sample")  # sample: shipped, needs no data folder
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -119,7 +119,7 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default="c4", help="calibration set: c4, wikitext2, ptb, data-free or a local file")
+    p.add_argument("--calib", default="c4", help="calibration set: c4, wikitext2, ptb, data-free, sample (shipped) or a local file")
     p.add_argument("--n-samples", type=int, default=None,
                    help=f"calibration sequences (default {DEFAULT_CALIBRATION[0]}; data-free and --paper: "
                         f"{PAPER_CALIBRATION[0]})")
@@ -268,6 +268,16 @@ def _evaluate(model, tokenizer, names: list[str], args, progress, timings: dict,
     return out
 
 
+def _check_lengths(model, args, eval_names: list[str]) -> None:
+    """Calibration and evaluation windows within the model's context, before any of them is made."""
+    from .preflight import check_context
+
+    if getattr(args, "seq_len", None) is not None:
+        check_context(model, args.seq_len, "--seq-len")
+    if eval_names:
+        check_context(model, args.eval_seq_len, "--eval-seq-len")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Execute one parsed command; returns the report (also what ``--json`` prints)."""
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -276,11 +286,14 @@ def run(args: argparse.Namespace) -> dict:
     from .data import get_calibration
     from .methods import analyze_with, prune_with
     from .models.loading import load_model
+    from .preflight import check_exportable, check_output_folder, expected_save_bytes
     from .runtime import configure_threads, count_parameters, peak_rss_mb, stage
 
     out = getattr(args, "out", None)
     if out and os.path.exists(out) and not args.overwrite:  # fail before minutes of pruning, not after
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace a saved model there")
+    if out:
+        check_output_folder(out)
     configure_threads(args.threads)
     progress = _Progress(enabled=not args.quiet)
     timings: dict = {}
@@ -318,6 +331,7 @@ def run(args: argparse.Namespace) -> dict:
             elif not eval_names:
                 eval_names = ["wikitext2"]
             if eval_names:
+                _check_lengths(model, args, eval_names)
                 report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model")
         elif args.command == "compare":
             from .compare import compare_methods, rows_table
@@ -334,6 +348,7 @@ def run(args: argparse.Namespace) -> dict:
             for ratio in args.ratio:
                 for name in args.methods:
                     _settings(name, args, ratio, per_method[name])
+            _check_lengths(model, args, eval_names)
             with stage("calibration", timings):
                 samples = get_calibration(args.calib, tokenizer, args.n_samples, args.seq_len, args.seed, model=model)
             settings = {name: {k: v for k, v in vars(_settings(name, args, args.ratio[0], per_method[name])).items()
@@ -351,6 +366,10 @@ def run(args: argparse.Namespace) -> dict:
             report["table"] = rows_table(rows, eval_names)
         else:
             settings = _settings(args.method, args, args.ratio, args.settings)
+            _check_lengths(model, args, eval_names)
+            if out:  # a family export does not cover, or a full disk, found now rather than after pruning
+                check_exportable(model)
+                check_output_folder(out, expected_save_bytes(model, getattr(settings, "ratio", 0.0)))
             with stage("calibration", timings):
                 samples = get_calibration(args.calib, tokenizer, args.n_samples, args.seq_len, args.seed, model=model)
             report["calibration"] = {"name": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
@@ -416,8 +435,16 @@ def _print_table(report: dict) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    if isinstance(err, OSError) and err.filename and err.strerror and str(err.filename) not in text:
+        text = f"{err.filename}: {err.strerror}"
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .allocation import ImpossibleRatioError
+    from .runtime import is_out_of_memory, out_of_memory_message
 
     args = build_parser().parse_args(argv)
     if hasattr(args, "calib"):  # a size not given: the project's default budget (the paper's with --paper)
@@ -426,9 +453,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seq_len = default[1] if args.seq_len is None else args.seq_len
     try:
         report = run(args)
-    except (ValueError, ImpossibleRatioError, FileNotFoundError, FileExistsError) as err:
-        print(f"comp-explorer: error: {err}", file=sys.stderr)
+    except (ValueError, ImpossibleRatioError, OSError) as err:  # OSError: missing/existing/unwritable, disk full
+        print(f"comp-explorer: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except MemoryError as err:
+        print(f"comp-explorer: error: {out_of_memory_message(err)}", file=sys.stderr)
+        return 3
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        print(f"comp-explorer: error: {out_of_memory_message(err)}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("comp-explorer: interrupted", file=sys.stderr)
         return 130

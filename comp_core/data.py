@@ -5,8 +5,9 @@ Two entry points:
 * ``get_calibration(name, tokenizer, n_samples, seq_len, seed)`` -> ``LongTensor[n_samples, seq_len]``
 * ``get_eval_tokens(name, tokenizer, split)`` -> ``LongTensor[1, T]`` (one stream; the caller windows it)
 
-Named sets are ``"c4"``, ``"wikitext2"`` and ``"ptb"`` (plus ``"data-free"`` for calibration only);
-any other name is read as a local file (``.txt``, ``.txt.gz``, ``.jsonl``, ``.jsonl.gz``, ``.json.gz``).
+Named sets are ``"c4"``, ``"wikitext2"`` and ``"ptb"`` (plus ``"data-free"`` for calibration only, and
+``"sample"``, a short text shipped in the package for machines without the data sets); any other name is read
+as a local file (``.txt``, ``.txt.gz``, ``.jsonl``, ``.jsonl.gz``, ``.json.gz``).
 
 Where the text comes from: when ``COMP_DATA_DIR`` is set, named sets are read *only* from that folder,
 laid out as ``DATA_LAYOUT`` below (the layout of the shared/data mirror), so a firewalled user gets
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .preflight import check_context
 from .runtime import cache_of, with_cache
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,9 @@ DATA_LAYOUT: dict[str, _NamedSet] = {
 }
 DATASETS: tuple[str, ...] = tuple(DATA_LAYOUT)
 CALIBRATION_SETS: tuple[str, ...] = (*DATASETS, DATA_FREE)
+# Texts shipped inside the package (written for the project, public domain; texts/PROVENANCE.md), so a machine
+# without COMP_DATA_DIR or network can still calibrate and evaluate. Read like a local .txt file.
+SHIPPED: dict[str, Path] = {"sample": Path(__file__).resolve().parent / "texts" / "sample.txt"}
 
 # SparseGPT's C4 shards (``data_files``), read through ``datasets`` when no local mirror is set
 _HUB_C4_FILES = {
@@ -114,6 +119,23 @@ def data_dir() -> Path | None:
     """The local data mirror named by ``$COMP_DATA_DIR``, or None when unset (no guessing)."""
     value = os.environ.get(DATA_DIR_ENV, "").strip()
     return Path(value).expanduser() if value else None
+
+
+def is_available(name: str) -> bool:
+    """Whether ``name`` can be read without asking for anything: shipped, data-free, a local copy under
+    ``$COMP_DATA_DIR``, or (with it unset) the ``datasets`` package that fetches from the hub."""
+    key = name.strip().lower()
+    if key in SHIPPED or key == DATA_FREE:
+        return True
+    if key not in DATA_LAYOUT:
+        return Path(name).expanduser().is_file()
+    root = data_dir()
+    if root is None:
+        import importlib.util
+
+        return importlib.util.find_spec("datasets") is not None
+    split = "validation" if key == "c4" else "test"
+    return _local_file_for(key, split, root) is not None
 
 
 def _normalise_split(split: str) -> str:
@@ -131,7 +153,7 @@ def _layout_text(key: str) -> str:
 
 def _unknown_name_error(name: str, allowed: Sequence[str]) -> DataError:
     return DataError(
-        f"unknown data set {name!r}: valid names are {', '.join(repr(n) for n in allowed)}, "
+        f"unknown data set {name!r}: valid names are {', '.join(repr(n) for n in (*allowed, *SHIPPED))}, "
         f"or a path to a local file ending in {', '.join(LOCAL_SUFFIXES)}"
     )
 
@@ -139,6 +161,8 @@ def _unknown_name_error(name: str, allowed: Sequence[str]) -> DataError:
 def _resolve(name: str, allowed: Sequence[str]) -> tuple[str, Path | None]:
     """Map a user-facing name to (registry key, None) or ("file", path)."""
     key = name.strip().lower()
+    if key in SHIPPED:
+        return "file", SHIPPED[key]
     if key in allowed:
         return key, None
     path = Path(name).expanduser()
@@ -517,6 +541,7 @@ def get_calibration(
     Tokenisation uses the tokenizer's default special tokens, as SparseGPT does.
     """
     _check_calibration_args(n_samples, seq_len)
+    check_context(model, seq_len)  # before reading, tokenising or sampling anything
     if name.strip().lower() == DATA_FREE:
         return _data_free(model, tokenizer, n_samples, seq_len, seed)
     key, path = _resolve(name, CALIBRATION_SETS)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .preflight import check_context
+
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +114,7 @@ def perplexity(
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_context(model, seq_len)
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
     n_windows = tokens.numel() // seq_len

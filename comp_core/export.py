@@ -35,9 +35,10 @@ any transformers install loads it. Otherwise the folder's ``model_type`` is ``co
 (``comp_core.models.pruned``): ``load_pruned(path)`` or, once ``comp_core.export`` (or
 ``comp_core.models.pruned``) is imported, plain ``AutoModelForCausalLM.from_pretrained(path)``.
 
-Writing is atomic: everything goes to a hidden folder next to ``path`` that is renamed into place at the end;
-an existing ``path`` is refused (``FileExistsError``) unless ``overwrite``, and then replaced only once the new
-folder is complete.
+Writing is atomic (``comp_core.atomic``): everything goes to a hidden folder next to ``path`` that is swapped into
+place at the end, so a kill at any moment leaves no ``path``, the old one intact, or the new one complete; an
+existing ``path`` is refused (``FileExistsError``) unless ``overwrite``, and then replaced only once the new folder
+is complete. A failed write (disk full, permission denied) removes its staging folder.
 """
 from __future__ import annotations
 
@@ -47,13 +48,13 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .atomic import replace_folder, staging_path, sweep
 from .models.adapters import ArchAdapter, get_adapter
 from .models.loading import _quiet
 from .models.pruned import (
@@ -284,6 +285,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, report: di
     ``overwrite``. The model is not modified.
     """
     path = Path(path).expanduser().absolute()
+    if path.parent.is_dir():
+        sweep(path)  # what a killed earlier save left: its staging folder, or the old folder it had moved aside
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -292,7 +295,7 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, report: di
         report = report.to_dict()
     plan = plan_export(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging = staging_path(path)
     staging.mkdir()
     try:
         with _quiet():
@@ -305,7 +308,7 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, report: di
             json.dump({"export": summary, "pruning": report}, f, indent=1, default=_json_default)
         _check_no_pickle(staging)
         _normalise_permissions(staging)
-        _move_into_place(staging, path, overwrite)
+        replace_folder(staging, path, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -334,22 +337,6 @@ def _normalise_permissions(folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.is_file():
             f.chmod(mode)
-
-
-def _move_into_place(staging: Path, path: Path, overwrite: bool) -> None:
-    if not (path.exists() or path.is_symlink()):
-        os.rename(staging, path)
-        return
-    if not overwrite:  # appeared while we were writing
-        raise FileExistsError(f"{path} appeared while saving; nothing was replaced")
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(path, old)
-    try:
-        os.rename(staging, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_pruned(path: str | os.PathLike, *, device: str | torch.device = "cpu",

@@ -17,7 +17,10 @@ from .models.adapters import ArchAdapter
 
 def collect_fisher(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor, layers: list[int],
                    on_event: ProgressCallback | None = None) -> dict[tuple[int, str], torch.Tensor]:
-    """{(position in the current block list, dense name): Fisher score (d_in,) float64}; one sample per pass."""
+    """{(position in the current block list, dense name): Fisher score (k,) float64}; one sample per pass.
+
+    ``k`` is the number of inputs the dense still reads (its weight's columns), the coordinates every other
+    score and the mask solve use; for an already pruned ``IndexedInputLinear`` that is fewer than ``in_features``."""
     blocks = adapter.blocks(model)
     scores: dict[tuple[int, str], torch.Tensor] = {}
     per_sample: dict[tuple[int, str], torch.Tensor] = {}
@@ -29,16 +32,10 @@ def collect_fisher(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor
 
             def grad_hook(grad_out):
                 g = grad_out.reshape(-1, grad_out.shape[-1]).double() @ module.weight.detach().double()  # (N, k)
-                xk = x.reshape(-1, x.shape[-1]).double()
-                if hasattr(module, "input_index"):
-                    xk = xk[:, module.input_index]
-                full = torch.zeros(module.in_features, dtype=torch.float64, device=g.device)
-                full_part = (xk * g).sum(dim=0)
-                if hasattr(module, "input_index"):
-                    full[module.input_index] = full_part
-                else:
-                    full = full_part
-                per_sample[key] = per_sample.get(key, 0) + full
+                xk = x.reshape(-1, x.shape[-1]).double()  # (N, in_features)
+                if hasattr(module, "input_index"):  # an already pruned dense reads only its kept inputs
+                    xk = xk[:, module.input_index]  # (N, k)
+                per_sample[key] = per_sample.get(key, 0) + (xk * g).sum(dim=0)  # (k,)
             output.register_hook(grad_hook)
         return forward_hook
 

@@ -66,9 +66,19 @@ def solve_mask(coeff: torch.Tensor, keep: torch.Tensor, rhs: torch.Tensor | None
     ``rhs``: the full-length b (d_in,), already damped; None = C · 1 (target and inputs from one stream).
     """
     c_uu = coeff[keep][:, keep]  # (k, k)
+    lower, retry = cholesky(c_uu)
     b = coeff[keep].sum(dim=1) if rhs is None else rhs[keep].to(coeff.dtype)  # (k,)
-    lower, _ = cholesky(c_uu)
+    b = b + _retry_eps(c_uu, retry)  # a retry's damping goes on both sides, as the first damping did
     return torch.cholesky_solve(b.unsqueeze(1), lower).squeeze(1)
+
+
+def _retry_eps(matrix: torch.Tensor, retry: float) -> float:
+    """The absolute damping a Cholesky retry added to ``matrix`` (0 when the first try succeeded).
+
+    The convention of this module is C + εI on the left and b + ε·1 on the right (the objective plus
+    ε‖1 − m‖²); a retry adds more ε to the left, so the right-hand side must be built *after* the
+    factorisation and get the same ε, or the mask solves a system that belongs to no objective."""
+    return damping(matrix, retry) if retry > 0 else 0.0
 
 
 def reconstruction_error(coeff: torch.Tensor, mask: torch.Tensor, rhs: torch.Tensor | None = None,
@@ -105,6 +115,8 @@ class MaskPath:
     prune_order: torch.Tensor  # (d_in,)
     variance: torch.Tensor  # (max_removed + 1,)
     _cumulative: torch.Tensor | None = None  # (d_in, d_in) rows = masks in keep order; None when not kept
+    retry_damp: float = 0.0  # relative damping a failed Cholesky added (0: none); the path is exact for
+    # C + εI with ε = retry_damp × mean diag(C), on both sides of the normal equations
 
     def keep_index(self, n_removed: int) -> torch.Tensor:
         """Kept columns (positions in W), in keep order, after removing ``n_removed``."""
@@ -132,11 +144,12 @@ def mask_path(coeff: torch.Tensor, prune_order: torch.Tensor, max_removed: int, 
     max_removed = int(min(max_removed, n - 1))
     keep_order = prune_order.flip(0)
     permuted = coeff[keep_order][:, keep_order]  # (n, n)
+    lower, retry = cholesky(permuted)  # first: a retry's damping must reach the right-hand side too
     if rhs is None:
         rhs = permuted.sum(dim=1)  # C_{U,:}·1 in keep order, (n,)
     else:
         rhs = rhs.to(coeff.dtype)[keep_order]  # b in keep order, (n,)
-    lower, _ = cholesky(permuted)
+    rhs = rhs + _retry_eps(permuted, retry)
     eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
     lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)  # (n, n) lower triangular
     y = lower_inv @ rhs  # (n,)
@@ -160,7 +173,7 @@ def mask_path(coeff: torch.Tensor, prune_order: torch.Tensor, max_removed: int, 
     if keep_masks:
         cumulative = torch.zeros(n, n, dtype=coeff.dtype, device=coeff.device)
         cumulative[first_row:] = torch.cat(rows)
-    return MaskPath(prune_order=prune_order, variance=variance, _cumulative=cumulative)
+    return MaskPath(prune_order=prune_order, variance=variance, _cumulative=cumulative, retry_damp=retry)
 
 
 def mask_variance_plain(coeff: torch.Tensor, prune_order: torch.Tensor, max_removed: int,

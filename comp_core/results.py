@@ -28,6 +28,8 @@ class DenseReport:
     removed_heads: int = 0  # whole attention heads among the removed inputs (o_proj of head-pruning methods)
     new_weight: torch.Tensor | None = None  # refit weight of the kept columns (kept in memory, never serialised)
     sparsity: float | None = None  # masks: share of this dense's weights that are zero
+    kept_index: torch.Tensor | None = None  # (d_in,) long: original input position of each score (None: 0..d_in-1;
+    # set where the source was already pruned, whose denses read only some of their original inputs)
 
     def to_dict(self, with_scores: bool = False) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)
@@ -35,6 +37,8 @@ class DenseReport:
         if with_scores:
             out["scores"] = self.scores.tolist()
             out["pruned_index"] = self.pruned_index.tolist()
+            if self.kept_index is not None:
+                out["kept_index"] = self.kept_index.tolist()
         return out
 
 

@@ -5,6 +5,7 @@
 * :func:`peak_rss_mb` / :func:`current_rss_mb` read process memory without psutil.
 * :func:`stage` (or :class:`StageTimer`) records wall time and peak RSS of a named step into a plain dict.
 * :func:`count_parameters` counts each distinct weight tensor once (tied embeddings count once).
+* :func:`is_out_of_memory` / :func:`out_of_memory_message` recognise a failed allocation and say it in one line.
 
 Nothing here imports transformers; only ``torch`` and the standard library.
 """
@@ -138,7 +139,18 @@ def configure_threads(n: int | None = None) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (``getrusage`` high-water mark)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own memory. ``getrusage``'s
+    ``ru_maxrss`` is kept across ``exec``, so a child started by a large parent (``bench-speed``'s fresh
+    loading process) would report the parent's peak; it is only the fallback elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kB, macOS reports bytes.
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
@@ -257,3 +269,37 @@ def cache_of(output):
     if "cache" in output:
         return output["cache"]
     return output.get("past_key_values")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for a failed allocation: ``MemoryError``, CUDA's ``OutOfMemoryError`` or the CPU allocator's
+    ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def available_memory_mb() -> float | None:
+    """``MemAvailable`` of /proc/meminfo in MiB (None where there is no /proc)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def out_of_memory_message(err: BaseException) -> str:
+    """One line for a failed allocation: what failed and the memory figures a user needs to size the run."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    figures = [f"peak RSS {peak_rss_mb():.0f} MiB"]
+    available = available_memory_mb()
+    if available is not None:
+        figures.append(f"{available:.0f} MiB available now")
+    if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
+        figures.append(f"CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    return (f"out of memory ({first}); {', '.join(figures)}; try fewer or shorter calibration sequences "
+            "(--n-samples/--seq-len), --dtype bfloat16 or a machine with more memory")

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .export import REPORT_FILE, _check_replaceable, _move_into_place, folder_bytes, plan_export, save_pruned
+from .atomic import replace_folder
+from .export import REPORT_FILE, _check_replaceable, folder_bytes, plan_export, save_pruned
 from .models.adapters import get_adapter
 from .sparsity import SparsityPattern, zero_counts
 
@@ -184,7 +185,7 @@ def save_compressed(model: nn.Module, tokenizer, path: str | os.PathLike, patter
             "compressed_weight_bytes": compressed_bytes, "loader": "comp_core.sparse_export.load_compressed"}
         with open(staging / REPORT_FILE, "w") as f:
             json.dump(saved, f, indent=1)
-        _move_into_place(staging, path, overwrite)
+        replace_folder(staging, path, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

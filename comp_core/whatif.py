@@ -226,6 +226,16 @@ def stale_reasons(old: CompConfig | None, new: CompConfig) -> list[str]:
 # ------------------------------------------------------------------------------------------- neuron maps
 
 
+def _original_width(d) -> int:
+    """Columns of a dense's row in the neuron map: its original input width (more than ``d_in`` when the source
+    was already pruned)."""
+    width = d.d_in
+    for index in (d.kept_index, d.pruned_index):
+        if index is not None and index.numel():
+            width = max(width, int(index.max()) + 1)
+    return width
+
+
 def neuron_maps(plan: CompPlan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """kind -> (log10 scores [n_layers, max d_in] float32, NaN where a layer has no such dense report,
     pruned mask [n_layers, max d_in] bool), from ``plan.dense_reports`` of any method: the layer × neuron
@@ -235,13 +245,16 @@ def neuron_maps(plan: CompPlan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         by_kind.setdefault(d.kind, []).append(d)
     out = {}
     for kind, reports in by_kind.items():
-        width = max(d.d_in for d in reports)
+        width = max(_original_width(d) for d in reports)
         scores = np.full((plan.n_layers, width), np.nan, dtype=np.float32)
         pruned = np.zeros((plan.n_layers, width), dtype=bool)
         for d in reports:
             if d.scores is not None and d.scores.numel():
-                scores[d.layer, : d.scores.numel()] = (
-                    d.scores.detach().double().clamp_min(1e-30).log10().float().cpu().numpy())
+                # scores come in the dense's kept coordinates; the map (and pruned_index) uses the original ones,
+                # so inputs an earlier pruning removed stay NaN
+                where = (d.kept_index.cpu().numpy() if d.kept_index is not None
+                         else np.arange(d.scores.numel()))
+                scores[d.layer, where] = d.scores.detach().double().clamp_min(1e-30).log10().float().cpu().numpy()
             if d.pruned_index is not None and d.pruned_index.numel():
                 pruned[d.layer, d.pruned_index.cpu().numpy()] = True
         out[kind] = (scores, pruned)

@@ -374,7 +374,8 @@ def test_compare_scores_every_row_on_the_tasks(tiny_folder, capsys, monkeypatch)
     assert alone["headline"] == expected
     code, out, err = run_cli(capsys, "compare", "--model", str(tiny_folder), "--methods", "magnitude",
                              "--sparsity", "0.9", "--tasks", tasks, "--limit", str(limit), "--calib", "wikitext2",
-                             "--n-samples", "2", "--seq-len", "16", "--max-windows", "2", "--no-bytes", "--json")
+                             "--n-samples", "2", "--seq-len", "16", "--max-windows", "2", "--eval-seq-len", "64",
+                             "--no-bytes", "--json")
     assert code == 0, err
     report = json.loads(out)
     original, masked = report["rows"]

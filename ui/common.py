@@ -20,6 +20,8 @@ import torch
 
 from comp_core import (Cancelled, DataError, ImpossibleRatioError, ModelLoadError, PruneEvent, UnsupportedModelError,
                        count_parameters, get_adapter, get_calibration, perplexity)
+from comp_core.data import is_available
+from comp_core.runtime import is_out_of_memory, out_of_memory_message
 
 from .session import ModelCache, ResultCache, Session, normalise_source
 
@@ -28,8 +30,8 @@ log = logging.getLogger(__name__)
 MODELS = ModelCache(max_items=2)
 ORIGINAL_RESULTS = ResultCache()  # (model key, what, ...) -> perplexity / speed of a shared original
 
-EVAL_SETS = ("wikitext2", "ptb", "c4")
-EVAL_LABELS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
+EVAL_SETS = ("wikitext2", "ptb", "c4", "sample")
+EVAL_LABELS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4", "sample": "Sample text (shipped)"}
 QUICK_WINDOWS = 8
 ZEROSHOT_QUICK_LIMIT = 50  # items per zero-shot task in quick mode (the harness's first N)
 EVAL_SEQ_LEN = 512
@@ -41,7 +43,7 @@ STAGE_LABELS = {
     "speed": "Generation speed", "compare": "Comparing", "apply": "Applying the plan",
 }
 USER_ERRORS = (ModelLoadError, DataError, UnsupportedModelError, ImpossibleRatioError, ValueError,
-               FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+               OSError)  # OSError: missing, existing or unwritable files, a full disk
 
 
 # ---------------------------------------------------------------------------------------- errors, progress
@@ -58,9 +60,10 @@ def to_gr_error(err: BaseException, where: str = "handler") -> gr.Error:
         return err
     if isinstance(err, Cancelled):
         return gr.Error("The run was stopped; nothing was changed.", title="Cancelled", print_exception=False)
-    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
-        return gr.Error("Out of memory. Try fewer calibration samples, a shorter length, or a smaller model.",
-                        duration=None, title="Out of memory", print_exception=False)
+    if is_out_of_memory(err):  # with the memory figures: peak RSS, what is available now (CUDA peak on a GPU)
+        log.warning("%s: %s", where, err)
+        return gr.Error(message(out_of_memory_message(err)), duration=None, title="Out of memory",
+                        print_exception=False)
     if isinstance(err, USER_ERRORS):
         log.info("%s: %s", where, err)
         return gr.Error(message(err), duration=None, title="Cannot do that", print_exception=False)
@@ -167,6 +170,26 @@ def request_cancel(session: Session) -> str:
     """Ask the running task of this tab to stop at its next step."""
     session.cancel.set()
     return "<span class='cx-muted'>Stopping… the current step finishes first.</span>"
+
+
+def default_eval_sets() -> list[str]:
+    """WikiText-2 where a local copy (or the hub) has it; otherwise the text shipped with the package."""
+    return ["wikitext2"] if is_available("wikitext2") else ["sample"]
+
+
+def default_calibration(name: str) -> str:
+    """``name`` when it can be read here; otherwise data-free calibration (samples from the model itself)."""
+    return name if name == "file" or is_available(name) else "data-free"
+
+
+def data_note() -> str:
+    """What the page says when the data sets are not available locally ("" when they are)."""
+    if is_available("wikitext2"):
+        return ""
+    return ("WikiText-2 is not available locally (set <code>COMP_DATA_DIR</code> to a folder with "
+            "<code>wikitext2/wiki.test.raw</code>, or install the <code>hub</code> extra): perplexity uses the "
+            "short <b>sample text</b> shipped with comp-explorer, which is not comparable with published "
+            "WikiText-2 figures, and calibration defaults to <b>data-free</b> (text sampled from the model).")
 
 
 def export_available() -> bool:

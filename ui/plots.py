@@ -340,7 +340,7 @@ def pattern_order(label: str) -> tuple:
         return (math.inf, 2, 0, text)
 
 
-def ppl_vs_ratio(runs: Sequence[Mapping], datasets: Sequence[str] = ("wikitext2", "ptb", "c4"),
+def ppl_vs_ratio(runs: Sequence[Mapping], datasets: Sequence[str] = ("wikitext2", "ptb", "c4", "sample"),
                  title: str = "Perplexity vs realised ratio (all runs of this session)") -> go.Figure:
     """One line per evaluation set through every run that has a perplexity for it (log y).
 

@@ -96,6 +96,7 @@ class Session:
 
     model_key: str | None = None
     loaded: LoadedModel | None = None
+    controls_key: str | None = None  # the model whose layers / dense kinds the sidebar's controls hold (None: none)
     calib_key: tuple | None = None
     samples: Any = None  # LongTensor[n, seq_len]
     analysis: Any = None  # ui.tabs.analyse.Analysis (its plan, settings and calibration key)
@@ -130,6 +131,11 @@ class Session:
         self.analysis = None
         self.drop_pruned()
         self.figures.clear()
+
+    def controls_filled(self) -> bool:
+        """Whether the sidebar's protected-layer and dense-kind controls were filled for the current model; until
+        they are, their (empty) values mean "the defaults", not "nothing"."""
+        return self.model_key is not None and self.controls_key == self.model_key
 
     def drop_pruned(self) -> None:
         self.pruned = self.result = self.pruned_run = None

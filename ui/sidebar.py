@@ -22,7 +22,8 @@ from . import common
 from .session import Session
 
 CALIB_CHOICES = [("C4 (train)", "c4"), ("WikiText-2", "wikitext2"), ("PTB", "ptb"),
-                 ("Data-free (sampled from the model)", "data-free"), ("Local file…", "file")]
+                 ("Data-free (sampled from the model)", "data-free"), ("Sample text (shipped)", "sample"),
+                 ("Local file…", "file")]
 DEFAULT_SCORE = CompConfig().score  # the core's measured default
 SCORE_LABELS = {"diag": "diag — ‖W_j‖²·‖X_j‖²", "obs": "obs — error after re-tuning",
                 "obs-greedy": "obs-greedy — sequential OBS with updates (slow)",
@@ -182,17 +183,25 @@ def load(session: Session, source, calib, calib_file, n_samples, seq_len, seed, 
     bridge = common.Bridge(progress, session)
     with common.exclusive(session):
         try:
-            previous = session.model_key
             common.ensure_model(session, source, bridge)
             common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
         except (ModelLoadError, DataError, UnsupportedModelError, ValueError) as err:
             gr.Warning(common.message(err), title="Cannot load")
             return common.model_card(session, common.message(err)), gr.update(), gr.update(), gr.update()
-        changed = previous != session.model_key
+        changed = not session.controls_filled()
     protected, kinds, slider = control_updates(session)
     if not changed:  # same model: keep what the user chose
         protected, kinds = gr.update(), gr.update()
+    session.controls_key = session.model_key
     return common.model_card(session), protected, kinds, slider
+
+
+def unfilled_defaults(session: Session, protected, dense_kinds):
+    """(protected, dense kinds) as the controls will show them: the model's defaults while the controls were
+    never filled for it (a model loaded by Prune or Compare leaves them empty), else the values given."""
+    if session.loaded is None or session.controls_filled():
+        return protected, dense_kinds
+    return default_protected(common.n_layers(session)), default_kinds(common.dense_kinds(session))
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -200,6 +209,7 @@ def load(session: Session, source, calib, calib_file, n_samples, seq_len, seed, 
 
 def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleNamespace:
     c = SimpleNamespace()
+    default_calib = common.default_calibration(default_calib)  # c4 without a local copy: data-free
     gr.HTML("<div class='cx-h3'>Model</div>")
     c.source = gr.Textbox(value=default_source, label="Model", show_label=False, elem_id="model-source",
                           placeholder="bundled · HF id · model folder · file.gguf",

@@ -364,7 +364,8 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
             pruned_index=(index_map[pruned] if index_map is not None else pruned).cpu(),
             mask_variance=variance, error_no_tuning=err_plain, error_tuned=err_tuned,
             mask=mask.float().cpu() if mask is not None else None, compensation=compensation, ridge=ridge,
-            new_weight=new_weight.cpu() if new_weight is not None else None))
+            new_weight=new_weight.cpu() if new_weight is not None else None,
+            kept_index=index_map.cpu() if index_map is not None else None))
     if apply:
         realised = apply_block_cuts(block, adapter, keeps, {d.name: d.mask for d in reports},
                                     {d.name: d.new_weight for d in reports}, units)

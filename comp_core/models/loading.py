@@ -228,13 +228,30 @@ def _discard(folder: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def check_loading_info(info: dict, where: str) -> None:
+    """Refuse a checkpoint whose config disagrees with its weights (transformers would initialise the missing
+    tensors at random, print its "newly initialized" report and carry on)."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the weights"), ("unexpected_keys", "not in the config"),
+                      ("mismatched_keys", "of another shape than the config says")):
+        names = sorted(str(n) for n in info.get(key) or ())
+        if names:
+            problems.append(f"{len(names)} tensor(s) {what} (e.g. {', '.join(names[:3])})")
+    if problems:
+        raise ModelLoadError(f"{where}: config.json does not match the safetensors weights: {'; '.join(problems)}; "
+                             "refusing to run with randomly initialised weights")
+
+
 def _load_folder(folder: Path, dtype: torch.dtype | str, trust_remote_code: bool, quiet: bool = False,
                  need_tokenizer: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with _quiet(progress=True, warnings=True):  # a mismatch is refused below, not reported by transformers
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, dtype=dtype,
+                                                           trust_remote_code=trust_remote_code,
+                                                           output_loading_info=True)
+    check_loading_info(info, str(folder))
     with _quiet(progress=True, warnings=quiet):
-        model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
         except Exception as err:  # no tokenizer files in the folder
@@ -296,13 +313,15 @@ def _load_hub(repo_id: str, dtype, trust_remote_code: bool):
 
     offline = _hub_offline()
     try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, use_safetensors=True, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code, local_files_only=offline)
+        model, info = AutoModelForCausalLM.from_pretrained(repo_id, use_safetensors=True, dtype=dtype,
+                                                           trust_remote_code=trust_remote_code,
+                                                           local_files_only=offline, output_loading_info=True)
     except Exception as err:
         hint = " (HF_HUB_OFFLINE is set, so only the local hub cache was searched)" if offline else ""
         raise ModelLoadError(
             f"model '{repo_id}' could not be found locally or downloaded from the Hugging Face hub{hint}: {err}. "
             "Pass a local folder with config.json + *.safetensors, a .gguf file, or 'bundled'.") from err
+    check_loading_info(info, repo_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code,
                                                   local_files_only=offline)
@@ -361,6 +380,8 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
             _check_folder(path)
             try:
                 model, tokenizer = _load_folder(path, "auto" if auto else target_dtype, trust_remote_code)
+            except ModelLoadError:
+                raise
             except Exception as err:
                 raise ModelLoadError(f"could not load the model in {path}: {err}") from err
         elif path.exists():

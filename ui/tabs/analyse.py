@@ -210,12 +210,11 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
     bridge = common.Bridge(progress, session)
     started = time.perf_counter()
     with common.exclusive(session):
-        previous = session.model_key
         common.ensure_model(session, source, bridge)
-        fresh_model = previous != session.model_key
-        if fresh_model:  # the dropdowns still hold the previous model's (or no) choices: use what they will show
-            protected = sidebar.default_protected(common.n_layers(session))
-            dense_kinds = sidebar.default_kinds(common.dense_kinds(session))
+        # the controls still hold the previous model's (or no) choices, also when Prune loaded this one: use
+        # what they will show, so the analysed settings are the ones the page displays afterwards
+        fresh_model = not session.controls_filled()
+        protected, dense_kinds = sidebar.unfilled_defaults(session, protected, dense_kinds)
         common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
         cfg = sidebar.session_config(session, ratio, n_remove, False, protected, score, mask_tuning, inputs,
                                      dense_kinds, depth)
@@ -241,6 +240,7 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
     protected_u, kinds_u, slider_u = sidebar.control_updates(session)
     if not fresh_model:  # keep what the user chose
         protected_u, kinds_u = gr.update(), gr.update()
+    session.controls_key = session.model_key
     return (curve, history, bars, heat, detail, plan_summary(session, plan, auto=bool(auto)), status,
             common.model_card(session), protected_u, kinds_u, slider_u,
             gr.update(choices=kinds, value=kind),

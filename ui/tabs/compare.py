@@ -469,7 +469,8 @@ def build() -> SimpleNamespace:
                                           info="0.5 = half of each linear; N:M = N zeros in every M (2:4, 4:8)")
             with gr.Row():
                 t.sets = gr.CheckboxGroup([(common.EVAL_LABELS[d], d) for d in common.EVAL_SETS],
-                                          value=["wikitext2"], label="Perplexity on", elem_id="compare-sets",
+                                          value=common.default_eval_sets(), label="Perplexity on",
+                                          elem_id="compare-sets",
                                           scale=2)
                 t.windows = gr.Number(value=common.QUICK_WINDOWS, precision=0, minimum=0, label="Windows",
                                       info="of 512 tokens; 0 = all", elem_id="compare-windows", scale=1,

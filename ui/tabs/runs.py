@@ -26,7 +26,7 @@ from ..session import Session
 # what a comparison needs first (ratio, perplexity, speed, size), then how each run was made
 # (mask runs: the realised ratio says that nothing was removed; sparsity and zeros say what the masks did)
 RESULT_COLUMNS = ["run", "model", "method", "realised ratio", "sparsity", "zeros of all params", "ppl wikitext2",
-                  "ppl ptb", "ppl c4", "tokens/s", "params", "weights MB", "disk MB", "removed layers", "target",
+                  "ppl ptb", "ppl c4", "ppl sample", "tokens/s", "params", "weights MB", "disk MB", "removed layers", "target",
                   "score", "mask tuning", "calibration", "eval", "prune s", "path"]
 NOTHING_REMOVED = "masks: nothing removed"
 # a quick measurement for the GUI: batch 1, short prompt, two timed rounds (the bench uses more)
@@ -37,7 +37,7 @@ SPEED_SETTINGS = {"prefill_tokens": 128, "decode_tokens": 32, "batch_sizes": (1,
 def columns(rows: list[dict] | None = None) -> list[str]:
     """The table's columns; zero-shot accuracies follow the perplexities once a run has them."""
     cols = [c for c in RESULT_COLUMNS if c != "tokens/s" or common.speed_available()]
-    at = cols.index("ppl c4") + 1
+    at = cols.index("ppl sample") + 1
     return cols[:at] + common.accuracy_columns(rows or []) + cols[at:]
 
 
@@ -87,7 +87,7 @@ def original_row(session: Session) -> dict:
 def results_table(session: Session) -> pd.DataFrame:
     """Every run of the session, formatted for reading (numbers stay numbers in ``session.runs``)."""
     specs = {"target": ".0%", "realised ratio": ".2%", "weights MB": ",.0f", "disk MB": ",.0f",
-             "ppl wikitext2": ",.2f", "ppl ptb": ",.2f", "ppl c4": ",.2f", "tokens/s": ",.1f", "prune s": ",.1f"}
+             "ppl wikitext2": ",.2f", "ppl ptb": ",.2f", "ppl c4": ",.2f", "ppl sample": ",.2f", "tokens/s": ",.1f", "prune s": ",.1f"}
     cols = columns(session.runs)
     specs.update({c: ".3f" for c in cols if c.startswith("acc ") or c == "mean acc"})
     rows = []
@@ -128,10 +128,11 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
     with common.exclusive(session):
         common.ensure_model(session, source, bridge)
         common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
+        protected, dense_kinds = sidebar.unfilled_defaults(session, protected, dense_kinds)
         settings = sidebar.method_settings(session, method, ratio, n_remove, auto, protected, score, mask_tuning,
                                            inputs, dense_kinds, depth, sparsity)
         plan, why_not = plan_to_apply(session, settings)
-        session.drop_pruned()  # free the previous pruned copy before making a new one
+        # the previous pruned copy stays until this run succeeds: a cancelled or failed run changes nothing
         bridge.step("Copying the model (the original stays untouched) …", stage="copy")
         work = copy.deepcopy(session.loaded.model)
         started = time.perf_counter()
@@ -226,6 +227,57 @@ def _zeroshot(model, tokenizer, tasks: list[str], limit: int | None) -> dict[str
     return evaluate_tasks(model, tokenizer, tasks, limit=limit, quiet=True).headline()
 
 
+def _measure(session: Session, targets, datasets, tasks, with_speed, quick, windows, limit, seq_len, bridge,
+             lines: list[str], accuracy_lines: list[str]) -> None:
+    """Evaluate's measurements into the ``targets``' rows (copies); fills ``lines`` / ``accuracy_lines``."""
+    loaded = session.loaded
+    original = targets[0][2]
+    eval_text = f"{'quick' if quick else 'full'} {seq_len}"
+    for ds in datasets:
+        bridge.step(f"Tokenising {common.EVAL_LABELS[ds]} …", stage="evaluate")
+        tokens = get_eval_tokens(ds, loaded.tokenizer)
+        for name, model, row, shared in targets:
+            key = (session.model_key, "ppl", ds, windows, seq_len)
+            value = common.ORIGINAL_RESULTS.get(key) if shared else None
+            if value is None:
+                value = common.measure_ppl(model, tokens, seq_len, windows, bridge,
+                                           f"{common.EVAL_LABELS[ds]} · {name}")
+                if shared:
+                    common.ORIGINAL_RESULTS.put(key, value)
+            row[f"ppl {ds}"] = value
+            row["eval"] = eval_text
+        label = common.EVAL_LABELS[ds]
+        if len(targets) == 2:
+            lines.append(f"{label}: {original[f'ppl {ds}']:.2f} → {targets[1][2][f'ppl {ds}']:.2f}")
+        else:
+            lines.append(f"{label}: {original[f'ppl {ds}']:.2f}")
+    if tasks:
+        for name, model, row, shared in targets:
+            found = {t: common.ORIGINAL_RESULTS.get((session.model_key, "zeroshot", t, limit)) for t in tasks}
+            missing = [t for t in tasks if found[t] is None or not shared]
+            if missing:
+                bridge.step(f"Zero-shot {', '.join(missing)} · {name} (lm-eval) …", stage="zeroshot")
+                found.update(_zeroshot(model, loaded.tokenizer, missing, limit))
+                if shared:
+                    for t in missing:
+                        common.ORIGINAL_RESULTS.put((session.model_key, "zeroshot", t, limit), found[t])
+            common.set_accuracy(row, {t: v for t, v in found.items() if v is not None})
+            row["eval"] = eval_text
+        for t in tasks:
+            values = [row.get(f"acc {t}") for _, _, row, _ in targets]
+            accuracy_lines.append(f"{t}: " + " → ".join(common.fmt(v, ".3f") for v in values))
+    if with_speed and common.speed_available():
+        for name, model, row, shared in targets:
+            bridge.step(f"Generation speed · {name} …", stage="speed")
+            key = (session.model_key, "speed")
+            value = common.ORIGINAL_RESULTS.get(key) if shared else None
+            if value is None:
+                value = _speed(model, loaded.tokenizer)
+                if shared and value is not None:
+                    common.ORIGINAL_RESULTS.put(key, value)
+            row["tokens/s"] = value
+
+
 @common.user_errors
 def run_evaluate(session: Session, datasets, mode, with_speed, tasks=None, progress=gr.Progress(track_tqdm=True)):
     """Perplexity, zero-shot accuracy (lm-eval) and speed of the original and the latest pruned model;
@@ -244,57 +296,28 @@ def run_evaluate(session: Session, datasets, mode, with_speed, tasks=None, progr
     with common.exclusive(session):
         loaded = session.loaded
         seq_len = common.eval_seq_len(loaded.model)
-        original = original_row(session)
+        had_original = any(r["run"] == "original" and r["key"] == session.model_key for r in session.runs)
+        original_live = original_row(session)
+        # figures go into copies, written to the session's rows only once everything is measured: a cancelled or
+        # failed evaluation leaves the table as it was
+        original = dict(original_live)
+        live = [original_live]
         targets = [("original", loaded.model, original, True)]
         if session.pruned is not None:
             run_row = next(r for r in session.runs if r["run"] == session.pruned_run and r["key"] == session.model_key)
-            targets.append((session.pruned_run, session.pruned, run_row, False))
-        eval_text = f"{'quick' if quick else 'full'} {seq_len}"
-        lines = []
-        for ds in datasets:
-            bridge.step(f"Tokenising {common.EVAL_LABELS[ds]} …", stage="evaluate")
-            tokens = get_eval_tokens(ds, loaded.tokenizer)
-            for name, model, row, shared in targets:
-                key = (session.model_key, "ppl", ds, windows, seq_len)
-                value = common.ORIGINAL_RESULTS.get(key) if shared else None
-                if value is None:
-                    value = common.measure_ppl(model, tokens, seq_len, windows, bridge,
-                                               f"{common.EVAL_LABELS[ds]} · {name}")
-                    if shared:
-                        common.ORIGINAL_RESULTS.put(key, value)
-                row[f"ppl {ds}"] = value
-                row["eval"] = eval_text
-            label = common.EVAL_LABELS[ds]
-            if len(targets) == 2:
-                lines.append(f"{label}: {original[f'ppl {ds}']:.2f} → {targets[1][2][f'ppl {ds}']:.2f}")
-            else:
-                lines.append(f"{label}: {original[f'ppl {ds}']:.2f}")
-        accuracy_lines = []
-        if tasks:
-            for name, model, row, shared in targets:
-                found = {t: common.ORIGINAL_RESULTS.get((session.model_key, "zeroshot", t, limit)) for t in tasks}
-                missing = [t for t in tasks if found[t] is None or not shared]
-                if missing:
-                    bridge.step(f"Zero-shot {', '.join(missing)} · {name} (lm-eval) …", stage="zeroshot")
-                    found.update(_zeroshot(model, loaded.tokenizer, missing, limit))
-                    if shared:
-                        for t in missing:
-                            common.ORIGINAL_RESULTS.put((session.model_key, "zeroshot", t, limit), found[t])
-                common.set_accuracy(row, {t: v for t, v in found.items() if v is not None})
-                row["eval"] = eval_text
-            for t in tasks:
-                values = [row.get(f"acc {t}") for _, _, row, _ in targets]
-                accuracy_lines.append(f"{t}: " + " → ".join(common.fmt(v, ".3f") for v in values))
-        if with_speed and common.speed_available():
-            for name, model, row, shared in targets:
-                bridge.step(f"Generation speed · {name} …", stage="speed")
-                key = (session.model_key, "speed")
-                value = common.ORIGINAL_RESULTS.get(key) if shared else None
-                if value is None:
-                    value = _speed(model, loaded.tokenizer)
-                    if shared and value is not None:
-                        common.ORIGINAL_RESULTS.put(key, value)
-                row["tokens/s"] = value
+            live.append(run_row)
+            targets.append((session.pruned_run, session.pruned, dict(run_row), False))
+        lines: list[str] = []
+        accuracy_lines: list[str] = []
+        try:
+            _measure(session, targets, datasets, tasks, with_speed, quick, windows, limit, seq_len, bridge, lines,
+                     accuracy_lines)
+        except BaseException:
+            if not had_original:
+                session.runs.remove(original_live)
+            raise
+        for row, (_, _, staged, _) in zip(live, targets):
+            row.update(staged)
     seconds = time.perf_counter() - started
     who = f"original → {session.pruned_run}" if len(targets) == 2 else "original only (prune to compare)"
     parts = []
@@ -317,8 +340,9 @@ def build() -> SimpleNamespace:
                              "the chosen method. The original stays loaded and untouched, so every run starts "
                              "from it.</span>", elem_id="prune-status", elem_classes=["cx-status"])
     with gr.Row(equal_height=True):
-        t.datasets = gr.CheckboxGroup([(common.EVAL_LABELS[d], d) for d in common.EVAL_SETS], value=["wikitext2"],
-                                      label="Perplexity on", scale=2)
+        t.datasets = gr.CheckboxGroup([(common.EVAL_LABELS[d], d) for d in common.EVAL_SETS],
+                                      value=common.default_eval_sets(), label="Perplexity on", scale=2,
+                                      elem_id="eval-sets")
         t.mode = gr.Radio([(f"Quick ({common.QUICK_WINDOWS} windows)", "quick"), ("Full test set", "full")],
                           value="quick", label="Evaluation", scale=2,
                           info=f"quick = first {common.QUICK_WINDOWS} windows of 512 tokens; full is slow on a CPU")
@@ -332,6 +356,8 @@ def build() -> SimpleNamespace:
         if not offered:
             gr.HTML(f"<span class='cx-muted'>{common.zeroshot_note()}</span>", elem_id="eval-tasks-missing")
         t.evaluate = gr.Button("Evaluate", variant="primary", scale=1, elem_id="btn-evaluate")
+    if common.data_note():
+        gr.HTML(f"<div class='cx-note'>{common.data_note()}</div>", elem_id="data-note")
     t.eval_status = gr.HTML("", elem_id="eval-status")
     t.table = gr.Dataframe(headers=columns(), value=None, interactive=False, wrap=False, label="Runs of this session",
                            elem_id="results-table", max_height=260)
