@@ -144,13 +144,9 @@ def peak_rss_mb() -> float:
     Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own memory. ``getrusage``'s
     ``ru_maxrss`` is kept across ``exec``, so a child started by a large parent (``bench-speed``'s fresh
     loading process) would report the parent's peak; it is only the fallback elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    hwm = _proc_kb("/proc/self/status", "VmHWM:")
+    if hwm is not None:
+        return hwm / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kB, macOS reports bytes.
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
@@ -282,11 +278,17 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def available_memory_mb() -> float | None:
     """``MemAvailable`` of /proc/meminfo in MiB (None where there is no /proc)."""
+    available = _proc_kb("/proc/meminfo", "MemAvailable:")
+    return available / 1024 if available is not None else None
+
+
+def _proc_kb(path: str, key: str) -> int | None:
+    """The kB figure of line ``key`` in a /proc file (``VmHWM:``, ``MemAvailable:``); None where unreadable."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(key):
+                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
