@@ -68,6 +68,7 @@ from .models.pruned import (
     stock_biased,
 )
 from .runtime import count_parameters, resolve_device, resolve_dtype
+from .streaming import is_streamed, resident
 from .surgery import IndexedInputLinear, prune_outputs, qkv_keep_rows
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def compute_head_removal(block: nn.Module, denses: dict[str, nn.Module], adapter
 class ExportPlan:
     """What ``save_pruned`` writes: the model to save and a summary for comp_report.json."""
 
-    model: nn.Module  # of the export class, sharing the source model's tensors
+    model: nn.Module | None  # of the export class, sharing the source model's tensors (None: streamed save)
     base_model_type: str
     model_type: str  # "llama" (stock) or "comp_llama"
     records: list[dict]
@@ -179,34 +180,29 @@ def _blocks_prefix(model: nn.Module, adapter: ArchAdapter) -> str:
     return next(name for name, module in model.named_modules() if module is blocks)
 
 
-def plan_export(model: nn.Module) -> ExportPlan:
-    """Rebuild ``model`` as the class it will be saved as (stock or ``comp_<type>``), sharing its tensors.
-
-    The target is built on the meta device from the new config alone, then receives the tensors with
-    ``load_state_dict(strict=True, assign=True)``: every key and shape must match, so a config that would
-    not reload into the same shapes fails here, before anything is written.
-    """
-    base_type = base_model_type(model.config.model_type)
-    adapter = get_adapter(model)  # the registry entry, checked against the model's modules
-    head_dim = head_dim_of(model.config)
-    prefix = _blocks_prefix(model, adapter)
-    state = dict(model.state_dict())
-    stock_bias = stock_biased(model.config, base_type)
-    records = []
+def export_block(block: nn.Module, position: int, prefix: str, adapter: ArchAdapter, head_dim: int,
+                 stock_bias: frozenset[str]) -> tuple[dict, dict[str, torch.Tensor], int]:
+    """One block as it will be saved: its shape record, its tensors under their saved names (the dead heads
+    gone, ``compute_head_removal``) and how many heads went. ``position``: its place in the saved model."""
+    denses = {spec.name: adapter.dense(block, spec.name) for spec in adapter.denses}
+    state = {f"{prefix}.{position}.{key}": value for key, value in block.state_dict().items()}
+    replaced = compute_head_removal(block, denses, adapter, head_dim)
     removed_heads = 0
-    for i, block in enumerate(adapter.blocks(model)):
-        denses = {spec.name: adapter.dense(block, spec.name) for spec in adapter.denses}
-        replaced = compute_head_removal(block, denses, adapter, head_dim)
-        if replaced:
-            o_name = adapter.attention.o
-            removed_heads += (denses[o_name].in_features - replaced[o_name].in_features) // head_dim
-            for name, module in replaced.items():
-                for key in [k for k in state if k.startswith(f"{prefix}.{i}.{name}.")]:
-                    del state[key]
-                state.update({f"{prefix}.{i}.{name}.{key}": value for key, value in module.state_dict().items()})
-            denses.update(replaced)
-        records.append(block_record(denses, adapter, head_dim, stock_bias))
+    if replaced:
+        o_name = adapter.attention.o
+        removed_heads = (denses[o_name].in_features - replaced[o_name].in_features) // head_dim
+        for name, module in replaced.items():
+            for key in [k for k in state if k.startswith(f"{prefix}.{position}.{name}.")]:
+                del state[key]
+            state.update({f"{prefix}.{position}.{name}.{key}": value for key, value in module.state_dict().items()})
+        denses.update(replaced)
+    return block_record(denses, adapter, head_dim, stock_bias), state, removed_heads
 
+
+def _export_target(model: nn.Module, records: list[dict]) -> tuple[nn.Module, str]:
+    """The export class (stock or ``comp_<type>``) built on the meta device from the new config alone."""
+    base_type = base_model_type(model.config.model_type)
+    adapter = get_adapter(model)
     stock = all(is_stock_record(r, model.config, base_type) for r in records)
     config_dict = model.config.to_dict()
     for key in ("model_type", "transformers_version", "architectures", LAYERS_FIELD, "auto_map"):
@@ -226,17 +222,117 @@ def plan_export(model: nn.Module) -> ExportPlan:
                          "blocks; remove blocks with ArchAdapter.keep_blocks so the config is updated too")
     with torch.device("meta"):
         target = model_cls(config)
-    if getattr(config, "tie_word_embeddings", False):
-        _check_tied(model)
-    target.load_state_dict(state, strict=True, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        target.tie_weights()
     if getattr(model, "generation_config", None) is not None:
         target.generation_config = copy.deepcopy(model.generation_config)
+    return target, base_type
+
+
+def _outside_blocks(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(f"{prefix}.")}
+
+
+def plan_export(model: nn.Module) -> ExportPlan:
+    """Rebuild ``model`` as the class it will be saved as (stock or ``comp_<type>``), sharing its tensors.
+
+    The target is built on the meta device from the new config alone, then receives the tensors with
+    ``load_state_dict(strict=True, assign=True)``: every key and shape must match, so a config that would
+    not reload into the same shapes fails here, before anything is written. A streamed model's blocks are
+    not read (their tensors stay on the meta device): only the shapes are checked.
+    """
+    adapter = get_adapter(model)  # the registry entry, checked against the model's modules
+    head_dim = head_dim_of(model.config)
+    prefix = _blocks_prefix(model, adapter)
+    state = _outside_blocks(model, prefix)
+    stock_bias = stock_biased(model.config, base_model_type(model.config.model_type))
+    records = []
+    removed_heads = 0
+    for i, block in enumerate(adapter.blocks(model)):
+        record, block_state, heads = export_block(block, i, prefix, adapter, head_dim, stock_bias)
+        records.append(record)
+        state.update(block_state)
+        removed_heads += heads
+    target, base_type = _export_target(model, records)
+    tied = getattr(target.config, "tie_word_embeddings", False)
+    if tied:
+        _check_tied(model)
+    target.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        target.tie_weights()
     meta = [name for name, p in target.named_parameters() if p.is_meta]
-    assert not meta, f"parameters left on the meta device: {meta[:5]}"
-    return ExportPlan(model=target, base_model_type=base_type, model_type=config.model_type, records=records,
-                      removed_heads=removed_heads, params=count_parameters(target))
+    assert not meta or is_streamed(model), f"parameters left on the meta device: {meta[:5]}"
+    return ExportPlan(model=target, base_model_type=base_type, model_type=target.config.model_type,
+                      records=records, removed_heads=removed_heads, params=count_parameters(target))
+
+
+def _write_streamed(model: nn.Module, folder: Path) -> ExportPlan:
+    """Save a streamed model block by block: each block is read (from the spill folder when pruned), written
+    as its own shard and dropped, so the model is never whole in memory. The keys and shapes written are
+    checked against the export class built from the new config, as ``plan_export`` does."""
+    from safetensors.torch import save_file
+
+    adapter = get_adapter(model)
+    head_dim = head_dim_of(model.config)
+    prefix = _blocks_prefix(model, adapter)
+    stock_bias = stock_biased(model.config, base_model_type(model.config.model_type))
+    blocks = adapter.blocks(model)
+    n_files = len(blocks) + 1
+    weight_map: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    records, removed_heads, total = [], 0, 0
+
+    def write(tensors: dict[str, torch.Tensor], number: int) -> None:
+        nonlocal total
+        name = f"model-{number:05d}-of-{n_files:05d}.safetensors"
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        for key, value in tensors.items():
+            weight_map[key] = name
+            shapes[key] = tuple(value.shape)
+            total += value.numel() * value.element_size()
+
+    for position, block in enumerate(blocks):
+        with resident(block):
+            record, state, heads = export_block(block, position, prefix, adapter, head_dim, stock_bias)
+            write(state, position + 1)
+            del state
+        records.append(record)
+        removed_heads += heads
+    target, base_type = _export_target(model, records)
+    outside, seen = {}, {}
+    for key, value in _outside_blocks(model, prefix).items():  # tied embeddings are saved once
+        ident = (value.data_ptr(), tuple(value.shape))
+        if ident in seen and getattr(target.config, "tie_word_embeddings", False):
+            continue
+        seen[ident] = key
+        outside[key] = value
+    write(outside, n_files)
+    expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    tied_out = [k for k in expected if k not in shapes]
+    wrong = {k: (shapes.get(k), expected.get(k)) for k in set(shapes) | set(expected)
+             if k not in tied_out and shapes.get(k) != expected.get(k)}
+    if wrong or any(k not in ("lm_head.weight",) and not k.endswith("lm_head.weight") for k in tied_out):
+        raise ValueError(f"the streamed export does not match its config: {dict(list(wrong.items())[:5])} "
+                         f"{tied_out[:5]}")
+    target.config.architectures = [type(target).__name__]
+    target.config.save_pretrained(folder)
+    if getattr(target, "generation_config", None) is not None:
+        target.generation_config.save_pretrained(folder)
+    with open(folder / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    params = sum(_count(shape) for key, shape in shapes.items() if key not in _buffer_names(target))
+    return ExportPlan(model=None, base_model_type=base_type, model_type=target.config.model_type, records=records,
+                      removed_heads=removed_heads, params=params)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _buffer_names(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_buffers()}
 
 
 def _check_tied(model: nn.Module) -> None:
@@ -293,13 +389,17 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, report: di
         _check_replaceable(path)
     if report is not None and not isinstance(report, dict):
         report = report.to_dict()
-    plan = plan_export(model)
+    streamed = is_streamed(model)
+    plan = plan_export(model)  # a config that would not reload fails here, before anything is written
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(path)
     staging.mkdir()
     try:
-        with _quiet():
-            plan.model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if streamed:  # block by block, one shard each: the model is never whole in memory
+            plan = _write_streamed(model, staging)
+        else:
+            with _quiet():
+                plan.model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         summary = plan.summary()

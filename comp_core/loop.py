@@ -28,6 +28,7 @@ from .capture import BlockInputs, replay, run_block
 from .events import ProgressCallback, emit
 from .models.adapters import ArchAdapter
 from .stats import InputStats, collect_block_stats, collect_paired_block_stats
+from .streaming import mark_modified, resident
 
 PROPAGATION = ("identical", "accumulated", "paired")
 
@@ -77,34 +78,46 @@ def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[in
     shifted = hidden  # paired only: the pruned model's stream; the same list until a block changes
     for step, i in enumerate(active):
         block = blocks[i]
-        kwargs = [inputs.kwargs_for(block, b) for b in range(len(hidden))]
-        stats = None
-        shifted_outputs = None
-        if with_stats is not None and with_stats(i):
-            if adapter is None:
-                raise ValueError("collecting statistics needs the model's adapter")
-            device = stat_device if stat_device is not None else next(block.parameters()).device
-            if paired:
-                stats, outputs, shifted_outputs = collect_paired_block_stats(
-                    block, adapter, lambda b: run_block(block, hidden[b], kwargs[b]).to(hidden[b].device),
-                    lambda b: run_block(block, shifted[b], kwargs[b]).to(shifted[b].device), len(hidden), device,
-                    only=stat_denses)
-                if shifted is hidden:  # same inputs, same block: keep one stream until something changes
-                    shifted_outputs = outputs
-            else:
-                with collect_block_stats(block, adapter, device, folds=stat_folds, only=stat_denses) as stats:
-                    outputs = replay(block, hidden, kwargs)
-        else:
-            outputs = replay(block, hidden, kwargs)
-            if paired:
-                shifted_outputs = outputs if shifted is hidden else replay(block, shifted, kwargs)
-        changed = visit(BlockVisit(index=i, step=step, block=block, inputs=hidden, kwargs=kwargs,
-                                   outputs=outputs, stats=stats, shifted_inputs=shifted if paired else None))
-        if propagation == "accumulated" and changed is not None:
-            outputs = replay(changed, hidden, kwargs)
-        if paired and changed is not None:
-            shifted_outputs = replay(changed, shifted, kwargs)
+        with resident(block):  # a streamed block is read once per visit (``streaming``)
+            hidden, shifted = _visit_block(block, i, step, hidden, shifted, inputs, visit, adapter, with_stats,
+                                           propagation, stat_device, stat_folds, stat_denses)
         emit(on_event, stage, step + 1, len(active), describe(i) if describe else f"layer {i}", layer=i)
-        hidden = outputs
-        shifted = shifted_outputs
     return shifted if paired else hidden
+
+
+def _visit_block(block: nn.Module, i: int, step: int, hidden: list[torch.Tensor], shifted: list[torch.Tensor] | None,
+                 inputs: BlockInputs, visit: Visitor, adapter: ArchAdapter | None,
+                 with_stats: Callable[[int], bool] | None, propagation: str, stat_device, stat_folds: int,
+                 stat_denses: Collection[str] | None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """One step of ``block_loop``: replay (with statistics), visit; returns the next (hidden, shifted)."""
+    paired = propagation == "paired"
+    kwargs = [inputs.kwargs_for(block, b) for b in range(len(hidden))]
+    stats = None
+    shifted_outputs = None
+    if with_stats is not None and with_stats(i):
+        if adapter is None:
+            raise ValueError("collecting statistics needs the model's adapter")
+        device = stat_device if stat_device is not None else next(block.parameters()).device
+        if paired:
+            stats, outputs, shifted_outputs = collect_paired_block_stats(
+                block, adapter, lambda b: run_block(block, hidden[b], kwargs[b]).to(hidden[b].device),
+                lambda b: run_block(block, shifted[b], kwargs[b]).to(shifted[b].device), len(hidden), device,
+                only=stat_denses)
+            if shifted is hidden:  # same inputs, same block: keep one stream until something changes
+                shifted_outputs = outputs
+        else:
+            with collect_block_stats(block, adapter, device, folds=stat_folds, only=stat_denses) as stats:
+                outputs = replay(block, hidden, kwargs)
+    else:
+        outputs = replay(block, hidden, kwargs)
+        if paired:
+            shifted_outputs = outputs if shifted is hidden else replay(block, shifted, kwargs)
+    changed = visit(BlockVisit(index=i, step=step, block=block, inputs=hidden, kwargs=kwargs,
+                               outputs=outputs, stats=stats, shifted_inputs=shifted if paired else None))
+    if propagation == "accumulated" and changed is not None:
+        outputs = replay(changed, hidden, kwargs)
+    if paired and changed is not None:
+        shifted_outputs = replay(changed, shifted, kwargs)
+    if changed is block:
+        mark_modified(block)
+    return outputs, shifted_outputs

@@ -171,9 +171,10 @@ def test_input_stats_pair_update_sums_the_cross_moment():
     stats.update_pair(xs[:1], xr[:1])
     stats.update_pair(xs[1:], xr[1:])
     fs, fr = xs.reshape(-1, 4).double(), xr.reshape(-1, 4).double()
-    torch.testing.assert_close(stats.gram, fs.T @ fs)
-    torch.testing.assert_close(stats.cross, fs.T @ fr)
-    torch.testing.assert_close(stats.target_gram, fr.T @ fr)
+    float32 = dict(rtol=1e-5, atol=1e-6)  # the products are float32 (``InputStats._product``)
+    torch.testing.assert_close(stats.gram, fs.T @ fs, **float32)
+    torch.testing.assert_close(stats.cross, fs.T @ fr, **float32)
+    torch.testing.assert_close(stats.target_gram, fr.T @ fr, **float32)
     torch.testing.assert_close(stats.mean, fs.mean(dim=0))
     assert stats.n_tokens == 10
     assert InputStats(4).cross is None
