@@ -6,6 +6,7 @@ Progress goes to stderr (tqdm), results to stdout (a table, or one JSON object w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -68,6 +69,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="HF folder or id (safetensors), a .gguf file, or omit for the bundled SmolLM2-135M-Instruct")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 (GPU)")
+    p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
+                   help="read a folder model's blocks from disk one at a time (models larger than memory); "
+                        "auto (default): when its weights exceed a quarter of the available memory")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores available)")
     p.add_argument("--data-dir", default=None, help="folder with local copies of the data sets (sets COMP_DATA_DIR)")
@@ -287,7 +291,7 @@ def run(args: argparse.Namespace) -> dict:
     from .methods import analyze_with, prune_with
     from .models.loading import load_model
     from .preflight import check_exportable, check_output_folder, expected_save_bytes
-    from .runtime import configure_threads, count_parameters, peak_rss_mb, stage
+    from .runtime import configure_threads, count_parameters, cuda_peak_mb, peak_rss_mb, stage
 
     out = getattr(args, "out", None)
     if out and os.path.exists(out) and not args.overwrite:  # fail before minutes of pruning, not after
@@ -301,9 +305,9 @@ def run(args: argparse.Namespace) -> dict:
     try:
         with stage("load", timings):
             loaded = load_model(args.model, dtype=args.dtype, device=args.device,
-                                trust_remote_code=args.trust_remote_code)
+                                trust_remote_code=args.trust_remote_code, stream=args.stream)
         model, tokenizer = loaded.model, loaded.tokenizer
-        report: dict = {"command": args.command, "model": loaded.source}
+        report: dict = {"command": args.command, "model": loaded.source, "streamed": loaded.streamed}
         eval_names = [n for n in (getattr(args, "eval", None) or "").split(",") if n]
         for name in eval_names:
             if name not in EVAL_SETS:
@@ -403,6 +407,13 @@ def run(args: argparse.Namespace) -> dict:
         progress.close()
     report["seconds"] = time.perf_counter() - start
     report["peak_rss_mb"] = peak_rss_mb()
+    if cuda_peak_mb() is not None:
+        report["cuda_peak_mb"] = cuda_peak_mb()
+    if report.get("streamed"):
+        from .streaming import stream_stats
+
+        stats = stream_stats(model)
+        report["streaming"] = dataclasses.asdict(stats) if stats is not None else None
     report["timings"] = timings
     return report
 
@@ -410,7 +421,7 @@ def run(args: argparse.Namespace) -> dict:
 def _print_table(report: dict) -> None:
     rows = []
     for key in ("model", "saved_to", "realised_ratio", "params_before", "params_after", "params", "removed_layers",
-                "compensation", "ppl", "ppl_before", "ppl_after", "seconds", "peak_rss_mb"):
+                "compensation", "ppl", "ppl_before", "ppl_after", "seconds", "peak_rss_mb", "cuda_peak_mb"):
         if key in report:
             value = report[key]
             if isinstance(value, float):
@@ -421,6 +432,10 @@ def _print_table(report: dict) -> None:
     if "calibration" in report:
         c = report["calibration"]
         rows.insert(1, ("calibration", f"{c['name']} {c['n_samples']}×{c['seq_len']} tokens, seed {c['seed']}"))
+    if report.get("streaming"):
+        st = report["streaming"]
+        rows.append(("streamed", f"blocks read {st['reads']} times ({st['bytes_read'] / 2**30:.2f} GiB), "
+                                 f"{st['spills']} changed blocks spilled"))
     if "layer_ratios" in report:
         rows.append(("layer_ratios", ", ".join(f"{k}:{v:.2f}" for k, v in report["layer_ratios"].items())))
     if "speed_table" in report:

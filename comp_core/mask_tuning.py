@@ -143,15 +143,17 @@ def mask_path(coeff: torch.Tensor, prune_order: torch.Tensor, max_removed: int, 
     n = coeff.shape[0]
     max_removed = int(min(max_removed, n - 1))
     keep_order = prune_order.flip(0)
-    permuted = coeff[keep_order][:, keep_order]  # (n, n)
+    permuted = coeff[keep_order[:, None], keep_order]  # (n, n), one copy
     lower, retry = cholesky(permuted)  # first: a retry's damping must reach the right-hand side too
     if rhs is None:
         rhs = permuted.sum(dim=1)  # C_{U,:}·1 in keep order, (n,)
     else:
         rhs = rhs.to(coeff.dtype)[keep_order]  # b in keep order, (n,)
     rhs = rhs + _retry_eps(permuted, retry)
-    eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
-    lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)  # (n, n) lower triangular
+    del permuted  # at most three n × n matrices alive at once (streaming keeps a block's peak small)
+    lower_inv = torch.eye(n, dtype=lower.dtype, device=lower.device)
+    lower_inv = torch.linalg.solve_triangular(lower, lower_inv, upper=False)  # (n, n) lower triangular
+    del lower
     y = lower_inv @ rhs  # (n,)
 
     first_row = n - max_removed - 1  # row k'-1 for the smallest kept count k' = n - max_removed
@@ -279,30 +281,44 @@ def choose_ridge(weight: torch.Tensor, folds: tuple[torch.Tensor, torch.Tensor],
     a = anchor.to(device=folds[0].device, dtype=STAT_DTYPE)  # (d_out, k)
     sums = {r: 0.0 for r in grid}
     mask_sum = 0.0
+    keep = torch.nonzero(keep).flatten() if keep.dtype == torch.bool else keep  # indices, for the 2-D gathers
+    rows, cols = keep[:, None], keep
     for fit, check in ((folds[0], folds[1]), (folds[1], folds[0])):
-        g_uu = fit[keep][:, keep]
-        values, q = torch.linalg.eigh(g_uu)  # ascending (k,), (k, k)
-        values = values.clamp_min(0.0)
-        mean_diag = float(g_uu.diagonal().mean()) or 1.0
-        p_ = (w @ fit[:, keep]) @ q  # (d_out, k)
-        r_ = a @ q  # (d_out, k)
         wc = w @ check  # (d_out, d_in)
         total = float((wc * w).sum())
         if total <= 0:
             continue
+        g_uu = fit[rows, cols]  # (k, k)
+        mean_diag = float(g_uu.diagonal().mean()) or 1.0
+        values, q = torch.linalg.eigh(g_uu)  # ascending (k,), (k, k)
+        del g_uu
+        values = values.clamp_min(0.0)
+        p_ = (w @ fit[:, keep]) @ q  # (d_out, k)
+        r_ = a @ q  # (d_out, k)
         t_ = wc[:, keep] @ q  # (d_out, k)
-        s_ = q.T @ check[keep][:, keep] @ q  # (k, k)
+        del wc
+        s_ = q.T @ check[rows, cols]  # (k, k)
+        s_ = s_ @ q
+        del q
         pt, rt = (p_ * t_).sum(0), (r_ * t_).sum(0)  # (k,)
-        spp, srr = s_ * (p_.T @ p_), s_ * (r_.T @ r_)
-        pr = p_.T @ r_
-        spr = s_ * (pr + pr.T)
-        for r in grid:
+        del t_
+        # d^T (S ⊙ M) d for M = PᵀP, RᵀR and PᵀR + RᵀP, one k × k product at a time (S is symmetric, so the
+        # mixed term is twice d^T (S ⊙ PᵀR) d): two k × k matrices alive instead of six
+        ds = [1.0 / (values + r * mean_diag) for r in grid]
+        forms = {}
+        for name, left, right in (("pp", p_, p_), ("rr", r_, r_), ("pr", p_, r_)):
+            m = left.T @ right
+            m.mul_(s_)
+            forms[name] = [float(d @ m @ d) for d in ds]
+            if name == "rr":
+                srr_sum = float(m.sum())
+            del m
+        for j, r in enumerate(grid):
             lam = r * mean_diag
-            d = 1.0 / (values + lam)
-            mixed = float((d * (pt + lam * rt)).sum())
-            fitted = float(d @ (spp + lam * spr + lam * lam * srr) @ d)
+            mixed = float((ds[j] * (pt + lam * rt)).sum())
+            fitted = forms["pp"][j] + 2.0 * lam * forms["pr"][j] + lam * lam * forms["rr"][j]
             sums[r] += max(total - 2.0 * mixed + fitted, 0.0) / total
-        mask_sum += max(total - 2.0 * float(rt.sum()) + float(srr.sum()), 0.0) / total
+        mask_sum += max(total - 2.0 * float(rt.sum()) + srr_sum, 0.0) / total
     heldout = {r: v / 2 for r, v in sums.items()}
     mask_heldout = mask_sum / 2
     best = min(heldout, key=heldout.get)

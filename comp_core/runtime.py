@@ -152,6 +152,26 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def reset_peak_memory() -> bool:
+    """Start a new peak: Linux resets ``VmHWM`` to the current resident set on writing 5 to
+    /proc/self/clear_refs, and torch resets its CUDA peak. Returns False where the RSS peak cannot be reset
+    (the figures then stay process-lifetime peaks). What a long-lived process (the GUI) calls before each run
+    so that each run's peak is its own."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cuda_peak_mb() -> float | None:
+    """Peak CUDA memory allocated by torch since the last reset, in MiB (None without CUDA)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def current_rss_mb() -> float:
     """Current resident set size in MiB, from ``/proc/self/statm``; falls back to :func:`peak_rss_mb` elsewhere."""
     try:

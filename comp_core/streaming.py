@@ -25,6 +25,7 @@ is what keeps ``prune(model)`` (a copy) and the GUI's original/pruned pair worki
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import logging
@@ -32,6 +33,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +189,24 @@ class BlockStore:
         self.spilled: dict[int, dict[str, TensorEntry]] = {}  # original block index -> its spilled tensors
         self.transient: nn.Module | None = None
         self.stats = StreamStats()
+        # one forward at a time through the blocks: GUI sessions share a loaded original, and a block another
+        # thread is running must not be dropped under it (taken in the pre-forward hook, freed after the forward)
+        self.lock = threading.RLock()
+
+    def __deepcopy__(self, memo) -> "BlockStore":
+        """A copy for a deep-copied model: same source and spill folder (read-only files), its own state."""
+        with self.lock:
+            clone = BlockStore.__new__(BlockStore)
+            memo[id(self)] = clone
+            clone.index = self.index
+            clone.prefix = self.prefix
+            clone.device = self.device
+            clone.spill = self.spill
+            clone.spilled = dict(self.spilled)
+            clone.transient = copy.deepcopy(self.transient, memo)
+            clone.stats = StreamStats()
+            clone.lock = threading.RLock()
+            return clone
 
     # -- loading and dropping -------------------------------------------------------------------------------
 
@@ -199,6 +219,12 @@ class BlockStore:
     def load(self, block: nn.Module) -> None:
         if block._comp_loaded is not None:
             return
+        # ordinary tensors even under an evaluation's inference mode: a later in-place change must be possible
+        # and must show in the version counters
+        with torch.inference_mode(False), torch.no_grad():
+            self._load(block)
+
+    def _load(self, block: nn.Module) -> None:
         if self.transient is not None and self.transient is not block:
             self.release(self.transient)
         entries = self._entries(block)
@@ -214,7 +240,9 @@ class BlockStore:
             if tuple(value.shape) != tuple(param.shape):
                 raise StreamingError(f"block {block._comp_index}: {name} has shape {tuple(value.shape)} in the "
                                      f"checkpoint but {tuple(param.shape)} in the config")
-            new = nn.Parameter(value.to(device=self.device, dtype=param.dtype), requires_grad=param.requires_grad)
+            # no gradient: autocast caches its casts of weights that need one, for the whole forward, which
+            # would keep every streamed block's bf16 copy alive until the capture forward ends
+            new = nn.Parameter(value.to(device=self.device, dtype=param.dtype), requires_grad=False)
             module._parameters[pname] = new
             snapshot[name] = (id(new), new._version)
         block._comp_loaded = snapshot
@@ -232,9 +260,10 @@ class BlockStore:
             path = self.spill.write(block._comp_index, params)
             self.spilled[block._comp_index] = {name: e for name, e in read_header(path).items()}
             self.stats.spills += 1
-        for _, (module, pname, param) in _local_parameters(block):
-            module._parameters[pname] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                                                     requires_grad=param.requires_grad)
+        with torch.inference_mode(False):  # ordinary (meta) tensors, as from ``load``
+            for _, (module, pname, param) in _local_parameters(block):
+                module._parameters[pname] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                         requires_grad=False)
         block._comp_loaded = None
         block._comp_modified = False
         release_free_memory()
@@ -257,6 +286,7 @@ def _local_parameters(block: nn.Module) -> list[tuple[str, tuple[nn.Module, str,
 
 def _pre_forward(block: nn.Module, args, kwargs) -> None:
     store: BlockStore = block._comp_store
+    store.lock.acquire()
     if block._comp_loaded is None:
         store.load(block)
         if block._comp_held == 0:
@@ -264,8 +294,13 @@ def _pre_forward(block: nn.Module, args, kwargs) -> None:
 
 
 def _post_forward(block: nn.Module, args, kwargs, output) -> None:
-    if block._comp_held == 0:
-        block._comp_store.release(block)
+    """Runs even when the forward raised (``always_call``), so the lock is always given back."""
+    store: BlockStore = block._comp_store
+    try:
+        if block._comp_held == 0:
+            store.release(block)
+    finally:
+        store.lock.release()
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -285,18 +320,20 @@ def resident(block: nn.Module, *, modifies: bool = False) -> Iterator[nn.Module]
     if store is None:
         yield block
         return
-    store.load(block)
-    if store.transient is block:
-        store.transient = None
-    block._comp_held += 1
+    with store.lock:
+        store.load(block)
+        if store.transient is block:
+            store.transient = None
+        block._comp_held += 1
     try:
         yield block
     finally:
-        if modifies:
-            block._comp_modified = True
-        block._comp_held -= 1
-        if block._comp_held == 0:
-            store.release(block)
+        with store.lock:
+            if modifies:
+                block._comp_modified = True
+            block._comp_held -= 1
+            if block._comp_held == 0:
+                store.release(block)
 
 
 def mark_modified(block: nn.Module) -> None:
@@ -417,7 +454,7 @@ def open_streamed(folder: str | os.PathLike, *, dtype: torch.dtype | None = None
         block._comp_held = 0
         block._comp_modified = False
         block.register_forward_pre_hook(_pre_forward, with_kwargs=True)
-        block.register_forward_hook(_post_forward, with_kwargs=True)
+        block.register_forward_hook(_post_forward, with_kwargs=True, always_call=True)
     model._comp_streamed = True
     model.eval()
     return model

@@ -42,6 +42,7 @@ from ..results import CompPlan, DenseReport, LayerReport, PruneResult
 from .registry import Method, register_method
 from ..runtime import count_parameters, peak_rss_mb
 from ..scoring import SCORES, score_neurons
+from ..streaming import is_streamed, resident
 from ..models.pruned import head_dim_of
 from ..structure import AttentionUnits, attention_unit_params, attention_units, dense_by_kind
 from ..surgery import apply_cuts, remove_attention_units
@@ -500,6 +501,9 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
         if apply and removed:
             adapter.keep_blocks(model, active)
         fisher = None
+        if cfg.score == "fisher" and prunable and is_streamed(model):
+            raise ValueError("score='fisher' back-propagates through the whole model, which a streamed model never "
+                             "holds; choose another score or load the model without streaming (--stream off)")
         if cfg.score == "fisher" and prunable:
             t0 = time.perf_counter()
             with adapter.only_blocks(model, [blocks[i] for i in active]):
@@ -595,11 +599,12 @@ def apply_plan(model: nn.Module, plan: CompPlan, *, inplace: bool = False) -> tu
     in_units = plan.config.get("o_granularity") == "units"
     for layer, reports in by_layer.items():
         block = blocks[layer]
-        keeps = {d.name: _keep_positions(adapter.dense(block, d.name), d.pruned_index) for d in reports}
-        units = (attention_units(block, adapter, head_dim_of(model.config))
-                 if in_units and any(d.kind == "o" for d in reports) else None)
-        apply_block_cuts(block, adapter, keeps, {d.name: d.mask for d in reports},
-                         {d.name: d.new_weight for d in reports}, units)
+        with resident(block, modifies=True):
+            keeps = {d.name: _keep_positions(adapter.dense(block, d.name), d.pruned_index) for d in reports}
+            units = (attention_units(block, adapter, head_dim_of(model.config))
+                     if in_units and any(d.kind == "o" for d in reports) else None)
+            apply_block_cuts(block, adapter, keeps, {d.name: d.mask for d in reports},
+                             {d.name: d.new_weight for d in reports}, units)
     if plan.removed_layers:
         adapter.keep_blocks(target, [i for i in range(plan.n_layers) if i not in plan.removed_layers])
     params_after = count_parameters(target)
@@ -694,6 +699,7 @@ def _rebind(inputs: BlockInputs, old_blocks: list[nn.Module], new_blocks: list[n
 class Comp(Method):
     kind = "structured"
     settings_class = CompConfig
+    streams = True
 
     def prune(self, model, samples, settings, *, on_event=None, inplace=False):
         return prune(model, samples, settings, on_event=on_event, inplace=inplace)

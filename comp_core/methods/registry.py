@@ -39,6 +39,9 @@ class Method:
     settings_class: ClassVar[type]
     requires_calibration: ClassVar[bool] = True
     has_plan: ClassVar[bool] = True  # whether ``analyze`` returns a per-layer plan to show
+    # whether it prunes a streamed model (``comp_core.streaming``: blocks read from disk one at a time), i.e.
+    # reads and changes blocks only inside the block loop or a forward
+    streams: ClassVar[bool] = False
 
     def prune(self, model: nn.Module, samples: torch.Tensor | None, settings: Any, *,
               on_event: ProgressCallback | None = None, inplace: bool = False) -> tuple[nn.Module, PruneResult]:
@@ -151,11 +154,23 @@ def _convert(text: str, hint, key: str):
     raise ValueError(f"{key}: settings of type {hint} cannot be set from text")
 
 
+def check_streamable(name: str, model: nn.Module) -> None:
+    """Refuse a method that needs the whole model in memory on a streamed model, naming those that do not."""
+    from ..streaming import is_streamed
+
+    if is_streamed(model) and not get_method(name).method.streams:
+        able = [n for n, e in REGISTRY.items() if e.method.streams]
+        raise ValueError(f"method '{name}' needs the whole model in memory, and this model is streamed (its blocks "
+                         f"are read from disk one at a time); methods that stream: {', '.join(able)}; or load the "
+                         "model without streaming (--stream off)")
+
+
 def prune_with(name: str, model: nn.Module, samples: torch.Tensor | None, settings=None, *,
                on_event: ProgressCallback | None = None, inplace: bool = False, **overrides
                ) -> tuple[nn.Module, PruneResult]:
     """Prune with the registered method ``name`` (settings = its defaults + ``overrides`` unless given)."""
     entry = get_method(name)
+    check_streamable(name, model)
     settings = settings if settings is not None else make_settings(name, **overrides)
     if entry.method.requires_calibration and samples is None:
         raise ValueError(f"method '{name}' needs calibration samples")
@@ -168,6 +183,7 @@ def prune_with(name: str, model: nn.Module, samples: torch.Tensor | None, settin
 def analyze_with(name: str, model: nn.Module, samples: torch.Tensor | None, settings=None, *,
                  on_event: ProgressCallback | None = None, **overrides) -> CompPlan:
     entry = get_method(name)
+    check_streamable(name, model)
     settings = settings if settings is not None else make_settings(name, **overrides)
     plan = entry.method.analyze(model, samples, settings, on_event=on_event)
     plan.method = name

@@ -40,6 +40,7 @@ class ShortGPTSettings:
 class ShortGPT(Method):
     kind = "structured"
     settings_class = ShortGPTSettings
+    streams = True
 
     def prune(self, model, samples, settings, *, on_event=None, inplace=False):
         start = time.perf_counter()

@@ -9,6 +9,11 @@
 * an existing folder: must hold ``config.json`` and ``*.safetensors`` (pickled ``*.bin`` weights are refused).
 * anything else: a Hugging Face hub id (``org/name``), downloaded with ``use_safetensors=True``.
 
+``stream``: a folder model (and the bundled model's cached folder) can instead be *streamed*
+(``comp_core.streaming``): its blocks stay on disk and are read one at a time, so a model larger than memory
+can be pruned, evaluated and saved. ``"auto"`` (the default) streams a folder whose weights exceed a quarter
+of the memory available; ``"on"``/``"off"`` choose.
+
 Cache location for the bundled model: ``<root>/bundled/<key>``, where ``<root>`` is ``cache_dir`` if given,
 else ``$COMP_CACHE_DIR``, else ``$XDG_CACHE_HOME/comp-explorer`` (default ``~/.cache/comp-explorer``), and
 ``<key>`` is derived from the GGUF's name, size and mtime, so a reinstalled package gets a fresh cache. The cache
@@ -66,6 +71,7 @@ class LoadedModel:
     kind: str
     seconds: float
     cached: bool = False
+    streamed: bool = False  # blocks read from disk one at a time (``comp_core.streaming``)
 
 
 # ---------------------------------------------------------------------------------------------- bundled model
@@ -342,9 +348,47 @@ def _check_folder(folder: Path) -> None:
                              "convert with `model.save_pretrained(folder, safe_serialization=True)`")
 
 
+def _open_streamed(folder: Path, dtype: torch.dtype | None, device: torch.device, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..streaming import StreamingError, open_streamed
+
+    if dtype is None:  # "auto": the checkpoint's own, float16 upcast on a CPU as for in-memory loads
+        config_dtype = getattr(AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code),
+                               "dtype", None) or torch.float32
+        dtype = getattr(torch, config_dtype) if isinstance(config_dtype, str) else config_dtype
+        if dtype == torch.float16 and device.type == "cpu":
+            dtype = torch.float32
+    try:
+        with _quiet(progress=True, warnings=True):
+            model = open_streamed(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    except StreamingError as err:
+        raise ModelLoadError(str(err)) from err
+    except Exception as err:
+        raise ModelLoadError(f"could not stream the model in {folder}: {err}") from err
+    try:
+        with _quiet(progress=True, warnings=True):
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as err:
+        logger.warning("no usable tokenizer in %s (%s); calibration and evaluation need one", folder, err)
+        tokenizer = None
+    return model, tokenizer
+
+
+def _bundled_folder(cache_dir: str | Path | None) -> Path:
+    """The bundled model's cached safetensors folder, written first if missing (what streaming reads)."""
+    target = bundled_cache_path(None, cache_dir)
+    if not _cache_is_complete(target):
+        _load_bundled(cache_dir)
+        if not _cache_is_complete(target):
+            raise ModelLoadError(f"the bundled model could not be cached in {target}, so it cannot be streamed; "
+                                 f"set {CACHE_ENV} to a writable folder or load it without streaming")
+    return target
+
+
 def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32",
                device: str = "cpu", trust_remote_code: bool = False,
-               cache_dir: str | Path | None = None) -> LoadedModel:
+               cache_dir: str | Path | None = None, stream: str | bool = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype``.
 
     ``source``: ``None``/``"bundled"``, a ``.gguf`` path, a local folder (config.json + *.safetensors) or a hub id.
@@ -352,6 +396,8 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
     dtype for folders/hub ids, float32 for GGUF; float16 checkpoints are upcast to float32 on CPU).
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``. ``cache_dir`` overrides where the bundled
     model's safetensors copy lives. The model config (``use_cache`` included) is left as loaded.
+    ``stream``: "auto", "on" or "off" (or a bool), see the module docstring; streaming applies to folders and
+    the bundled model (its cache), and "on" with a GGUF file or a hub id is refused.
     Raises :class:`ModelLoadError` with an actionable message on any failure.
     """
     start = time.perf_counter()
@@ -367,6 +413,25 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
 
     text = str(source).strip() if source is not None else BUNDLED
     cached = False
+    from ..streaming import STREAM_MODES, choose_streaming
+
+    if not isinstance(stream, bool) and stream not in STREAM_MODES:
+        raise ModelLoadError(f"stream must be one of {', '.join(STREAM_MODES)}, got '{stream}'")
+    folder = (_bundled_folder(cache_dir) if text.lower() == BUNDLED and stream in ("on", True)
+              else Path(text).expanduser() if text.lower() != BUNDLED else None)
+    if folder is not None and folder.is_dir() and stream not in ("off", False):
+        _check_folder(folder)
+        if choose_streaming(stream, folder, target_dtype):
+            model, tokenizer = _open_streamed(folder, target_dtype, target_device, trust_remote_code)
+            seconds = time.perf_counter() - start
+            kind, name = ("bundled", BUNDLED) if text.lower() == BUNDLED else ("hf-folder", str(folder.resolve()))
+            logger.info("streaming %s model %s (%s, %s): %.1f s to open", kind, name, model.dtype, target_device,
+                        seconds)
+            return LoadedModel(model=model, tokenizer=tokenizer, source=name, kind=kind, seconds=seconds,
+                               cached=kind == "bundled", streamed=True)
+    elif stream in ("on", True):
+        raise ModelLoadError(f"streaming reads a local folder of safetensors shards; {text} is not one "
+                             "(load it with --stream off, or save it as a folder first)")
     if text.lower() == BUNDLED:
         kind, name = "bundled", BUNDLED
         model, tokenizer, cached = _load_bundled(cache_dir)
