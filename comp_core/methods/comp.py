@@ -365,12 +365,15 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
             pruned_index=(index_map[pruned] if index_map is not None else pruned).cpu(),
             mask_variance=variance, error_no_tuning=err_plain, error_tuned=err_tuned,
             mask=mask.float().cpu() if mask is not None else None, compensation=compensation, ridge=ridge,
-            new_weight=new_weight.cpu() if new_weight is not None else None,
+            # in the weight's own dtype (surgery casts to it anyway): an analysis keeps one per pruned dense
+            new_weight=new_weight.to(module.weight.dtype).cpu() if new_weight is not None else None,
             kept_index=index_map.cpu() if index_map is not None else None))
     if apply:
         realised = apply_block_cuts(block, adapter, keeps, {d.name: d.mask for d in reports},
                                     {d.name: d.new_weight for d in reports}, units)
         assert realised == cut.removed_params, (realised, cut.removed_params)
+        for d in reports:  # now in the model: a plan holding every refit weight would be a second pruned model
+            d.new_weight = None
     layer = LayerReport(index=layer_index, importance=float("nan"), ratio=ratio, budget=budget,
                         removed_params=cut.removed_params, tau=cut.tau, params=params,
                         seconds=time.perf_counter() - start)
