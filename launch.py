@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="folder with local data sets (sets COMP_DATA_DIR)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all available)")
     p.add_argument("--export-folder", default="runs/pruned", help="preselected folder for saving pruned models")
+    p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
+                   help="read folder models' blocks from disk one at a time (models larger than memory); auto "
+                        "(default): when the weights exceed a quarter of the available memory")
     p.add_argument("--log-level", default="INFO", help="logging level of the server log")
     return p.parse_args(argv)
 
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     threads = configure_threads(args.threads)
+    from ui import common
+
+    common.set_stream_mode(args.stream)
     demo = build_app(default_source=args.model, default_calib=args.calib, export_folder=args.export_folder)
     logging.getLogger("comp_explorer").info("starting on http://%s:%d (%d torch threads)", args.host, args.port,
                                             threads)

@@ -370,3 +370,30 @@ def test_prune_with_a_mask_method_says_nothing_was_removed(folder):
     assert "pruned 20" in status and "then 2:4 masks" in status
     row = table[table["run"] == "R2"].iloc[0]
     assert row["realised ratio"].startswith("20.") and row["sparsity"] == "2:4"
+
+
+def test_a_streamed_model_prunes_evaluates_and_exports_in_the_gui(folder, tmp_path, monkeypatch):
+    """launch.py --stream on: the card says the model is streamed, each run reports its own peak memory, and
+    the export writes the same model the in-memory GUI does."""
+    monkeypatch.setattr(common, "MODELS", common.MODELS)  # restored after the test
+    common.set_stream_mode("on")
+    session = Session()
+    card, *_ = sidebar.load(session, *data_args(folder), progress=no_progress)
+    assert "streamed" in card and session.loaded.streamed
+    status, table, _, _ = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    assert "streamed" in status and "peak memory" in status
+    row = next(r for r in session.runs if r["run"] == session.pruned_run)
+    assert row["peak MB"] > 100 and "peak MB" in table.columns
+    status, _, _ = runs.run_evaluate(session, ["sample"], "quick", False, progress=no_progress)
+    assert "peak memory" in status
+    streamed_ppl = row["ppl sample"]
+
+    common.set_stream_mode("off")
+    whole = Session()
+    sidebar.load(whole, *data_args(folder), progress=no_progress)
+    assert not whole.loaded.streamed
+    runs.run_prune(whole, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    runs.run_evaluate(whole, ["sample"], "quick", False, progress=no_progress)
+    whole_row = next(r for r in whole.runs if r["run"] == whole.pruned_run)
+    assert whole_row["params"] == row["params"]
+    assert streamed_ppl == pytest.approx(whole_row["ppl sample"], rel=1e-4)

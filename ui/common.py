@@ -21,13 +21,24 @@ import torch
 from comp_core import (Cancelled, DataError, ImpossibleRatioError, ModelLoadError, PruneEvent, UnsupportedModelError,
                        count_parameters, get_adapter, get_calibration, perplexity)
 from comp_core.data import is_available
-from comp_core.runtime import is_out_of_memory, out_of_memory_message
+from comp_core.runtime import (cuda_peak_mb, is_out_of_memory, out_of_memory_message, peak_rss_mb,
+                              reset_peak_memory)
+
+from comp_core.models.loading import load_model
 
 from .session import ModelCache, ResultCache, Session, normalise_source
 
 log = logging.getLogger(__name__)
 
 MODELS = ModelCache(max_items=2)
+
+
+def set_stream_mode(mode: str) -> None:
+    """How the GUI loads folder models (``load_model``'s ``stream``: auto, on, off; launch.py --stream)."""
+    global MODELS
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"stream must be auto, on or off, got '{mode}'")
+    MODELS = ModelCache(max_items=2, loader=functools.partial(load_model, stream=mode))
 ORIGINAL_RESULTS = ResultCache()  # (model key, what, ...) -> perplexity / speed of a shared original
 
 EVAL_SETS = ("wikitext2", "ptb", "c4", "sample")
@@ -324,14 +335,40 @@ def model_card(session: Session, error: str = "") -> str:
     family = get_adapter(loaded.model).family
     calib = f" · calibration {calib_text(session.calib_key)}" if session.calib_key else ""
     return (f"<b>{model_name(session)}</b> <span class='cx-muted'>({where}, {family})</span><br>"
-            f"{n_layers(session)} layers · {params / 1e6:.1f} M parameters · loaded in {loaded.seconds:.1f} s{calib}")
+            f"{n_layers(session)} layers · {params / 1e6:.1f} M parameters · loaded in {loaded.seconds:.1f} s{calib}"
+            f"{streamed_note(session)}")
+
+
+class RunMemory:
+    """The peak memory of one GUI run: the process's peak is reset when the run starts (``reset_peak_memory``),
+    so each run shows its own; ``text()`` for the status line. Another session running at the same time
+    shares the process, so its allocations count too."""
+
+    def __init__(self) -> None:
+        self.per_run = reset_peak_memory()
+
+    @property
+    def peak_mb(self) -> float:
+        return peak_rss_mb()
+
+    def text(self) -> str:
+        cuda = cuda_peak_mb()
+        figures = f"peak memory {self.peak_mb:,.0f} MiB" + (f" · CUDA peak {cuda:,.0f} MiB" if cuda else "")
+        return figures if self.per_run else f"{figures} (the process's peak so far)"
+
+
+def streamed_note(session: Session) -> str:
+    """" · streamed from disk" for a model whose blocks are read one at a time, else ""."""
+    loaded = session.loaded
+    return " · <b>streamed</b> from disk, one block at a time" if loaded is not None and loaded.streamed else ""
 
 
 def weights_mb(model) -> float:
-    """Bytes of the parameters (and kept-index buffers) in memory, in MB."""
+    """Bytes of the parameters (and kept-index buffers), in MB; a streamed model's blocks count at their size
+    on disk's dtype though they are not in memory."""
     seen, total = set(), 0
     for p in model.parameters():
-        key = (p.data_ptr(), tuple(p.shape))
+        key = ("meta", id(p)) if p.is_meta else (p.data_ptr(), tuple(p.shape))
         if key not in seen:
             seen.add(key)
             total += p.numel() * p.element_size()

@@ -210,6 +210,7 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
     bridge = common.Bridge(progress, session)
     started = time.perf_counter()
     with common.exclusive(session):
+        memory = common.RunMemory()
         common.ensure_model(session, source, bridge)
         # the controls still hold the previous model's (or no) choices, also when Prune loaded this one: use
         # what they will show, so the analysed settings are the ones the page displays afterwards
@@ -232,7 +233,8 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
     heat = heatmap_figure(session, kind)
     detail = detail_figure(session, kind, layer)
     order = " → ".join(str(i) for i in analysis.removal.removal_order) or "—"
-    status = (f"<b>Analysed in {seconds:.1f} s</b> <span class='cx-muted'>({common.stage_text(stages)})</span><br>"
+    status = (f"<b>Analysed in {seconds:.1f} s</b> <span class='cx-muted'>({common.stage_text(stages)}; "
+              f"{memory.text()}{common.streamed_note(session)})</span><br>"
               f"Removal order (least important first, measured to {analysis.depth}): {order}")
     if abs(analysis.plan_ratio - cfg.ratio) > 1e-9:
         status += (f"<div class='cx-note'>The target {cfg.ratio:.0%} cannot be reached with these settings; the "

@@ -27,7 +27,7 @@ from ..session import Session
 # (mask runs: the realised ratio says that nothing was removed; sparsity and zeros say what the masks did)
 RESULT_COLUMNS = ["run", "model", "method", "realised ratio", "sparsity", "zeros of all params", "ppl wikitext2",
                   "ppl ptb", "ppl c4", "ppl sample", "tokens/s", "params", "weights MB", "disk MB", "removed layers", "target",
-                  "score", "mask tuning", "calibration", "eval", "prune s", "path"]
+                  "score", "mask tuning", "calibration", "eval", "prune s", "peak MB", "path"]
 NOTHING_REMOVED = "masks: nothing removed"
 # a quick measurement for the GUI: batch 1, short prompt, two timed rounds (the bench uses more)
 SPEED_SETTINGS = {"prefill_tokens": 128, "decode_tokens": 32, "batch_sizes": (1,), "repeats": 2,
@@ -79,7 +79,7 @@ def original_row(session: Session) -> dict:
            "kind": "", "target": 0.0, "realised ratio": 0.0, "sparsity": "", "zeros of all params": None,
            "zeros in linears": None, "removed layers": "", "score": "", "mask tuning": "",
            "calibration": "", "params": count_parameters(model), "weights MB": common.weights_mb(model),
-           "disk MB": None, "eval": "", "tokens/s": None, "prune s": None, "path": ""}
+           "disk MB": None, "eval": "", "tokens/s": None, "prune s": None, "peak MB": None, "path": ""}
     session.runs.insert(sum(1 for r in session.runs if r["run"] == "original"), row)
     return row
 
@@ -87,7 +87,8 @@ def original_row(session: Session) -> dict:
 def results_table(session: Session) -> pd.DataFrame:
     """Every run of the session, formatted for reading (numbers stay numbers in ``session.runs``)."""
     specs = {"target": ".0%", "realised ratio": ".2%", "weights MB": ",.0f", "disk MB": ",.0f",
-             "ppl wikitext2": ",.2f", "ppl ptb": ",.2f", "ppl c4": ",.2f", "ppl sample": ",.2f", "tokens/s": ",.1f", "prune s": ",.1f"}
+             "ppl wikitext2": ",.2f", "ppl ptb": ",.2f", "ppl c4": ",.2f", "ppl sample": ",.2f", "tokens/s": ",.1f", "prune s": ",.1f",
+             "peak MB": ",.0f"}
     cols = columns(session.runs)
     specs.update({c: ".3f" for c in cols if c.startswith("acc ") or c == "mean acc"})
     rows = []
@@ -126,6 +127,7 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
     entry = get_method(method)
     bridge = common.Bridge(progress, session)
     with common.exclusive(session):
+        memory = common.RunMemory()
         common.ensure_model(session, source, bridge)
         common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
         protected, dense_kinds = sidebar.unfilled_defaults(session, protected, dense_kinds)
@@ -162,7 +164,8 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
             "mask tuning": _setting(settings, "mask_tuning", {True: "on", False: "off"}),
             "calibration": common.calib_text(session.calib_key), "params": result.params_after,
             "weights MB": common.weights_mb(pruned), "disk MB": None, "eval": "", "tokens/s": None,
-            "prune s": seconds, "path": "plan applied" if plan is not None else "measured",
+            "prune s": seconds, "peak MB": memory.peak_mb,
+            "path": "plan applied" if plan is not None else "measured",
         })
     sweep = ""
     if result.plan.auto_sweep:
@@ -179,7 +182,7 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
         what = (f"<b>{run_id}: pruned {result.realised_ratio:.2%}</b> of the parameters with <b>{method}</b> "
                 f"({result.params_before / 1e6:,.2f} M → {result.params_after / 1e6:,.2f} M) in {seconds:.1f} s; "
                 f"removed layers: {', '.join(map(str, removed)) or 'none'}{then}.")
-    status = (f"{what}<br>Path: {path}."
+    status = (f"{what}<br>Path: {path}; {memory.text()}{common.streamed_note(session)}."
               f"<br><span class='cx-muted'>{common.stage_text(stages)}</span>{sweep}{notes}"
               f"<br>Next: <b>Evaluate</b> to compare perplexity.")
     return status, results_table(session), results_plot(session), common.model_card(session)
@@ -294,6 +297,7 @@ def run_evaluate(session: Session, datasets, mode, with_speed, tasks=None, progr
     limit = common.ZEROSHOT_QUICK_LIMIT if quick else None
     started = time.perf_counter()
     with common.exclusive(session):
+        memory = common.RunMemory()
         loaded = session.loaded
         seq_len = common.eval_seq_len(loaded.model)
         had_original = any(r["run"] == "original" and r["key"] == session.model_key for r in session.runs)
@@ -327,7 +331,8 @@ def run_evaluate(session: Session, datasets, mode, with_speed, tasks=None, progr
     if accuracy_lines:
         parts.append(f"Zero-shot accuracy ({'first ' + str(limit) + ' items' if quick else 'all items'} per task; "
                      "acc_norm where the task has it, else acc) " + " · ".join(accuracy_lines))
-    status = f"<b>Evaluated in {seconds:.1f} s</b> ({who})<br>" + "<br>".join(parts)
+    status = (f"<b>Evaluated in {seconds:.1f} s</b> ({who}; {memory.text()}{common.streamed_note(session)})<br>"
+              + "<br>".join(parts))
     return status, results_table(session), results_plot(session)
 
 
