@@ -272,6 +272,7 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
         raw = coefficient_matrix(module.weight, gram)
         eps = damping(raw, cfg.damp)
         coeff = damped(raw, cfg.damp)
+        del raw
         # paired inputs: b and ‖WX‖² of the unpruned target (None: target and inputs from one stream)
         target = damped_target(*target_terms(module.weight, cross, target_gram), eps) if cross is not None else None
         targets.append(target)
@@ -279,7 +280,7 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
                                fisher=fisher.get(spec.name) if fisher else None)
         width = units.head_dim * units.query_heads_per_unit if spec.name == o_name else 1  # columns per step
         order = _unit_order(scores, units) if width > 1 else torch.argsort(scores, stable=True)  # least important first
-        coeffs.append(coeff)
+        coeffs.append(None)  # re-formed below, one dense at a time: a d_in × d_in matrix per dense is the peak
         orders.append(order)
         scores_by_dense.append(scores)
         variance_cuts = cfg.allocation == "variance"
@@ -288,6 +289,7 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
         if path is not None and width > 1:  # the variance after each whole unit
             path = dataclasses.replace(path, variance=path.variance[::width])
         paths.append(path)
+        del coeff
     if cfg.allocation == "uniform":  # ablation: the same share of every prunable dense's inputs
         cut = equal_share_cuts(shapes, budget, max_cuts)
     elif budget > 0:
@@ -322,6 +324,9 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
             coeff = damped(raw, cfg.damp)
             if target is not None:  # b and ‖WX‖² of the same rows, damped like their C̃
                 target = damped_target(*target_terms(module.weight[rows], cross, target_gram), damping(raw, cfg.damp))
+            del raw
+        else:  # as in the first pass (same operations, same numbers)
+            coeff = damped(coefficient_matrix(module.weight, gram), cfg.damp)
         rhs, total = target if target is not None else (None, None)
         indicator = torch.zeros(shape.d_in, dtype=coeff.dtype, device=coeff.device)
         indicator[keep] = 1.0
