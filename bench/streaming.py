@@ -42,8 +42,13 @@ def run(preset: str, device: str, n_samples: int, seq_len: int, windows: int, wo
     shape = PRESETS[preset]
     model_dir, out_dir = workdir / "model", workdir / "pruned"
     t0 = time.perf_counter()
-    write_random_llama(model_dir, shape)
-    make_tiny_tokenizer().save_pretrained(model_dir)  # 512 tokens: any vocabulary of the random model fits
+    if (model_dir / "config.json").is_file():  # a kept earlier run's model (--keep): the same seeded weights
+        if json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] != shape.layers:
+            raise SystemExit(f"{model_dir} holds another model; remove it or choose another --dir")
+    else:
+        write_random_llama(model_dir, shape)
+        make_tiny_tokenizer().save_pretrained(model_dir)  # 512 tokens: any vocabulary of the random model fits
+    shutil.rmtree(out_dir, ignore_errors=True)
     write_s = time.perf_counter() - t0
     model_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     command = [sys.executable, "-m", "comp_core.cli", "prune", "--model", str(model_dir), "--stream", "on",

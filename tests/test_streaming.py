@@ -116,6 +116,8 @@ def test_streamed_prune_and_save_equal_the_in_memory_path(llama_folder, tmp_path
     for key in sa:
         torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-6, msg=key)
     torch.testing.assert_close(_logits(b, ids), _logits(pruned_m, ids), rtol=1e-5, atol=1e-5)
+    # the saved pruned folder (comp_llama with per-layer shapes, kept-index buffers) streams as well
+    assert torch.equal(_logits(open_streamed(out_s, dtype=torch.float32), ids), _logits(b, ids))
 
 
 def test_analysis_then_apply_plan_streams_too(llama_folder):
