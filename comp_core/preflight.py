@@ -59,8 +59,8 @@ def expected_save_bytes(model: nn.Module, ratio: float = 0.0) -> int:
     mask methods zero weights but save them all, so they pass ratio 0)."""
     seen: set[int] = set()
     total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.device.type == "meta" or id(tensor) in seen:
+    for tensor in [*model.parameters(), *model.buffers()]:  # a streamed model's blocks are meta: same sizes
+        if id(tensor) in seen:
             continue
         seen.add(id(tensor))
         total += tensor.numel() * tensor.element_size()

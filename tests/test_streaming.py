@@ -311,3 +311,11 @@ def test_the_bundled_model_streams_to_the_same_pruned_model():
     ppl_w = perplexity(pruned_w, tokens, 256, max_windows=2).ppl
     ppl_s = perplexity(pruned_s, tokens, 256, max_windows=2).ppl
     assert ppl_s == pytest.approx(ppl_w, rel=1e-4)
+
+
+def test_the_disk_space_check_counts_a_streamed_model_in_full(llama_folder):
+    from comp_core.preflight import expected_save_bytes
+
+    memory, _ = load_pruned(llama_folder)
+    streamed = open_streamed(llama_folder, dtype=torch.float32)
+    assert expected_save_bytes(streamed, 0.2) == expected_save_bytes(memory, 0.2) > 0
