@@ -28,8 +28,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from comp_core.synthetic import RandomLlama, write_random_llama  # noqa: E402
 
 PRESETS = {
-    # 1.57 B: wide enough to be a real model, a down_proj Gram (4096²) a 2-core box solves in seconds
-    "1.5b": RandomLlama(hidden=2048, intermediate=4096, layers=42, heads=16, kv_heads=4, vocab=32000),
+    # 1.51 B, LLaMA's MLP ratio (2.75), deep rather than wide: the peak is one block's statistics (d_ff² float64
+    # matrices), not the depth, so this is the shape that shows the bound (measured: docs/results/streaming.json)
+    "1.5b": RandomLlama(hidden=1024, intermediate=2816, layers=131, heads=16, kv_heads=4, vocab=32000),
+    # 1.57 B, wider: a 4096² down_proj Gram; one block's statistics then weigh ~1.5 GB
+    "1.5b-wide": RandomLlama(hidden=2048, intermediate=4096, layers=42, heads=16, kv_heads=4, vocab=32000),
     "smoke": RandomLlama(hidden=256, intermediate=512, layers=8, heads=4, kv_heads=2, vocab=1024),
     "llama2-7b": RandomLlama(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000,
                              tie_embeddings=False, max_positions=4096),

@@ -143,13 +143,34 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 # ------------------------------------------------------------------------------------------------ spill folder
 
+_SPILL_PREFIX = "comp-stream-"
+_OWNER_FILE = "owner.pid"
+
+
+def _sweep_stale(root: Path) -> None:
+    """Remove spill folders whose process is gone (killed before its clean-up could run)."""
+    for folder in root.glob(f"{_SPILL_PREFIX}*"):
+        try:
+            pid = int((folder / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or still being created
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
 class SpillArea:
     """A temporary folder for the blocks a method changed; shared by a model and its deep copies (files are
     written once and never changed, so sharing them is safe). Removed when the last user is gone."""
 
     def __init__(self, root: str | os.PathLike | None = None):
         root = root or os.environ.get("COMP_STREAM_SPILL") or None
-        self.path = Path(tempfile.mkdtemp(prefix="comp-stream-", dir=root))
+        _sweep_stale(Path(root or tempfile.gettempdir()))
+        self.path = Path(tempfile.mkdtemp(prefix=_SPILL_PREFIX, dir=root))
+        (self.path / _OWNER_FILE).write_text(str(os.getpid()))
         self._counter = itertools.count()
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
 

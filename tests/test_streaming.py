@@ -319,3 +319,25 @@ def test_the_disk_space_check_counts_a_streamed_model_in_full(llama_folder):
     memory, _ = load_pruned(llama_folder)
     streamed = open_streamed(llama_folder, dtype=torch.float32)
     assert expected_save_bytes(streamed, 0.2) == expected_save_bytes(memory, 0.2) > 0
+
+
+def test_spill_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
+    from comp_core.streaming import SpillArea
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "comp-stream-old"
+    stale.mkdir()
+    (stale / "owner.pid").write_text(dead.stdout.strip())
+    (stale / "block-3-0.safetensors").write_bytes(b"x" * 100)
+    live = tmp_path / "comp-stream-live"
+    live.mkdir()
+    (live / "owner.pid").write_text(str(os.getpid()))
+    monkeypatch.setenv("COMP_STREAM_SPILL", str(tmp_path))
+    area = SpillArea()
+    assert not stale.exists() and live.exists() and area.path.parent == tmp_path
+    path = area.path
+    del area
+    import gc
+
+    gc.collect()
+    assert not path.exists()  # removed with its last user
