@@ -341,3 +341,17 @@ def test_spill_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
 
     gc.collect()
     assert not path.exists()  # removed with its last user
+
+
+def test_bfloat16_storage_streams_like_the_in_memory_model(tiny_folder):
+    """Blocks kept in bf16 (half the bytes read and held); statistics stay float32/float64 (``stats``)."""
+    streamed = load_model(str(tiny_folder), dtype="bfloat16", stream="on")
+    whole = load_model(str(tiny_folder), dtype="bfloat16", stream="off")
+    assert streamed.model.dtype == whole.model.dtype == torch.bfloat16
+    ids = make_calib()[:2]
+    assert torch.equal(_logits(streamed.model, ids), _logits(whole.model, ids))
+    pruned_s, result_s = prune(streamed.model, make_calib(), CompConfig(ratio=0.2), inplace=True)
+    pruned_w, result_w = prune(whole.model, make_calib(), CompConfig(ratio=0.2))
+    assert result_s.params_after == result_w.params_after
+    assert torch.equal(_logits(pruned_s, ids), _logits(pruned_w, ids))
+    assert all(p.dtype == torch.bfloat16 for p in pruned_s.parameters())
