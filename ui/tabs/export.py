@@ -34,7 +34,7 @@ def save_model(session: Session, folder, overwrite):
     with common.exclusive(session):
         try:
             path = save_pruned(session.pruned, session.loaded.tokenizer, folder, session.result,
-                               overwrite=bool(overwrite))
+                               overwrite=bool(overwrite), source=session.loaded.source)
         except FileExistsError as err:
             hint = "" if overwrite else " Tick “Replace if it exists” or choose another folder."
             raise gr.Error(f"{common.message(err).split(';')[0]}.{hint}", duration=None, title="Folder exists",
