@@ -418,8 +418,6 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, fi
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     if file_type not in FILE_TYPES:
         raise GGUFExportError(f"file type must be one of {', '.join(FILE_TYPES)}, got '{file_type}'")
-    with torch.no_grad():
-        plan = plan_gguf(model)
     vocab = int(model.config.vocab_size)
     if source_gguf is not None:
         writer_fn, described = gguf_tokenizer.copy_from_gguf(source_gguf, vocab)
@@ -427,6 +425,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, fi
         writer_fn, described = gguf_tokenizer.from_hf(tokenizer, vocab)
     else:
         raise GGUFExportError("no tokenizer: pass the model's tokenizer or the GGUF it was loaded from")
+    with torch.no_grad():
+        plan = plan_gguf(model)
     counts = write_gguf(plan, path, file_type, tokenizer_writer=writer_fn)
     notes = list(plan.notes)
     return GGUFReport(
