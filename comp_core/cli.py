@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("--source-gguf", default=None,
                       help="GGUF to copy the tokenizer metadata from: a .gguf path or 'bundled' (default: the "
                            "source recorded in comp_report.json, else the folder's HF tokenizer)")
+    gguf.add_argument("--ff-multiple", type=int, default=1,
+                      help="round every FFN width up to a multiple of this with zero channels (32: q8_0 then "
+                           "quantises every down_proj; default 1: exact widths)")
     gguf.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     gguf.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
@@ -204,7 +207,7 @@ def _export_gguf(args: argparse.Namespace) -> dict:
         raise ValueError(f"--source-gguf {args.source_gguf}: not a .gguf file or 'bundled'")
     start = time.perf_counter()
     report = export_gguf_folder(args.folder, args.output, file_type=args.file_type, source_gguf=source,
-                                overwrite=args.overwrite).to_dict()
+                                ff_multiple=args.ff_multiple, overwrite=args.overwrite).to_dict()
     report["command"] = "export-gguf"
     report["seconds"] = time.perf_counter() - start
     return report

@@ -144,6 +144,20 @@ def read_value_rows(o_index: torch.Tensor, heads: int, kv_heads: int, head_dim: 
     return alive.view(kv_heads, heads // kv_heads, head_dim).any(dim=1).reshape(-1)  # (kv_heads · d,)
 
 
+def padded_width(width: int, multiple: int = 1) -> int:
+    """The FFN width written for ``width`` kept channels: rounded up to ``multiple`` (q8_0 quantises rows in
+    blocks of 32, so down_proj rows of another length would stay f16), and never 0 (see the module docstring)."""
+    return max(1, -(-width // multiple) * multiple)
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor`` (r, ...) with zero rows appended up to ``rows``: extra MLP channels that compute 0, since
+    silu(0) · 0 = 0 and their down_proj columns are 0."""
+    extra = rows - tensor.shape[0]
+    assert extra >= 0, (tensor.shape, rows)
+    return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])]) if extra else tensor
+
+
 def llama3_rope_factors(rope: dict, head_dim: int) -> torch.Tensor:
     """(head_dim / 2,) frequency divisors of Llama 3's rope scaling (llama.cpp's ``rope_freqs`` tensor)."""
     base, factor = float(rope["rope_theta"]), float(rope["factor"])
@@ -220,12 +234,15 @@ def _rope_metadata(rope: dict, head_dim: int) -> tuple[dict[str, Any], dict[str,
     raise GGUFExportError(f"rope type '{kind}' is not supported by the GGUF export (default, linear, llama3 are)")
 
 
-def plan_gguf(model: nn.Module) -> GGUFPlan:
+def plan_gguf(model: nn.Module, ff_multiple: int = 1) -> GGUFPlan:
     """Every tensor (float32, GGUF layout) and hyper-parameter of the file for ``model`` (stock or pruned).
 
     Heads whose o_proj columns are all gone are removed first, as ``save_pruned`` does; what remains of
-    the o_proj/v_proj value dimensions is restored as zeros (see the module docstring).
+    the o_proj/v_proj value dimensions is restored as zeros (see the module docstring). ``ff_multiple``:
+    every FFN width is rounded up to a multiple of it with zero channels (``padded_width``).
     """
+    if ff_multiple < 1:
+        raise GGUFExportError(f"ff_multiple must be >= 1, got {ff_multiple}")
     from .export import plan_export
 
     config = model.config
@@ -265,17 +282,20 @@ def plan_gguf(model: nn.Module) -> GGUFPlan:
             weights[attention.v][dead] = 0.0
             if attention.v in biases:
                 biases[attention.v][dead] = 0.0
-        if ff == 0:  # deci drops a layer's whole output when its FFN width is 0: keep one zero channel
+        width = padded_width(ff, ff_multiple)
+        if width != ff:
             producers, consumer = _mlp(adapter)
+            before = sum(weights[n].numel() for n in (*producers, consumer))
             for name in producers:
-                weights[name] = weights[name].new_zeros(1, weights[name].shape[1])
+                weights[name] = pad_rows(weights[name], width)
                 if name in biases:
-                    biases[name] = biases[name].new_zeros(1)
-            weights[consumer] = weights[consumer].new_zeros(weights[consumer].shape[0], 1)
-            restored += sum(weights[n].numel() for n in (*producers, consumer))
-            ff = 1
-            notes.append(f"block {i}: no MLP channel left; written with one zero channel (llama.cpp's deci "
-                         "skips the whole layer output when its FFN width is 0)")
+                    biases[name] = pad_rows(biases[name], width)
+            weights[consumer] = pad_rows(weights[consumer].T, width).T.contiguous()
+            restored += sum(weights[n].numel() for n in (*producers, consumer)) - before
+            if ff == 0:
+                notes.append(f"block {i}: no MLP channel left; written with {width} zero channel(s) (llama.cpp's "
+                             "deci skips the whole layer output when its FFN width is 0)")
+            ff = width
         for name in layout.rope_rows:
             weights[name] = permute_rope_rows(weights[name], head_dim)
             if name in biases:
@@ -404,12 +424,13 @@ def write_gguf(plan: GGUFPlan, path: str | os.PathLike, file_type: str = "f16", 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, file_type: str = "f16",
                 source_gguf: str | os.PathLike | None = None, params_original: int | None = None,
-                overwrite: bool = False) -> GGUFReport:
+                ff_multiple: int = 1, overwrite: bool = False) -> GGUFReport:
     """Write ``model`` (a pruned or stock Llama-family causal LM) as a GGUF llama.cpp loads.
 
     Tokenizer metadata: copied from ``source_gguf`` when given (the file the model was loaded from), else
-    built from ``tokenizer`` (``gguf_tokenizer.tokenizer_writer``). ``params_original``: the unpruned
-    model's parameter count, for the share the file really holds. The model is not modified.
+    built from ``tokenizer`` (``gguf_tokenizer.from_hf``). ``params_original``: the unpruned model's
+    parameter count, for the share the file really holds. ``ff_multiple``: FFN widths rounded up to a
+    multiple of it with zero channels (32 lets q8_0 quantise every down_proj). The model is not modified.
     """
     from . import gguf_tokenizer
 
@@ -426,7 +447,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, fi
     else:
         raise GGUFExportError("no tokenizer: pass the model's tokenizer or the GGUF it was loaded from")
     with torch.no_grad():
-        plan = plan_gguf(model)
+        plan = plan_gguf(model, ff_multiple)
     counts = write_gguf(plan, path, file_type, tokenizer_writer=writer_fn)
     notes = list(plan.notes)
     return GGUFReport(
@@ -438,7 +459,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, fi
 
 
 def export_gguf_folder(folder: str | os.PathLike, path: str | os.PathLike, *, file_type: str = "f16",
-                       source_gguf: str | os.PathLike | None = None, overwrite: bool = False) -> GGUFReport:
+                       source_gguf: str | os.PathLike | None = None, ff_multiple: int = 1,
+                       overwrite: bool = False) -> GGUFReport:
     """``export_gguf`` for a folder written by ``save_pruned`` (or any stock Llama folder).
 
     The source GGUF (for tokenizer metadata) is, in order: ``source_gguf``; the ``source`` recorded in
@@ -453,7 +475,7 @@ def export_gguf_folder(folder: str | os.PathLike, path: str | os.PathLike, *, fi
     params_original = (report.get("pruning") or {}).get("params_before")
     return export_gguf(model, path, tokenizer=tokenizer, file_type=file_type, source_gguf=source_gguf,
                        params_original=params_original if params_original else count_parameters(model),
-                       overwrite=overwrite)
+                       ff_multiple=ff_multiple, overwrite=overwrite)
 
 
 def resolve_source_gguf(source: str | None) -> Path | None:

@@ -279,7 +279,8 @@ def test_cli_export_gguf_from_a_saved_folder(tmp_path, capsys):
 def llama_cpp_model(path, n_ctx: int = 256):
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=1, n_threads_batch=1,
+                          verbose=False)  # one thread: a busy CI box makes ggml's spinning threads crawl
     try:
         yield llm
     finally:
@@ -373,7 +374,7 @@ def test_llama_cpp_tokenises_like_the_hf_tokenizer(tmp_path):
 # ------------------------------------------------------------------------------------------ bundled model
 
 DATA = Path(os.environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
-BUNDLED_F16_TOL = 2e-2  # measured: see the README's GGUF section
+BUNDLED_F16_TOL = 5e-3  # measured 1.7e-3 to 2.2e-3 (max |diff| 0.05-0.07 on logits up to 34)
 
 
 @pytest.mark.integration
@@ -406,3 +407,30 @@ def test_bundled_model_pruned_at_20_percent_runs_in_llama_cpp(tmp_path):
     with llama_cpp_model(q8) as llm:
         text = llm(texts[0], max_tokens=16, temperature=0.0)["choices"][0]["text"]
     assert len(text.strip()) > 0
+
+
+# ------------------------------------------------------------------------------------------ GUI
+
+
+def test_gui_export_gguf_writes_the_pruned_model(tmp_path):
+    gr = pytest.importorskip("gradio")
+    from comp_core.models.loading import LoadedModel
+    from ui.session import Session
+    from ui.tabs import export as export_tab
+
+    session = Session()
+    try:
+        with pytest.raises(gr.Error, match="Prune a model first"):
+            export_tab.export_gguf_file(session, str(tmp_path / "x.gguf"), "f16", False, False)
+        pruned, result = pruned_tiny()
+        session.loaded = LoadedModel(model=None, tokenizer=make_tiny_tokenizer(), source="/a/folder", kind="hf-folder",
+                                     seconds=0.0)
+        session.pruned, session.result = pruned, result
+        status = export_tab.export_gguf_file(session, str(tmp_path / "p.gguf"), "q8_0", True, False)
+        assert "deci" in status and "of the original's weights" in status and (tmp_path / "p.gguf").is_file()
+        meta, _ = fields(tmp_path / "p.gguf")
+        assert all(ff % 32 == 0 for ff in meta["deci.feed_forward_length"])
+        with pytest.raises(gr.Error, match="exists"):
+            export_tab.export_gguf_file(session, str(tmp_path / "p.gguf"), "f16", False, False)
+    finally:
+        session.close()
