@@ -5,20 +5,21 @@ generation tokens/s on N threads, and WikiText-2 perplexity computed by llama.cp
     COMP_DATA_DIR=../shared/data python bench/gguf_speed.py --ratio 0.2                  # prune the bundled model first
 
 Writes (into ``--out-dir``, default a temporary folder) the unpruned bundled model as f16 and q8_0 GGUF with
-``comp_core.gguf_export`` (from the same HF weights the pruning starts from), the pruned model as f16 and q8_0,
-and measures those four plus the bundled Q4_1 file for reference. Every measurement runs in its own Python
+``comp_core.gguf_export`` (from the same HF weights the pruning starts from), the pruned model as f16, q8_0
+and as q8_0 with every FFN width rounded up to 32 (``ff_multiple=32``: zero channels, so every down_proj is
+q8_0), and measures those five plus the bundled Q4_1 file for reference. Every measurement runs in its own Python
 process (``llama-cpp-python``): load RSS is that process's resident memory after loading and one 4-token
 evaluation, above its RSS after the imports (``comp_core.runtime`` readers); prompt processing times one
 ``--prompt-tokens`` evaluation, generation ``--gen-tokens`` single-token greedy steps after a 16-token prompt.
-Runs alternate between the files, ``--repeats`` rounds; the table gives the median (min–max). The load average
-is recorded before every run and printed with the table: the figures are only comparable on a quiet machine.
+Runs alternate between the files, ``--repeats`` rounds; the table gives the best run (min–max): on a shared
+machine another process can only slow a run down. The 1-minute load average is recorded before every run and
+printed with the table: the figures are only comparable on a quiet machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,11 +115,12 @@ def write_files(out: Path, pruned_dir: Path | None, ratio: float) -> tuple[dict[
                                  overwrite=True)
         del pruned
     del loaded
-    for kind in ("f16", "q8_0"):
-        path = out / f"pruned-{kind}.gguf"
-        reports[f"pruned {kind}"] = export_gguf_folder(pruned_dir, path, file_type=kind, source_gguf=source,
-                                                       overwrite=True).to_dict()
-        files[f"pruned {kind}"] = path
+    for kind, multiple in (("f16", 1), ("q8_0", 1), ("q8_0", 32)):
+        label = f"pruned {kind}" + (f", FFN widths ×{multiple}" if multiple > 1 else "")
+        path = out / (f"pruned-{kind}" + (f"-ff{multiple}" if multiple > 1 else "") + ".gguf")
+        reports[label] = export_gguf_folder(pruned_dir, path, file_type=kind, source_gguf=source,
+                                            ff_multiple=multiple, overwrite=True).to_dict()
+        files[label] = path
     return files, reports
 
 
@@ -139,11 +141,12 @@ def ppl_windows(out: Path, n_windows: int, seq_len: int) -> Path:
     return path
 
 
-def _median(values: list[float]) -> str:
+def _best(values: list[float], higher: bool = True) -> str:
+    """Best run (and the range): another process on the machine can only slow a run down or grow nothing."""
     if not values:
         return "—"
-    med = statistics.median(values)
-    return f"{med:,.1f}" if len(values) == 1 else f"{med:,.1f} ({min(values):,.1f}–{max(values):,.1f})"
+    best = max(values) if higher else min(values)
+    return f"{best:,.1f}" if len(values) == 1 else f"{best:,.1f} ({min(values):,.1f}–{max(values):,.1f})"
 
 
 def table(files: dict[str, Path], runs: dict[str, list[dict]], ppl: dict[str, float], params: dict[str, int],
@@ -154,8 +157,8 @@ def table(files: dict[str, Path], runs: dict[str, list[dict]], ppl: dict[str, fl
         measured = runs[label]
         perplexity = f"{ppl[label]:.2f}" if label in ppl else "—"
         rows.append(f"| {label} | {path.stat().st_size / 1e6:,.1f} | {params[label]:,} | "
-                    f"{params[label] / original_params:.1%} | {_median([m['load_rss_mb'] for m in measured])} | "
-                    f"{_median([m['pp_tps'] for m in measured])} | {_median([m['tg_tps'] for m in measured])} | "
+                    f"{params[label] / original_params:.1%} | {_best([m['load_rss_mb'] for m in measured], higher=False)} | "
+                    f"{_best([m['pp_tps'] for m in measured])} | {_best([m['tg_tps'] for m in measured])} | "
                     f"{perplexity} |")
     return "\n".join(rows)
 
@@ -192,10 +195,10 @@ def main() -> None:
         loads = [m["loadavg"] for measured in runs.values() for m in measured]
         print(table(files, runs, ppl, params, original_params))
         print(f"\nllama-cpp-python, {args.threads} threads, {args.prompt_tokens}-token prompt, {args.gen_tokens} "
-              f"generated tokens, median (min–max) of {args.repeats} runs; 1-min load average "
+              f"generated tokens, best (min–max) of {args.repeats} runs; 1-min load average "
               f"{min(loads):.2f}–{max(loads):.2f} during the runs; perplexity: first {args.ppl_windows} WikiText-2 "
               f"test windows of {args.ppl_seq_len} tokens.")
-        for label in ("pruned f16", "pruned q8_0"):
+        for label in [label for label in reports if label.startswith("pruned")]:
             r = reports[label]
             print(f"{label}: {r['arch']}, {r['restored_zeros']:,} weights restored as zeros, tensor types "
                   f"{r['tensor_types']}")

@@ -25,7 +25,7 @@ from comp_core.gguf_tokenizer import copy_from_gguf
 from comp_core.models.adapters import UnsupportedModelError, get_adapter
 from comp_core.models.pruned import comp_classes
 from comp_core.speed import greedy_decode
-from comp_core.surgery import IndexedInputLinear, prune_inputs, prune_outputs, replace_submodule
+from comp_core.surgery import IndexedInputLinear, add_output_bias, prune_inputs, prune_outputs, replace_submodule
 
 try:
     from conftest import make_calib, make_tiny_model
@@ -356,6 +356,31 @@ def test_block_without_mlp_matches_in_llama_cpp(tmp_path):
     _empty_mlp(model, 3)
     export_gguf(model, tmp_path / "m.gguf", tokenizer=make_tiny_tokenizer())
     assert compare_in_llama_cpp(model, tmp_path / "m.gguf") <= F16_TOL
+
+
+@needs_llama_cpp
+def test_biases_match_in_llama_cpp(tmp_path):
+    """Llama's attention_bias / mlp_bias (q/k biases permuted like their rows) and FLAP's added output biases."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                         mlp_bias=True)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)  # HF initialises them to 0, which would test nothing
+    pruned, _ = prune(peaky(model), make_calib(), CompConfig(ratio=0.3, protected=(0,)))
+    flap = peaky(make_tiny_model("llama"))
+    for block in flap.model.layers[2:4]:
+        add_output_bias(block.self_attn.o_proj, torch.randn(64, generator=torch.Generator().manual_seed(1)))
+        add_output_bias(block.mlp.down_proj, torch.randn(64, generator=torch.Generator().manual_seed(2)))
+    for i, m in enumerate((pruned, flap)):
+        report = export_gguf(m, tmp_path / f"{i}.gguf", tokenizer=make_tiny_tokenizer())
+        _, tensors = fields(tmp_path / f"{i}.gguf")
+        assert any(name.endswith(".bias") for name in tensors), report.arch
+        assert compare_in_llama_cpp(m, tmp_path / f"{i}.gguf") <= F16_TOL
 
 
 @needs_llama_cpp
