@@ -174,13 +174,20 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 windows for the perplexity (0: skip)")
     p.add_argument("--ppl-seq-len", type=int, default=512)
+    p.add_argument("--reuse", action="store_true", help="measure the files an earlier run left in --out-dir")
     p.add_argument("--json", action="store_true", help="also print every measurement as one JSON line")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="comp-gguf-bench-") as tmp:
         out = Path(args.out_dir or tmp)
         out.mkdir(parents=True, exist_ok=True)
-        files, reports = write_files(out, Path(args.pruned_dir) if args.pruned_dir else None, args.ratio)
+        saved = out / "reports.json"
+        if args.reuse and saved.is_file():  # the files of an earlier run in --out-dir: measure them again
+            stored = json.loads(saved.read_text())
+            files, reports = {k: Path(v) for k, v in stored["files"].items()}, stored["reports"]
+        else:
+            files, reports = write_files(out, Path(args.pruned_dir) if args.pruned_dir else None, args.ratio)
+            saved.write_text(json.dumps({"files": {k: str(v) for k, v in files.items()}, "reports": reports}))
         params = {label: gguf_params(path) for label, path in files.items()}
         original_params = reports["original f16"]["params_original"]
         runs: dict[str, list[dict]] = {label: [] for label in files}
