@@ -3,8 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= $(if $(COMP_DATA_DIR),$(COMP_DATA_DIR),../shared/data)
 RATIO ?= 0.2
+LLAMA_CPP_VERSION ?= 0.3.36
 
-.PHONY: install app gui test test-fast prune clean
+.PHONY: install llama-cpp app gui test test-fast prune clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +21,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# llama.cpp's Python binding, for the GGUF tests (they skip without it) and bench/gguf_speed.py. Built from the
+# PyPI source distribution with the system cmake and g++ (about 15 min on two cores); pip's wheel cache serves
+# every later install, and an installed copy of the right version is kept as it is.
+llama-cpp: install
+	@$(PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$(LLAMA_CPP_VERSION)')" \
+		2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+		$(PY) -m pip install -q llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 app: install
 	COMP_DATA_DIR=$(DATA) $(PY) launch.py

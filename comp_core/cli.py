@@ -184,7 +184,37 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--limit", type=int, default=None, help="score only each task's first N items")
     _add_calibration(compare)
     _add_eval(compare, default="wikitext2")
+    gguf = sub.add_parser("export-gguf", help="write a saved (pruned) Llama-family model as a GGUF for llama.cpp")
+    gguf.add_argument("folder", help="folder written by `prune --out` (or a stock Llama folder)")
+    gguf.add_argument("output", help="the .gguf file to write")
+    gguf.add_argument("--type", dest="file_type", choices=("f16", "q8_0"), default="f16",
+                      help="weight type: f16 (default) or q8_0 (rows not a multiple of 32 stay f16)")
+    gguf.add_argument("--source-gguf", default=None,
+                      help="GGUF to copy the tokenizer metadata from: a .gguf path or 'bundled' (default: the "
+                           "source recorded in comp_report.json, else the folder's HF tokenizer)")
+    gguf.add_argument("--ff-multiple", type=int, default=1,
+                      help="round every FFN width up to a multiple of this with zero channels (32: q8_0 then "
+                           "quantises every down_proj; default 1: exact widths)")
+    gguf.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    gguf.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
+
+
+def _export_gguf(args: argparse.Namespace) -> dict:
+    """``export-gguf``: no model loading of its own beyond the folder, so it stays apart from ``run``."""
+    from .gguf_export import export_gguf_folder, resolve_source_gguf
+
+    if not os.path.isdir(args.folder):
+        raise FileNotFoundError(f"{args.folder} is not a folder; pass one written by `comp-explorer prune --out`")
+    source = resolve_source_gguf(args.source_gguf) if args.source_gguf else None
+    if args.source_gguf and source is None:
+        raise ValueError(f"--source-gguf {args.source_gguf}: not a .gguf file or 'bundled'")
+    start = time.perf_counter()
+    report = export_gguf_folder(args.folder, args.output, file_type=args.file_type, source_gguf=source,
+                                ff_multiple=args.ff_multiple, overwrite=args.overwrite).to_dict()
+    report["command"] = "export-gguf"
+    report["seconds"] = time.perf_counter() - start
+    return report
 
 
 class _Progress:
@@ -284,6 +314,9 @@ def _check_lengths(model, args, eval_names: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Execute one parsed command; returns the report (also what ``--json`` prints)."""
+    if args.command == "export-gguf":
+        logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+        return _export_gguf(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.data_dir:
         os.environ["COMP_DATA_DIR"] = args.data_dir
@@ -402,7 +435,7 @@ def run(args: argparse.Namespace) -> dict:
 
                     with stage("save", timings):
                         report["saved_to"] = str(save_pruned(pruned, tokenizer, args.out, result,
-                                                             overwrite=args.overwrite))
+                                                             overwrite=args.overwrite, source=loaded.source))
     finally:
         progress.close()
     report["seconds"] = time.perf_counter() - start
@@ -420,8 +453,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def _print_table(report: dict) -> None:
     rows = []
-    for key in ("model", "saved_to", "realised_ratio", "params_before", "params_after", "params", "removed_layers",
-                "compensation", "ppl", "ppl_before", "ppl_after", "seconds", "peak_rss_mb", "cuda_peak_mb"):
+    for key in ("model", "path", "arch", "file_type", "file_bytes", "params_file", "params_model", "restored_zeros",
+                "params_original", "share_of_original", "tokenizer", "saved_to", "realised_ratio", "params_before",
+                "params_after", "params", "removed_layers", "compensation", "ppl", "ppl_before", "ppl_after", "seconds",
+                "peak_rss_mb", "cuda_peak_mb"):
         if key in report:
             value = report[key]
             if isinstance(value, float):

@@ -1,4 +1,5 @@
-"""Tab ④: save the pruned model (core export) and download the plan, report, runs, comparison and figures."""
+"""Tab ④: save the pruned model (core export, or a GGUF for llama.cpp) and download the plan, report, runs,
+comparison and figures."""
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def save_model(session: Session, folder, overwrite):
     with common.exclusive(session):
         try:
             path = save_pruned(session.pruned, session.loaded.tokenizer, folder, session.result,
-                               overwrite=bool(overwrite))
+                               overwrite=bool(overwrite), source=session.loaded.source)
         except FileExistsError as err:
             hint = "" if overwrite else " Tick “Replace if it exists” or choose another folder."
             raise gr.Error(f"{common.message(err).split(';')[0]}.{hint}", duration=None, title="Folder exists",
@@ -45,6 +46,33 @@ def save_model(session: Session, folder, overwrite):
                 row["disk MB"] = size
     return (f"Saved <b>{session.pruned_run}</b> to <code>{path}</code> ({size:,.1f} MB). Load it with "
             f"<code>comp_core.export.load_pruned(path)</code>.", results_table(session))
+
+
+@common.user_errors
+def export_gguf_file(session: Session, path, file_type, ff_multiple32, overwrite):
+    """Write the latest pruned model as a GGUF for llama.cpp (core ``gguf_export``); returns the status."""
+    if session.pruned is None:
+        raise common.fail("Prune a model first.", "Nothing to export")
+    from comp_core.gguf_export import export_gguf, resolve_source_gguf
+
+    path = (path or "").strip()
+    if not path:
+        raise common.fail("Type a .gguf file name to write.", "No file")
+    with common.exclusive(session):
+        try:
+            report = export_gguf(session.pruned, path, tokenizer=session.loaded.tokenizer,
+                                 file_type=file_type or "f16", source_gguf=resolve_source_gguf(session.loaded.source),
+                                 params_original=session.result.params_before if session.result else None,
+                                 ff_multiple=32 if ff_multiple32 else 1, overwrite=bool(overwrite))
+        except FileExistsError as err:
+            hint = "" if overwrite else " Tick “Replace if it exists” or choose another file."
+            raise gr.Error(f"{common.message(err).split(';')[0]}.{hint}", duration=None, title="File exists",
+                           print_exception=False) from None
+    share = f", {report.share_of_original:.1%} of the original's weights" if report.share_of_original else ""
+    notes = "".join(f"<br><span class='cx-muted'>{note}</span>" for note in report.notes)
+    return (f"Wrote <code>{report.path}</code>: llama.cpp architecture <b>{report.arch}</b>, {report.file_type}, "
+            f"{report.file_bytes / 1e6:,.1f} MB, {report.params_file:,} weights in the file{share}; tokenizer "
+            f"{report.tokenizer}.{notes}")
 
 
 def _png_available() -> bool:
@@ -144,6 +172,19 @@ def build(default_folder: str = "runs/pruned") -> SimpleNamespace:
             t.overwrite = gr.Checkbox(label="Replace if it exists", value=False, scale=1)
             t.save = gr.Button("Save model", variant="primary", scale=1, elem_id="btn-save")
         t.save_status = gr.HTML("")
+    with gr.Group(visible=available):
+        gr.HTML("<div class='cx-h3'>Export GGUF for llama.cpp</div><div class='cx-help'>One file that llama.cpp "
+                "(and Ollama, LM Studio…) runs: per-layer widths as llama.cpp's <code>deci</code> architecture, "
+                "pruned o_proj columns restored as zeros (the file reports the share of weights it really "
+                "holds), tokenizer copied from the source GGUF when there is one.</div>")
+        with gr.Row(equal_height=True):
+            t.gguf_path = gr.Textbox(label="GGUF file", value="runs/pruned.gguf", scale=4, elem_id="export-gguf-path")
+            t.gguf_type = gr.Radio(["f16", "q8_0"], value="f16", label="Weights", scale=1)
+            t.gguf_pad = gr.Checkbox(label="FFN widths ×32", value=False, scale=1,
+                                     info="zero channels so q8_0 quantises every down_proj")
+            t.gguf_overwrite = gr.Checkbox(label="Replace if it exists", value=False, scale=1)
+            t.gguf_save = gr.Button("Export GGUF", variant="primary", scale=1, elem_id="btn-export-gguf")
+        t.gguf_status = gr.HTML("")
     if not available:
         gr.HTML("<div class='cx-note'>Saving models needs <code>comp_core.export</code>, which this install "
                 "does not have; downloads below still work.</div>")
@@ -164,6 +205,8 @@ def build(default_folder: str = "runs/pruned") -> SimpleNamespace:
 def wire(t: SimpleNamespace, session: gr.State, results_table: gr.Dataframe, heavy: dict) -> list:
     """Save and Prepare files; ``results_table`` is the runs tab's table (its disk MB column)."""
     t.save.click(save_model, [session, t.folder, t.overwrite], [t.save_status, results_table], **heavy)
+    t.gguf_save.click(export_gguf_file, [session, t.gguf_path, t.gguf_type, t.gguf_pad, t.gguf_overwrite],
+                      [t.gguf_status], **heavy)
     t.prepare.click(make_downloads, [session, t.what, t.scores], [t.files, t.download_status],
                     show_progress_on=[t.download_status])
     return []
