@@ -42,7 +42,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .runtime import release_free_memory
+from .runtime import prefer_mapped_allocations, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -419,6 +419,7 @@ def open_streamed(folder: str | os.PathLike, *, dtype: torch.dtype | None = None
     from .models.pruned import register_all
 
     register_all()
+    prefer_mapped_allocations()  # freed block tensors and statistics go back to the OS, not to the heap
     folder = Path(folder)
     index = folder_index(folder)
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
