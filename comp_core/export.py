@@ -46,6 +46,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -68,7 +69,7 @@ from .models.pruned import (
     stock_biased,
 )
 from .runtime import count_parameters, resolve_device, resolve_dtype
-from .streaming import is_streamed, resident
+from .streaming import ShardWriter, is_streamed, resident
 from .surgery import IndexedInputLinear, prune_outputs, qkv_keep_rows
 
 logger = logging.getLogger(__name__)
@@ -268,32 +269,19 @@ def _write_streamed(model: nn.Module, folder: Path) -> ExportPlan:
     """Save a streamed model block by block: each block is read (from the spill folder when pruned), written
     as its own shard and dropped, so the model is never whole in memory. The keys and shapes written are
     checked against the export class built from the new config, as ``plan_export`` does."""
-    from safetensors.torch import save_file
-
     adapter = get_adapter(model)
     head_dim = head_dim_of(model.config)
     prefix = _blocks_prefix(model, adapter)
     stock_bias = stock_biased(model.config, base_model_type(model.config.model_type))
     blocks = adapter.blocks(model)
     n_files = len(blocks) + 1
-    weight_map: dict[str, str] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    records, removed_heads, total = [], 0, 0
-
-    def write(tensors: dict[str, torch.Tensor], number: int) -> None:
-        nonlocal total
-        name = f"model-{number:05d}-of-{n_files:05d}.safetensors"
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        for key, value in tensors.items():
-            weight_map[key] = name
-            shapes[key] = tuple(value.shape)
-            total += value.numel() * value.element_size()
+    shards = ShardWriter(folder, n_files)
+    records, removed_heads = [], 0
 
     for position, block in enumerate(blocks):
         with resident(block):
             record, state, heads = export_block(block, position, prefix, adapter, head_dim, stock_bias)
-            write(state, position + 1)
+            shards.write(state, position + 1)
             del state
         records.append(record)
         removed_heads += heads
@@ -305,30 +293,23 @@ def _write_streamed(model: nn.Module, folder: Path) -> ExportPlan:
             continue
         seen[ident] = key
         outside[key] = value
-    write(outside, n_files)
+    shards.write(outside, n_files)
     expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    shapes = shards.shapes
     tied_out = [k for k in expected if k not in shapes]
     wrong = {k: (shapes.get(k), expected.get(k)) for k in set(shapes) | set(expected)
              if k not in tied_out and shapes.get(k) != expected.get(k)}
-    if wrong or any(k not in ("lm_head.weight",) and not k.endswith("lm_head.weight") for k in tied_out):
+    if wrong or any(not k.endswith("lm_head.weight") for k in tied_out):
         raise ValueError(f"the streamed export does not match its config: {dict(list(wrong.items())[:5])} "
                          f"{tied_out[:5]}")
     target.config.architectures = [type(target).__name__]
     target.config.save_pretrained(folder)
     if getattr(target, "generation_config", None) is not None:
         target.generation_config.save_pretrained(folder)
-    with open(folder / "model.safetensors.index.json", "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-    params = sum(_count(shape) for key, shape in shapes.items() if key not in _buffer_names(target))
+    shards.write_index()
+    params = sum(math.prod(shape) for key, shape in shapes.items() if key not in _buffer_names(target))
     return ExportPlan(model=None, base_model_type=base_type, model_type=target.config.model_type, records=records,
                       removed_heads=removed_heads, params=params)
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _buffer_names(model: nn.Module) -> set[str]:

@@ -29,6 +29,7 @@ import copy
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -131,14 +132,35 @@ def weight_bytes(folder: str | os.PathLike, dtype: torch.dtype | None = None) ->
     if dtype is None:
         return sum(e.end - e.start for e in index.values())
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(_numel(e.shape) * (size if e.dtype.is_floating_point else e.dtype.itemsize) for e in index.values())
+    return sum(math.prod(e.shape) * (size if e.dtype.is_floating_point else e.dtype.itemsize) for e in index.values())
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+class ShardWriter:
+    """Writes a model folder's weights one shard at a time (``model-0000k-of-0000n.safetensors``) and the
+    index that maps every tensor to its shard: what a writer uses that never holds the whole model."""
+
+    def __init__(self, folder: str | os.PathLike, n_files: int):
+        self.folder = Path(folder)
+        self.n_files = n_files
+        self.weight_map: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.total = 0
+
+    def write(self, tensors: dict[str, torch.Tensor], number: int) -> None:
+        from safetensors.torch import save_file
+
+        name = f"model-{number:05d}-of-{self.n_files:05d}.safetensors"
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
+        for key, value in tensors.items():
+            self.weight_map[key] = name
+            self.shapes[key] = tuple(value.shape)
+            self.total += value.numel() * value.element_size()
+
+    def write_index(self) -> None:
+        with open(self.folder / "model.safetensors.index.json", "w") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))},
+                      f, indent=2)
 
 
 # ------------------------------------------------------------------------------------------------ spill folder
@@ -432,7 +454,7 @@ def open_streamed(folder: str | os.PathLike, *, dtype: torch.dtype | None = None
     device = torch.device(device)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
-    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    prefix = _module_name(model, blocks)
     store = BlockStore(index, prefix, device, SpillArea(spill_dir))
 
     block_params = {f"{prefix}.{i}.{name}" for i, b in enumerate(blocks) for name, _ in _local_parameters(b)}

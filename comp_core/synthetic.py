@@ -7,7 +7,7 @@ every loader reads it, streaming or not.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -44,7 +44,7 @@ class RandomLlama:
 
     @property
     def params(self) -> int:
-        block = sum(_numel(s) for s in self.block_shapes().values())
+        block = sum(math.prod(s) for s in self.block_shapes().values())
         embeddings = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
         return self.layers * block + embeddings + self.hidden
 
@@ -57,35 +57,18 @@ class RandomLlama:
                            tie_word_embeddings=self.tie_embeddings, rms_norm_eps=1e-5)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def write_random_llama(folder: str | os.PathLike, shape: RandomLlama, *, dtype: torch.dtype = torch.float32,
                        seed: int = 0, tokenizer_from: str | os.PathLike | None = None, std: float = 0.02) -> Path:
     """Write a random Llama of ``shape`` to ``folder`` (created; must not exist): N(0, std²) linears, unit
     norms, one shard per block plus one for the embeddings. ``tokenizer_from``: a folder whose tokenizer
     files are copied (its vocabulary must not exceed ``shape.vocab``)."""
-    from safetensors.torch import save_file
+    from .streaming import ShardWriter
 
     folder = Path(folder)
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(seed)
     n_files = shape.layers + 1
-    weight_map: dict[str, str] = {}
-    total = 0
-
-    def write(tensors: dict[str, torch.Tensor], number: int) -> None:
-        nonlocal total
-        name = f"model-{number:05d}-of-{n_files:05d}.safetensors"
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        for key, value in tensors.items():
-            weight_map[key] = name
-            total += value.numel() * value.element_size()
-
+    shards = ShardWriter(folder, n_files)
     for i in range(shape.layers):
         tensors = {}
         for name, dims in shape.block_shapes().items():
@@ -93,19 +76,18 @@ def write_random_llama(folder: str | os.PathLike, shape: RandomLlama, *, dtype: 
                 tensors[f"model.layers.{i}.{name}"] = torch.ones(dims, dtype=dtype)
             else:
                 tensors[f"model.layers.{i}.{name}"] = (torch.randn(dims, generator=generator) * std).to(dtype)
-        write(tensors, i + 1)
+        shards.write(tensors, i + 1)
         del tensors
     outside = {"model.embed_tokens.weight": (torch.randn(shape.vocab, shape.hidden, generator=generator) * std).to(dtype),
                "model.norm.weight": torch.ones(shape.hidden, dtype=dtype)}
     if not shape.tie_embeddings:
         outside["lm_head.weight"] = (torch.randn(shape.vocab, shape.hidden, generator=generator) * std).to(dtype)
-    write(outside, n_files)
+    shards.write(outside, n_files)
     config = shape.config()
     config.dtype = dtype
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(folder)
-    with open(folder / "model.safetensors.index.json", "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    shards.write_index()
     if tokenizer_from is not None:
         for item in Path(tokenizer_from).iterdir():
             if item.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "chat_template")):
