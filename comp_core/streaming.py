@@ -311,11 +311,6 @@ class BlockStore:
         block._comp_modified = False
         release_free_memory()
 
-    def release_all(self, blocks) -> None:
-        for block in blocks:
-            if getattr(block, "_comp_held", 0) == 0:
-                self.release(block)
-
 
 def _local_parameters(block: nn.Module) -> list[tuple[str, tuple[nn.Module, str, nn.Parameter]]]:
     """(name inside the block, (owning module, attribute name, parameter)) for every parameter of a block."""
@@ -396,15 +391,6 @@ def _model_store(model: nn.Module) -> BlockStore | None:
         if store is not None:
             return store
     return None
-
-
-def release_blocks(model: nn.Module) -> None:
-    """Drop every streamed block not held (e.g. the one a forward stopped inside)."""
-    store = _model_store(model)
-    if store is not None:
-        from .models.adapters import get_adapter
-
-        store.release_all(get_adapter(model).blocks(model))
 
 
 def choose_streaming(mode: str | bool, folder: str | os.PathLike, dtype: torch.dtype | None) -> bool:
