@@ -30,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="read folder models' blocks from disk one at a time (models larger than memory); auto "
                         "(default): when the weights exceed a quarter of the available memory")
+    p.add_argument("--device-map", default=None,
+                   help="spread models over several GPUs with accelerate: auto, balanced, balanced_low_0, "
+                        "sequential, or a JSON file of module -> GPU")
+    p.add_argument("--max-memory", default=None, help="with --device-map: per-GPU limit for the weights, e.g. "
+                                                      "0=20GiB,1=22GiB (default: 80%% of each GPU's free memory)")
     p.add_argument("--log-level", default="INFO", help="logging level of the server log")
     return p.parse_args(argv)
 
@@ -58,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = configure_threads(args.threads)
     from ui import common
 
-    common.set_stream_mode(args.stream)
+    try:
+        common.set_load_options(args.stream, args.device_map, args.max_memory)
+    except ValueError as err:
+        print(f"launch.py: error: {err}", file=sys.stderr)
+        return 2
     demo = build_app(default_source=args.model, default_calib=args.calib, export_folder=args.export_folder)
     logging.getLogger("comp_explorer").info("starting on http://%s:%d (%d torch threads)", args.host, args.port,
                                             threads)

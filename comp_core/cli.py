@@ -72,6 +72,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="read a folder model's blocks from disk one at a time (models larger than memory); "
                         "auto (default): when its weights exceed a quarter of the available memory")
+    p.add_argument("--device-map", default=None,
+                   help="spread the model over several GPUs with accelerate: auto, balanced, balanced_low_0, "
+                        "sequential, or a JSON file of module -> GPU; takes the place of --device")
+    p.add_argument("--max-memory", default=None,
+                   help="with --device-map: what the weights may take on each GPU, e.g. 0=20GiB,1=22GiB "
+                        "(default: 80%% of each GPU's free memory)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores available)")
     p.add_argument("--data-dir", default=None, help="folder with local copies of the data sets (sets COMP_DATA_DIR)")
@@ -324,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
     from .methods import analyze_with, prune_with
     from .models.loading import load_model
     from .preflight import check_exportable, check_output_folder, expected_save_bytes
-    from .runtime import configure_threads, count_parameters, cuda_peak_mb, peak_rss_mb, stage
+    from .runtime import configure_threads, count_parameters, cuda_peak_mb, cuda_peaks_mb, peak_rss_mb, stage
 
     out = getattr(args, "out", None)
     if out and os.path.exists(out) and not args.overwrite:  # fail before minutes of pruning, not after
@@ -338,9 +344,12 @@ def run(args: argparse.Namespace) -> dict:
     try:
         with stage("load", timings):
             loaded = load_model(args.model, dtype=args.dtype, device=args.device,
-                                trust_remote_code=args.trust_remote_code, stream=args.stream)
+                                trust_remote_code=args.trust_remote_code, stream=args.stream,
+                                device_map=args.device_map, max_memory=args.max_memory)
         model, tokenizer = loaded.model, loaded.tokenizer
         report: dict = {"command": args.command, "model": loaded.source, "streamed": loaded.streamed}
+        if loaded.device_map is not None:
+            report["device_map"] = {k: str(v) for k, v in loaded.device_map.items()}
         eval_names = [n for n in (getattr(args, "eval", None) or "").split(",") if n]
         for name in eval_names:
             if name not in EVAL_SETS:
@@ -442,6 +451,8 @@ def run(args: argparse.Namespace) -> dict:
     report["peak_rss_mb"] = peak_rss_mb()
     if cuda_peak_mb() is not None:
         report["cuda_peak_mb"] = cuda_peak_mb()
+        if len(cuda_peaks_mb()) > 1:
+            report["cuda_peaks_mb"] = cuda_peaks_mb()
     if report.get("streamed"):
         from .streaming import stream_stats
 

@@ -175,7 +175,8 @@ def reset_peak_memory() -> bool:
     (the figures then stay process-lifetime peaks). What a long-lived process (the GUI) calls before each run
     so that each run's peak is its own."""
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -184,9 +185,17 @@ def reset_peak_memory() -> bool:
         return False
 
 
+def cuda_peaks_mb() -> dict[int, float]:
+    """Peak CUDA memory torch allocated on each GPU since the last reset, in MiB (empty without CUDA)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {i: torch.cuda.max_memory_allocated(i) / 2**20 for i in range(torch.cuda.device_count())}
+
+
 def cuda_peak_mb() -> float | None:
-    """Peak CUDA memory allocated by torch since the last reset, in MiB (None without CUDA)."""
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    """The largest per-GPU peak since the last reset, in MiB (None without CUDA): what has to fit on one card."""
+    peaks = cuda_peaks_mb()
+    return max(peaks.values()) if peaks else None
 
 
 def current_rss_mb() -> float:

@@ -376,7 +376,7 @@ def test_a_streamed_model_prunes_evaluates_and_exports_in_the_gui(folder, tmp_pa
     """launch.py --stream on: the card says the model is streamed, each run reports its own peak memory, and
     the export writes the same model the in-memory GUI does."""
     monkeypatch.setattr(common, "MODELS", common.MODELS)  # restored after the test
-    common.set_stream_mode("on")
+    common.set_load_options("on")
     session = Session()
     card, *_ = sidebar.load(session, *data_args(folder), progress=no_progress)
     assert "streamed" in card and session.loaded.streamed
@@ -388,7 +388,7 @@ def test_a_streamed_model_prunes_evaluates_and_exports_in_the_gui(folder, tmp_pa
     assert "peak memory" in status
     streamed_ppl = row["ppl sample"]
 
-    common.set_stream_mode("off")
+    common.set_load_options("off")
     whole = Session()
     sidebar.load(whole, *data_args(folder), progress=no_progress)
     assert not whole.loaded.streamed

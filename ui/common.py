@@ -21,7 +21,7 @@ import torch
 from comp_core import (Cancelled, DataError, ImpossibleRatioError, ModelLoadError, PruneEvent, UnsupportedModelError,
                        count_parameters, get_adapter, get_calibration, perplexity)
 from comp_core.data import is_available
-from comp_core.runtime import (cuda_peak_mb, is_out_of_memory, out_of_memory_message, peak_rss_mb,
+from comp_core.runtime import (cuda_peak_mb, cuda_peaks_mb, is_out_of_memory, out_of_memory_message, peak_rss_mb,
                               reset_peak_memory)
 
 from comp_core.models.loading import load_model
@@ -33,12 +33,23 @@ log = logging.getLogger(__name__)
 MODELS = ModelCache(max_items=2)
 
 
-def set_stream_mode(mode: str) -> None:
-    """How the GUI loads folder models (``load_model``'s ``stream``: auto, on, off; launch.py --stream)."""
+def set_load_options(stream: str = "auto", device_map: str | None = None, max_memory: str | None = None) -> None:
+    """How the GUI loads models (``load_model``'s ``stream``: auto, on, off; ``device_map``/``max_memory`` to
+    spread them over GPUs): launch.py --stream, --device-map, --max-memory. Bad values are refused here, at start."""
     global MODELS
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"stream must be auto, on or off, got '{mode}'")
-    MODELS = ModelCache(max_items=2, loader=functools.partial(load_model, stream=mode))
+    if stream not in ("auto", "on", "off"):
+        raise ValueError(f"stream must be auto, on or off, got '{stream}'")
+    if device_map is not None:
+        from comp_core.models.placement import parse_device_map, parse_max_memory
+
+        parse_device_map(device_map)
+        parse_max_memory(max_memory)
+        if stream == "on":
+            raise ValueError("--stream on and --device-map exclude each other: streaming holds one block on one device")
+    MODELS = ModelCache(max_items=2, loader=functools.partial(load_model, stream=stream, device_map=device_map,
+                                                              max_memory=max_memory))
+
+
 ORIGINAL_RESULTS = ResultCache()  # (model key, what, ...) -> perplexity / speed of a shared original
 
 EVAL_SETS = ("wikitext2", "ptb", "c4", "sample")
@@ -336,7 +347,7 @@ def model_card(session: Session, error: str = "") -> str:
     calib = f" · calibration {calib_text(session.calib_key)}" if session.calib_key else ""
     return (f"<b>{model_name(session)}</b> <span class='cx-muted'>({where}, {family})</span><br>"
             f"{n_layers(session)} layers · {params / 1e6:.1f} M parameters · loaded in {loaded.seconds:.1f} s{calib}"
-            f"{streamed_note(session)}")
+            f"{placement_note(session)}")
 
 
 class RunMemory:
@@ -353,14 +364,22 @@ class RunMemory:
 
     def text(self) -> str:
         cuda = cuda_peak_mb()
-        figures = f"peak memory {self.peak_mb:,.0f} MiB" + (f" · CUDA peak {cuda:,.0f} MiB" if cuda else "")
+        per_gpu = " on the fullest GPU" if len(cuda_peaks_mb()) > 1 else ""
+        figures = f"peak memory {self.peak_mb:,.0f} MiB" + (f" · CUDA peak {cuda:,.0f} MiB{per_gpu}" if cuda else "")
         return figures if self.per_run else f"{figures} (the process's peak so far)"
 
 
-def streamed_note(session: Session) -> str:
-    """" · streamed from disk" for a model whose blocks are read one at a time, else ""."""
+def placement_note(session: Session) -> str:
+    """Where the model's weights are when that is not plain memory: streamed from disk, or spread over GPUs."""
     loaded = session.loaded
-    return " · <b>streamed</b> from disk, one block at a time" if loaded is not None and loaded.streamed else ""
+    if loaded is None:
+        return ""
+    if loaded.streamed:
+        return " · <b>streamed</b> from disk, one block at a time"
+    if loaded.device_map:
+        devices = sorted({str(v) for v in loaded.device_map.values()})
+        return f" · <b>spread over</b> {len(devices)} device(s) ({', '.join(devices)}) by a device map"
+    return ""
 
 
 def weights_mb(model) -> float:

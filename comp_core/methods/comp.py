@@ -543,7 +543,7 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
             return None
 
         block_loop(blocks, inputs, active, visit, adapter=adapter, with_stats=lambda i: i in ratio_of,
-                   propagation=cfg.inputs, stat_device=next(model.parameters()).device,
+                   propagation=cfg.inputs,
                    stat_folds=2 if cfg.refit == "blend" and cfg.mask_tuning else 0,
                    stat_denses=prunable_denses(adapter, cfg), on_event=on_event,
                    stage="neuron-pruning",

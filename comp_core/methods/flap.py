@@ -225,7 +225,7 @@ def select_cuts(metrics: dict[int, _LayerMetrics], shapes: dict[int, BlockShape]
     scores, costs, forced, owner = [], [], [], []  # owner: (layer, "unit"/"channel", count)
     for position, kind in enumerate(("unit", "channel")):  # all attention scores, then all MLP scores
         for layer in layers:
-            shape, s = shapes[layer], layer_scores[layer][position]
+            shape, s = shapes[layer], layer_scores[layer][position].cpu()  # layers may sit on several GPUs
             cost = shape.unit_params if kind == "unit" else shape.channel_params
             top = torch.zeros(s.numel(), dtype=torch.bool)
             top[int(torch.argmax(s))] = True  # torch.argmax: the first maximum

@@ -72,6 +72,7 @@ class LoadedModel:
     seconds: float
     cached: bool = False
     streamed: bool = False  # blocks read from disk one at a time (``comp_core.streaming``)
+    device_map: dict | None = None  # module -> device when placed over several GPUs (``placement``)
 
 
 # ---------------------------------------------------------------------------------------------- bundled model
@@ -388,7 +389,8 @@ def _bundled_folder(cache_dir: str | Path | None) -> Path:
 
 def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32",
                device: str = "cpu", trust_remote_code: bool = False,
-               cache_dir: str | Path | None = None, stream: str | bool = "auto") -> LoadedModel:
+               cache_dir: str | Path | None = None, stream: str | bool = "auto",
+               device_map: str | dict | None = None, max_memory: str | dict | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype``.
 
     ``source``: ``None``/``"bundled"``, a ``.gguf`` path, a local folder (config.json + *.safetensors) or a hub id.
@@ -398,16 +400,30 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
     model's safetensors copy lives. The model config (``use_cache`` included) is left as loaded.
     ``stream``: "auto", "on" or "off" (or a bool), see the module docstring; streaming applies to folders and
     the bundled model (its cache), and "on" with a GGUF file or a hub id is refused.
+    ``device_map``: spread the model over GPUs with accelerate (``placement``): a strategy ("auto", "balanced",
+    "balanced_low_0", "sequential"), a dict or a JSON file; it takes the place of ``device``, excludes
+    streaming, and the model is read into CPU memory first. ``max_memory`` ("0=20GiB,1=22GiB" or a dict) bounds
+    what an inferred map puts on each GPU.
     Raises :class:`ModelLoadError` with an actionable message on any failure.
     """
     start = time.perf_counter()
+    from .placement import parse_device_map, parse_max_memory
+
     try:
-        target_device = resolve_device(device)
+        target_device = resolve_device("cpu" if device_map is not None else device)
         auto = isinstance(dtype, str) and dtype.strip().lower() == "auto"
         target_dtype = None if auto else resolve_dtype(dtype)
+        placement = parse_device_map(device_map) if device_map is not None else None
+        memory_limits = parse_max_memory(max_memory)
     except ValueError as err:
         raise ModelLoadError(str(err)) from err
-    if target_dtype == torch.float16 and target_device.type == "cpu":
+    if placement is not None:
+        if stream in ("on", True):
+            raise ModelLoadError("streaming and a device map exclude each other: streaming holds one block at a "
+                                 "time on one device, a device map spreads the whole model over GPUs; choose one "
+                                 "(--stream on --device cuda, or --device-map)")
+        stream = "off"
+    if target_dtype == torch.float16 and target_device.type == "cpu" and placement is None:
         raise ModelLoadError("float16 is not supported on CPU (many kernels are missing or very slow); "
                              "use float32, or bfloat16, or a CUDA device")
 
@@ -460,7 +476,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
 
     if auto:
         target_dtype = model.dtype
-        if target_dtype == torch.float16 and target_device.type == "cpu":
+        if target_dtype == torch.float16 and target_device.type == "cpu" and placement is None:
             logger.info("checkpoint is float16; upcasting to float32 for CPU")
             target_dtype = torch.float32
     try:
@@ -473,11 +489,32 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
     if target_device.type == "cpu":
         _into_process_memory(model)
     model.eval()
+    placed = _place(model, placement, memory_limits, target_dtype) if placement is not None else None
     seconds = time.perf_counter() - start
     if kind == "bundled":
         logger.info("loaded bundled SmolLM2-135M-Instruct (%s, %s, %s) in %.1f s",
                     "from cache" if cached else "dequantised from GGUF and cached", target_dtype, target_device,
                     seconds)
     else:
-        logger.info("loaded %s model %s (%s, %s) in %.1f s", kind, name, target_dtype, target_device, seconds)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=name, kind=kind, seconds=seconds, cached=cached)
+        logger.info("loaded %s model %s (%s, %s) in %.1f s", kind, name, target_dtype,
+                    "device map" if placed else target_device, seconds)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=name, kind=kind, seconds=seconds, cached=cached,
+                       device_map=placed)
+
+
+def _place(model, placement, max_memory, dtype: torch.dtype) -> dict:
+    """Dispatch a loaded model over its device map (``placement``); returns the map used."""
+    from .placement import DeviceMapError, place_on_devices, plan_device_map
+
+    try:
+        device_map = plan_device_map(model, placement, max_memory)
+        if dtype == torch.float16 and {str(v) for v in device_map.values()} == {"cpu"}:
+            raise DeviceMapError("float16 is not supported on CPU; the device map places the whole model there")
+        place_on_devices(model, device_map)
+    except DeviceMapError as err:
+        raise ModelLoadError(str(err)) from err
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+        raise ModelLoadError(f"could not place the model over its device map: {err}") from err
+    logger.info("placed over %d device(s): %s", len({str(v) for v in device_map.values()}),
+                ", ".join(sorted({str(v) for v in device_map.values()})))
+    return device_map

@@ -234,7 +234,7 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
     detail = detail_figure(session, kind, layer)
     order = " → ".join(str(i) for i in analysis.removal.removal_order) or "—"
     status = (f"<b>Analysed in {seconds:.1f} s</b> <span class='cx-muted'>({common.stage_text(stages)}; "
-              f"{memory.text()}{common.streamed_note(session)})</span><br>"
+              f"{memory.text()}{common.placement_note(session)})</span><br>"
               f"Removal order (least important first, measured to {analysis.depth}): {order}")
     if abs(analysis.plan_ratio - cfg.ratio) > 1e-9:
         status += (f"<div class='cx-note'>The target {cfg.ratio:.0%} cannot be reached with these settings; the "

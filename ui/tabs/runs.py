@@ -182,7 +182,7 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
         what = (f"<b>{run_id}: pruned {result.realised_ratio:.2%}</b> of the parameters with <b>{method}</b> "
                 f"({result.params_before / 1e6:,.2f} M → {result.params_after / 1e6:,.2f} M) in {seconds:.1f} s; "
                 f"removed layers: {', '.join(map(str, removed)) or 'none'}{then}.")
-    status = (f"{what}<br>Path: {path}; {memory.text()}{common.streamed_note(session)}."
+    status = (f"{what}<br>Path: {path}; {memory.text()}{common.placement_note(session)}."
               f"<br><span class='cx-muted'>{common.stage_text(stages)}</span>{sweep}{notes}"
               f"<br>Next: <b>Evaluate</b> to compare perplexity.")
     return status, results_table(session), results_plot(session), common.model_card(session)
@@ -331,7 +331,7 @@ def run_evaluate(session: Session, datasets, mode, with_speed, tasks=None, progr
     if accuracy_lines:
         parts.append(f"Zero-shot accuracy ({'first ' + str(limit) + ' items' if quick else 'all items'} per task; "
                      "acc_norm where the task has it, else acc) " + " · ".join(accuracy_lines))
-    status = (f"<b>Evaluated in {seconds:.1f} s</b> ({who}; {memory.text()}{common.streamed_note(session)})<br>"
+    status = (f"<b>Evaluated in {seconds:.1f} s</b> ({who}; {memory.text()}{common.placement_note(session)})<br>"
               + "<br>".join(parts))
     return status, results_table(session), results_plot(session)
 
