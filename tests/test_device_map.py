@@ -15,15 +15,15 @@ import torch
 
 from comp_core.cli import main
 from comp_core.export import load_pruned, save_pruned
-from comp_core.methods.registry import prune_with
+from comp_core.methods.registry import get_method, method_names, prune_with
 from comp_core.models.loading import ModelLoadError, load_model
 from comp_core.models.placement import (DeviceMapError, check_device_map, is_dispatched, parse_device_map,
                                         parse_max_memory, place_on_devices, plan_device_map, split_blocks_map)
 
 from conftest import ARCHS, make_calib, make_tiny_model
 
-SPARSE = ("wanda", "sparsegpt", "ria")
-METHODS = ("comp", "flap", "wanda-sp", "shortgpt", *SPARSE)
+METHODS = method_names()
+SPARSE = tuple(m for m in METHODS if get_method(m).kind == "unstructured")
 
 
 def settings_for(method: str) -> dict:
