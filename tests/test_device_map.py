@@ -200,3 +200,22 @@ def test_inferred_balanced_map_uses_both_gpus(tiny_folder):
     ids = make_calib(seed=3)[:2]
     torch.testing.assert_close(logits(loaded.model, ids).cpu(), logits(load_model(tiny_folder).model, ids),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_gui_load_options_check_the_map_at_start(tiny_folder, tmp_path):
+    pytest.importorskip("gradio")
+    from ui import common
+
+    with pytest.raises(DeviceMapError, match="neither one of auto"):
+        common.set_load_options("auto", str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match="exclude each other"):
+        common.set_load_options("on", "auto")
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({k: "cpu" for k in split_blocks_map(load_model(tiny_folder).model, [0, 1])}))
+    try:
+        common.set_load_options("auto", str(path))
+        loaded, _ = common.MODELS.get(str(tiny_folder))
+        assert is_dispatched(loaded.model) and "spread over" in common.placement_note(
+            type("S", (), {"loaded": loaded})())
+    finally:
+        common.set_load_options("auto")
