@@ -451,8 +451,8 @@ def run(args: argparse.Namespace) -> dict:
     report["peak_rss_mb"] = peak_rss_mb()
     if cuda_peak_mb() is not None:
         report["cuda_peak_mb"] = cuda_peak_mb()
-        if len(cuda_peaks_mb()) > 1:
-            report["cuda_peaks_mb"] = cuda_peaks_mb()
+        if len(peaks := cuda_peaks_mb()) > 1:
+            report["cuda_peaks_mb"] = peaks
     if report.get("streamed"):
         from .streaming import stream_stats
 

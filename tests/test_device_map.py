@@ -206,9 +206,11 @@ def test_gui_load_options_check_the_map_at_start(tiny_folder, tmp_path):
     pytest.importorskip("gradio")
     from ui import common
 
-    with pytest.raises(DeviceMapError, match="neither one of auto"):
+    with pytest.raises(ModelLoadError, match="neither one of auto"):
         common.set_load_options("auto", str(tmp_path / "nope.json"))
-    with pytest.raises(ValueError, match="exclude each other"):
+    with pytest.raises(ModelLoadError, match="stream must be one of"):
+        common.set_load_options("sometimes")
+    with pytest.raises(ModelLoadError, match="exclude each other"):
         common.set_load_options("on", "auto")
     path = tmp_path / "map.json"
     path.write_text(json.dumps({k: "cpu" for k in split_blocks_map(load_model(tiny_folder).model, [0, 1])}))

@@ -24,7 +24,7 @@ from comp_core.data import is_available
 from comp_core.runtime import (cuda_peak_mb, cuda_peaks_mb, is_out_of_memory, out_of_memory_message, peak_rss_mb,
                               reset_peak_memory)
 
-from comp_core.models.loading import load_model
+from comp_core.models.loading import check_load_options, load_model
 
 from .session import ModelCache, ResultCache, Session, normalise_source
 
@@ -35,17 +35,10 @@ MODELS = ModelCache(max_items=2)
 
 def set_load_options(stream: str = "auto", device_map: str | None = None, max_memory: str | None = None) -> None:
     """How the GUI loads models (``load_model``'s ``stream``: auto, on, off; ``device_map``/``max_memory`` to
-    spread them over GPUs): launch.py --stream, --device-map, --max-memory. Bad values are refused here, at start."""
+    spread them over GPUs): launch.py --stream, --device-map, --max-memory. Bad values are refused here, at start
+    (``check_load_options``, a ``ValueError``)."""
     global MODELS
-    if stream not in ("auto", "on", "off"):
-        raise ValueError(f"stream must be auto, on or off, got '{stream}'")
-    if device_map is not None:
-        from comp_core.models.placement import parse_device_map, parse_max_memory
-
-        parse_device_map(device_map)
-        parse_max_memory(max_memory)
-        if stream == "on":
-            raise ValueError("--stream on and --device-map exclude each other: streaming holds one block on one device")
+    check_load_options(stream, device_map, max_memory)
     MODELS = ModelCache(max_items=2, loader=functools.partial(load_model, stream=stream, device_map=device_map,
                                                               max_memory=max_memory))
 

@@ -387,6 +387,29 @@ def _bundled_folder(cache_dir: str | Path | None) -> Path:
     return target
 
 
+def check_load_options(stream: str | bool = "auto", device_map: str | dict | None = None,
+                       max_memory: str | dict | None = None) -> tuple[str | bool, str | dict | None, dict | None]:
+    """Validate how a model is to be loaded before anything is read: (stream, parsed device map, parsed
+    max_memory). A device map turns streaming off, and refuses ``stream="on"``. Raises ``ModelLoadError``."""
+    from ..streaming import STREAM_MODES
+    from .placement import parse_device_map, parse_max_memory
+
+    if not isinstance(stream, bool) and stream not in STREAM_MODES:
+        raise ModelLoadError(f"stream must be one of {', '.join(STREAM_MODES)}, got '{stream}'")
+    try:
+        placement = parse_device_map(device_map) if device_map is not None else None
+        memory_limits = parse_max_memory(max_memory)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from err
+    if placement is None:
+        return stream, None, memory_limits
+    if stream in ("on", True):
+        raise ModelLoadError("streaming and a device map exclude each other: streaming holds one block at a "
+                             "time on one device, a device map spreads the whole model over GPUs; choose one "
+                             "(--stream on --device cuda, or --device-map)")
+    return "off", placement, memory_limits
+
+
 def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32",
                device: str = "cpu", trust_remote_code: bool = False,
                cache_dir: str | Path | None = None, stream: str | bool = "auto",
@@ -407,32 +430,21 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
     Raises :class:`ModelLoadError` with an actionable message on any failure.
     """
     start = time.perf_counter()
-    from .placement import parse_device_map, parse_max_memory
-
+    stream, placement, memory_limits = check_load_options(stream, device_map, max_memory)
     try:
-        target_device = resolve_device("cpu" if device_map is not None else device)
+        target_device = resolve_device("cpu" if placement is not None else device)
         auto = isinstance(dtype, str) and dtype.strip().lower() == "auto"
         target_dtype = None if auto else resolve_dtype(dtype)
-        placement = parse_device_map(device_map) if device_map is not None else None
-        memory_limits = parse_max_memory(max_memory)
     except ValueError as err:
         raise ModelLoadError(str(err)) from err
-    if placement is not None:
-        if stream in ("on", True):
-            raise ModelLoadError("streaming and a device map exclude each other: streaming holds one block at a "
-                                 "time on one device, a device map spreads the whole model over GPUs; choose one "
-                                 "(--stream on --device cuda, or --device-map)")
-        stream = "off"
     if target_dtype == torch.float16 and target_device.type == "cpu" and placement is None:
         raise ModelLoadError("float16 is not supported on CPU (many kernels are missing or very slow); "
                              "use float32, or bfloat16, or a CUDA device")
 
     text = str(source).strip() if source is not None else BUNDLED
     cached = False
-    from ..streaming import STREAM_MODES, choose_streaming
+    from ..streaming import choose_streaming
 
-    if not isinstance(stream, bool) and stream not in STREAM_MODES:
-        raise ModelLoadError(f"stream must be one of {', '.join(STREAM_MODES)}, got '{stream}'")
     folder = (_bundled_folder(cache_dir) if text.lower() == BUNDLED and stream in ("on", True)
               else Path(text).expanduser() if text.lower() != BUNDLED else None)
     if folder is not None and folder.is_dir() and stream not in ("off", False):

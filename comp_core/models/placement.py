@@ -92,7 +92,8 @@ def gpu_memory() -> dict[int, int]:
 def plan_device_map(model: nn.Module, spec: str | DeviceMap,
                     max_memory: dict[int | str, int] | None = None) -> DeviceMap:
     """The device map ``model`` will be dispatched with: inferred by accelerate for a strategy (over
-    ``max_memory``, default ``WEIGHT_SHARE`` of each GPU's free memory), or ``spec`` itself; checked either way."""
+    ``max_memory``, default ``WEIGHT_SHARE`` of each GPU's free memory), or ``spec`` itself (``place_on_devices``
+    checks it)."""
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
@@ -107,11 +108,8 @@ def plan_device_map(model: nn.Module, spec: str | DeviceMap,
         if spec.startswith("balanced"):
             max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
                                              low_zero=spec == "balanced_low_0")
-        device_map = dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split))
-    else:
-        device_map = dict(spec)
-    check_device_map(model, device_map)
-    return device_map
+        return dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split))
+    return dict(spec)
 
 
 def block_names(model: nn.Module) -> list[str]:
@@ -176,8 +174,9 @@ def check_device_map(model: nn.Module, device_map: DeviceMap) -> None:
             "(--dtype bfloat16), or stream the model one block at a time (--stream on --device cuda)")
     if "disk" in values:
         raise DeviceMapError("a device map cannot place modules on 'disk'; stream the model instead (--stream on)")
+    blocks = block_names(model)
     for name in device_map:
-        for block in block_names(model):
+        for block in blocks:
             if name.startswith(block + "."):
                 raise DeviceMapError(f"the device map splits block {block} ('{name}'); place whole blocks, "
                                      "because pruning replaces the denses inside them")
@@ -206,14 +205,6 @@ def place_on_devices(model: nn.Module, device_map: DeviceMap) -> nn.Module:
 def is_dispatched(model: nn.Module) -> bool:
     """Whether ``model`` was placed with a device map (accelerate hooks move activations between devices)."""
     return bool(getattr(model, "hf_device_map", None)) and hasattr(model, "_hf_hook")
-
-
-def devices_of(model: nn.Module) -> list[str]:
-    """The distinct devices ``model``'s parameters are on, in order of first appearance."""
-    seen: dict[str, None] = {}
-    for p in model.parameters():
-        seen.setdefault(str(p.device), None)
-    return list(seen)
 
 
 @contextmanager
