@@ -36,14 +36,17 @@ def test_bundled_prune_hits_ratio_and_keeps_perplexity_sane(bundled, bundled_com
 
 
 def test_bundled_cli_json(capsys):
+    """The paper's setting from the command line (10 × 128 tokens, mask tuning, diagonal score), with
+    --remove-layers winning over its one removed layer."""
     code = main(["prune", "--ratio", "0.25", "--remove-layers", "2", "--protect", "0,1,29", "--calib", "c4",
-                 "--n-samples", "10", "--seq-len", "128", "--eval", "wikitext2", "--max-windows", "1", "--json", "--quiet"])
+                 "--paper", "--eval", "wikitext2", "--max-windows", "1", "--json", "--quiet"])
     out = capsys.readouterr()
     assert code == 0, out.err
     report = json.loads(out.out)
     assert abs(report["realised_ratio"] - 0.25) <= 0.01
     assert len(report["removed_layers"]) == 2 and not {0, 1, 29} & set(report["removed_layers"])
     assert report["params_before"] == 134515008
+    assert (report["calibration"]["n_samples"], report["calibration"]["seq_len"]) == (10, 128)
     assert math.isfinite(report["ppl_after"]["wikitext2"]) and report["ppl_after"]["wikitext2"] > report["ppl_before"]["wikitext2"]
 
 
