@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from comp_core import count_parameters, perplexity
+from comp_core import CompConfig, count_parameters, perplexity
 from comp_core.cli import main
 
 DATA = Path(os.environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -55,7 +55,6 @@ def test_bundled_compare_runs_every_structured_method(bundled, bundled_comp_20):
     parameters really gone, the model still predicts text, and COMP beats the uniform baselines. COMP's own
     row is the shared ``bundled_comp_20`` (its registered defaults on the same calibration), not pruned again."""
     from comp_core.compare import compare_methods
-    from comp_core import CompConfig
     from comp_core.methods import make_settings, method_names
 
     assert make_settings("comp", ratio=0.2) == CompConfig(ratio=0.2)  # what bundled_comp_20 ran
