@@ -361,7 +361,8 @@ FALCON_FAMILY = ArchAdapter(
                   ("mlp.dense_4h_to_h",)),
     attention=AttentionSpec("self_attention.query_key_value", "self_attention.query_key_value",
                             "self_attention.query_key_value", "self_attention.dense", layout=_falcon_layout,
-                            head_attrs=(("num_heads", "heads"), ("num_kv_heads", "kv_heads")),
+                            head_attrs=(("num_heads", "heads"), ("num_kv_heads", "kv_heads"),
+                                        ("num_key_value_groups", "groups")),
                             head_removal=_falcon_alibi),
     mlp_width_attr="ffn_hidden_size",
 )
