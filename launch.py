@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Start the comp-explorer GUI: ``python launch.py`` opens http://127.0.0.1:7860 with the bundled model.
+"""Start the comp-explorer GUI: ``.venv/bin/python launch.py`` serves http://127.0.0.1:7860 with the bundled model.
 
 Binds to 127.0.0.1 only, unless ``--host`` (e.g. 0.0.0.0) or ``--share`` (a public Gradio link) is given.
 Data sets are read from ``$COMP_DATA_DIR`` (``--data-dir`` sets it; default ../shared/data when that exists).
@@ -21,6 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")
+    p.add_argument("--browser", action="store_true", help="open the page in the default web browser")
     p.add_argument("--model", default="bundled",
                    help="preselected model: bundled (default), a HF id, a local folder or a .gguf file")
     p.add_argument("--calib", default="c4", help="preselected calibration set: c4, wikitext2, ptb, data-free")
@@ -48,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["COMP_DATA_DIR"] = str(ROOT.parent / "shared" / "data")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home
 
-    from comp_core.runtime import configure_threads
+    try:
+        from comp_core.runtime import configure_threads
+    except ModuleNotFoundError as err:  # the core's dependencies are not in this Python (e.g. the system one)
+        if (err.name or "").split(".")[0] in ("comp_core", "ui"):
+            raise
+        print(f"launch.py: error: {err.name} is not installed in this Python ({sys.executable}). Run `make app`, "
+              "or `.venv/bin/python launch.py` after `make install`.", file=sys.stderr)
+        return 2
 
     try:
         from ui.app import build_app, launch_kwargs
@@ -69,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch.py: error: {err}", file=sys.stderr)
         return 2
     demo = build_app(default_source=args.model, default_calib=args.calib, export_folder=args.export_folder)
-    logging.getLogger("comp_explorer").info("starting on http://%s:%d (%d torch threads)", args.host, args.port,
-                                            threads)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    print(f"comp-explorer serves on {url} ({threads} torch threads): open it in a browser"
+          f"{'' if args.browser else ' (--browser opens one)'}; Ctrl+C stops it.", flush=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=args.browser,
                 show_error=False, footer_links=[], **launch_kwargs())
     return 0
 

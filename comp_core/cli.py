@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from typing import Sequence
@@ -292,7 +293,9 @@ def _compare_settings(methods: list[str], items: list[tuple[str, str]]) -> dict[
     return out
 
 
-def _evaluate(model, tokenizer, names: list[str], args, progress, timings: dict, label: str) -> dict[str, float]:
+def _evaluate(model, tokenizer, names: list[str], args, progress, timings: dict, label: str,
+              notes: list[str]) -> dict[str, float]:
+    """Perplexity on each set; a set too short for ``--max-windows`` says so in ``notes``."""
     from .data import get_eval_tokens
     from .evaluate import perplexity
     from .runtime import stage
@@ -305,6 +308,10 @@ def _evaluate(model, tokenizer, names: list[str], args, progress, timings: dict,
                                 on_progress=lambda i, n: progress(PruneEvent("evaluate", i, n, f"{label} {name}")))
         out[name] = result.ppl
         out[f"{name}_windows"] = result.n_windows
+        short = (f"{name}: its text holds {result.n_windows} windows of {args.eval_seq_len} tokens, so "
+                 f"{result.n_windows} were evaluated, not the {args.max_windows} --max-windows asked for")
+        if args.max_windows and result.n_windows < args.max_windows and short not in notes:
+            notes.append(short)
     return out
 
 
@@ -348,6 +355,7 @@ def run(args: argparse.Namespace) -> dict:
                                 device_map=args.device_map, max_memory=args.max_memory)
         model, tokenizer = loaded.model, loaded.tokenizer
         report: dict = {"command": args.command, "model": loaded.source, "streamed": loaded.streamed}
+        notes: list[str] = []  # what the user should know about this run (set too short, model not saved)
         if loaded.device_map is not None:
             report["device_map"] = {k: str(v) for k, v in loaded.device_map.items()}
         eval_names = [n for n in (getattr(args, "eval", None) or "").split(",") if n]
@@ -378,7 +386,7 @@ def run(args: argparse.Namespace) -> dict:
                 eval_names = ["wikitext2"]
             if eval_names:
                 _check_lengths(model, args, eval_names)
-                report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model")
+                report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model", notes)
         elif args.command == "compare":
             from .compare import compare_methods, rows_table
             from .methods import get_method
@@ -426,7 +434,8 @@ def run(args: argparse.Namespace) -> dict:
                 report.update(plan.to_dict(with_scores=args.scores))
             else:
                 if eval_names:
-                    report["ppl_before"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "before")
+                    report["ppl_before"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "before",
+                                                     notes)
                 with stage("prune", timings):
                     pruned, result = prune_with(args.method, model, samples, settings, on_event=progress, inplace=True)
                 result_dict = result.to_dict()
@@ -438,13 +447,18 @@ def run(args: argparse.Namespace) -> dict:
                 report["config"] = plan["config"]
                 report["notes"] = plan["notes"]
                 if eval_names:
-                    report["ppl_after"] = _evaluate(pruned, tokenizer, eval_names, args, progress, timings, "after")
+                    report["ppl_after"] = _evaluate(pruned, tokenizer, eval_names, args, progress, timings, "after",
+                                                    notes)
                 if args.out:
                     from .export import save_pruned
 
                     with stage("save", timings):
                         report["saved_to"] = str(save_pruned(pruned, tokenizer, args.out, result,
                                                              overwrite=args.overwrite, source=loaded.source))
+                else:
+                    report["saved_to"] = None  # the summary says how to keep it
+        if notes:
+            report["notes"] = report.get("notes", []) + notes
     finally:
         progress.close()
     report["seconds"] = time.perf_counter() - start
@@ -468,13 +482,8 @@ def _print_table(report: dict) -> None:
                 "params_original", "share_of_original", "tokenizer", "saved_to", "realised_ratio", "params_before",
                 "params_after", "params", "removed_layers", "compensation", "ppl", "ppl_before", "ppl_after", "seconds",
                 "peak_rss_mb", "cuda_peak_mb"):
-        if key in report:
-            value = report[key]
-            if isinstance(value, float):
-                value = f"{value:.4f}"
-            elif isinstance(value, dict):
-                value = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
-            rows.append((key, value))
+        if report.get(key) is not None:
+            rows.append((key, _format_value(key, report[key])))
     if "calibration" in report:
         c = report["calibration"]
         rows.insert(1, ("calibration", f"{c['name']} {c['n_samples']}×{c['seq_len']} tokens, seed {c['seed']}"))
@@ -496,6 +505,53 @@ def _print_table(report: dict) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def _format_value(key: str, value) -> str:
+    """A table cell a person reads: seconds to 0.1, megabytes whole, ratios as percentages, other floats to
+    4 significant digits."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_format_value(k, v)}" for k, v in value.items())
+    if not isinstance(value, float):
+        return str(value)
+    if key == "seconds":
+        return f"{value:.1f}"
+    if key.endswith("_mb"):
+        return f"{value:,.0f}"
+    if key in ("realised_ratio", "share_of_original"):
+        return f"{value:.2%}"
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4g}"
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:,.1f} M"
+
+
+def summary(report: dict, argv: Sequence[str]) -> list[str]:
+    """A few plain lines after a prune: what it removed, how long it took, perplexity before → after, and
+    the next command to try (saving it, or using what was saved)."""
+    if report.get("command") != "prune":
+        return []
+    ratio = report.get("realised_ratio")
+    lines = []
+    if ratio is not None and "params_before" in report:
+        lines.append(f"Removed {ratio:.1%} of the parameters ({_millions(report['params_before'])} → "
+                     f"{_millions(report['params_after'])}) in {report['seconds']:.0f} s, peak memory "
+                     f"{report['peak_rss_mb'] / 1024:.1f} GB.")
+    before, after = report.get("ppl_before", {}), report.get("ppl_after", {})
+    for name, value in before.items():
+        if name.endswith("_windows") or name not in after:
+            continue
+        windows = before.get(f"{name}_windows")
+        lines.append(f"Perplexity on {name} ({windows} window{'s' if windows != 1 else ''}; lower is better): "
+                     f"{value:.2f} before, {after[name]:.2f} after.")
+    command = "comp-explorer " + shlex.join(argv)
+    if report.get("saved_to"):
+        lines.append(f"Saved to {report['saved_to']}. Next: comp-explorer bench-speed "
+                     f"--pruned {shlex.quote(report['saved_to'])}   (original vs pruned: size, memory, speed)")
+    else:
+        lines.append(f"Not saved. Next, to keep it: {command} --out pruned")
+    return lines
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err) or type(err).__name__
     if isinstance(err, OSError) and err.filename and err.strerror and str(err.filename) not in text:
@@ -507,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .allocation import ImpossibleRatioError
     from .runtime import is_out_of_memory, out_of_memory_message
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if hasattr(args, "calib"):  # a size not given: the project's default budget (the paper's with --paper)
         default = PAPER_CALIBRATION if getattr(args, "paper", False) else default_calibration_size(args.calib)
@@ -532,6 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report, default=_jsonable))
     else:
         _print_table(report)
+        for line in summary(report, argv):
+            print(line)
     return 0
 
 

@@ -18,11 +18,15 @@ when a local copy was asked for.
 """
 from __future__ import annotations
 
+import functools
 import gzip
+import importlib.util
 import json
 import logging
 import os
 import random
+import urllib.error
+import urllib.request
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,9 +125,40 @@ def data_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+HUB_ENDPOINT_ENV = "HF_ENDPOINT"
+HUB_OFFLINE_ENVS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _datasets_installed() -> bool:
+    return importlib.util.find_spec("datasets") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the named sets can come from the Hugging Face hub here: the ``datasets`` package is installed,
+    the hub is not switched off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) and its endpoint answers within
+    ``timeout`` seconds. Asked once per process: an importable ``datasets`` alone (lm-eval brings it) says
+    nothing on an offline machine, where every load would fail after the page had preselected it."""
+    if not _datasets_installed():
+        return False
+    if any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in HUB_OFFLINE_ENVS):
+        return False
+    endpoint = os.environ.get(HUB_ENDPOINT_ENV, "https://huggingface.co").rstrip("/")
+    request = urllib.request.Request(f"{endpoint}/api/datasets/allenai/c4", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:  # the hub answered (a 401/404 still means it is there)
+        return True
+    except (OSError, ValueError) as exc:  # no route, no name resolution, refused, timed out, bad endpoint
+        log.info("the Hugging Face hub is not reachable (%s); named data sets need %s", exc, DATA_DIR_ENV)
+        return False
+
+
 def is_available(name: str) -> bool:
-    """Whether ``name`` can be read without asking for anything: shipped, data-free, a local copy under
-    ``$COMP_DATA_DIR``, or (with it unset) the ``datasets`` package that fetches from the hub."""
+    """Whether ``name`` can really be read here: shipped, data-free, a local copy under ``$COMP_DATA_DIR``,
+    or (with it unset) a Hugging Face hub that answers (``hub_reachable``)."""
     key = name.strip().lower()
     if key in SHIPPED or key == DATA_FREE:
         return True
@@ -131,9 +166,7 @@ def is_available(name: str) -> bool:
         return Path(name).expanduser().is_file()
     root = data_dir()
     if root is None:
-        import importlib.util
-
-        return importlib.util.find_spec("datasets") is not None
+        return hub_reachable()
     split = "validation" if key == "c4" else "test"
     return _local_file_for(key, split, root) is not None
 
@@ -501,14 +534,17 @@ def _data_free(model, tokenizer, n_samples: int, seq_len: int, seed: int) -> tor
 
 # The calibration budget every entry point uses by default: 64 sequences × 512 tokens (32 768 tokens) of a
 # corpus — the knee of perplexity against seconds in docs/RESULTS.md ("levers"). Sampling from the model
-# (data-free) costs a generation per token, so it keeps the paper's 10 × 128.
+# (data-free) costs a generation per token, and the shipped sample holds about 1,500 tokens, so both keep the
+# paper's 10 × 128: with 64 × 512 the sample's windows would overlap many times over (no more information, 25
+# times the tokens), and a first run on a laptop would take minutes instead of about one.
 DEFAULT_CALIBRATION = (64, 512)
-DATA_FREE_CALIBRATION = (10, 128)
+SHORT_SOURCE_CALIBRATION = (10, 128)
 
 
 def default_calibration_size(name: str) -> tuple[int, int]:
     """(n_samples, seq_len) used when a user names a calibration source but no size."""
-    return DATA_FREE_CALIBRATION if name == "data-free" else DEFAULT_CALIBRATION
+    key = name.strip().lower()
+    return SHORT_SOURCE_CALIBRATION if key == DATA_FREE or key in SHIPPED else DEFAULT_CALIBRATION
 
 
 def get_calibration(

@@ -108,3 +108,32 @@ def test_prune_out_saves_a_reloadable_model_and_bench_speed_reads_it(tiny_folder
     speed = run_json(capsys, "bench-speed", "--model", str(tiny_folder), "--pruned", str(out), "--repeats", "1",
                      "--decode-tokens", "2")
     assert "speed" in speed and "|" in speed["speed_table"]
+
+
+def test_a_first_run_ends_with_a_rounded_summary_and_the_next_command(tiny_folder, capsys):
+    """No --out, a set shorter than --max-windows: the table is rounded, the short set and the unsaved model
+    are said, and the last line is the command that keeps the model."""
+    args = ["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--calib", "sample", "--n-samples", "4",
+            "--seq-len", "32", "--eval", "sample", "--max-windows", "50", "--eval-seq-len", "256", "--quiet",
+            "--threads", "1"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = dict(line.split(None, 1) for line in lines if line and not line[0].isupper())
+    assert "." in table["seconds"] and len(table["seconds"].split(".")[1]) == 1
+    assert table["peak_rss_mb"].replace(",", "").isdigit()
+    assert table["realised_ratio"].endswith("%")
+    windows = int(table["ppl_before"].split("sample_windows=")[1])
+    assert 1 <= windows < 50
+    assert any(f"holds {windows} windows of 256 tokens" in line for line in lines if line.startswith("note"))
+    assert lines[-3].startswith("Removed 30.") and "parameters" in lines[-3]
+    assert lines[-2].startswith(f"Perplexity on sample ({windows} window")
+    assert lines[-1] == f"Not saved. Next, to keep it: comp-explorer {' '.join(args)} --out pruned"
+
+
+def test_a_saved_run_points_at_the_speed_comparison(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "kept"
+    assert main(["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--calib", "sample", "--n-samples", "4",
+                 "--seq-len", "32", "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"Saved to {out}. Next: comp-explorer bench-speed --pruned {out}   (original vs pruned: size, " \
+                   "memory, speed)"

@@ -371,3 +371,71 @@ def test_data_free_without_bos_starts_from_random_tokens():
 def test_data_free_needs_model(tok):
     with pytest.raises(DataError, match="model"):
         get_calibration("data-free", tok, 2, 8)
+
+
+# ------------------------------------------------------------------ what counts as available without a data folder
+
+class _Answer:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture()
+def hub_probe(monkeypatch):
+    """No data folder and ``datasets`` installed; ``probe.answer`` decides what the hub's endpoint does, and
+    ``probe.requests`` records the URLs asked."""
+    import urllib.error
+
+    class Probe:
+        answer = "timeout"
+        requests: list[str] = []
+
+    def urlopen(request, timeout):
+        Probe.requests.append(request.full_url)
+        assert timeout <= data.HUB_PROBE_TIMEOUT_S
+        if Probe.answer == "ok":
+            return _Answer()
+        if Probe.answer == "404":
+            raise urllib.error.HTTPError(request.full_url, 404, "not found", {}, None)
+        raise urllib.error.URLError(TimeoutError("timed out") if Probe.answer == "timeout" else "no name")
+
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    for name in data.HUB_OFFLINE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(data, "_datasets_installed", lambda: True)
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    data.hub_reachable.cache_clear()
+    yield Probe
+    data.hub_reachable.cache_clear()
+
+
+@pytest.mark.parametrize("answer, available", [("timeout", False), ("no-dns", False), ("ok", True), ("404", True)])
+def test_named_sets_count_as_available_only_when_the_hub_answers(hub_probe, answer, available):
+    """An importable `datasets` (lm-eval brings it) on an offline machine must not preselect WikiText-2."""
+    hub_probe.answer = answer
+    assert data.is_available("wikitext2") is available
+    assert data.is_available("c4") is available
+    assert len(hub_probe.requests) == 1  # asked once per process
+    assert data.is_available("sample") and data.is_available("data-free")
+
+
+def test_offline_switch_and_missing_package_ask_nothing(hub_probe, monkeypatch):
+    hub_probe.answer = "ok"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not data.is_available("wikitext2")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    data.hub_reachable.cache_clear()
+    monkeypatch.setattr(data, "_datasets_installed", lambda: False)
+    assert not data.is_available("wikitext2")
+    assert hub_probe.requests == []
+
+
+def test_the_gui_defaults_follow_what_can_be_read(hub_probe):
+    from ui.common import data_note, default_calibration, default_eval_sets
+
+    hub_probe.answer = "no-dns"
+    assert default_eval_sets() == ["sample"] and default_calibration("c4") == "data-free"
+    assert "sample text" in data_note()

@@ -27,6 +27,8 @@ def test_the_defaults_are_the_measured_ones():
     assert (cfg.remove_layers, cfg.refit, cfg.score, cfg.dense_kinds) == ("min", "blend", "activation", ("down", "o"))
     assert DEFAULT_CALIBRATION == (64, 512) and default_calibration_size("c4") == (64, 512)
     assert default_calibration_size("data-free") == PAPER_CALIBRATION == (10, 128)
+    # the shipped sample holds ~1,500 tokens: 64 × 512 would repeat it many times over at 25× the cost
+    assert default_calibration_size("sample") == default_calibration_size(" Sample") == (10, 128)
     # paired inputs cannot hold out folds: the default compensation falls back, an explicit blend is refused
     assert CompConfig(inputs="paired").refit == "auto"
     with pytest.raises(ValueError, match="blend"):
