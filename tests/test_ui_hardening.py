@@ -186,13 +186,26 @@ def test_launch_without_the_gui_extra_says_which_extra_to_install():
     assert "pip install -e '.[gui]'" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_launch_binds_localhost_without_share_unless_asked(monkeypatch):
+def test_launch_with_a_python_without_torch_names_the_venv():
+    """`python launch.py` with the system Python: one line naming the venv's Python, no torch traceback."""
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['launch.py']; "
+            "runpy.run_path('launch.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "torch is not installed" in done.stderr and ".venv/bin/python launch.py" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_launch_binds_localhost_without_share_unless_asked(monkeypatch, capsys):
     import launch
 
     seen = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs))
     assert launch.main(["--threads", "1"]) == 0
-    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
+    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False and seen["inbrowser"] is False
+    assert "serves on http://127.0.0.1:7860" in capsys.readouterr().out
+    launch.main(["--threads", "1", "--browser"])
+    assert seen["inbrowser"] is True
     assert not seen.get("allowed_paths")  # nothing beyond Gradio's own upload/cache folders is served
     launch.main(["--threads", "1", "--host", "0.0.0.0"])
     assert seen["server_name"] == "0.0.0.0"
