@@ -74,9 +74,11 @@ app: install
 gui: app
 
 test: install
+	@$(PY) tools/lock_diff.py $(LOCK)
 	$(DATA_ENV) $(PY) -m pytest -q -n $(JOBS) --dist loadgroup
 
 test-fast: install
+	@$(PY) tools/lock_diff.py $(LOCK)
 	$(DATA_ENV) $(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not integration"
 
 # The bundled model pruned by RATIO and evaluated before/after: on C4 and WikiText-2 where the data folder

@@ -60,18 +60,6 @@ def make_calib(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, CALIB_SHAPE, generator=generator)
 
 
-def pytest_report_header(config) -> list[str]:
-    """The versions this run used and whether they are the lock's, so a log says what it tested."""
-    from tools.lock_diff import LOCK, drift, headline
-
-    differences = drift()
-    if not differences:
-        return [f"versions: {headline()} (every installed package as in {LOCK.name})"]
-    listed = ", ".join(f"{d.name} {d.installed} (lock {d.locked})" for d in differences[:12])
-    more = f" and {len(differences) - 12} more" if len(differences) > 12 else ""
-    return [f"versions: {headline()}", f"not as in {LOCK.name}: {listed}{more}"]
-
-
 # the fixtures that hold the bundled model: every test using them (and every integration test) runs on one
 # pytest-xdist worker, so the model is loaded and pruned once per run, not once per worker
 _BUNDLED_FIXTURES = {"bundled", "bundled_comp_20"}

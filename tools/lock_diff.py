@@ -1,7 +1,7 @@
 """Which installed packages differ from the lock (requirements/lock.txt).
 
-`make test-latest` prints this before its suite, so a failure there comes with the releases that caused it;
-the test session's header says whether it ran from the lock.
+`make test` and `make test-latest` print this before the suite: a log then says what it tested, and a failure
+under test-latest comes with the releases that caused it.
 """
 from __future__ import annotations
 
