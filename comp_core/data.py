@@ -534,7 +534,7 @@ def _data_free(model, tokenizer, n_samples: int, seq_len: int, seed: int) -> tor
 
 # The calibration budget every entry point uses by default: 64 sequences × 512 tokens (32 768 tokens) of a
 # corpus — the knee of perplexity against seconds in docs/RESULTS.md ("levers"). Sampling from the model
-# (data-free) costs a generation per token, and the shipped sample holds about 1,500 tokens, so both keep the
+# (data-free) costs a generation per token, and the shipped sample holds 1,520 SmolLM2 tokens, so both keep the
 # paper's 10 × 128: with 64 × 512 the sample's windows would overlap many times over (no more information, 25
 # times the tokens), and a first run on a laptop would take minutes instead of about one.
 DEFAULT_CALIBRATION = (64, 512)
