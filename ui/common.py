@@ -202,7 +202,8 @@ def data_note() -> str:
     if is_available("wikitext2"):
         return ""
     return ("WikiText-2 is not available locally (set <code>COMP_DATA_DIR</code> to a folder with "
-            "<code>wikitext2/wiki.test.raw</code>, or install the <code>hub</code> extra): perplexity uses the "
+            "<code>wikitext2/wiki.test.raw</code>, or run where the Hugging Face hub answers, with the "
+            "<code>hub</code> extra installed): perplexity uses the "
             "short <b>sample text</b> shipped with comp-explorer, which is not comparable with published "
             "WikiText-2 figures, and calibration defaults to <b>data-free</b> (text sampled from the model).")
 
