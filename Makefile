@@ -58,7 +58,7 @@ lock:
 # torch held at the lock's version), in its own environment; prints what differs from the lock.
 test-latest:
 	python3 -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip packaging  # packaging: for tools/latest_requirements.py
 	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_LOCKED)
 	$(LATEST_VENV)/bin/python tools/latest_requirements.py --extras $(EXTRAS) --hold torch==$(TORCH_LOCKED) \
 		> $(LATEST_VENV)/latest.txt
