@@ -435,3 +435,19 @@ def test_bundled_20_percent_export(tmp_path, bundled, bundled_comp_20):
     assert max_diff(pruned, reloaded, x) <= TOL
     assert count_parameters(reloaded) == result.params_after
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+
+
+def test_a_folder_saved_before_the_layout_change_loads_and_computes_the_same():
+    """tests/fixtures/saved-before-layout/ was written by the code before issue 30 moved modules (made by
+    tests/fixtures/make_saved_before_layout.py): folders users saved must keep loading, to the same logits."""
+    from safetensors.torch import load_file
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    expected = load_file(str(fixtures / "saved-before-layout.expected.safetensors"))
+    model, tokenizer = load_pruned(fixtures / "saved-before-layout")
+    assert model.config.num_hidden_layers == 3 and model.config.model_type == "comp_llama"
+    assert any(record["indexed"] for record in model.config.comp_layers)  # pruned inputs, not only blocks
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    assert torch.allclose(logits, expected["logits"], atol=1e-5), (logits - expected["logits"]).abs().max()
+    assert tokenizer("river").input_ids[0] == 0  # the tiny tokenizer's BOS
