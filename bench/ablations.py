@@ -5,7 +5,7 @@ one line saying whether this small model agrees with the paper's claim:
 (b) identical vs accumulated (vs paired, where the library has it) calibration inputs (paper Table III);
 (c) hybrid vs layer-only vs neuron-only granularity (paper Fig. 2);
 (d) the variance-threshold split of a layer's budget vs the same share of every prunable dense;
-(e) the neuron-importance scores of ``comp_core.scoring.SCORES``.
+(e) the neuron-importance scores of ``comp_core.math.scoring.SCORES``.
 
     COMP_DATA_DIR=../shared/data python bench/ablations.py --quick --out bench-out
 """
@@ -232,7 +232,7 @@ def _allocation_markdown(data: dict) -> str:
         "Both use COMP's per-layer ratios (eq. 10) and remove the same blocks; they differ only in how a layer's "
         "budget is split between its prunable denses (o and down): the smallest threshold τ on the variance of "
         "the tuned masks that meets the budget, or the same share of every dense's inputs "
-        "(`comp_core.allocation.equal_share_cuts`). Cells: perplexity (realised ratio).", table,
+        "(`comp_core.math.allocation.equal_share_cuts`). Cells: perplexity (realised ratio).", table,
         f"**Paper's claim (the variance controller beats fixed ratios): this model {word}** — the controller is "
         f"lower at {len(wins)} of {len(ALLOCATION_RATIOS)} ratios."])
 
@@ -240,7 +240,7 @@ def _allocation_markdown(data: dict) -> str:
 # ------------------------------------------------------------------------------------------------------ (e)
 
 def scores(quick: bool) -> dict:
-    from comp_core.scoring import SCORES
+    from comp_core.math.scoring import SCORES
 
     out = {}
     for name, description in SCORES.items():
@@ -268,7 +268,7 @@ def _scores_markdown(data: dict) -> str:
                f"of {len(ranked)}.")
     return "\n\n".join([
         f"### (e) Neuron-importance scores at {SCORE_RATIO:.0%}",
-        "Every score in `comp_core.scoring.SCORES` at this revision; only the ranking of input neurons changes "
+        "Every score in `comp_core.math.scoring.SCORES` at this revision; only the ranking of input neurons changes "
         "(same removed blocks, per-layer ratios and variance controller). Equal perplexities mean equal rankings "
         "(e.g. `logdet` = log of `obs`).", table, verdict])
 

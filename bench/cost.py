@@ -40,7 +40,7 @@ import comp_core.methods.comp  # noqa: E402
 import comp_core.removal  # noqa: E402
 from comp_core.capture import calibration_context  # noqa: E402
 from comp_core.export import save_pruned  # noqa: E402
-from comp_core.linalg import damped  # noqa: E402
+from comp_core.math.linalg import damped  # noqa: E402
 from comp_core.methods import prune_with  # noqa: E402
 from comp_core.methods.comp import CompConfig  # noqa: E402
 from comp_core.models.adapters import get_adapter  # noqa: E402

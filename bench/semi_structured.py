@@ -4,7 +4,7 @@
 
 Semi-structured kernels need an NVIDIA GPU of compute capability ≥ 8.0 and fp16/bf16 weights; on a machine
 without one the script says so and exits 0 (nothing is measured). The weights are masked 2:4 by magnitude
-(``comp_core.sparsity.nm_mask``), the same layout every mask method here writes.
+(``comp_core.math.sparsity.nm_mask``), the same layout every mask method here writes.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from comp_core.sparsity import nm_mask
+from comp_core.math.sparsity import nm_mask
 
 
 def _time(fn, repeats: int) -> float:

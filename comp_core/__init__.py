@@ -9,7 +9,7 @@ Typical use::
     pruned, result = prune(loaded.model, samples, CompConfig(ratio=0.2))
     print(result.realised_ratio, perplexity(pruned, get_eval_tokens("wikitext2", loaded.tokenizer), 512).ppl)
 """
-from .allocation import ImpossibleRatioError
+from .math.allocation import ImpossibleRatioError
 from .data import DataError, get_calibration, get_eval_tokens
 from .evaluate import PerplexityResult, calibration_loss, perplexity
 from .events import Cancelled, PruneEvent

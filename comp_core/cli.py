@@ -18,7 +18,7 @@ from typing import Sequence
 from .data import DEFAULT_CALIBRATION, default_calibration_size
 from .events import PruneEvent
 from .methods.comp import PAPER_CALIBRATION, PAPER_SETTINGS
-from .scoring import SCORES
+from .math.scoring import SCORES
 
 log = logging.getLogger("comp_core")
 
@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> dict:
         elif args.command == "compare":
             from .compare import compare_methods, rows_table
             from .methods import get_method
-            from .sparsity import SparsityPattern
+            from .math.sparsity import SparsityPattern
 
             if args.limit is not None and not args.tasks:
                 raise ValueError("--limit applies to zero-shot --tasks (perplexity uses --max-windows)")
@@ -560,7 +560,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .allocation import ImpossibleRatioError
+    from .math.allocation import ImpossibleRatioError
     from .runtime import is_out_of_memory, out_of_memory_message
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .allocation import ImpossibleRatioError
+from .math.allocation import ImpossibleRatioError
 from .data import get_eval_tokens
 from .evaluate import perplexity
 from .events import Cancelled, ProgressCallback, PruneEvent, emit

@@ -39,7 +39,7 @@ from torch import nn
 from .atomic import replace_folder
 from .export import REPORT_FILE, _check_replaceable, folder_bytes, plan_export, save_pruned
 from .models.adapters import get_adapter
-from .sparsity import SparsityPattern, zero_counts
+from .math.sparsity import SparsityPattern, zero_counts
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allocation import ImpossibleRatioError
+from .math.allocation import ImpossibleRatioError
 from .events import ProgressCallback
 from .methods.comp import CompConfig, analyze, layer_caps, reallocate
 from .removal import RemovalResult, layers_within

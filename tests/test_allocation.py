@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from comp_core.allocation import (DenseShape, ImpossibleRatioError, LayerCut, choose_cuts, equal_share_cuts,
+from comp_core.math.allocation import (DenseShape, ImpossibleRatioError, LayerCut, choose_cuts, equal_share_cuts,
                                   harmonic_mean, layer_ratios, removed_parameters)
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from comp_core.mask_tuning import (choose_ridge, coefficient_matrix, refit_relative_error, ridge_refit,
+from comp_core.math.mask_tuning import (choose_ridge, coefficient_matrix, refit_relative_error, ridge_refit,
                                    solve_mask)
 
 

@@ -10,7 +10,7 @@ from transformers import OPTForCausalLM
 import comp_core.export  # noqa: F401  (registers comp_<type>)
 from comp_core.capture import calibration_context
 from comp_core.export import load_pruned, save_pruned
-from comp_core.mask_tuning import bias_compensation
+from comp_core.math.mask_tuning import bias_compensation
 from comp_core.methods import flap
 from comp_core.methods.flap import FlapSettings, flap_scores, select_global, standardise, unit_scores, wifv
 from comp_core.methods.registry import get_method, make_settings, prune_with

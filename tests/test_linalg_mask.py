@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from comp_core.stats import STAT_DTYPE, InputStats
-from comp_core.linalg import cholesky, damped, damping, spd_inverse, spd_solve
-from comp_core.mask_tuning import (coefficient_matrix, mask_path, mask_variance_plain, reconstruction_error,
+from comp_core.math.linalg import cholesky, damped, damping, spd_inverse, spd_solve
+from comp_core.math.mask_tuning import (coefficient_matrix, mask_path, mask_variance_plain, reconstruction_error,
                                    relative_error, solve_mask)
 
 
@@ -274,7 +274,7 @@ def test_mask_path_without_kept_masks_refuses_mask():
 
 
 def test_refit_columns_is_the_least_squares_solution_and_beats_the_mask():
-    from comp_core.mask_tuning import refit_columns, refit_relative_error
+    from comp_core.math.mask_tuning import refit_columns, refit_relative_error
 
     g = torch.Generator().manual_seed(7)
     w = torch.randn(6, 10, generator=g, dtype=torch.float64)

@@ -343,7 +343,7 @@ def test_comp_blend_fits_at_least_as_well_as_the_mask_and_reports_its_ridge(arch
     """refit="blend": the same cuts as mask tuning; each dense keeps the mask (no ridge beat it on held-out
     sequences) or a blend whose calibration error is at most the mask's (the ridge objective at W' = the mask
     solution is the mask's error); the model computes what the plan says."""
-    from comp_core.mask_tuning import RIDGE_GRID
+    from comp_core.math.mask_tuning import RIDGE_GRID
 
     model = make_tiny_model(arch)
     calib = torch.randint(0, VOCAB, (16, 48), generator=torch.Generator().manual_seed(5))

@@ -14,10 +14,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from comp_core.allocation import (DenseShape, ImpossibleRatioError, choose_cuts, equal_share_cuts,  # noqa: E402
+from comp_core.math.allocation import (DenseShape, ImpossibleRatioError, choose_cuts, equal_share_cuts,  # noqa: E402
                                   layer_ratios, removed_parameters)
-from comp_core.linalg import cholesky, damped  # noqa: E402
-from comp_core.mask_tuning import (coefficient_matrix, mask_path, mask_variance_plain,  # noqa: E402
+from comp_core.math.linalg import cholesky, damped  # noqa: E402
+from comp_core.math.mask_tuning import (coefficient_matrix, mask_path, mask_variance_plain,  # noqa: E402
                                    reconstruction_error, solve_mask)
 
 from conftest import ARCHS, make_calib, make_tiny_model  # noqa: E402

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from comp_core.linalg import STAT_DTYPE, damped, damping
-from comp_core.mask_tuning import coefficient_matrix, reconstruction_error, solve_mask
-from comp_core.scoring import (SCORES, activation_score, condition_score, diagonal_score, exact_condition_score,
+from comp_core.math.linalg import STAT_DTYPE, damped, damping
+from comp_core.math.mask_tuning import coefficient_matrix, reconstruction_error, solve_mask
+from comp_core.math.scoring import (SCORES, activation_score, condition_score, diagonal_score, exact_condition_score,
                                log_condition, logdet_score, magnitude_score, obs_score, score_neurons,
                                sequential_obs_score,
                                submatrix_extreme_eigenvalues)

@@ -9,9 +9,9 @@ from comp_core.export import load_pruned, save_pruned
 from comp_core.methods import prune_with
 from comp_core.methods.sparse import Wanda
 from comp_core.models.adapters import get_adapter
-from comp_core.obs import apt, least_squares_given_mask, reconstruction_error, sparsegpt
+from comp_core.math.obs_solvers import apt, least_squares_given_mask, reconstruction_error, sparsegpt
 from comp_core.runtime import count_parameters
-from comp_core.sparsity import SparsityPattern, holds_pattern, matrix_mask, nm_mask, row_mask, zero_counts
+from comp_core.math.sparsity import SparsityPattern, holds_pattern, matrix_mask, nm_mask, row_mask, zero_counts
 
 try:
     from conftest import make_tiny_model

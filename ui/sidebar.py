@@ -15,8 +15,8 @@ import gradio as gr
 from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError
 from comp_core.data import default_calibration_size
 from comp_core.methods import get_method, make_settings, method_names, setting_names
-from comp_core.scoring import SCORES
-from comp_core.sparsity import SparsityPattern
+from comp_core.math.scoring import SCORES
+from comp_core.math.sparsity import SparsityPattern
 
 from . import common
 from .session import Session

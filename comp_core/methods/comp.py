@@ -25,15 +25,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..allocation import (DenseShape, ImpossibleRatioError, choose_cuts, choose_cuts_with_units, layer_ratios,
+from ..math.allocation import (DenseShape, ImpossibleRatioError, choose_cuts, choose_cuts_with_units, layer_ratios,
                           removed_parameters, equal_share_cuts)
 from ..capture import FORWARD_DTYPES, BlockInputs, calibration_context, forward_precision, resolve_forward_dtype
 from ..events import ProgressCallback, emit
 from ..fisher import collect_fisher
-from ..linalg import damping, damped
+from ..math.linalg import damping, damped
 from ..loop import BlockVisit, block_loop
 from ..stats import own_gram, own_moments
-from ..mask_tuning import (choose_ridge, coefficient_matrix, damped_target, mask_path, refit_columns,
+from ..math.mask_tuning import (choose_ridge, coefficient_matrix, damped_target, mask_path, refit_columns,
                            refit_relative_error, ridge_refit,
                            relative_error, solve_mask, target_terms)
 from ..models.adapters import ArchAdapter, get_adapter
@@ -41,7 +41,7 @@ from ..removal import RemovalResult, capture_with_importances, iterative_removal
 from ..results import CompPlan, DenseReport, LayerReport, PruneResult
 from .registry import Method, register_method
 from ..runtime import count_parameters, peak_rss_mb
-from ..scoring import SCORES, score_neurons
+from ..math.scoring import SCORES, score_neurons
 from ..streaming import is_streamed, resident
 from ..models.pruned import head_dim_of
 from ..structure import AttentionUnits, attention_unit_params, attention_units, dense_by_kind

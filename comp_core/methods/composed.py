@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..sparsity import SparsityPattern
+from ..math.sparsity import SparsityPattern
 from .registry import Method, get_method, make_settings, prune_with, register_method
 
 

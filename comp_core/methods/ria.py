@@ -10,7 +10,7 @@ norm). Unstructured: the lowest share is pruned within every output row (``per_r
 compares over the whole matrix unless ``--per_outneuron`` is given, ``per_row=False`` does that); N:M:
 the N lowest of every M consecutive inputs.
 
-**Channel permutation (N:M only, ``permute``).** ``comp_core.permutation`` picks an order of the input
+**Channel permutation (N:M only, ``permute``).** ``comp_core.math.permutation`` picks an order of the input
 channels that spreads important weights over the M-groups (RIA's heuristic reallocation, then a
 Hungarian refinement per slot), never keeping less importance than the unpermuted order; the N:M mask is
 taken in that order (``MaskedWeight.input_order``; ``MaskMethod.relayout`` applies it after the block
@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from ..models.adapters import get_adapter
-from ..permutation import compute_permutation
-from ..sparsity import SparsityPattern, nm_mask, pattern_mask
+from ..math.permutation import compute_permutation
+from ..math.sparsity import SparsityPattern, nm_mask, pattern_mask
 from ..surgery import apply_input_order
 from .registry import register_method
 from .sparse import MaskedWeight, MaskMethod, SparseSettings

@@ -9,7 +9,7 @@ over the pruned linears and the share of all parameters that are zero.
 
 * ``magnitude`` — |W|, compared over the whole matrix (wanda's ``prune_magnitude``); no data.
 * ``wanda`` — |W_ij| · ‖X_j‖₂, compared within each output row (locuslab/wanda ``prune_wanda``).
-* ``sparsegpt`` / ``apt`` — ``comp_core.obs`` (block size 128, damping 1 % of the mean Hessian diagonal).
+* ``sparsegpt`` / ``apt`` — ``comp_core.math.obs_solvers`` (block size 128, damping 1 % of the mean Hessian diagonal).
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from torch import nn
 from ..capture import calibration_context, capture_block_inputs
 from ..loop import BlockVisit, block_loop
 from ..models.adapters import get_adapter
-from ..obs import apt, reconstruction_error, sparsegpt
+from ..math.obs_solvers import apt, reconstruction_error, sparsegpt
 from ..results import DenseReport, LayerReport
 from ..runtime import count_parameters
-from ..sparsity import SparsityPattern, pattern_mask, zero_counts
+from ..math.sparsity import SparsityPattern, pattern_mask, zero_counts
 from ..stats import InputStats, own_gram
 from ..surgery import apply_input_order
 from .registry import Method, finish, register_method, working_copy

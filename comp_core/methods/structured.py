@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..linalg import damped
-from ..mask_tuning import bias_compensation, coefficient_matrix, removal_error, solve_mask
+from ..math.linalg import damped
+from ..math.mask_tuning import bias_compensation, coefficient_matrix, removal_error, solve_mask
 from ..models.adapters import ArchAdapter
 from ..models.pruned import head_dim_of
 from ..results import CompPlan, DenseReport, LayerReport

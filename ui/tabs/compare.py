@@ -25,7 +25,7 @@ import pandas as pd
 
 from comp_core import Cancelled, CompPlan
 from comp_core.methods import get_method, method_names, setting_names
-from comp_core.sparsity import SparsityPattern
+from comp_core.math.sparsity import SparsityPattern
 from comp_core.whatif import neuron_maps
 
 from .. import common, plots, sidebar

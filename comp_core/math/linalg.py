@@ -9,7 +9,8 @@ import logging
 
 import torch
 
-from .stats import STAT_DTYPE  # noqa: F401  (one precision constant, defined with the statistics)
+# The precision of every statistic and solve (the block statistics in ``stats`` accumulate in it too).
+STAT_DTYPE = torch.float64
 
 log = logging.getLogger(__name__)
 
