@@ -3,7 +3,7 @@
     python bench/streaming.py                      # 1.57 B parameters (6.3 GB in float32), CPU
     python bench/streaming.py --preset llama2-7b --device cuda   # LLaMA-2-7B's shape on a GPU
 
-Writes a random-weight Llama shard by shard (``comp_core.synthetic``) into a temporary folder, then runs the
+Writes a random-weight Llama shard by shard (``comp_core.models.synthetic``) into a temporary folder, then runs the
 CLI in a child process exactly as a user would — ``comp-explorer prune --stream on --ratio 0.2 … --eval
 sample --out …`` — and reads that process's own peak RSS (VmHWM) and, on a GPU, torch's CUDA peak. The
 target of issue 17: peak RSS ≤ 1/3 of the model's bytes. Prints a markdown table and stores the JSON in
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from comp_core.synthetic import RandomLlama, write_random_llama  # noqa: E402
+from comp_core.models.synthetic import RandomLlama, write_random_llama  # noqa: E402
 
 PRESETS = {
     # 1.51 B, LLaMA's MLP ratio (2.75), deep rather than wide: the peak is one block's statistics (d_ff² float64

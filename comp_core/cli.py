@@ -468,7 +468,7 @@ def run(args: argparse.Namespace) -> dict:
         if len(peaks := cuda_peaks_mb()) > 1:
             report["cuda_peaks_mb"] = peaks
     if report.get("streamed"):
-        from .streaming import stream_stats
+        from .models.streaming import stream_stats
 
         stats = stream_stats(model)
         report["streaming"] = dataclasses.asdict(stats) if stats is not None else None

@@ -69,8 +69,8 @@ from .models.pruned import (
     stock_biased,
 )
 from .runtime import count_parameters, resolve_device, resolve_dtype
-from .streaming import ShardWriter, is_streamed, resident
-from .surgery import IndexedInputLinear, prune_outputs, qkv_keep_rows
+from .models.streaming import ShardWriter, is_streamed, resident
+from .models.surgery import IndexedInputLinear, prune_outputs, qkv_keep_rows
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from torch import nn
 from .models.adapters import UnsupportedModelError, get_adapter
 from .models.pruned import head_dim_of
 from .runtime import count_parameters
-from .surgery import IndexedInputLinear
+from .models.surgery import IndexedInputLinear
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def plan_gguf(model: nn.Module, ff_multiple: int = 1) -> GGUFPlan:
     if ff_multiple < 1:
         raise GGUFExportError(f"ff_multiple must be >= 1, got {ff_multiple}")
     from .export import plan_export
-    from .streaming import is_streamed
+    from .models.streaming import is_streamed
 
     if is_streamed(model):
         raise GGUFExportError("this model is streamed (its blocks stay on disk) and the GGUF writer holds every "

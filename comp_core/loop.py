@@ -28,7 +28,7 @@ from .capture import BlockInputs, replay, run_block
 from .events import ProgressCallback, emit
 from .models.adapters import ArchAdapter
 from .stats import InputStats, collect_block_stats, collect_paired_block_stats
-from .streaming import mark_modified, resident
+from .models.streaming import mark_modified, resident
 
 PROPAGATION = ("identical", "accumulated", "paired")
 

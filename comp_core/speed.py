@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .runtime import cache_of, count_parameters, with_cache
-from .surgery import IndexedInputLinear
+from .models.surgery import IndexedInputLinear
 
 
 @dataclass

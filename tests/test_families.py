@@ -20,8 +20,8 @@ from comp_core import CompConfig, UnsupportedModelError, count_parameters, get_a
 from comp_core.export import load_pruned, read_report, save_pruned
 from comp_core.methods.registry import get_method, make_settings
 from comp_core.models.pruned import head_dim_of
-from comp_core.structure import attention_units
-from comp_core.surgery import apply_cuts, prune_inputs, remove_attention_units, replace_submodule
+from comp_core.models.structure import attention_units
+from comp_core.models.surgery import apply_cuts, prune_inputs, remove_attention_units, replace_submodule
 
 VOCAB = 512
 TOL = 1e-4

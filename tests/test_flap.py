@@ -19,8 +19,8 @@ from comp_core.models.adapters import get_adapter
 from comp_core.models.pruned import head_dim_of
 from comp_core.runtime import count_parameters
 from comp_core.stats import InputStats, collect_block_stats
-from comp_core.structure import AttentionUnits, dense_by_kind, mlp_consumer
-from comp_core.surgery import add_output_bias
+from comp_core.models.structure import AttentionUnits, dense_by_kind, mlp_consumer
+from comp_core.models.surgery import add_output_bias
 
 try:
     from conftest import ARCHS, LLAMA_FAMILY_ARCHS, make_calib, make_config, make_tiny_model

@@ -25,7 +25,7 @@ from comp_core.gguf_tokenizer import copy_from_gguf
 from comp_core.models.adapters import UnsupportedModelError, get_adapter
 from comp_core.models.pruned import comp_classes
 from comp_core.speed import greedy_decode
-from comp_core.surgery import IndexedInputLinear, add_output_bias, prune_inputs, prune_outputs, replace_submodule
+from comp_core.models.surgery import IndexedInputLinear, add_output_bias, prune_inputs, prune_outputs, replace_submodule
 
 try:
     from conftest import make_calib, make_tiny_model

@@ -12,7 +12,7 @@ from comp_core import CompConfig, ImpossibleRatioError, UnsupportedModelError, a
 from comp_core.capture import calibration_context, capture_block_inputs, replay, run_block
 from comp_core.removal import capture_with_importances, layer_importances
 from comp_core.stats import collect_block_stats
-from comp_core.surgery import IndexedInputLinear
+from comp_core.models.surgery import IndexedInputLinear
 
 try:
     from conftest import ARCHS, LLAMA_FAMILY_ARCHS, N_LAYERS, make_calib, make_tiny_model

@@ -15,7 +15,7 @@ from comp_core.math.permutation import (assignment_gains, channel_reallocation, 
                                    refine_by_assignment, retained_importance)
 from comp_core.math.sparsity import SparsityPattern, holds_pattern
 from comp_core.stats import InputStats
-from comp_core.surgery import IndexedInputLinear
+from comp_core.models.surgery import IndexedInputLinear
 from tests.conftest import ARCHS, make_calib, make_tiny_model
 
 PATTERNS = ["0.5", "2:4", "4:8"]

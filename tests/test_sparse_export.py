@@ -13,7 +13,7 @@ from comp_core.export import folder_bytes
 from comp_core.methods import prune_with
 from comp_core.sparse_export import (FORMAT_24, FORMAT_BITMASK, SparseFormatUnavailable, format_for,
                                      load_compressed, save_compressed)
-from comp_core.surgery import IndexedInputLinear
+from comp_core.models.surgery import IndexedInputLinear
 from tests.conftest import make_calib, make_tiny_model
 
 AVAILABLE, WHY = sparse_export.available()

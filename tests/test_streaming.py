@@ -1,4 +1,4 @@
-"""Streaming (comp_core.streaming): a model whose blocks are read from disk one at a time must compute, prune
+"""Streaming (comp_core.models.streaming): a model whose blocks are read from disk one at a time must compute, prune
 and save exactly what the in-memory model does, and hold far less memory while doing it."""
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from comp_core.methods import prune_with
 from comp_core.methods.comp import CompConfig, analyze, apply_plan, prune
 from comp_core.models.adapters import get_adapter
 from comp_core.models.loading import ModelLoadError, load_model
-from comp_core.streaming import (StreamingError, choose_streaming, folder_index, is_streamed, open_streamed,
+from comp_core.models.streaming import (StreamingError, choose_streaming, folder_index, is_streamed, open_streamed,
                                  read_tensors, stream_stats)
-from comp_core.synthetic import RandomLlama, write_random_llama
+from comp_core.models.synthetic import RandomLlama, write_random_llama
 from conftest import ARCHS, make_calib, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,7 +322,7 @@ def test_the_disk_space_check_counts_a_streamed_model_in_full(llama_folder):
 
 
 def test_spill_folders_of_killed_processes_are_swept(tmp_path, monkeypatch):
-    from comp_core.streaming import SpillArea
+    from comp_core.models.streaming import SpillArea
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / "comp-stream-old"

@@ -42,10 +42,10 @@ from ..results import CompPlan, DenseReport, LayerReport, PruneResult
 from .registry import Method, register_method
 from ..runtime import count_parameters, peak_rss_mb
 from ..math.scoring import SCORES, score_neurons
-from ..streaming import is_streamed, resident
+from ..models.streaming import is_streamed, resident
 from ..models.pruned import head_dim_of
-from ..structure import AttentionUnits, attention_unit_params, attention_units, dense_by_kind
-from ..surgery import apply_cuts, remove_attention_units
+from ..models.structure import AttentionUnits, attention_unit_params, attention_units, dense_by_kind
+from ..models.surgery import apply_cuts, remove_attention_units
 
 GRANULARITIES = ("hybrid", "layers", "neurons")
 INPUT_MODES = ("identical", "accumulated", "paired")

@@ -26,7 +26,7 @@ Where this differs from the reference, and why:
 * **Attention units.** In a multi-head model a unit is one head, as in the reference. In a grouped-query
   model (SmolLM2-135M: 9 query heads over 3 KV heads) a unit is a whole **KV group** (its k/v head and the
   query heads that read it; score = mean of its o_proj channels' standardised metric): removing whole
-  groups keeps the stock attention and the export uniform (``comp_core.structure``).
+  groups keeps the stock attention and the export uniform (``comp_core.models.structure``).
 * **At least one attention unit and one MLP channel stay in every block**: the reference can empty a
   block, but a stock attention cannot run without heads. The best-scoring unit and channel of each block
   rank first; their cost counts as kept.
@@ -57,7 +57,7 @@ from ..events import emit
 from ..loop import BlockVisit, block_loop
 from ..models.adapters import get_adapter
 from ..runtime import count_parameters
-from ..structure import AttentionUnits, dense_by_kind, mlp_consumer
+from ..models.structure import AttentionUnits, dense_by_kind, mlp_consumer
 from .registry import Method, finish, register_method, working_copy
 from .structured import BlockCut, BlockShape, StructuredSettings, apply_block_cut, block_shapes, structured_plan
 

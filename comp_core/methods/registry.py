@@ -39,7 +39,7 @@ class Method:
     settings_class: ClassVar[type]
     requires_calibration: ClassVar[bool] = True
     has_plan: ClassVar[bool] = True  # whether ``analyze`` returns a per-layer plan to show
-    # whether it prunes a streamed model (``comp_core.streaming``: blocks read from disk one at a time), i.e.
+    # whether it prunes a streamed model (``comp_core.models.streaming``: blocks read from disk one at a time), i.e.
     # reads and changes blocks only inside the block loop or a forward
     streams: ClassVar[bool] = False
 
@@ -156,7 +156,7 @@ def _convert(text: str, hint, key: str):
 
 def check_streamable(name: str, model: nn.Module) -> None:
     """Refuse a method that needs the whole model in memory on a streamed model, naming those that do not."""
-    from ..streaming import is_streamed
+    from ..models.streaming import is_streamed
 
     if is_streamed(model) and not get_method(name).method.streams:
         able = [n for n, e in REGISTRY.items() if e.method.streams]

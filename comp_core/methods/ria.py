@@ -40,7 +40,7 @@ from torch import nn
 from ..models.adapters import get_adapter
 from ..math.permutation import compute_permutation
 from ..math.sparsity import SparsityPattern, nm_mask, pattern_mask
-from ..surgery import apply_input_order
+from ..models.surgery import apply_input_order
 from .registry import register_method
 from .sparse import MaskedWeight, MaskMethod, SparseSettings
 

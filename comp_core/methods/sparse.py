@@ -28,7 +28,7 @@ from ..results import DenseReport, LayerReport
 from ..runtime import count_parameters
 from ..math.sparsity import SparsityPattern, pattern_mask, zero_counts
 from ..stats import InputStats, own_gram
-from ..surgery import apply_input_order
+from ..models.surgery import apply_input_order
 from .registry import Method, finish, register_method, working_copy
 from .structured import structured_plan
 

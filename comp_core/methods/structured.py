@@ -29,9 +29,9 @@ from ..models.adapters import ArchAdapter
 from ..models.pruned import head_dim_of
 from ..results import CompPlan, DenseReport, LayerReport
 from ..stats import InputStats
-from ..structure import (AttentionUnits, attention_unit_params, attention_units, dense_by_kind, mlp_channel_params,
+from ..models.structure import (AttentionUnits, attention_unit_params, attention_units, dense_by_kind, mlp_channel_params,
                          mlp_consumer, mlp_width)
-from ..surgery import add_output_bias, apply_cuts, remove_attention_units
+from ..models.surgery import add_output_bias, apply_cuts, remove_attention_units
 
 COMPENSATIONS = ("none", "bias", "mask")
 

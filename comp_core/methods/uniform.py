@@ -21,7 +21,7 @@ from ..loop import BlockVisit, block_loop
 from ..models.adapters import get_adapter
 from ..runtime import count_parameters
 from ..stats import InputStats
-from ..structure import dense_by_kind, mlp_consumer
+from ..models.structure import dense_by_kind, mlp_consumer
 from .registry import Method, finish, register_method, working_copy
 from .structured import (BlockCut, StructuredSettings, added_bias_params, apply_block_cut, block_shapes, keep_top,
                          structured_plan, uniform_cuts)

@@ -10,7 +10,7 @@
 * anything else: a Hugging Face hub id (``org/name``), downloaded with ``use_safetensors=True``.
 
 ``stream``: a folder model (and the bundled model's cached folder) can instead be *streamed*
-(``comp_core.streaming``): its blocks stay on disk and are read one at a time, so a model larger than memory
+(``comp_core.models.streaming``): its blocks stay on disk and are read one at a time, so a model larger than memory
 can be pruned, evaluated and saved. ``"auto"`` (the default) streams a folder whose weights exceed a quarter
 of the memory available; ``"on"``/``"off"`` choose.
 
@@ -71,7 +71,7 @@ class LoadedModel:
     kind: str
     seconds: float
     cached: bool = False
-    streamed: bool = False  # blocks read from disk one at a time (``comp_core.streaming``)
+    streamed: bool = False  # blocks read from disk one at a time (``comp_core.models.streaming``)
     device_map: dict | None = None  # module -> device when placed over several GPUs (``placement``)
 
 
@@ -352,7 +352,7 @@ def _check_folder(folder: Path) -> None:
 def _open_streamed(folder: Path, dtype: torch.dtype | None, device: torch.device, trust_remote_code: bool):
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..streaming import StreamingError, open_streamed
+    from .streaming import StreamingError, open_streamed
 
     if dtype is None:  # "auto": the checkpoint's own, float16 upcast on a CPU as for in-memory loads
         config_dtype = getattr(AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code),
@@ -391,7 +391,7 @@ def check_load_options(stream: str | bool = "auto", device_map: str | dict | Non
                        max_memory: str | dict | None = None) -> tuple[str | bool, str | dict | None, dict | None]:
     """Validate how a model is to be loaded before anything is read: (stream, parsed device map, parsed
     max_memory). A device map turns streaming off, and refuses ``stream="on"``. Raises ``ModelLoadError``."""
-    from ..streaming import STREAM_MODES
+    from .streaming import STREAM_MODES
     from .placement import parse_device_map, parse_max_memory
 
     if not isinstance(stream, bool) and stream not in STREAM_MODES:
@@ -443,7 +443,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
 
     text = str(source).strip() if source is not None else BUNDLED
     cached = False
-    from ..streaming import choose_streaming
+    from .streaming import choose_streaming
 
     folder = (_bundled_folder(cache_dir) if text.lower() == BUNDLED and stream in ("on", True)
               else Path(text).expanduser() if text.lower() != BUNDLED else None)

@@ -8,7 +8,7 @@ writes); this module only checks that pruning can work on it:
 
 * **no offload**: a map that leaves modules on the CPU or disk next to GPUs makes accelerate keep their
   weights outside the modules, where pruning cannot change them. This project's offload is streaming
-  (``comp_core.streaming``: one block at a time on one device), which such a model should use instead.
+  (``comp_core.models.streaming``: one block at a time on one device), which such a model should use instead.
 * **whole blocks**: pruning replaces the denses inside a block, so a block is never split across devices.
 """
 from __future__ import annotations

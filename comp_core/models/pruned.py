@@ -39,7 +39,7 @@ import json
 import torch
 from torch import nn
 
-from ..surgery import IndexedInputLinear
+from .surgery import IndexedInputLinear
 from .adapters import COMP_PREFIX, REGISTRY, ArchAdapter, registered
 
 LAYERS_FIELD = "comp_layers"

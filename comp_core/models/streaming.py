@@ -43,7 +43,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .runtime import prefer_mapped_allocations, release_free_memory
+from ..runtime import prefer_mapped_allocations, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +402,7 @@ def choose_streaming(mode: str | bool, folder: str | os.PathLike, dtype: torch.d
         raise ValueError(f"stream must be one of {STREAM_MODES}, got '{mode}'")
     if mode != "auto":
         return mode == "on"
-    from .runtime import available_memory_mb
+    from ..runtime import available_memory_mb
 
     available = available_memory_mb()
     if available is None:
@@ -423,8 +423,8 @@ def open_streamed(folder: str | os.PathLike, *, dtype: torch.dtype | None = None
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models.adapters import get_adapter
-    from .models.pruned import register_all
+    from .adapters import get_adapter
+    from .pruned import register_all
 
     register_all()
     prefer_mapped_allocations()  # freed block tensors and statistics go back to the OS, not to the heap

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models.adapters import ArchAdapter, UnsupportedModelError
+from .adapters import ArchAdapter, UnsupportedModelError
 
 
 def dense_by_kind(adapter: ArchAdapter) -> dict[str, str]:

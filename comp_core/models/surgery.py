@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .models.adapters import ArchAdapter, UnsupportedModelError
+from .adapters import ArchAdapter, UnsupportedModelError
 
 
 class IndexedInputLinear(nn.Module):
