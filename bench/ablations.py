@@ -18,10 +18,10 @@ import plotly.graph_objects as go
 
 from common import (command_line, CALIBRATION, QUICK_SEQ_LEN, Section, bundled, calibration, eval_protocol, fresh_model, machine,
                     main_for, markdown_table, measure, ppl, save_figure)
-from comp_core.capture import calibration_context, capture_block_inputs
+from comp_core.loop.capture import calibration_context, capture_block_inputs
 from comp_core.methods.comp import CompConfig
 from comp_core.models.adapters import get_adapter
-from comp_core.removal import iterative_removal
+from comp_core.loop.importance import iterative_removal
 from comp_core.runtime import count_parameters
 
 RATIOS = (0.2, 0.25, 0.3)  # the paper's Table III; quick runs keep the ends (QUICK_RATIOS)

@@ -35,17 +35,17 @@ import torch  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 from common import command_line, CALIBRATION, Section, bundled, calibration, machine, main_for, markdown_table, save_figure  # noqa: E402
 
-import comp_core.loop  # noqa: E402
+import comp_core.loop.blocks  # noqa: E402
 import comp_core.methods.comp  # noqa: E402
-import comp_core.removal  # noqa: E402
-from comp_core.capture import calibration_context  # noqa: E402
+import comp_core.loop.importance  # noqa: E402
+from comp_core.loop.capture import calibration_context  # noqa: E402
 from comp_core.export import save_pruned  # noqa: E402
 from comp_core.math.linalg import damped  # noqa: E402
 from comp_core.methods import prune_with  # noqa: E402
 from comp_core.methods.comp import CompConfig  # noqa: E402
 from comp_core.models.adapters import get_adapter  # noqa: E402
 from comp_core.runtime import count_parameters, current_rss_mb  # noqa: E402
-from comp_core.stats import STAT_DTYPE, InputStats  # noqa: E402
+from comp_core.loop.stats import STAT_DTYPE, InputStats  # noqa: E402
 
 RATIO = 0.2
 PRUNE_STAGES = ("capture", "layer_removal", "neuron_pruning")
@@ -131,9 +131,9 @@ class StageRss:
 GRAM = "Gram XᵀX (library)"
 # (owner, attribute, label): the library functions a stage's time is split into
 TIMED_CALLS = [
-    (comp_core.loop, "replay", "block forwards"),
+    (comp_core.loop.blocks, "replay", "block forwards"),
     (InputStats, "update", GRAM),
-    (comp_core.removal, "cosine_importance", "cosine importance"),
+    (comp_core.loop.importance, "cosine_importance", "cosine importance"),
     (comp_core.methods.comp, "coefficient_matrix", "coefficient matrices C"),
     (comp_core.methods.comp, "damped", "damped copies of C"),
     (comp_core.methods.comp, "score_neurons", "neuron scores"),

@@ -80,7 +80,7 @@ class CompPlan:
     auto_sweep: list[dict] = field(default_factory=list)  # [{"remove_layers": n, "calibration_loss": x}]
     timings: dict = field(default_factory=dict)
     method: str = "comp"
-    removal: Any = None  # comp_core.removal.RemovalResult measured to the analysis depth (GUI what-if)
+    removal: Any = None  # comp_core.loop.importance.RemovalResult measured to the analysis depth (GUI what-if)
     notes: list[str] = field(default_factory=list)  # what the method did that a reader should know
     sparse_plan: Any = None  # composed methods: the mask stage's plan (per-layer sparsity), else None
 

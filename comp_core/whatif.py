@@ -24,7 +24,7 @@ from torch import nn
 from .math.allocation import ImpossibleRatioError
 from .events import ProgressCallback
 from .methods.comp import CompConfig, analyze, layer_caps, reallocate
-from .removal import RemovalResult, layers_within
+from .loop.importance import RemovalResult, layers_within
 from .results import CompPlan
 from .runtime import count_parameters
 

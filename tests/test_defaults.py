@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from comp_core import CompConfig, ImpossibleRatioError, count_parameters, get_adapter, prune
-from comp_core.capture import (calibration_context, capture_block_inputs, forward_precision, replay,
+from comp_core.loop.capture import (calibration_context, capture_block_inputs, forward_precision, replay,
                                resolve_forward_dtype)
 from comp_core.cli import build_parser, main
 from comp_core.data import DEFAULT_CALIBRATION, default_calibration_size
 from comp_core.methods.comp import PAPER_CALIBRATION, PAPER_SETTINGS, fewest_layers, layer_caps
 from comp_core.runtime import release_free_memory
-from comp_core.stats import collect_block_stats
+from comp_core.loop.stats import collect_block_stats
 
 try:
     from conftest import make_calib, make_tiny_model

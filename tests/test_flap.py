@@ -8,7 +8,7 @@ from torch import nn
 from transformers import OPTForCausalLM
 
 import comp_core.export  # noqa: F401  (registers comp_<type>)
-from comp_core.capture import calibration_context
+from comp_core.loop.capture import calibration_context
 from comp_core.export import load_pruned, save_pruned
 from comp_core.math.mask_tuning import bias_compensation
 from comp_core.methods import flap
@@ -18,7 +18,7 @@ from comp_core.methods.structured import BlockCut, BlockShape, apply_block_cut
 from comp_core.models.adapters import get_adapter
 from comp_core.models.pruned import head_dim_of
 from comp_core.runtime import count_parameters
-from comp_core.stats import InputStats, collect_block_stats
+from comp_core.loop.stats import InputStats, collect_block_stats
 from comp_core.models.structure import AttentionUnits, dense_by_kind, mlp_consumer
 from comp_core.models.surgery import add_output_bias
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comp_core.stats import STAT_DTYPE, InputStats
+from comp_core.loop.stats import STAT_DTYPE, InputStats
 from comp_core.math.linalg import cholesky, damped, damping, spd_inverse, spd_solve
 from comp_core.math.mask_tuning import (coefficient_matrix, mask_path, mask_variance_plain, reconstruction_error,
                                    relative_error, solve_mask)

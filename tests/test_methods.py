@@ -13,16 +13,16 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from comp_core.capture import calibration_context, capture_block_inputs
+from comp_core.loop.capture import calibration_context, capture_block_inputs
 from comp_core.export import load_pruned, save_pruned
-from comp_core.loop import block_loop
+from comp_core.loop.blocks import block_loop
 from comp_core.methods import (REGISTRY, get_method, make_settings, method_names, parse_setting, prune_with)
 from comp_core.methods.comp import CompConfig, analyze, apply_plan, prune
 from comp_core.methods.structured import StructuredSettings, keep_top, uniform_cuts, block_shapes
 from comp_core.methods.uniform import MagnitudeSP, WandaSP
 from comp_core.models.adapters import get_adapter
 from comp_core.runtime import count_parameters
-from comp_core.stats import InputStats
+from comp_core.loop.stats import InputStats
 
 try:
     from conftest import VOCAB, make_calib, make_tiny_model

@@ -9,9 +9,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from comp_core import CompConfig, ImpossibleRatioError, UnsupportedModelError, analyze, count_parameters, get_adapter, prune
-from comp_core.capture import calibration_context, capture_block_inputs, replay, run_block
-from comp_core.removal import capture_with_importances, layer_importances
-from comp_core.stats import collect_block_stats
+from comp_core.loop.capture import calibration_context, capture_block_inputs, replay, run_block
+from comp_core.loop.importance import capture_with_importances, layer_importances
+from comp_core.loop.stats import collect_block_stats
 from comp_core.models.surgery import IndexedInputLinear
 
 try:

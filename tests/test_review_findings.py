@@ -25,7 +25,7 @@ def pruned_once():
 
 
 def test_fisher_scores_a_model_that_is_already_pruned(pruned_once):
-    from comp_core.fisher import collect_fisher
+    from comp_core.loop.fisher import collect_fisher
 
     pruned, calib, indexed = pruned_once
     adapter = get_adapter(pruned)

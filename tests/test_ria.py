@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from comp_core.capture import calibration_context, capture_block_inputs, replay
+from comp_core.loop.capture import calibration_context, capture_block_inputs, replay
 from comp_core.export import load_pruned, save_pruned
 from comp_core.methods import get_method, make_settings, method_names, prune_with
 from comp_core.methods.ria import RIA, RIASettings, apply_input_order, ria_score, stored_masks
@@ -14,7 +14,7 @@ from comp_core.models.adapters import LLAMA_FAMILY, get_adapter
 from comp_core.math.permutation import (assignment_gains, channel_reallocation, compute_permutation, inverse_order,
                                    refine_by_assignment, retained_importance)
 from comp_core.math.sparsity import SparsityPattern, holds_pattern
-from comp_core.stats import InputStats
+from comp_core.loop.stats import InputStats
 from comp_core.models.surgery import IndexedInputLinear
 from tests.conftest import ARCHS, make_calib, make_tiny_model
 

@@ -261,6 +261,6 @@ def score_neurons(name: str, coeff: torch.Tensor, weight: torch.Tensor, gram: to
         return activation_score(gram)
     if name == "fisher":
         if fisher is None:
-            raise ValueError("the fisher score needs gradients: collect them with comp_core.fisher first")
+            raise ValueError("the fisher score needs gradients: collect them with comp_core.loop.fisher first")
         return fisher.to(device=coeff.device, dtype=STAT_DTYPE)
     raise ValueError(f"unknown importance score '{name}'; choose one of: {', '.join(SCORES)}")

@@ -27,17 +27,17 @@ from torch import nn
 
 from ..math.allocation import (DenseShape, ImpossibleRatioError, choose_cuts, choose_cuts_with_units, layer_ratios,
                           removed_parameters, equal_share_cuts)
-from ..capture import FORWARD_DTYPES, BlockInputs, calibration_context, forward_precision, resolve_forward_dtype
+from ..loop.capture import FORWARD_DTYPES, BlockInputs, calibration_context, forward_precision, resolve_forward_dtype
 from ..events import ProgressCallback, emit
-from ..fisher import collect_fisher
+from ..loop.fisher import collect_fisher
 from ..math.linalg import damping, damped
-from ..loop import BlockVisit, block_loop
-from ..stats import own_gram, own_moments
+from ..loop.blocks import BlockVisit, block_loop
+from ..loop.stats import own_gram, own_moments
 from ..math.mask_tuning import (choose_ridge, coefficient_matrix, damped_target, mask_path, refit_columns,
                            refit_relative_error, ridge_refit,
                            relative_error, solve_mask, target_terms)
 from ..models.adapters import ArchAdapter, get_adapter
-from ..removal import RemovalResult, capture_with_importances, iterative_removal, layers_for_ratio, layers_within
+from ..loop.importance import RemovalResult, capture_with_importances, iterative_removal, layers_for_ratio, layers_within
 from ..results import CompPlan, DenseReport, LayerReport, PruneResult
 from .registry import Method, register_method
 from ..runtime import count_parameters, peak_rss_mb

@@ -52,9 +52,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture import calibration_context, capture_block_inputs
+from ..loop.capture import calibration_context, capture_block_inputs
 from ..events import emit
-from ..loop import BlockVisit, block_loop
+from ..loop.blocks import BlockVisit, block_loop
 from ..models.adapters import get_adapter
 from ..runtime import count_parameters
 from ..models.structure import AttentionUnits, dense_by_kind, mlp_consumer

@@ -1,6 +1,6 @@
 """The method registry: every pruning method under one name, one settings dataclass and one result shape.
 
-A method is a small class over the shared block loop and statistics (``comp_core.loop``/``stats``)::
+A method is a small class over the shared block loop and statistics (``comp_core.loop.blocks``/``stats``)::
 
     @register_method("wanda-sp", summary="...", compensation="none")
     @register_method("wanda-sp+mask", summary="...", compensation="mask")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..capture import calibration_context
+from ..loop.capture import calibration_context
 from ..events import emit
 from ..models.adapters import get_adapter
-from ..removal import capture_with_importances, layers_for_ratio
+from ..loop.importance import capture_with_importances, layers_for_ratio
 from ..runtime import count_parameters
 from .registry import Method, finish, register_method, working_copy
 from .structured import structured_plan

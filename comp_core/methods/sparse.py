@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture import calibration_context, capture_block_inputs
-from ..loop import BlockVisit, block_loop
+from ..loop.capture import calibration_context, capture_block_inputs
+from ..loop.blocks import BlockVisit, block_loop
 from ..models.adapters import get_adapter
 from ..math.obs_solvers import apt, reconstruction_error, sparsegpt
 from ..results import DenseReport, LayerReport
 from ..runtime import count_parameters
 from ..math.sparsity import SparsityPattern, pattern_mask, zero_counts
-from ..stats import InputStats, own_gram
+from ..loop.stats import InputStats, own_gram
 from ..models.surgery import apply_input_order
 from .registry import Method, finish, register_method, working_copy
 from .structured import structured_plan

@@ -28,7 +28,7 @@ from ..math.mask_tuning import bias_compensation, coefficient_matrix, removal_er
 from ..models.adapters import ArchAdapter
 from ..models.pruned import head_dim_of
 from ..results import CompPlan, DenseReport, LayerReport
-from ..stats import InputStats
+from ..loop.stats import InputStats
 from ..models.structure import (AttentionUnits, attention_unit_params, attention_units, dense_by_kind, mlp_channel_params,
                          mlp_consumer, mlp_width)
 from ..models.surgery import add_output_bias, apply_cuts, remove_attention_units

@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from ..capture import calibration_context, capture_block_inputs
-from ..loop import BlockVisit, block_loop
+from ..loop.capture import calibration_context, capture_block_inputs
+from ..loop.blocks import BlockVisit, block_loop
 from ..models.adapters import get_adapter
 from ..runtime import count_parameters
-from ..stats import InputStats
+from ..loop.stats import InputStats
 from ..models.structure import dense_by_kind, mlp_consumer
 from .registry import Method, finish, register_method, working_copy
 from .structured import (BlockCut, StructuredSettings, added_bias_params, apply_block_cut, block_shapes, keep_top,

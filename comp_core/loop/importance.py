@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .capture import BlockInputs, capture_block_inputs
-from .events import ProgressCallback, emit
-from .loop import BlockVisit, block_loop
+from ..events import ProgressCallback, emit
+from .blocks import BlockVisit, block_loop
 
 
 def cosine_importance(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .events import ProgressCallback, emit
-from .models.adapters import ArchAdapter
+from ..events import ProgressCallback, emit
+from ..models.adapters import ArchAdapter
 
 
 def collect_fisher(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor, layers: list[int],

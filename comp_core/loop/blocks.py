@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from .capture import BlockInputs, replay, run_block
-from .events import ProgressCallback, emit
-from .models.adapters import ArchAdapter
+from ..events import ProgressCallback, emit
+from ..models.adapters import ArchAdapter
 from .stats import InputStats, collect_block_stats, collect_paired_block_stats
-from .models.streaming import mark_modified, resident
+from ..models.streaming import mark_modified, resident
 
 PROPAGATION = ("identical", "accumulated", "paired")
 

@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .models.adapters import ArchAdapter
-from .runtime import release_free_memory
+from ..models.adapters import ArchAdapter
+from ..runtime import release_free_memory
 
 
 FORWARD_DTYPES = ("auto", "float32", "bfloat16")

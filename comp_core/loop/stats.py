@@ -19,8 +19,8 @@ from typing import Callable, Collection, Iterator, TypeVar
 import torch
 from torch import nn
 
-from .math.linalg import STAT_DTYPE
-from .models.adapters import ArchAdapter
+from ..math.linalg import STAT_DTYPE
+from ..models.adapters import ArchAdapter
 
 # One batch's products XᵀX are taken in float32 (twice the CPU throughput of float64) and summed into the
 # float64 accumulators: a batch holds a few thousand tokens, so float32's rounding stays ~1e-6 relative,
