@@ -16,7 +16,9 @@ needs_data = pytest.mark.skipif(not (DATA / "wikitext2" / "wiki.test.raw").exist
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+def data_folder_and_threads_restored(monkeypatch):
+    """The data folder for every command here, and torch's thread count back after `--threads` changed it
+    (conftest's one_thread still runs: this fixture no longer shadows it)."""
     threads = torch.get_num_threads()
     monkeypatch.setenv("COMP_DATA_DIR", str(DATA))
     yield
