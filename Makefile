@@ -12,7 +12,8 @@ EXTRAS := test,gui,eval,hub
 LOCK_VENV ?= .venv-lock
 LATEST_VENV ?= .venv-latest
 PIP_TOOLS_VERSION ?= 7.6.2
-TORCH_LOCKED = $(shell sed -n 's/^torch==//p' $(LOCK))
+# the version the lock pins for a package: $(call locked,torch)
+locked = $(shell sed -n 's/^$(1)==//p' $(LOCK))
 # pytest workers: 2 on a 2-core machine (tests/conftest.py keeps the bundled-model tests on one worker)
 JOBS ?= 2
 
@@ -36,7 +37,7 @@ install: $(VENV)/.installed
 # PyPI source distribution with the system cmake and g++ (about 15 min on two cores); pip's wheel cache serves
 # every later install, and an installed copy of the locked version is kept as it is.
 llama-cpp: install
-	@$(PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$(shell sed -n 's/^llama-cpp-python==//p' $(LOCK))')" \
+	@$(PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$(call locked,llama-cpp-python)')" \
 		2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
 		$(PY) -m pip install -q -c $(LOCK) llama-cpp-python
 
@@ -59,8 +60,8 @@ lock:
 test-latest:
 	python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip packaging  # packaging: for tools/latest_requirements.py
-	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_LOCKED)
-	$(LATEST_VENV)/bin/python tools/latest_requirements.py --extras $(EXTRAS) --hold torch==$(TORCH_LOCKED) \
+	$(LATEST_VENV)/bin/python -m pip install -q torch==$(call locked,torch)
+	$(LATEST_VENV)/bin/python tools/latest_requirements.py --extras $(EXTRAS) --hold torch==$(call locked,torch) \
 		> $(LATEST_VENV)/latest.txt
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -r $(LATEST_VENV)/latest.txt \
 		loguru llama-cpp-python
