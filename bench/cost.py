@@ -39,7 +39,7 @@ import comp_core.loop.blocks  # noqa: E402
 import comp_core.methods.comp  # noqa: E402
 import comp_core.loop.importance  # noqa: E402
 from comp_core.loop.capture import calibration_context  # noqa: E402
-from comp_core.export import save_pruned  # noqa: E402
+from comp_core.export.folder import save_pruned  # noqa: E402
 from comp_core.math.linalg import damped  # noqa: E402
 from comp_core.methods import prune_with  # noqa: E402
 from comp_core.methods.comp import CompConfig  # noqa: E402

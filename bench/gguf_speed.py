@@ -5,7 +5,7 @@ generation tokens/s on N threads, and WikiText-2 perplexity computed by llama.cp
     COMP_DATA_DIR=../shared/data python bench/gguf_speed.py --ratio 0.2                  # prune the bundled model first
 
 Writes (into ``--out-dir``, default a temporary folder) the unpruned bundled model as f16 and q8_0 GGUF with
-``comp_core.gguf_export`` (from the same HF weights the pruning starts from), the pruned model as f16, q8_0
+``comp_core.export.gguf`` (from the same HF weights the pruning starts from), the pruned model as f16, q8_0
 and as q8_0 with every FFN width rounded up to 32 (``ff_multiple=32``: zero channels, so every down_proj is
 q8_0), and measures those five plus the bundled Q4_1 file for reference. Every measurement runs in its own Python
 process (``llama-cpp-python``): load RSS is that process's resident memory after loading and one 4-token
@@ -94,8 +94,8 @@ def run_child(path: Path, threads: int, prompt_tokens: int, gen_tokens: int, ppl
 def write_files(out: Path, pruned_dir: Path | None, ratio: float) -> tuple[dict[str, Path], dict[str, dict]]:
     """The five GGUF files (label -> path) and the export reports of the four written here."""
     from comp_core import CompConfig, count_parameters, get_calibration, load_model, prune
-    from comp_core.export import save_pruned
-    from comp_core.gguf_export import export_gguf, export_gguf_folder
+    from comp_core.export.folder import save_pruned
+    from comp_core.export.gguf import export_gguf, export_gguf_folder
     from comp_core.models.loading import bundled_gguf_path
 
     source = bundled_gguf_path()

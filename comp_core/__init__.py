@@ -13,7 +13,7 @@ from .math.allocation import ImpossibleRatioError
 from .data import DataError, get_calibration, get_eval_tokens
 from .evaluate import PerplexityResult, calibration_loss, perplexity
 from .events import Cancelled, PruneEvent
-from .export import load_pruned, save_pruned
+from .export.folder import load_pruned, save_pruned
 from .methods.comp import CompConfig, analyze, prune, reallocate
 from .models.adapters import UnsupportedModelError, get_adapter
 from .models.loading import LoadedModel, ModelLoadError, load_model

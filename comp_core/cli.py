@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _export_gguf(args: argparse.Namespace) -> dict:
     """``export-gguf``: no model loading of its own beyond the folder, so it stays apart from ``run``."""
-    from .gguf_export import export_gguf_folder, resolve_source_gguf
+    from .export.gguf import export_gguf_folder, resolve_source_gguf
 
     if not os.path.isdir(args.folder):
         raise FileNotFoundError(f"{args.folder} is not a folder; pass one written by `comp-explorer prune --out`")
@@ -450,7 +450,7 @@ def run(args: argparse.Namespace) -> dict:
                     report["ppl_after"] = _evaluate(pruned, tokenizer, eval_names, args, progress, timings, "after",
                                                     notes)
                 if args.out:
-                    from .export import save_pruned
+                    from .export.folder import save_pruned
 
                     with stage("save", timings):
                         report["saved_to"] = str(save_pruned(pruned, tokenizer, args.out, result,

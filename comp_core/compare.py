@@ -58,7 +58,7 @@ def saved_size(model: nn.Module, tokenizer) -> int:
     """Bytes of the safetensors files ``save_pruned`` writes for ``model`` (in a temporary folder)."""
     from transformers.utils import logging as hf_logging
 
-    from .export import folder_bytes, save_pruned
+    from .export.folder import folder_bytes, save_pruned
 
     folder = tempfile.mkdtemp(prefix="comp-compare-")
     hf_logging.disable_progress_bar()  # a bar per row would drown the comparison's own progress

@@ -97,7 +97,7 @@ def check_exportable(model: nn.Module) -> None:
 
     Plans the export of the model as it is (on the meta device, sharing its tensors: no copy, no file), so the
     check is the export's own rules, not a second list of families."""
-    from .export import plan_export
+    from .export.folder import plan_export
 
     try:
         plan_export(model)

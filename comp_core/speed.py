@@ -182,7 +182,7 @@ def measure_speed(model, tokenizer=None, *, prefill_tokens: int = 512, decode_to
     del tokenizer
     disk, memory = None, {}
     if isinstance(model, (str, os.PathLike)):
-        from .export import folder_bytes, load_pruned
+        from .export.folder import folder_bytes, load_pruned
 
         folder = model
         disk = folder_bytes(folder, ".safetensors")
@@ -208,7 +208,7 @@ def measure_speed(model, tokenizer=None, *, prefill_tokens: int = 512, decode_to
 _LOAD_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from comp_core.export import load_pruned
+from comp_core.export.folder import load_pruned
 from comp_core.runtime import current_rss_mb, peak_rss_mb
 base = current_rss_mb()
 model, _ = load_pruned(sys.argv[1])
@@ -285,7 +285,7 @@ def _fmt(value) -> str:
 
 def _resolve(source, label: str, workdir: Path, device) -> tuple[nn.Module, Path]:
     """(model, folder) for a folder or an in-memory model (saved to ``workdir`` so its folder can be measured)."""
-    from .export import load_pruned, save_pruned
+    from .export.folder import load_pruned, save_pruned
 
     if isinstance(source, (str, os.PathLike)):
         model, _ = load_pruned(source, device=device or "cpu")
@@ -320,7 +320,7 @@ def compare_speed(original, pruned, *, prefill_tokens: int = 512, decode_tokens:
     get disk bytes and load memory measured the same way. Returns a :class:`SpeedComparison`; its
     ``rows()`` / ``to_markdown()`` give the table.
     """
-    from .export import folder_bytes
+    from .export.folder import folder_bytes
 
     with tempfile.TemporaryDirectory(prefix="comp-speed-") as tmp:
         models, folders = {}, {}

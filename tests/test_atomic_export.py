@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from comp_core.cli import main
-from comp_core.export import save_pruned
+from comp_core.export.folder import save_pruned
 
 from conftest import make_tiny_model
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from comp_core.cli import main
-from comp_core.export import load_pruned, save_pruned
+from comp_core.export.folder import load_pruned, save_pruned
 from comp_core.methods.registry import get_method, method_names, prune_with
 from comp_core.models.loading import ModelLoadError, load_model
 from comp_core.models.placement import (DeviceMapError, check_device_map, is_dispatched, parse_device_map,

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, OPTForCausalLM, PreTrainedModel, Qwen3ForCausalLM
 
 import comp_core
-import comp_core.export  # registers comp_<type> with the Auto classes (the package __init__ may do it too)
+import comp_core.export.folder  # registers comp_<type> with the Auto classes (the package __init__ may do it too)
 from comp_core import CompConfig, count_parameters, prune
-from comp_core.export import folder_bytes, load_pruned, plan_export, read_report, save_pruned
+from comp_core.export.folder import folder_bytes, load_pruned, plan_export, read_report, save_pruned
 from comp_core.models.adapters import get_adapter
 from comp_core.models.pruned import check_records, comp_classes, is_stock_record, stock_biased
 from comp_core.speed import SpeedReport, compare_speed, measure_speed, pad_indexed_linears

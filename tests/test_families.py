@@ -17,7 +17,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from comp_core import CompConfig, UnsupportedModelError, count_parameters, get_adapter, prune
-from comp_core.export import load_pruned, read_report, save_pruned
+from comp_core.export.folder import load_pruned, read_report, save_pruned
 from comp_core.methods.registry import get_method, make_settings
 from comp_core.models.pruned import head_dim_of
 from comp_core.models.structure import attention_units

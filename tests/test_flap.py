@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from transformers import OPTForCausalLM
 
-import comp_core.export  # noqa: F401  (registers comp_<type>)
+import comp_core.export.folder  # noqa: F401  (registers comp_<type>)
 from comp_core.loop.capture import calibration_context
-from comp_core.export import load_pruned, save_pruned
+from comp_core.export.folder import load_pruned, save_pruned
 from comp_core.math.mask_tuning import bias_compensation
 from comp_core.methods import flap
 from comp_core.methods.flap import FlapSettings, flap_scores, select_global, standardise, unit_scores, wifv

@@ -18,10 +18,10 @@ from gguf import GGUFReader
 
 from comp_core import CompConfig, count_parameters, prune
 from comp_core.cli import main
-from comp_core.export import save_pruned
-from comp_core.gguf_export import (GGUFExportError, export_gguf, permute_rope_rows, plan_gguf, read_value_rows,
+from comp_core.export.folder import save_pruned
+from comp_core.export.gguf import (GGUFExportError, export_gguf, permute_rope_rows, plan_gguf, read_value_rows,
                                    restore_columns)
-from comp_core.gguf_tokenizer import copy_from_gguf
+from comp_core.export.gguf_tokenizer import copy_from_gguf
 from comp_core.models.adapters import UnsupportedModelError, get_adapter
 from comp_core.models.pruned import comp_classes
 from comp_core.speed import greedy_decode

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from comp_core.loop.capture import calibration_context, capture_block_inputs
-from comp_core.export import load_pruned, save_pruned
+from comp_core.export.folder import load_pruned, save_pruned
 from comp_core.loop.blocks import block_loop
 from comp_core.methods import (REGISTRY, get_method, make_settings, method_names, parse_setting, prune_with)
 from comp_core.methods.comp import CompConfig, analyze, apply_plan, prune

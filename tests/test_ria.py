@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from comp_core.loop.capture import calibration_context, capture_block_inputs, replay
-from comp_core.export import load_pruned, save_pruned
+from comp_core.export.folder import load_pruned, save_pruned
 from comp_core.methods import get_method, make_settings, method_names, prune_with
 from comp_core.methods.ria import RIA, RIASettings, apply_input_order, ria_score, stored_masks
 from comp_core.models.adapters import LLAMA_FAMILY, get_adapter

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comp_core.export import load_pruned, save_pruned
+from comp_core.export.folder import load_pruned, save_pruned
 from comp_core.methods import prune_with
 from comp_core.methods.sparse import Wanda
 from comp_core.models.adapters import get_adapter

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import comp_core.methods.ria  # noqa: F401  (registers "ria")
-from comp_core import sparse_export
-from comp_core.export import folder_bytes
+from comp_core.export import compressed as sparse_export
+from comp_core.export.folder import folder_bytes
 from comp_core.methods import prune_with
-from comp_core.sparse_export import (FORMAT_24, FORMAT_BITMASK, SparseFormatUnavailable, format_for,
+from comp_core.export.compressed import (FORMAT_24, FORMAT_BITMASK, SparseFormatUnavailable, format_for,
                                      load_compressed, save_compressed)
 from comp_core.models.surgery import IndexedInputLinear
 from tests.conftest import make_calib, make_tiny_model

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comp_core.export import load_pruned, save_pruned
+from comp_core.export.folder import load_pruned, save_pruned
 from comp_core.methods import prune_with
 from comp_core.methods.comp import CompConfig, analyze, apply_plan, prune
 from comp_core.models.adapters import get_adapter
@@ -230,7 +230,7 @@ import gc, json, sys, torch
 from comp_core.runtime import current_rss_mb, peak_rss_mb, release_free_memory, reset_peak_memory
 from comp_core.models.loading import load_model
 from comp_core.methods import prune_with
-from comp_core.export import save_pruned
+from comp_core.export.folder import save_pruned
 from comp_core.evaluate import perplexity
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.set_num_threads(1)

@@ -210,7 +210,7 @@ def data_note() -> str:
 
 def export_available() -> bool:
     try:
-        from comp_core.export import save_pruned  # noqa: F401
+        from comp_core.export.folder import save_pruned  # noqa: F401
     except Exception:  # noqa: BLE001 - any import problem just hides the feature
         return False
     return True

@@ -16,7 +16,7 @@ Hungarian refinement per slot), never keeping less importance than the unpermute
 taken in that order (``MaskedWeight.input_order``; ``MaskMethod.relayout`` applies it after the block
 loop, ``surgery.apply_input_order``). The model computes with the permutation *exactly*, and the pruned weight is stored
 in permuted column order, so every group of M stored columns holds exactly N zeros — the layout sparse
-N:M kernels and ``comp_core.sparse_export`` need:
+N:M kernels and ``comp_core.export.compressed`` need:
 
 * down_proj / fc2 (input = the block's own MLP activations): the permutation is folded into its
   producers — gate/up (fc1) output rows and fc1's bias are permuted the same way, so the activations
@@ -25,7 +25,7 @@ N:M kernels and ``comp_core.sparse_export`` need:
   out_proj (input = the attention heads' outputs): the dense becomes an ``IndexedInputLinear`` whose
   ``input_index`` is the full permutation, i.e. one gather of the input before the matmul.
 
-A permuted model is no longer stock-shaped in its index buffers, so ``comp_core.export.save_pruned``
+A permuted model is no longer stock-shaped in its index buffers, so ``comp_core.export.folder.save_pruned``
 saves it as ``comp_<type>`` (``load_pruned`` reads it back). ``result.extra["permutation"]`` reports the
 retained importance (sum of the kept scores) with and without the permutation, per dense and in total.
 """

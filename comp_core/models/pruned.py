@@ -24,7 +24,7 @@ pair of subclasses:
   ``<dense>.input_index`` (int64, a persistent buffer), so the checkpoint maps key for key onto the model.
 
 Importing this module registers every pair with ``AutoConfig`` / ``AutoModelForCausalLM``, so after
-``import comp_core.models.pruned`` (done by ``comp_core.export``) a plain
+``import comp_core.models.pruned`` (done by ``comp_core.export.folder``) a plain
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads a pruned folder; no remote code is involved.
 
 Supported stock types: ``llama`` (also SmolLM/SmolLM2), ``smollm3``, ``mistral``, ``qwen2``, ``qwen3``, ``opt``,

@@ -25,9 +25,9 @@ def save_model(session: Session, folder, overwrite):
     if session.pruned is None:
         raise common.fail("Prune a model first.", "Nothing to save")
     if not common.export_available():
-        raise common.fail("Saving needs comp_core.export, which is not available in this install.",
+        raise common.fail("Saving needs comp_core.export.folder, which is not available in this install.",
                           "Export unavailable")
-    from comp_core.export import folder_bytes, save_pruned
+    from comp_core.export.folder import folder_bytes, save_pruned
 
     folder = (folder or "").strip()
     if not folder:
@@ -45,7 +45,7 @@ def save_model(session: Session, folder, overwrite):
             if row["run"] == session.pruned_run and row["key"] == session.model_key:
                 row["disk MB"] = size
     return (f"Saved <b>{session.pruned_run}</b> to <code>{path}</code> ({size:,.1f} MB). Load it with "
-            f"<code>comp_core.export.load_pruned(path)</code>.", results_table(session))
+            f"<code>comp_core.export.folder.load_pruned(path)</code>.", results_table(session))
 
 
 @common.user_errors
@@ -53,7 +53,7 @@ def export_gguf_file(session: Session, path, file_type, ff_multiple32, overwrite
     """Write the latest pruned model as a GGUF for llama.cpp (core ``gguf_export``); returns the status."""
     if session.pruned is None:
         raise common.fail("Prune a model first.", "Nothing to export")
-    from comp_core.gguf_export import export_gguf, resolve_source_gguf
+    from comp_core.export.gguf import export_gguf, resolve_source_gguf
 
     path = (path or "").strip()
     if not path:
@@ -166,7 +166,7 @@ def build(default_folder: str = "runs/pruned") -> SimpleNamespace:
     with gr.Group(visible=available):
         gr.HTML("<div class='cx-h3'>Save the pruned model</div><div class='cx-help'>A physically smaller "
                 "safetensors folder with its tokenizer and <code>comp_report.json</code>; reload it with "
-                "<code>comp_core.export.load_pruned(folder)</code>.</div>")
+                "<code>comp_core.export.folder.load_pruned(folder)</code>.</div>")
         with gr.Row(equal_height=True):
             t.folder = gr.Textbox(label="Folder", value=default_folder, scale=4, elem_id="export-folder")
             t.overwrite = gr.Checkbox(label="Replace if it exists", value=False, scale=1)
@@ -186,7 +186,7 @@ def build(default_folder: str = "runs/pruned") -> SimpleNamespace:
             t.gguf_save = gr.Button("Export GGUF", variant="primary", scale=1, elem_id="btn-export-gguf")
         t.gguf_status = gr.HTML("")
     if not available:
-        gr.HTML("<div class='cx-note'>Saving models needs <code>comp_core.export</code>, which this install "
+        gr.HTML("<div class='cx-note'>Saving models needs <code>comp_core.export.folder</code>, which this install "
                 "does not have; downloads below still work.</div>")
     gr.HTML("<div class='cx-h3'>Downloads</div>")
     with gr.Row(equal_height=True):

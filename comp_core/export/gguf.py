@@ -11,7 +11,7 @@ What llama.cpp cannot express is mapped openly, and exactly (the file computes w
 * pruned MLP channels: a narrower FFN in that layer (``feed_forward_length[i]``). A block whose MLP lost
   every channel keeps one zero channel, because ``deci`` skips the *whole* layer output (attention included)
   of a layer with ``feed_forward_length == 0``;
-* removed attention heads (``comp_core.export.compute_head_removal``): per-layer ``head_count`` /
+* removed attention heads (``comp_core.export.folder.compute_head_removal``): per-layer ``head_count`` /
   ``head_count_kv``;
 * pruned input columns of o_proj (value dimensions inside a head) do not fit llama.cpp's one head size: they
   are restored as zero columns of ``attn_output``, and the value rows no kept column reads (in any query head
@@ -38,19 +38,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models.adapters import UnsupportedModelError, get_adapter
-from .models.pruned import head_dim_of
-from .runtime import count_parameters
-from .models.surgery import IndexedInputLinear
+from ..models.adapters import UnsupportedModelError, get_adapter
+from ..models.pruned import head_dim_of
+from ..runtime import count_parameters
+from ..models.surgery import IndexedInputLinear
+from . import gguf_tokenizer
+from .errors import GGUFExportError
 
 logger = logging.getLogger(__name__)
 
 FILE_TYPES = ("f16", "q8_0")
 Q8_BLOCK = 32  # q8_0 quantises rows in blocks of 32 values; a row of another length stays f16
-
-
-class GGUFExportError(ValueError):
-    """The model (or its tokenizer) cannot be written as a GGUF llama.cpp reads; the message says why."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,8 +241,8 @@ def plan_gguf(model: nn.Module, ff_multiple: int = 1) -> GGUFPlan:
     """
     if ff_multiple < 1:
         raise GGUFExportError(f"ff_multiple must be >= 1, got {ff_multiple}")
-    from .export import plan_export
-    from .models.streaming import is_streamed
+    from .folder import plan_export
+    from ..models.streaming import is_streamed
 
     if is_streamed(model):
         raise GGUFExportError("this model is streamed (its blocks stay on disk) and the GGUF writer holds every "
@@ -342,7 +340,7 @@ def plan_gguf(model: nn.Module, ff_multiple: int = 1) -> GGUFPlan:
 
 
 def _mlp(adapter) -> tuple[tuple[str, ...], str]:
-    from .models.pruned import mlp_names
+    from ..models.pruned import mlp_names
 
     return mlp_names(adapter)
 
@@ -438,7 +436,6 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, fi
     parameter count, for the share the file really holds. ``ff_multiple``: FFN widths rounded up to a
     multiple of it with zero channels (32 lets q8_0 quantise every down_proj). The model is not modified.
     """
-    from . import gguf_tokenizer
 
     path = Path(path).expanduser()
     if path.exists() and not overwrite:
@@ -471,7 +468,7 @@ def export_gguf_folder(folder: str | os.PathLike, path: str | os.PathLike, *, fi
 
     The source GGUF (for tokenizer metadata) is, in order: ``source_gguf``; the ``source`` recorded in
     comp_report.json when it is a .gguf file or the bundled model; none (the folder's HF tokenizer)."""
-    from .export import REPORT_FILE, load_pruned, read_report
+    from .folder import REPORT_FILE, load_pruned, read_report
 
     folder = Path(folder).expanduser()
     report = read_report(folder) if (folder / REPORT_FILE).is_file() else {}
@@ -488,7 +485,7 @@ def resolve_source_gguf(source: str | None) -> Path | None:
     """The GGUF file behind a recorded model source ("bundled", a .gguf path), or None when there is none."""
     if not source:
         return None
-    from .models.loading import BUNDLED, bundled_gguf_path
+    from ..models.loading import BUNDLED, bundled_gguf_path
 
     if source == BUNDLED:
         return bundled_gguf_path()

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .gguf_export import GGUFExportError
+from .errors import GGUFExportError
 
 TokenizerWriter = Callable[[Any], str]
 SUPPORTED_KINDS = ("gpt2 (byte-level BPE)", "llama (SentencePiece-style BPE with byte fallback)")

@@ -1,6 +1,6 @@
 """Save a masked (sparse) model in the compressed-tensors sparse format, and read it back.
 
-``save_compressed(model, tokenizer, path, pattern)`` writes what ``comp_core.export.save_pruned`` writes
+``save_compressed(model, tokenizer, path, pattern)`` writes what ``comp_core.export.folder.save_pruned`` writes
 (config, tokenizer, comp_report.json; ``comp_<type>`` when the model has ``IndexedInputLinear`` denses,
 as an RIA-permuted model does) but stores the weights of the sparse denses with a compressed-tensors
 sparsity compressor, and records it in ``config.json`` under ``quantization_config.sparsity_config`` —
@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from .atomic import replace_folder
-from .export import REPORT_FILE, _check_replaceable, folder_bytes, plan_export, save_pruned
-from .models.adapters import get_adapter
-from .math.sparsity import SparsityPattern, zero_counts
+from .folder import REPORT_FILE, _check_replaceable, folder_bytes, plan_export, save_pruned
+from ..models.adapters import get_adapter
+from ..math.sparsity import SparsityPattern, zero_counts
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def save_compressed(model: nn.Module, tokenizer, path: str | os.PathLike, patter
         saved["sparse_export"] = {
             "format": fmt, "pattern": pattern.label, "compressed_tensors_version": ct.__version__,
             "compressed_denses": len(targets), "dense_weight_bytes": dense_bytes,
-            "compressed_weight_bytes": compressed_bytes, "loader": "comp_core.sparse_export.load_compressed"}
+            "compressed_weight_bytes": compressed_bytes, "loader": "comp_core.export.load_compressed"}
         with open(staging / REPORT_FILE, "w") as f:
             json.dump(saved, f, indent=1)
         replace_folder(staging, path, overwrite)
@@ -205,8 +205,8 @@ def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cp
     from compressed_tensors.config import SparsityCompressionConfig
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .models.pruned import register_all
-    from .runtime import resolve_device
+    from ..models.pruned import register_all
+    from ..runtime import resolve_device
 
     register_all()
     path = Path(path).expanduser()

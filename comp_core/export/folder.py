@@ -32,10 +32,10 @@ any other raises ``UnsupportedModelError`` naming these.
 
 A model whose blocks all have stock shapes and biases (only whole blocks removed) is saved as the stock architecture:
 any transformers install loads it. Otherwise the folder's ``model_type`` is ``comp_<type>``
-(``comp_core.models.pruned``): ``load_pruned(path)`` or, once ``comp_core.export`` (or
+(``comp_core.models.pruned``): ``load_pruned(path)`` or, once ``comp_core.export.folder`` (or
 ``comp_core.models.pruned``) is imported, plain ``AutoModelForCausalLM.from_pretrained(path)``.
 
-Writing is atomic (``comp_core.atomic``): everything goes to a hidden folder next to ``path`` that is swapped into
+Writing is atomic (``comp_core.export.atomic``): everything goes to a hidden folder next to ``path`` that is swapped into
 place at the end, so a kill at any moment leaves no ``path``, the old one intact, or the new one complete; an
 existing ``path`` is refused (``FileExistsError``) unless ``overwrite``, and then replaced only once the new folder
 is complete. A failed write (disk full, permission denied) removes its staging folder.
@@ -56,9 +56,9 @@ import torch
 from torch import nn
 
 from .atomic import replace_folder, staging_path, sweep
-from .models.adapters import ArchAdapter, get_adapter
-from .models.loading import _quiet
-from .models.pruned import (
+from ..models.adapters import ArchAdapter, get_adapter
+from ..models.loading import _quiet
+from ..models.pruned import (
     LAYERS_FIELD,
     base_model_type,
     block_record,
@@ -68,9 +68,9 @@ from .models.pruned import (
     register_all,
     stock_biased,
 )
-from .runtime import count_parameters, resolve_device, resolve_dtype
-from .models.streaming import ShardWriter, is_streamed, resident
-from .models.surgery import IndexedInputLinear, prune_outputs, qkv_keep_rows
+from ..runtime import count_parameters, resolve_device, resolve_dtype
+from ..models.streaming import ShardWriter, is_streamed, resident
+from ..models.surgery import IndexedInputLinear, prune_outputs, qkv_keep_rows
 
 logger = logging.getLogger(__name__)
 
