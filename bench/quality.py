@@ -55,7 +55,7 @@ def headline_target(settings: dict) -> bool:
 
 
 def zero_shot(model, tasks: list[str], limit: int | None) -> dict[str, float]:
-    from comp_core.zeroshot import evaluate_tasks
+    from comp_core.evaluate.zeroshot import evaluate_tasks
 
     return evaluate_tasks(model, bundled().tokenizer, tasks, limit=limit, batch_size=ZERO_SHOT_BATCH,
                           quiet=True).headline()
@@ -67,7 +67,7 @@ def target_label(settings: dict) -> str:
 
 
 def run(quick: bool, out: Path) -> Section:
-    from comp_core.zeroshot import harness_installed, runnable_tasks
+    from comp_core.evaluate.zeroshot import harness_installed, runnable_tasks
 
     tasks = runnable_tasks() if harness_installed() else []
     limit = QUICK_TASK_LIMIT if quick else None

@@ -24,7 +24,7 @@ import torch
 from comp_core import CompConfig, get_calibration, load_model, prune
 from comp_core.export.folder import load_pruned, save_pruned
 from comp_core.runtime import configure_threads
-from comp_core.speed import compare_speed, measure_interleaved, pad_indexed_linears
+from comp_core.evaluate.speed import compare_speed, measure_interleaved, pad_indexed_linears
 
 
 def _kinds(text: str):

@@ -11,7 +11,7 @@ Typical use::
 """
 from .math.allocation import ImpossibleRatioError
 from .data import DataError, get_calibration, get_eval_tokens
-from .evaluate import PerplexityResult, calibration_loss, perplexity
+from .evaluate.loss import PerplexityResult, calibration_loss, perplexity
 from .events import Cancelled, PruneEvent
 from .export.folder import load_pruned, save_pruned
 from .methods.comp import CompConfig, analyze, prune, reallocate

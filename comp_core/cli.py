@@ -297,7 +297,7 @@ def _evaluate(model, tokenizer, names: list[str], args, progress, timings: dict,
               notes: list[str]) -> dict[str, float]:
     """Perplexity on each set; a set too short for ``--max-windows`` says so in ``notes``."""
     from .data import get_eval_tokens
-    from .evaluate import perplexity
+    from .evaluate.loss import perplexity
     from .runtime import stage
 
     out = {}
@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> dict:
             if name not in EVAL_SETS:
                 raise ValueError(f"unknown evaluation set '{name}'; choose from {', '.join(EVAL_SETS)}")
         if args.command == "bench-speed":
-            from .speed import compare_speed
+            from .evaluate.speed import compare_speed
 
             with stage("bench_speed", timings):
                 comparison = compare_speed(model, args.pruned, device=args.device, repeats=args.repeats,
@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> dict:
             if args.limit is not None and not args.tasks:
                 raise ValueError("--limit applies to zero-shot --tasks (perplexity uses --max-windows)")
             if args.tasks:
-                from .zeroshot import evaluate_tasks
+                from .evaluate.zeroshot import evaluate_tasks
 
                 with stage("zeroshot", timings):
                     zeroshot = evaluate_tasks(model, tokenizer, args.tasks, limit=args.limit,
@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> dict:
                 _check_lengths(model, args, eval_names)
                 report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model", notes)
         elif args.command == "compare":
-            from .compare import compare_methods, rows_table
+            from .evaluate.compare import compare_methods, rows_table
             from .methods import get_method
             from .math.sparsity import SparsityPattern
 

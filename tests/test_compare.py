@@ -9,7 +9,7 @@ import pytest
 
 from comp_core import data
 from comp_core.cli import main
-from comp_core.compare import compare_methods, rows_table
+from comp_core.evaluate.compare import compare_methods, rows_table
 
 try:
     from tiny_tokenizer import _CORPUS

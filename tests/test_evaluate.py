@@ -1,4 +1,4 @@
-"""comp_core.evaluate: perplexity protocol checked against a hand computation on a tiny random Llama."""
+"""comp_core.evaluate.loss: perplexity protocol checked against a hand computation on a tiny random Llama."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from comp_core.evaluate import PerplexityResult, calibration_loss, perplexity
+from comp_core.evaluate.loss import PerplexityResult, calibration_loss, perplexity
 
 VOCAB = 512
 

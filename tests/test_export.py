@@ -18,7 +18,7 @@ from comp_core import CompConfig, count_parameters, prune
 from comp_core.export.folder import folder_bytes, load_pruned, plan_export, read_report, save_pruned
 from comp_core.models.adapters import get_adapter
 from comp_core.models.pruned import check_records, comp_classes, is_stock_record, stock_biased
-from comp_core.speed import SpeedReport, compare_speed, measure_speed, pad_indexed_linears
+from comp_core.evaluate.speed import SpeedReport, compare_speed, measure_speed, pad_indexed_linears
 from comp_core.models.surgery import IndexedInputLinear, add_output_bias, prune_inputs
 
 torch.set_num_threads(1)

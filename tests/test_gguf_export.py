@@ -24,7 +24,7 @@ from comp_core.export.gguf import (GGUFExportError, export_gguf, permute_rope_ro
 from comp_core.export.gguf_tokenizer import copy_from_gguf
 from comp_core.models.adapters import UnsupportedModelError, get_adapter
 from comp_core.models.pruned import comp_classes
-from comp_core.speed import greedy_decode
+from comp_core.evaluate.speed import greedy_decode
 from comp_core.models.surgery import IndexedInputLinear, add_output_bias, prune_inputs, prune_outputs, replace_submodule
 
 try:

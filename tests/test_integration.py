@@ -54,7 +54,7 @@ def test_bundled_compare_runs_every_structured_method(bundled, bundled_comp_20):
     """Every structured method of the registry prunes the bundled model at 20 %: realised ratio is the
     parameters really gone, the model still predicts text, and COMP beats the uniform baselines. COMP's own
     row is the shared ``bundled_comp_20`` (its registered defaults on the same calibration), not pruned again."""
-    from comp_core.compare import compare_methods
+    from comp_core.evaluate.compare import compare_methods
     from comp_core.methods import make_settings, method_names
 
     assert make_settings("comp", ratio=0.2) == CompConfig(ratio=0.2)  # what bundled_comp_20 ran

@@ -23,7 +23,7 @@ def _as_errors():
 
 def _run(folder, out) -> None:
     from comp_core import load_pruned
-    from comp_core.speed import greedy_decode
+    from comp_core.evaluate.speed import greedy_decode
 
     code = main(["prune", "--model", str(folder), "--calib", "data-free", "--n-samples", "2", "--seq-len", "16",
                  "--eval", "sample", "--max-windows", "2", "--eval-seq-len", "16", "--out", str(out),

@@ -9,7 +9,7 @@ import torch
 from comp_core import CompConfig, analyze, prune
 from comp_core.models.adapters import get_adapter
 from comp_core.models.surgery import IndexedInputLinear
-from comp_core.whatif import neuron_maps
+from comp_core.methods.comp.whatif import neuron_maps
 
 from conftest import make_calib, make_tiny_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from comp_core.export.folder import save_pruned
-from comp_core.speed import load_memory
+from comp_core.evaluate.speed import load_memory
 
 from conftest import make_tiny_model
 

@@ -231,7 +231,7 @@ from comp_core.runtime import current_rss_mb, peak_rss_mb, release_free_memory, 
 from comp_core.models.loading import load_model
 from comp_core.methods import prune_with
 from comp_core.export.folder import save_pruned
-from comp_core.evaluate import perplexity
+from comp_core.evaluate.loss import perplexity
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.set_num_threads(1)
 out = sys.argv[1]

@@ -1,4 +1,4 @@
-"""comp_core.whatif: one analysis, instant re-planning — checked against the core's own plans on a tiny Llama."""
+"""comp_core.methods.comp.whatif: one analysis, instant re-planning — checked against the core's own plans on a tiny Llama."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 from comp_core import CompConfig, analyze, count_parameters
 from comp_core.methods import prune_with
-from comp_core.whatif import (analyze_nearest, changed_settings, feasible_ratio, neuron_maps, removal_path,
+from comp_core.methods.comp.whatif import (analyze_nearest, changed_settings, feasible_ratio, neuron_maps, removal_path,
                               stale_reasons, what_if)
 from tests.conftest import make_calib, make_tiny_model
 

@@ -1,4 +1,4 @@
-"""comp_core.zeroshot: the local copies converted to what lm-eval's tasks read, and `eval --tasks` checked
+"""comp_core.evaluate.zeroshot: the local copies converted to what lm-eval's tasks read, and `eval --tasks` checked
 against a plain lm-eval run with the same task configs (tiny random Llama, small --limit)."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from comp_core import zeroshot as zs
+from comp_core.evaluate import zeroshot as zs
 from comp_core.cli import main
 from comp_core.data import DataError
 

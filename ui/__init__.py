@@ -3,6 +3,6 @@
 Modules: ``app`` (composes the sidebar and the tabs), ``sidebar`` (model, calibration, method and its
 settings), ``tabs/`` (one tab each: layout, handlers, wiring), ``common`` (errors, progress, loading — the
 shared plumbing), ``plots`` (pure data -> plotly figures), ``session`` (per-process model cache, per-tab
-state), ``theme`` (colours, theme, CSS). No pruning math: that is ``comp_core`` (``comp_core.whatif`` for
+state), ``theme`` (colours, theme, CSS). No pruning math: that is ``comp_core`` (``comp_core.methods.comp.whatif`` for
 the instant re-planning).
 """

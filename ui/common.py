@@ -218,14 +218,14 @@ def export_available() -> bool:
 
 def zeroshot_tasks() -> list[str]:
     """The zero-shot tasks the GUI offers: none without lm-eval, else those runnable with this data folder."""
-    from comp_core import zeroshot
+    from comp_core.evaluate import zeroshot
 
     return zeroshot.runnable_tasks() if zeroshot.harness_installed() else []
 
 
 def zeroshot_note() -> str:
     """Why no zero-shot task is offered (HTML), or "" when some are."""
-    from comp_core import zeroshot
+    from comp_core.evaluate import zeroshot
 
     if not zeroshot.harness_installed():
         return ("Zero-shot accuracy needs lm-evaluation-harness: <code>pip install -e '.[eval]'</code>")
@@ -237,7 +237,7 @@ def zeroshot_note() -> str:
 
 def accuracy_columns(rows: list[dict]) -> list[str]:
     """"acc <task>" columns present in any of ``rows``, in the standard task order, then "mean acc"."""
-    from comp_core.zeroshot import DEFAULT_TASKS
+    from comp_core.evaluate.zeroshot import DEFAULT_TASKS
 
     present = {k[4:] for r in rows for k in r if k.startswith("acc ")}
     tasks = [t for t in DEFAULT_TASKS if t in present] + sorted(present - set(DEFAULT_TASKS))
@@ -253,7 +253,7 @@ def set_accuracy(row: dict, accuracy: dict[str, float]) -> None:
 
 def speed_available() -> bool:
     try:
-        from comp_core.speed import measure_speed  # noqa: F401
+        from comp_core.evaluate.speed import measure_speed  # noqa: F401
     except Exception:  # noqa: BLE001
         return False
     return True

@@ -2,7 +2,7 @@
 
 Analyse runs COMP's public ``analyze`` once, with the removal order measured a few removals deeper
 (``removal_depth``); every later move of the ratio, layer and protected controls is an instant
-``comp_core.whatif.what_if`` over that plan. The plan is kept so that Prune with unchanged settings can
+``comp_core.methods.comp.whatif.what_if`` over that plan. The plan is kept so that Prune with unchanged settings can
 apply it instead of measuring everything again (``ui.tabs.runs``).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from comp_core import CompConfig, CompPlan, count_parameters
 from comp_core.methods.comp import layer_caps
-from comp_core.whatif import WhatIf, analyze_nearest, neuron_maps, stale_reasons, what_if
+from comp_core.methods.comp.whatif import WhatIf, analyze_nearest, neuron_maps, stale_reasons, what_if
 
 from .. import common, plots, sidebar
 from ..session import Session

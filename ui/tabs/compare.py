@@ -1,6 +1,6 @@
 """Tab ⑤: several methods, the same calibration and evaluation windows, one table and one figure.
 
-Run calls ``comp_core.compare.compare_methods`` in a worker thread and streams its rows (``on_row``) into
+Run calls ``comp_core.evaluate.compare.compare_methods`` in a worker thread and streams its rows (``on_row``) into
 the table as they finish; progress and Cancel go through the session's ``Bridge`` as everywhere else.
 Rows stay in the session across runs. For every row with a per-layer plan, the same layer and neuron views
 as the Analyse tab show where that method cut; mask rows (weights zeroed, none removed) show their zeros per
@@ -26,7 +26,7 @@ import pandas as pd
 from comp_core import Cancelled, CompPlan
 from comp_core.methods import get_method, method_names, setting_names
 from comp_core.math.sparsity import SparsityPattern
-from comp_core.whatif import neuron_maps
+from comp_core.methods.comp.whatif import neuron_maps
 
 from .. import common, plots, sidebar
 from ..session import Session
@@ -45,7 +45,7 @@ MASK_VIEW = "zeros"  # the dense dropdown's entry for a composed row's sparsity 
 
 def compare_available() -> bool:
     try:
-        from comp_core.compare import compare_methods  # noqa: F401
+        from comp_core.evaluate.compare import compare_methods  # noqa: F401
     except Exception:  # noqa: BLE001 - any import problem just hides the feature
         return False
     return True
@@ -334,8 +334,8 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
 
     ``ratios`` are read only when a ticked method has a ratio, ``sparsities`` only when one has a sparsity."""
     if not compare_available():
-        raise common.fail("Comparing needs comp_core.compare, which this install does not have.", "Unavailable")
-    from comp_core.compare import compare_methods
+        raise common.fail("Comparing needs comp_core.evaluate.compare, which this install does not have.", "Unavailable")
+    from comp_core.evaluate.compare import compare_methods
 
     known = method_names()
     methods = [m for m in (methods or []) if m in known]
@@ -450,7 +450,7 @@ def build() -> SimpleNamespace:
     t.status = gr.HTML("<span class='cx-muted'>Choose methods, ratios and evaluation windows, then press "
                        "<b>Run comparison</b>. It uses the model and calibration data chosen on the left; every "
                        "method prunes its own copy.</span>" if available else
-                       "<div class='cx-note'>Comparing needs <code>comp_core.compare</code>, which this install "
+                       "<div class='cx-note'>Comparing needs <code>comp_core.evaluate.compare</code>, which this install "
                        "does not have.</div>", elem_id="compare-status", elem_classes=["cx-status"])
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):

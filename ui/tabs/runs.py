@@ -18,7 +18,7 @@ import pandas as pd
 from comp_core import CompPlan, count_parameters, get_eval_tokens
 from comp_core.methods import get_method, prune_with
 from comp_core.methods.comp import apply_plan
-from comp_core.whatif import changed_settings
+from comp_core.methods.comp.whatif import changed_settings
 
 from .. import common, plots, sidebar
 from ..session import Session
@@ -202,7 +202,7 @@ def mask_text(extra: dict) -> str:
 
 
 def tokens_per_second(value) -> float | None:
-    """Batch-1 greedy decode speed out of ``comp_core.speed.measure_speed``'s report (or a dict / number)."""
+    """Batch-1 greedy decode speed out of ``comp_core.evaluate.speed.measure_speed``'s report (or a dict / number)."""
     per_batch = value.get("decode_tps") if isinstance(value, dict) else getattr(value, "decode_tps", None)
     if isinstance(per_batch, dict) and per_batch:
         stat = per_batch.get(1, per_batch.get("1", next(iter(per_batch.values()))))
@@ -217,7 +217,7 @@ def tokens_per_second(value) -> float | None:
 
 
 def _speed(model, tokenizer):
-    from comp_core.speed import measure_speed
+    from comp_core.evaluate.speed import measure_speed
 
     accepted = inspect.signature(measure_speed).parameters
     settings = {k: v for k, v in SPEED_SETTINGS.items() if k in accepted}
@@ -225,7 +225,7 @@ def _speed(model, tokenizer):
 
 
 def _zeroshot(model, tokenizer, tasks: list[str], limit: int | None) -> dict[str, float]:
-    from comp_core.zeroshot import evaluate_tasks
+    from comp_core.evaluate.zeroshot import evaluate_tasks
 
     return evaluate_tasks(model, tokenizer, tasks, limit=limit, quiet=True).headline()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .preflight import check_context
+from ..preflight import check_context
 
 log = logging.getLogger(__name__)
 

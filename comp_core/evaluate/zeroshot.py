@@ -41,8 +41,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import DATA_DIR_ENV, DataError, data_dir
-from .events import ProgressCallback, emit
+from ..data import DATA_DIR_ENV, DataError, data_dir
+from ..events import ProgressCallback, emit
 
 log = logging.getLogger(__name__)
 

@@ -25,27 +25,27 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..math.allocation import (DenseShape, ImpossibleRatioError, choose_cuts, choose_cuts_with_units, layer_ratios,
+from ...math.allocation import (DenseShape, ImpossibleRatioError, choose_cuts, choose_cuts_with_units, layer_ratios,
                           removed_parameters, equal_share_cuts)
-from ..loop.capture import FORWARD_DTYPES, BlockInputs, calibration_context, forward_precision, resolve_forward_dtype
-from ..events import ProgressCallback, emit
-from ..loop.fisher import collect_fisher
-from ..math.linalg import damping, damped
-from ..loop.blocks import BlockVisit, block_loop
-from ..loop.stats import own_gram, own_moments
-from ..math.mask_tuning import (choose_ridge, coefficient_matrix, damped_target, mask_path, refit_columns,
+from ...loop.capture import FORWARD_DTYPES, BlockInputs, calibration_context, forward_precision, resolve_forward_dtype
+from ...events import ProgressCallback, emit
+from ...loop.fisher import collect_fisher
+from ...math.linalg import damping, damped
+from ...loop.blocks import BlockVisit, block_loop
+from ...loop.stats import own_gram, own_moments
+from ...math.mask_tuning import (choose_ridge, coefficient_matrix, damped_target, mask_path, refit_columns,
                            refit_relative_error, ridge_refit,
                            relative_error, solve_mask, target_terms)
-from ..models.adapters import ArchAdapter, get_adapter
-from ..loop.importance import RemovalResult, capture_with_importances, iterative_removal, layers_for_ratio, layers_within
-from ..results import CompPlan, DenseReport, LayerReport, PruneResult
-from .registry import Method, register_method
-from ..runtime import count_parameters, peak_rss_mb
-from ..math.scoring import SCORES, score_neurons
-from ..models.streaming import is_streamed, resident
-from ..models.pruned import head_dim_of
-from ..models.structure import AttentionUnits, attention_unit_params, attention_units, dense_by_kind
-from ..models.surgery import apply_cuts, remove_attention_units
+from ...models.adapters import ArchAdapter, get_adapter
+from ...loop.importance import RemovalResult, capture_with_importances, iterative_removal, layers_for_ratio, layers_within
+from ...results import CompPlan, DenseReport, LayerReport, PruneResult
+from ..registry import Method, register_method
+from ...runtime import count_parameters, peak_rss_mb
+from ...math.scoring import SCORES, score_neurons
+from ...models.streaming import is_streamed, resident
+from ...models.pruned import head_dim_of
+from ...models.structure import AttentionUnits, attention_unit_params, attention_units, dense_by_kind
+from ...models.surgery import apply_cuts, remove_attention_units
 
 GRANULARITIES = ("hybrid", "layers", "neurons")
 INPUT_MODES = ("identical", "accumulated", "paired")
@@ -654,7 +654,7 @@ def _auto_sweep(model, samples, cfg, on_event):
     Every trial prunes its own copy (``inplace`` cannot apply: trials differ in shape), and the removal
     order is measured once for the largest n, since iterative removal of n layers is a prefix of it.
     """
-    from ..evaluate import calibration_loss
+    from ...evaluate.loss import calibration_loss
 
     adapter = get_adapter(model)
     blocks = list(adapter.blocks(model))

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .runtime import cache_of, count_parameters, with_cache
-from .models.surgery import IndexedInputLinear
+from ..runtime import cache_of, count_parameters, with_cache
+from ..models.surgery import IndexedInputLinear
 
 
 @dataclass
@@ -182,7 +182,7 @@ def measure_speed(model, tokenizer=None, *, prefill_tokens: int = 512, decode_to
     del tokenizer
     disk, memory = None, {}
     if isinstance(model, (str, os.PathLike)):
-        from .export.folder import folder_bytes, load_pruned
+        from ..export.folder import folder_bytes, load_pruned
 
         folder = model
         disk = folder_bytes(folder, ".safetensors")
@@ -222,7 +222,7 @@ def load_memory(path: str | os.PathLike) -> dict:
     """Load ``path`` with ``load_pruned`` in a fresh Python process and run one 4-token forward pass (weights are
     memory-mapped, so only that makes them all resident). RSS in MiB above the process after its imports:
     ``{"load_peak_rss_mb": high-water mark, "load_rss_mb": resident at the end}``."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the folder that holds comp_core
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path)], capture_output=True, text=True,
                           env=env, check=False)
@@ -285,7 +285,7 @@ def _fmt(value) -> str:
 
 def _resolve(source, label: str, workdir: Path, device) -> tuple[nn.Module, Path]:
     """(model, folder) for a folder or an in-memory model (saved to ``workdir`` so its folder can be measured)."""
-    from .export.folder import load_pruned, save_pruned
+    from ..export.folder import load_pruned, save_pruned
 
     if isinstance(source, (str, os.PathLike)):
         model, _ = load_pruned(source, device=device or "cpu")
@@ -320,7 +320,7 @@ def compare_speed(original, pruned, *, prefill_tokens: int = 512, decode_tokens:
     get disk bytes and load memory measured the same way. Returns a :class:`SpeedComparison`; its
     ``rows()`` / ``to_markdown()`` give the table.
     """
-    from .export.folder import folder_bytes
+    from ..export.folder import folder_bytes
 
     with tempfile.TemporaryDirectory(prefix="comp-speed-") as tmp:
         models, folders = {}, {}

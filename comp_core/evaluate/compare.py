@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .math.allocation import ImpossibleRatioError
-from .data import get_eval_tokens
-from .evaluate import perplexity
-from .events import Cancelled, ProgressCallback, PruneEvent, emit
-from .methods import get_method, make_settings, prune_with
-from .results import CompPlan
-from .runtime import RssSampler, count_parameters
+from ..math.allocation import ImpossibleRatioError
+from ..data import get_eval_tokens
+from .loss import perplexity
+from ..events import Cancelled, ProgressCallback, PruneEvent, emit
+from ..methods import get_method, make_settings, prune_with
+from ..results import CompPlan
+from ..runtime import RssSampler, count_parameters
 
 
 @dataclass
@@ -58,7 +58,7 @@ def saved_size(model: nn.Module, tokenizer) -> int:
     """Bytes of the safetensors files ``save_pruned`` writes for ``model`` (in a temporary folder)."""
     from transformers.utils import logging as hf_logging
 
-    from .export.folder import folder_bytes, save_pruned
+    from ..export.folder import folder_bytes, save_pruned
 
     folder = tempfile.mkdtemp(prefix="comp-compare-")
     hf_logging.disable_progress_bar()  # a bar per row would drown the comparison's own progress
