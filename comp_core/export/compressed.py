@@ -40,6 +40,8 @@ from .atomic import replace_folder
 from .folder import REPORT_FILE, _check_replaceable, folder_bytes, plan_export, save_pruned
 from ..models.adapters import get_adapter
 from ..math.sparsity import SparsityPattern, zero_counts
+from ..models.pruned import register_all
+from ..runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +207,6 @@ def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cp
     from compressed_tensors.config import SparsityCompressionConfig
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.pruned import register_all
-    from ..runtime import resolve_device
 
     register_all()
     path = Path(path).expanduser()

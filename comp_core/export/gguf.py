@@ -39,11 +39,14 @@ import torch
 from torch import nn
 
 from ..models.adapters import UnsupportedModelError, get_adapter
-from ..models.pruned import head_dim_of
+from ..models.pruned import head_dim_of, mlp_names
 from ..runtime import count_parameters
 from ..models.surgery import IndexedInputLinear
+from ..models.loading import BUNDLED, bundled_gguf_path
+from ..models.streaming import is_streamed
 from . import gguf_tokenizer
 from .errors import GGUFExportError
+from .folder import REPORT_FILE, load_pruned, plan_export, read_report
 
 logger = logging.getLogger(__name__)
 
@@ -241,8 +244,6 @@ def plan_gguf(model: nn.Module, ff_multiple: int = 1) -> GGUFPlan:
     """
     if ff_multiple < 1:
         raise GGUFExportError(f"ff_multiple must be >= 1, got {ff_multiple}")
-    from .folder import plan_export
-    from ..models.streaming import is_streamed
 
     if is_streamed(model):
         raise GGUFExportError("this model is streamed (its blocks stay on disk) and the GGUF writer holds every "
@@ -340,7 +341,6 @@ def plan_gguf(model: nn.Module, ff_multiple: int = 1) -> GGUFPlan:
 
 
 def _mlp(adapter) -> tuple[tuple[str, ...], str]:
-    from ..models.pruned import mlp_names
 
     return mlp_names(adapter)
 
@@ -468,7 +468,6 @@ def export_gguf_folder(folder: str | os.PathLike, path: str | os.PathLike, *, fi
 
     The source GGUF (for tokenizer metadata) is, in order: ``source_gguf``; the ``source`` recorded in
     comp_report.json when it is a .gguf file or the bundled model; none (the folder's HF tokenizer)."""
-    from .folder import REPORT_FILE, load_pruned, read_report
 
     folder = Path(folder).expanduser()
     report = read_report(folder) if (folder / REPORT_FILE).is_file() else {}
@@ -485,7 +484,6 @@ def resolve_source_gguf(source: str | None) -> Path | None:
     """The GGUF file behind a recorded model source ("bundled", a .gguf path), or None when there is none."""
     if not source:
         return None
-    from ..models.loading import BUNDLED, bundled_gguf_path
 
     if source == BUNDLED:
         return bundled_gguf_path()

@@ -43,7 +43,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..runtime import prefer_mapped_allocations, release_free_memory
+from ..runtime import available_memory_mb, prefer_mapped_allocations, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +402,6 @@ def choose_streaming(mode: str | bool, folder: str | os.PathLike, dtype: torch.d
         raise ValueError(f"stream must be one of {STREAM_MODES}, got '{mode}'")
     if mode != "auto":
         return mode == "on"
-    from ..runtime import available_memory_mb
 
     available = available_memory_mb()
     if available is None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .streaming import ShardWriter
+
 
 @dataclass(frozen=True)
 class RandomLlama:
@@ -62,7 +64,6 @@ def write_random_llama(folder: str | os.PathLike, shape: RandomLlama, *, dtype: 
     """Write a random Llama of ``shape`` to ``folder`` (created; must not exist): N(0, std²) linears, unit
     norms, one shard per block plus one for the embeddings. ``tokenizer_from``: a folder whose tokenizer
     files are copied (its vocabulary must not exceed ``shape.vocab``)."""
-    from .streaming import ShardWriter
 
     folder = Path(folder)
     folder.mkdir(parents=True)
