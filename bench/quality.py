@@ -26,7 +26,7 @@ from comp_core.runtime import count_parameters  # noqa: E402
 
 DATASETS = ("wikitext2", "ptb")
 # quick mode (the whole bench under an hour on 2 cores): one structured ratio and the N:M pattern a GPU
-# accelerates; the ablations add COMP at 30 %, the README's compare table every mask method at 50 % and 4:8
+# accelerates; the ablations add COMP at 30 %, docs/methods.md's mask table every mask method at 50 % and 4:8
 QUICK_RATIOS = [0.2]
 QUICK_PATTERNS = ["2:4"]
 QUICK_TASK_LIMIT = 20

@@ -14,7 +14,7 @@ A block the method changed (the loop is told, and in-place updates are caught by
 counters) is written to a spill folder when it is dropped, and read from there the next time: the pruned
 model can be evaluated and saved (``export.save_pruned`` streams it shard by shard) without ever being
 whole in memory. Peak memory ≈ one block + embedding/head + calibration activations + one block's
-statistics, whatever the depth (README, "Models larger than memory"; ``bench/streaming.py`` measures it).
+statistics, whatever the depth (docs/streaming.md; ``bench/streaming.py`` measures it).
 
 Tensors are read with plain file reads (no mmap): mapped pages would count in the process's resident set
 while the mapping lives, and the page cache they go through instead does not.
