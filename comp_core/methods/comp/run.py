@@ -91,16 +91,11 @@ def _layers_to_remove(cfg: CompConfig, candidates: int, params_total: int, block
 def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: bool,
          on_event: ProgressCallback | None, removal: RemovalResult | None = None,
          inputs: BlockInputs | None = None, removal_depth: int = 0) -> Plan:
+    """The run in three named stages: capture (block 0's inputs and every block's importance), ``_plan_layers``
+    (which blocks go, each prunable block's ratio), ``_prune_neurons`` (the block step over the block loop)."""
     adapter = get_adapter(model)
     check_dense_kinds(cfg.dense_kinds, adapter)
-    blocks = list(adapter.blocks(model))
-    n_layers = len(blocks)
-    protected = cfg.protected_layers(n_layers)
-    params_total = count_parameters(model)
-    block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    head_dim = head_dim_of(model.config)
     timings: dict[str, float] = {}
-
     t0 = time.perf_counter()
     initial = None  # every block's importance, measured by the capture forward when it runs here
     forward_dtype = resolve_forward_dtype(cfg.forward_dtype, model)
@@ -109,95 +104,119 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
             emit(on_event, "capture", 0, 1, "capturing block inputs and layer importances")
             inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size)
         timings["capture"] = time.perf_counter() - t0
-        candidates = [i for i in range(n_layers) if i not in protected]
-        caps = layer_caps(model, cfg)  # before any block is removed: indexed by original layer
-        n_remove = _layers_to_remove(cfg, len(candidates), params_total, block_params, lambda: fewest_layers(
-            cfg.ratio, params_total, block_params, caps, candidates, candidates))
-        if n_remove > len(candidates):
-            raise ValueError(f"cannot remove {n_remove} layers: only {len(candidates)} are not protected "
-                             f"(protected: {sorted(protected)})")
-        t0 = time.perf_counter()
-        depth = min(max(n_remove, removal_depth), len(candidates))
-        if removal is None or len(removal.removal_order) < depth:
-            removal = iterative_removal(blocks, inputs, depth, protected, on_event, initial=initial)
-        timings["layer_removal"] = time.perf_counter() - t0
-        removed = removal.removed(n_remove)
-        active = [i for i in range(n_layers) if i not in removed]
-        importances = removal.importances_after(n_remove)
-        params_removed = sum(block_params[i] for i in removed)
-        if cfg.granularity == "layers":
-            prunable = []
-        else:
-            prunable = [i for i in active if i not in protected]
-        budget = cfg.ratio * params_total - params_removed
-        if cfg.granularity == "layers":
-            budget = 0.0
-        try:
-            ratios = layer_ratios([importances[i] for i in prunable], [block_params[i] for i in prunable],
-                                  budget, cap=[caps[i] for i in prunable])
-        except ImpossibleRatioError as err:
-            raise ImpossibleRatioError(
-                f"ratio {cfg.ratio:.3f} is impossible with {n_remove} removed layers and protected layers "
-                f"{sorted(protected)}: {err}") from None
-        ratio_of = dict(zip(prunable, ratios))
-
-        plan = Plan(
-            config=asdict(cfg), n_layers=n_layers, params_total=params_total, layer_params=block_params,
-            protected=sorted(protected), initial_importance=[removal.history[0][i] for i in range(n_layers)],
-            removal_order=removal.removal_order[:n_remove], importance_history=removal.history[:n_remove + 1],
-            removed_layers=removed, layer_ratios=ratio_of, layer_caps=caps, timings=timings, removal=removal)
-
-        if apply and removed:
-            adapter.keep_blocks(model, active)
-        fisher = None
-        if cfg.score == "fisher" and prunable and is_streamed(model):
-            raise ValueError("score='fisher' back-propagates through the whole model, which a streamed model never "
-                             "holds; choose another score or load the model without streaming (--stream off)")
-        if cfg.score == "fisher" and prunable:
-            t0 = time.perf_counter()
-            with adapter.only_blocks(model, [blocks[i] for i in active]):
-                positions = [active.index(i) for i in prunable]
-                raw = collect_fisher(model, adapter, samples, positions, on_event)
-            fisher = {(active[pos], name): v for (pos, name), v in raw.items()}
-            timings["fisher"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-
-        def visit(v: BlockVisit) -> nn.Module | None:
-            i = v.index
-            if i not in ratio_of:
-                return None
-            layer_fisher = {name: f for (li, name), f in fisher.items() if li == i} if fisher else None
-            units = block_units(v.block, adapter, cfg, head_dim)
-            layer, dense_reports = prune_block(v.block, adapter, v.stats, ratio_of[i], cfg, layer_index=i,
-                                               apply=apply, fisher=layer_fisher, units=units)
-            layer.importance = importances[i]
-            plan.layer_reports.append(layer)
-            plan.dense_reports.extend(dense_reports)
-            if apply:
-                return v.block
-            if cfg.inputs in ("accumulated", "paired"):  # analysis must predict prune: the next block sees it pruned
-                pruned_copy = copy.deepcopy(v.block)
-                prune_block(pruned_copy, adapter, v.stats, ratio_of[i], cfg, layer_index=i, apply=True,
-                            fisher=layer_fisher, units=units)
-                return pruned_copy
-            return None
-
-        block_loop(blocks, inputs, active, visit, adapter=adapter, with_stats=lambda i: i in ratio_of,
-                   propagation=cfg.inputs,
-                   stat_folds=2 if cfg.refit == "blend" and cfg.mask_tuning else 0,
-                   stat_denses=prunable_denses(adapter, cfg), on_event=on_event,
-                   stage="neuron-pruning",
-                   describe=lambda i: f"layer {i}: ratio {ratio_of[i]:.3f}" if i in ratio_of else f"layer {i}: kept")
-        timings["neuron_pruning"] = time.perf_counter() - t0
-    neuron_removed = sum(r.removed_params for r in plan.layer_reports)
-    plan.planned_params_after = params_total - params_removed - neuron_removed
+        plan = _plan_layers(model, cfg, inputs, initial, removal, removal_depth, timings, on_event)
+        _prune_neurons(model, samples, cfg, plan, inputs, apply=apply, on_event=on_event)
     if forward_dtype is not None:
         plan.notes.append(f"calibration forwards in {str(forward_dtype).removeprefix('torch.')} autocast "
                           "(statistics and solves in float32/float64); forward_dtype='float32' to turn it off")
     if plan.compensation_summary():
         plan.notes.append(f"compensation of the pruned denses: {plan.compensation_summary()}")
     return plan
+
+
+def _plan_layers(model: nn.Module, cfg: CompConfig, inputs: BlockInputs, initial: list[float] | None,
+                 removal: RemovalResult | None, removal_depth: int, timings: dict[str, float],
+                 on_event: ProgressCallback | None) -> Plan:
+    """The plan before any neuron is scored: the protected blocks, the blocks removed (iterative cosine
+    removal, measured ``removal_depth`` deep), each prunable block's ratio (eq. 10) and cap."""
+    blocks = list(get_adapter(model).blocks(model))
+    n_layers = len(blocks)
+    protected = cfg.protected_layers(n_layers)
+    params_total = count_parameters(model)
+    block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    candidates = [i for i in range(n_layers) if i not in protected]
+    caps = layer_caps(model, cfg)  # before any block is removed: indexed by original layer
+    n_remove = _layers_to_remove(cfg, len(candidates), params_total, block_params, lambda: fewest_layers(
+        cfg.ratio, params_total, block_params, caps, candidates, candidates))
+    if n_remove > len(candidates):
+        raise ValueError(f"cannot remove {n_remove} layers: only {len(candidates)} are not protected "
+                         f"(protected: {sorted(protected)})")
+    t0 = time.perf_counter()
+    depth = min(max(n_remove, removal_depth), len(candidates))
+    if removal is None or len(removal.removal_order) < depth:
+        removal = iterative_removal(blocks, inputs, depth, protected, on_event, initial=initial)
+    timings["layer_removal"] = time.perf_counter() - t0
+    removed = removal.removed(n_remove)
+    importances = removal.importances_after(n_remove)
+    params_removed = sum(block_params[i] for i in removed)
+    if cfg.granularity == "layers":
+        prunable, budget = [], 0.0
+    else:
+        prunable = [i for i in range(n_layers) if i not in removed and i not in protected]
+        budget = cfg.ratio * params_total - params_removed
+    try:
+        ratios = layer_ratios([importances[i] for i in prunable], [block_params[i] for i in prunable],
+                              budget, cap=[caps[i] for i in prunable])
+    except ImpossibleRatioError as err:
+        raise ImpossibleRatioError(
+            f"ratio {cfg.ratio:.3f} is impossible with {n_remove} removed layers and protected layers "
+            f"{sorted(protected)}: {err}") from None
+    plan = Plan(
+        config=asdict(cfg), n_layers=n_layers, params_total=params_total, layer_params=block_params,
+        protected=sorted(protected), initial_importance=[removal.history[0][i] for i in range(n_layers)],
+        removal_order=removal.removal_order[:n_remove], importance_history=removal.history[:n_remove + 1],
+        removed_layers=removed, layer_ratios=dict(zip(prunable, ratios)), layer_caps=caps, timings=timings,
+        removal=removal)
+    plan.planned_params_after = params_total - params_removed  # neuron pruning takes its share off below
+    return plan
+
+
+def _prune_neurons(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, plan: Plan, inputs: BlockInputs, *,
+                   apply: bool, on_event: ProgressCallback | None) -> None:
+    """The block step (``block.prune_block``) on every prunable block over the block loop, after removing the
+    plan's blocks (when applying); fills the plan's layer and dense reports and its parameter count."""
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks(model))
+    timings = plan.timings
+    ratio_of = plan.layer_ratios
+    prunable = list(ratio_of)
+    active = [i for i in range(plan.n_layers) if i not in plan.removed_layers]
+    importances = plan.importance_history[len(plan.removed_layers)]
+    head_dim = head_dim_of(model.config)
+    if apply and plan.removed_layers:
+        adapter.keep_blocks(model, active)
+    fisher = None
+    if cfg.score == "fisher" and prunable and is_streamed(model):
+        raise ValueError("score='fisher' back-propagates through the whole model, which a streamed model never "
+                         "holds; choose another score or load the model without streaming (--stream off)")
+    if cfg.score == "fisher" and prunable:
+        t0 = time.perf_counter()
+        with adapter.only_blocks(model, [blocks[i] for i in active]):
+            positions = [active.index(i) for i in prunable]
+            raw = collect_fisher(model, adapter, samples, positions, on_event)
+        fisher = {(active[pos], name): v for (pos, name), v in raw.items()}
+        timings["fisher"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+
+    def visit(v: BlockVisit) -> nn.Module | None:
+        i = v.index
+        if i not in ratio_of:
+            return None
+        layer_fisher = {name: f for (li, name), f in fisher.items() if li == i} if fisher else None
+        units = block_units(v.block, adapter, cfg, head_dim)
+        layer, dense_reports = prune_block(v.block, adapter, v.stats, ratio_of[i], cfg, layer_index=i,
+                                           apply=apply, fisher=layer_fisher, units=units)
+        layer.importance = importances[i]
+        plan.layer_reports.append(layer)
+        plan.dense_reports.extend(dense_reports)
+        if apply:
+            return v.block
+        if cfg.inputs in ("accumulated", "paired"):  # analysis must predict prune: the next block sees it pruned
+            pruned_copy = copy.deepcopy(v.block)
+            prune_block(pruned_copy, adapter, v.stats, ratio_of[i], cfg, layer_index=i, apply=True,
+                        fisher=layer_fisher, units=units)
+            return pruned_copy
+        return None
+
+    block_loop(blocks, inputs, active, visit, adapter=adapter, with_stats=lambda i: i in ratio_of,
+               propagation=cfg.inputs,
+               stat_folds=2 if cfg.refit == "blend" and cfg.mask_tuning else 0,
+               stat_denses=prunable_denses(adapter, cfg), on_event=on_event,
+               stage="neuron-pruning",
+               describe=lambda i: f"layer {i}: ratio {ratio_of[i]:.3f}" if i in ratio_of else f"layer {i}: kept")
+    timings["neuron_pruning"] = time.perf_counter() - t0
+    plan.planned_params_after -= sum(r.removed_params for r in plan.layer_reports)
 
 
 def reallocate(plan: Plan, ratio: float, n_remove: int) -> tuple[list[int], dict[int, float]]:
