@@ -146,7 +146,7 @@ def _layer_order_figure(data: dict, original_ppl: float) -> go.Figure:
 # ------------------------------------------------------------------------------------------------------ (b)
 
 def _input_modes() -> tuple[str, ...]:
-    from comp_core.methods.comp import run as comp
+    from comp_core.methods.comp import config as comp
 
     return tuple(comp.INPUT_MODES)
 

@@ -36,7 +36,7 @@ from plotly.subplots import make_subplots  # noqa: E402
 from common import command_line, CALIBRATION, Section, bundled, calibration, machine, main_for, markdown_table, save_figure  # noqa: E402
 
 import comp_core.loop.blocks  # noqa: E402
-import comp_core.methods.comp.run  # noqa: E402
+import comp_core.methods.comp.block  # noqa: E402
 import comp_core.loop.importance  # noqa: E402
 from comp_core.loop.capture import calibration_context  # noqa: E402
 from comp_core.export.folder import save_pruned  # noqa: E402
@@ -134,16 +134,16 @@ TIMED_CALLS = [
     (comp_core.loop.blocks, "replay", "block forwards"),
     (InputStats, "update", GRAM),
     (comp_core.loop.importance, "cosine_importance", "cosine importance"),
-    (comp_core.methods.comp.run, "coefficient_matrix", "coefficient matrices C"),
-    (comp_core.methods.comp.run, "damped", "damped copies of C"),
-    (comp_core.methods.comp.run, "score_neurons", "neuron scores"),
-    (comp_core.methods.comp.run, "mask_path", "mask paths (Cholesky + inverse)"),
-    (comp_core.methods.comp.run, "choose_cuts", "cut choice (τ)"),
-    (comp_core.methods.comp.run, "solve_mask", "mask solves"),
-    (comp_core.methods.comp.run, "relative_error", "reconstruction errors"),
-    (comp_core.methods.comp.run, "refit_columns", "refits"),
-    (comp_core.methods.comp.run, "refit_relative_error", "reconstruction errors"),
-    (comp_core.methods.comp.run, "apply_cuts", "weight surgery"),
+    (comp_core.methods.comp.block, "coefficient_matrix", "coefficient matrices C"),
+    (comp_core.methods.comp.block, "damped", "damped copies of C"),
+    (comp_core.methods.comp.block, "score_neurons", "neuron scores"),
+    (comp_core.methods.comp.block, "mask_path", "mask paths (Cholesky + inverse)"),
+    (comp_core.methods.comp.block, "choose_cuts", "cut choice (τ)"),
+    (comp_core.methods.comp.block, "solve_mask", "mask solves"),
+    (comp_core.methods.comp.block, "relative_error", "reconstruction errors"),
+    (comp_core.methods.comp.block, "refit_columns", "refits"),
+    (comp_core.methods.comp.block, "refit_relative_error", "reconstruction errors"),
+    (comp_core.methods.comp.block, "apply_cuts", "weight surgery"),
 ]
 NESTED = {"block forwards": GRAM}  # outer label: inner label  # the Gram hooks run inside the block replays
 

@@ -17,11 +17,11 @@ from .export.folder import load_pruned, save_pruned
 from .methods.comp import CompConfig, analyze, prune, reallocate
 from .models.adapters import UnsupportedModelError, get_adapter
 from .models.loading import LoadedModel, ModelLoadError, load_model
-from .results import CompPlan, DenseReport, LayerReport, PruneResult
+from .results import CompPlan, DenseReport, LayerReport, Plan, PruneResult
 from .runtime import count_parameters
 
 __all__ = [
-    "CompConfig", "CompPlan", "Cancelled", "DataError", "DenseReport", "ImpossibleRatioError", "LayerReport",
+    "CompConfig", "CompPlan", "Cancelled", "DataError", "DenseReport", "ImpossibleRatioError", "LayerReport", "Plan",
     "LoadedModel", "ModelLoadError", "PerplexityResult", "PruneEvent", "PruneResult", "UnsupportedModelError",
     "analyze", "calibration_loss", "count_parameters", "get_adapter", "get_calibration", "get_eval_tokens",
     "load_model", "load_pruned", "perplexity", "prune", "reallocate", "save_pruned",

@@ -19,9 +19,9 @@ class DenseReport:
     n_removed: int
     scores: torch.Tensor  # (d_in,) float32, higher = keep
     pruned_index: torch.Tensor  # (n_removed,) long, positions in the original input
-    mask_variance: float  # variance of the kept mask entries at the chosen cut
-    error_no_tuning: float  # ‖WX − W_pruned X‖² / ‖WX‖² with mask = 1 on the kept set
+    error_no_tuning: float  # ‖WX − W_pruned X‖² / ‖WX‖² with mask = 1 on the kept set (nan: not measured)
     error_tuned: float  # after compensation (mask or refit; equals error_no_tuning without)
+    mask_variance: float | None = None  # tuned mask: variance of its kept entries at the chosen cut (None: no mask solved)
     mask: torch.Tensor | None = None  # (d_in - n_removed,) tuned mask of the kept columns
     compensation: str = "none"  # "mask", "refit", "blend", "bias" or "none"
     ridge: float | None = None  # blend: the ridge towards the mask solution chosen on held-out sequences
@@ -44,14 +44,17 @@ class DenseReport:
 
 @dataclass
 class LayerReport:
+    """One block: its share removed (structured: parameters gone; masks: weights zeroed) and how long it took."""
+
     index: int  # original layer index
-    importance: float  # after the layer removals
-    ratio: float  # allocated share of the layer's parameters to remove
+    importance: float  # after the layer removals (nan: the method measures none)
+    ratio: float  # structured: allocated share of the layer's parameters to remove; masks: share zeroed
     budget: int
-    removed_params: int
-    tau: float
+    removed_params: int  # parameters physically gone (0 for masks)
     params: int
     seconds: float
+    tau: float | None = None  # COMP: the mask-variance threshold τ its cuts met (inf: capped); None elsewhere
+    sparsity: float | None = None  # masks: share of the block's parameters that are zero; None for structured
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -60,8 +63,11 @@ class LayerReport:
 
 
 @dataclass
-class CompPlan:
-    """Everything COMP decided (or would decide) before touching weights, plus per-dense details."""
+class Plan:
+    """What a method decided (or would decide), in one shape for every method: the layers it removed, each
+    layer's share (``layer_ratios``, ``layer_reports``) and each dense's cut or mask (``dense_reports``).
+    COMP fills its own parts too (importances, removal path, caps, τ, mask variances); a mask method reports
+    per-layer and per-dense ``sparsity`` and leaves COMP's parts empty or None."""
 
     config: dict
     n_layers: int
@@ -133,11 +139,14 @@ class CompPlan:
         }
 
 
+CompPlan = Plan  # the name the GUI, the tests and saved code know
+
+
 @dataclass
 class PruneResult:
     """A finished pruning run: the plan it followed and the realised figures of the model in memory."""
 
-    plan: CompPlan
+    plan: Plan
     params_before: int
     params_after: int
     seconds: float

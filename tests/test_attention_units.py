@@ -11,7 +11,8 @@ import torch
 from comp_core import CompConfig, count_parameters, get_adapter, prune
 from comp_core.math.allocation import DenseShape, choose_cuts_with_units, removed_parameters
 from comp_core.export.folder import load_pruned, save_pruned
-from comp_core.methods.comp.run import _unit_order, analyze, apply_plan
+from comp_core.methods.comp import analyze, apply_plan
+from comp_core.methods.comp.block import _unit_order
 from comp_core.models.structure import AttentionUnits, dense_by_kind
 
 try:

@@ -12,7 +12,8 @@ from comp_core.loop.capture import (calibration_context, capture_block_inputs, f
                                resolve_forward_dtype)
 from comp_core.cli import build_parser, main
 from comp_core.data import DEFAULT_CALIBRATION, default_calibration_size
-from comp_core.methods.comp.run import PAPER_CALIBRATION, PAPER_SETTINGS, fewest_layers, layer_caps
+from comp_core.methods.comp import PAPER_CALIBRATION, PAPER_SETTINGS, layer_caps
+from comp_core.methods.comp.run import fewest_layers
 from comp_core.runtime import release_free_memory
 from comp_core.loop.stats import collect_block_stats
 

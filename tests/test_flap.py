@@ -75,7 +75,7 @@ def test_registered_with_flap_defaults():
     entry = get_method("flap")
     assert entry.kind == "structured" and entry.settings_class is FlapSettings
     settings = make_settings("flap")
-    assert (settings.compensation, settings.propagation, settings.protected) == ("bias", "identical", ())
+    assert (settings.compensation, settings.inputs, settings.protected) == ("bias", "identical", ())
     with pytest.raises(ValueError):
         make_settings("flap", ratio=1.0)
 

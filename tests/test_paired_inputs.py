@@ -13,7 +13,7 @@ from comp_core.loop.capture import calibration_context, capture_block_inputs
 from comp_core.cli import build_parser
 from comp_core.math.linalg import damped, damping
 from comp_core.loop.blocks import block_loop
-from comp_core.methods.comp.run import prune_block
+from comp_core.methods.comp.block import prune_block
 from comp_core.math.mask_tuning import (coefficient_matrix, damped_target, mask_path, mask_variance_plain,
                                    refit_columns, refit_relative_error, relative_error, solve_mask, target_terms)
 from comp_core.loop.stats import STAT_DTYPE, InputStats, collect_block_stats, collect_paired_block_stats, own_moments

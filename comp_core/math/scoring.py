@@ -1,11 +1,13 @@
 """Input-neuron importance scores for one dense (tensors in, a score per input column out; higher = keep).
 
 Every score reads the damped mask-tuning coefficient matrix C = (WᵀW) ⊙ (X Xᵀ) + εI (d_in × d_in) and/or
-the weight and Gram directly. The registry ``SCORES`` maps the names the CLI/GUI offer to functions with one
-signature, ``score(coeff, weight, gram, fisher) -> Tensor[d_in]``.
+the weight and Gram directly. ``SCORE_TABLE`` maps every name the CLI/GUI offer to a ``Score`` (its summary and
+a function of one signature, ``compute(coeff, weight, gram, damp, fisher) -> Tensor[d_in]``); ``SCORES`` is
+its name → summary view.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -227,40 +229,49 @@ def activation_score(gram: torch.Tensor) -> torch.Tensor:
 
 ScoreFn = Callable[..., torch.Tensor]
 
-SCORES: dict[str, str] = {
-    "diag": "‖W_:,j‖²·‖X_j‖² (diagonal of the mask-tuning matrix)",
-    "obs": "error left after removing j and re-tuning the rest, 1/[C⁻¹]_jj",
-    "cond": "condition-number sensitivity (second-order Taylor, diagonal empirical Fisher)",
-    "cond-exact": "exact drop of log κ when j is removed (secular equation, whole spectrum)",
-    "logdet": "log-volume only j carries, −log [C⁻¹]_jj (exact; ranks as obs)",
-    "fisher": "Fisher information of the next-token loss w.r.t. the mask (FPT style)",
-    "obs-greedy": "step at which sequential OBS with weight updates removes j (SlimGPT's columns)",
-    "magnitude": "‖W_:,j‖² (weights only)",
-    "activation": "‖X_j‖² (activations only)",
+
+def _fisher_score(coeff: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor, damp: float,
+                  fisher: torch.Tensor | None) -> torch.Tensor:
+    if fisher is None:
+        raise ValueError("the fisher score needs gradients: collect them with comp_core.loop.fisher first")
+    return fisher.to(device=coeff.device, dtype=STAT_DTYPE)
+
+
+@dataclass(frozen=True)
+class Score:
+    """One neuron score: what it measures, and how, from (coeff, weight, gram, damp, fisher)."""
+
+    summary: str
+    compute: ScoreFn  # (coeff (d_in, d_in), weight (d_out, d_in), gram (d_in, d_in), damp, fisher | None) -> (d_in,)
+
+
+# The table every face offers and ``score_neurons`` dispatches on: one entry per score, nothing else to edit.
+SCORE_TABLE: dict[str, Score] = {
+    "diag": Score("‖W_:,j‖²·‖X_j‖² (diagonal of the mask-tuning matrix)",
+                  lambda coeff, weight, gram, damp, fisher: diagonal_score(coeff)),
+    "obs": Score("error left after removing j and re-tuning the rest, 1/[C⁻¹]_jj",
+                 lambda coeff, weight, gram, damp, fisher: obs_score(coeff)),
+    "cond": Score("condition-number sensitivity (second-order Taylor, diagonal empirical Fisher)",
+                  lambda coeff, weight, gram, damp, fisher: condition_score(coeff, damp)),
+    "cond-exact": Score("exact drop of log κ when j is removed (secular equation, whole spectrum)",
+                        lambda coeff, weight, gram, damp, fisher: exact_condition_score(coeff)),
+    "logdet": Score("log-volume only j carries, −log [C⁻¹]_jj (exact; ranks as obs)",
+                    lambda coeff, weight, gram, damp, fisher: logdet_score(coeff)),
+    "fisher": Score("Fisher information of the next-token loss w.r.t. the mask (FPT style)", _fisher_score),
+    "obs-greedy": Score("step at which sequential OBS with weight updates removes j (SlimGPT's columns)",
+                        lambda coeff, weight, gram, damp, fisher: sequential_obs_score(weight, gram)),
+    "magnitude": Score("‖W_:,j‖² (weights only)",
+                       lambda coeff, weight, gram, damp, fisher: magnitude_score(weight).to(coeff.device)),
+    "activation": Score("‖X_j‖² (activations only)",
+                        lambda coeff, weight, gram, damp, fisher: activation_score(gram)),
 }
+SCORES: dict[str, str] = {name: score.summary for name, score in SCORE_TABLE.items()}
 
 
 def score_neurons(name: str, coeff: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor, *,
                   damp: float = 0.0, fisher: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatch by score name; returns float64 importances of the d_in input columns (higher = keep)."""
-    if name == "diag":
-        return diagonal_score(coeff)
-    if name == "obs":
-        return obs_score(coeff)
-    if name == "cond":
-        return condition_score(coeff, damp)
-    if name == "cond-exact":
-        return exact_condition_score(coeff)
-    if name == "logdet":
-        return logdet_score(coeff)
-    if name == "obs-greedy":
-        return sequential_obs_score(weight, gram)
-    if name == "magnitude":
-        return magnitude_score(weight).to(coeff.device)
-    if name == "activation":
-        return activation_score(gram)
-    if name == "fisher":
-        if fisher is None:
-            raise ValueError("the fisher score needs gradients: collect them with comp_core.loop.fisher first")
-        return fisher.to(device=coeff.device, dtype=STAT_DTYPE)
-    raise ValueError(f"unknown importance score '{name}'; choose one of: {', '.join(SCORES)}")
+    """Look the score up in ``SCORE_TABLE``; returns float64 importances of the d_in input columns (higher = keep)."""
+    score = SCORE_TABLE.get(name)
+    if score is None:
+        raise ValueError(f"unknown importance score '{name}'; choose one of: {', '.join(SCORES)}")
+    return score.compute(coeff, weight, gram, damp, fisher)

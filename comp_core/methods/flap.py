@@ -38,7 +38,7 @@ Where this differs from the reference, and why:
   cost gigabytes (d² float64 per dense). The first pass keeps only the per-channel metrics; the second
   replays the same captured inputs, and with identical propagation each block sees exactly the inputs
   of the first pass, so its means (for the bias) and Grams (for the error reports) are the same ones.
-  With ``propagation="accumulated"`` (not FLAP's) the second pass measures the means on the already
+  With ``inputs="accumulated"`` (not FLAP's) the second pass measures the means on the already
   pruned model instead; the selection always comes from the unpruned model.
 
 The plan's ``DenseReport.scores`` hold the raw (unstandardised, unsquared) WIFV metric of every o_proj /
@@ -46,19 +46,15 @@ down_proj input column, so the GUI's log-scale heatmaps can show it.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..loop.capture import calibration_context, capture_block_inputs
-from ..events import emit
-from ..loop.blocks import BlockVisit, block_loop
-from ..models.adapters import get_adapter
-from ..runtime import count_parameters
+from ..loop.blocks import BlockVisit
 from ..models.structure import AttentionUnits, dense_by_kind, mlp_consumer
-from .registry import Method, finish, register_method, working_copy
+from .base import Run, timed
+from .registry import Method, register_method
 from .structured import BlockCut, BlockShape, StructuredSettings, apply_block_cut, block_shapes, structured_plan
 
 BIAS_ROUNDS = 4  # fixed-point rounds for the added-bias accounting (settles in two in practice)
@@ -69,7 +65,7 @@ class FlapSettings(StructuredSettings):
     """FLAP's defaults: bias compensation, every block calibrated on the unpruned model, no layer protected."""
 
     compensation: str = "bias"
-    propagation: str = "identical"
+    inputs: str = "identical"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,13 +146,10 @@ class Flap(Method):
     settings_class = FlapSettings
 
     def prune(self, model, samples, settings, *, on_event=None, inplace=False):
-        start = time.perf_counter()
         if samples is None:
             raise ValueError("FLAP needs calibration samples")
-        params_before = count_parameters(model)
-        target = working_copy(model, inplace)
-        adapter = get_adapter(target)
-        blocks = list(adapter.blocks(target))
+        run = Run.begin(model, inplace)
+        target, adapter, blocks, params_before = run.model, run.adapter, run.blocks, run.params_before
         layers = settings.prunable_layers(len(blocks))
         shapes = block_shapes(target, adapter, layers)
         names = dense_by_kind(adapter)
@@ -174,20 +167,14 @@ class Flap(Method):
                 down=wifv(adapter.dense(v.block, down_name).weight, v.stats[down_name].variance).cpu())
             return None  # nothing changes in the statistics pass
 
-        t0 = time.perf_counter()
-        with calibration_context(target):
-            emit(on_event, "capture", 0, 1, "capturing block inputs")
-            inputs = capture_block_inputs(target, adapter, samples, batch_size=settings.batch_size)
-            plan.timings["capture"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            block_loop(blocks, inputs, range(len(blocks)), measure, adapter=adapter,
-                       with_stats=lambda i: i in shapes, propagation="identical", on_event=on_event,
-                       stage="calibration", describe=lambda i: f"layer {i}: fluctuation statistics")
-            plan.timings["statistics"] = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            cuts = select_cuts(metrics, shapes, blocks, adapter, settings.ratio * params_before, settings)
-            plan.timings["selection"] = time.perf_counter() - t0
+        with run.calibration():
+            inputs = run.capture(samples, plan, batch_size=settings.batch_size, on_event=on_event,
+                                 message="capturing block inputs")
+            run.loop(inputs, measure, plan, timing="statistics", with_stats=lambda i: i in shapes,
+                     propagation="identical", on_event=on_event, stage="calibration",
+                     describe=lambda i: f"layer {i}: fluctuation statistics")
+            with timed(plan, "selection"):
+                cuts = select_cuts(metrics, shapes, blocks, adapter, settings.ratio * params_before, settings)
 
             def cut(v: BlockVisit):
                 if v.index not in cuts:
@@ -198,19 +185,17 @@ class Flap(Method):
                 plan.layer_ratios[v.index] = report.ratio
                 return v.block
 
-            t0 = time.perf_counter()
-            block_loop(blocks, inputs, range(len(blocks)), cut, adapter=adapter, with_stats=lambda i: i in cuts,
-                       propagation=settings.propagation, on_event=on_event, stage="neuron-pruning",
-                       describe=lambda i: (f"layer {i}: keep {cuts[i].keep_units.numel()}/{shapes[i].units.count} "
-                                           f"units, {cuts[i].keep_channels.numel()}/{shapes[i].channels} channels")
-                       if i in cuts else f"layer {i}: kept")
-            plan.timings["neuron_pruning"] = time.perf_counter() - t0
+            run.loop(inputs, cut, plan, timing="neuron_pruning", with_stats=lambda i: i in cuts,
+                     propagation=settings.inputs, on_event=on_event, stage="neuron-pruning",
+                     describe=lambda i: (f"layer {i}: keep {cuts[i].keep_units.numel()}/{shapes[i].units.count} "
+                                         f"units, {cuts[i].keep_channels.numel()}/{shapes[i].channels} channels")
+                     if i in cuts else f"layer {i}: kept")
         plan.notes.append("attention units: " + ("KV groups (grouped-query attention)"
                                                  if any(s.units.grouped for s in shapes.values()) else "heads"))
         plan.notes.append("every block keeps at least one attention unit and one MLP channel")
         plan.notes.append("dense scores: raw WIFV (variance × squared column norm); o_proj is ranked by its square")
         plan.planned_params_after = params_before - sum(r.removed_params for r in plan.layer_reports)
-        return target, finish(target, plan, params_before, start)
+        return target, run.finish(plan)
 
 
 def select_cuts(metrics: dict[int, _LayerMetrics], shapes: dict[int, BlockShape], blocks: list[nn.Module],

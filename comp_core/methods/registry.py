@@ -71,6 +71,13 @@ class MethodEntry:
 
 
 REGISTRY: dict[str, MethodEntry] = {}
+# Former names of settings, still accepted wherever a user types one (``--set KEY=VALUE``, ``make_settings``, a
+# saved report's config): one word per concept in the dataclasses, nothing a user typed breaks.
+SETTING_ALIASES = {"propagation": "inputs"}  # the non-COMP methods' name for COMP's ``inputs`` until issue 30
+
+
+def canonical_setting(key: str) -> str:
+    return SETTING_ALIASES.get(key, key)
 
 
 def register_method(name: str, *, summary: str, **defaults) -> Callable[[type], type]:
@@ -108,6 +115,7 @@ def make_settings(name: str, **overrides):
     """The settings of method ``name``: its registered defaults, then ``overrides`` (validated)."""
     entry = get_method(name)
     fields = {f.name: f for f in dataclasses.fields(entry.settings_class)}
+    overrides = {canonical_setting(k) if k not in fields else k: v for k, v in overrides.items()}
     unknown = [k for k in overrides if k not in fields]
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not a setting of method '{name}'; its settings are: "
@@ -119,6 +127,7 @@ def parse_setting(name: str, key: str, text: str):
     """A ``key=value`` setting from the command line, converted to the type of the dataclass field."""
     entry = get_method(name)
     hints = typing.get_type_hints(entry.settings_class)
+    key = key if key in hints else canonical_setting(key)
     if key not in hints:
         raise ValueError(f"{key}: not a setting of method '{name}'; its settings are: {', '.join(setting_names(name))}")
     return _convert(text, hints[key], key)

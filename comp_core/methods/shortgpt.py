@@ -9,12 +9,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..loop.capture import calibration_context
 from ..events import emit
-from ..models.adapters import get_adapter
 from ..loop.importance import capture_with_importances, layers_for_ratio
-from ..runtime import count_parameters
-from .registry import Method, finish, register_method, working_copy
+from .base import Run, protected_layers
+from .registry import Method, register_method
 from .structured import structured_plan
 
 
@@ -43,15 +41,10 @@ class ShortGPT(Method):
     streams = True
 
     def prune(self, model, samples, settings, *, on_event=None, inplace=False):
-        start = time.perf_counter()
-        params_before = count_parameters(model)
-        target = working_copy(model, inplace)
-        adapter = get_adapter(target)
-        blocks = list(adapter.blocks(target))
+        run = Run.begin(model, inplace)
+        target, adapter, blocks, params_before = run.model, run.adapter, run.blocks, run.params_before
         n_layers = len(blocks)
-        protected = {i % n_layers for i in settings.protected if -n_layers <= i < n_layers}
-        if len(protected) != len(settings.protected):
-            raise ValueError(f"protected layers {list(settings.protected)} do not all exist (0..{n_layers - 1})")
+        protected = protected_layers(settings.protected, n_layers)
         candidates = [i for i in range(n_layers) if i not in protected]
         block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
         n_remove = settings.n_layers if settings.n_layers is not None else layers_for_ratio(
@@ -59,7 +52,7 @@ class ShortGPT(Method):
         if n_remove > len(candidates):
             raise ValueError(f"cannot remove {n_remove} layers: only {len(candidates)} are not protected")
         t0 = time.perf_counter()
-        with calibration_context(target):
+        with run.calibration():
             emit(on_event, "capture", 0, 1, f"measuring Block Influence of {n_layers} layers")
             _, influence = capture_with_importances(target, adapter, samples, batch_size=settings.batch_size)
             capture_s = time.perf_counter() - t0
@@ -73,4 +66,4 @@ class ShortGPT(Method):
         if order:
             adapter.keep_blocks(target, [i for i in range(n_layers) if i not in order])
         emit(on_event, "layer-removal", 1, 1, f"removed {sorted(order)}")
-        return target, finish(target, plan, params_before, start)
+        return target, run.finish(plan)

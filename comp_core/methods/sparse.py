@@ -20,16 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..loop.capture import calibration_context, capture_block_inputs
-from ..loop.blocks import BlockVisit, block_loop
+from ..loop.blocks import BlockVisit
 from ..models.adapters import get_adapter
 from ..math.obs_solvers import apt, reconstruction_error, sparsegpt
 from ..results import DenseReport, LayerReport
-from ..runtime import count_parameters
 from ..math.sparsity import SparsityPattern, pattern_mask, zero_counts
 from ..loop.stats import InputStats, own_gram
 from ..models.surgery import apply_input_order
-from .registry import Method, finish, register_method, working_copy
+from .base import Run, check_dense_kinds, protected_layers, timed
+from .registry import Method, register_method
 from .structured import structured_plan
 
 
@@ -44,7 +43,7 @@ class SparseSettings:
     percdamp: float = 0.01
     blocksize: int = 128
     batch_size: int = 8
-    propagation: str = "accumulated"
+    inputs: str = "accumulated"  # what the next block is calibrated on (alias: propagation)
 
     def __post_init__(self) -> None:
         self.sparsity = SparsityPattern.parse(self.sparsity).label
@@ -52,8 +51,8 @@ class SparseSettings:
             raise ValueError("percdamp must be > 0")
         if self.blocksize < 1:
             raise ValueError("blocksize must be >= 1")
-        if self.propagation not in ("identical", "accumulated"):
-            raise ValueError("propagation must be 'identical' or 'accumulated'")
+        if self.inputs not in ("identical", "accumulated"):
+            raise ValueError(f"inputs must be 'identical' or 'accumulated', got '{self.inputs}'")
         self.protected = tuple(sorted({int(i) for i in self.protected}))
 
     @property
@@ -104,24 +103,14 @@ class MaskMethod(Method):
         return pattern, weight.shape[1] - weight.shape[1] % pattern.m
 
     def prune(self, model, samples, settings, *, on_event=None, inplace=False):
-        start = time.perf_counter()
-        params_before = count_parameters(model)
         if self.uses_activations and samples is None:
             raise ValueError("this method needs calibration samples")
-        target = working_copy(model, inplace)
-        adapter = get_adapter(target)
-        blocks = list(adapter.blocks(target))
+        run = Run.begin(model, inplace)
+        target, adapter, blocks, params_before = run.model, run.adapter, run.blocks, run.params_before
         n_layers = len(blocks)
-        bad = [i for i in settings.protected if not -n_layers <= i < n_layers]
-        if bad:
-            raise ValueError(f"protected layers {bad} do not exist: the model has layers 0..{n_layers - 1}")
-        protected = {i % n_layers for i in settings.protected}
+        protected = protected_layers(settings.protected, n_layers)
         kinds = settings.dense_kinds
-        if kinds is not None:
-            unknown = [k for k in kinds if k not in {d.kind for d in adapter.denses}]
-            if unknown:
-                raise ValueError(f"dense kinds {unknown} do not exist; this model's are "
-                                 f"{', '.join(d.kind for d in adapter.denses)}")
+        check_dense_kinds(kinds, adapter, allow_empty=True)
         specs = [d for d in adapter.denses if kinds is None or d.kind in kinds]
         pattern = settings.pattern
         plan = structured_plan(target, settings, method=type(self).__name__.lower(), params_total=params_before,
@@ -162,20 +151,17 @@ class MaskMethod(Method):
                 plan.dense_reports.append(DenseReport(
                     layer=layer, name=spec.name, kind=spec.kind, d_in=weight.shape[1], d_out=weight.shape[0],
                     n_removed=0, scores=mask.float().mean(dim=0).cpu(), pruned_index=torch.zeros(0, dtype=torch.long),
-                    mask_variance=0.0, error_no_tuning=err, error_tuned=err, sparsity=float(mask.float().mean())))
+                    error_no_tuning=err, error_tuned=err, sparsity=float(mask.float().mean())))
             params = plan.layer_params[layer]
             plan.layer_reports.append(LayerReport(index=layer, importance=float("nan"), ratio=zeroed / params,
-                                                  budget=zeroed, removed_params=0, tau=float("nan"), params=params,
-                                                  seconds=time.perf_counter() - t0))
+                                                  budget=zeroed, removed_params=0, params=params,
+                                                  sparsity=zeroed / params, seconds=time.perf_counter() - t0))
             plan.layer_ratios[layer] = zeroed / params
 
         active = [i for i in range(n_layers) if i not in protected]
-        t0 = time.perf_counter()
         if self.uses_activations:
-            with calibration_context(target):
-                inputs = capture_block_inputs(target, adapter, samples, batch_size=settings.batch_size)
-                plan.timings["capture"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
+            with run.calibration():
+                inputs = run.capture(samples, plan, batch_size=settings.batch_size)
 
                 def visit(v: BlockVisit):
                     if v.index in protected:
@@ -183,13 +169,12 @@ class MaskMethod(Method):
                     mask_block(v.index, v.block, v.stats)
                     return v.block
 
-                block_loop(blocks, inputs, range(n_layers), visit, adapter=adapter,
-                           with_stats=lambda i: i not in protected, propagation=settings.propagation,
-                           on_event=on_event, stage="masking")
+                run.loop(inputs, visit, plan, timing="masking", with_stats=lambda i: i not in protected,
+                         propagation=settings.inputs, on_event=on_event, stage="masking")
         else:
-            for i in active:
-                mask_block(i, blocks[i], None)
-        plan.timings["masking"] = time.perf_counter() - t0
+            with timed(plan, "masking"):
+                for i in active:
+                    mask_block(i, blocks[i], None)
         counts = zero_counts(target, masked_linears)
         self.relayout(target, orders)
         plan.planned_params_after = params_before
@@ -198,7 +183,7 @@ class MaskMethod(Method):
                               f"(width mod {pattern.m}) columns stay dense")
         extra, notes = self.summarize(reports, pattern)
         plan.notes.extend(notes)
-        result = finish(target, plan, params_before, start)
+        result = run.finish(plan)
         result.extra = {"sparsity": pattern.label, **counts, **extra}
         return target, result
 

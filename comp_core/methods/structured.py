@@ -27,11 +27,12 @@ from ..math.linalg import damped
 from ..math.mask_tuning import bias_compensation, coefficient_matrix, removal_error, solve_mask
 from ..models.adapters import ArchAdapter
 from ..models.pruned import head_dim_of
-from ..results import CompPlan, DenseReport, LayerReport
+from ..results import DenseReport, LayerReport, Plan
 from ..loop.stats import InputStats
 from ..models.structure import (AttentionUnits, attention_unit_params, attention_units, dense_by_kind, mlp_channel_params,
                          mlp_consumer, mlp_width)
 from ..models.surgery import add_output_bias, apply_cuts, remove_attention_units
+from .base import protected_layers
 
 COMPENSATIONS = ("none", "bias", "mask")
 
@@ -40,13 +41,13 @@ COMPENSATIONS = ("none", "bias", "mask")
 class StructuredSettings:
     """ratio: share of all parameters to remove. protected: layers left untouched (FLAP and Wanda-sp prune
     every layer, so none by default). compensation: "none", "bias" (FLAP) or "mask" (COMP's mask tuning).
-    damp: relative damping of the mask solve. propagation: what the next block is calibrated on."""
+    damp: relative damping of the mask solve. inputs: what the next block is calibrated on."""
 
     ratio: float = 0.2
     protected: tuple[int, ...] = ()
     compensation: str = "none"
     damp: float = 0.01
-    propagation: str = "accumulated"
+    inputs: str = "accumulated"  # what the next block is calibrated on (alias: propagation)
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -56,19 +57,13 @@ class StructuredSettings:
             raise ValueError(f"compensation must be one of {COMPENSATIONS}, got '{self.compensation}'")
         if self.damp <= 0:
             raise ValueError("damp must be > 0")
-        if self.propagation not in ("identical", "accumulated"):
-            raise ValueError("propagation must be 'identical' or 'accumulated'")
+        if self.inputs not in ("identical", "accumulated"):
+            raise ValueError(f"inputs must be 'identical' or 'accumulated', got '{self.inputs}'")
         self.protected = tuple(sorted({int(i) for i in self.protected}))
 
     def prunable_layers(self, n_layers: int) -> list[int]:
-        bad = [i for i in self.protected if not -n_layers <= i < n_layers]
-        if bad:
-            raise ValueError(f"protected layers {bad} do not exist: the model has layers 0..{n_layers - 1}")
-        protected = {i % n_layers for i in self.protected}
-        layers = [i for i in range(n_layers) if i not in protected]
-        if not layers and self.ratio > 0:
-            raise ValueError("every layer is protected: nothing can be pruned")
-        return layers
+        protected = protected_layers(self.protected, n_layers, ratio=self.ratio)
+        return [i for i in range(n_layers) if i not in protected]
 
 
 @dataclass
@@ -169,7 +164,7 @@ def apply_block_cut(block: nn.Module, adapter: ArchAdapter, shape: BlockShape, c
             layer=cut.layer, name=name, kind=adapter.dense_spec(name).kind, d_in=module.weight.shape[1],
             d_out=module.weight.shape[0], n_removed=int(removed.numel()),
             scores=(scores if scores is not None else torch.zeros(module.weight.shape[1])).float().cpu(),
-            pruned_index=removed, mask_variance=0.0, error_no_tuning=err_plain, error_tuned=err_tuned,
+            pruned_index=removed, error_no_tuning=err_plain, error_tuned=err_tuned,
             compensation=settings.compensation if removed.numel() else "none", removed_heads=heads))
     params = sum(p.numel() for p in block.parameters())
     scales: dict[str, torch.Tensor | None] = {o_name: None, down_name: None}
@@ -196,7 +191,7 @@ def apply_block_cut(block: nn.Module, adapter: ArchAdapter, shape: BlockShape, c
     apply_cuts(block, adapter, {down_name: cut.keep_channels}, masks={down_name: scales[down_name]})
     removed_params = params - sum(p.numel() for p in block.parameters())
     layer = LayerReport(index=cut.layer, importance=float("nan"), ratio=removed_params / params, budget=removed_params,
-                        removed_params=removed_params, tau=float("nan"), params=params,
+                        removed_params=removed_params, params=params,
                         seconds=time.perf_counter() - start)
     return layer, reports
 
@@ -209,10 +204,10 @@ def block_shapes(model: nn.Module, adapter: ArchAdapter, layers: list[int]) -> d
 
 def structured_plan(model: nn.Module, settings, *, method: str, params_total: int, layer_params: list[int],
                     protected: list[int], removed_layers: list[int] | None = None,
-                    initial_importance: list[float] | None = None) -> CompPlan:
+                    initial_importance: list[float] | None = None) -> Plan:
     """An empty plan in the shape every method returns; the method fills the reports."""
     config = asdict(settings) if hasattr(settings, "__dataclass_fields__") else dict(settings)
-    return CompPlan(config=config, n_layers=len(layer_params), params_total=params_total,
+    return Plan(config=config, n_layers=len(layer_params), params_total=params_total,
                     layer_params=layer_params, protected=protected,
                     initial_importance=initial_importance or [], removal_order=list(removed_layers or []),
                     importance_history=[], removed_layers=sorted(removed_layers or []), layer_ratios={},

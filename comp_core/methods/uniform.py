@@ -12,17 +12,13 @@ comparison can separate the selection from the compensation.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ..loop.capture import calibration_context, capture_block_inputs
-from ..loop.blocks import BlockVisit, block_loop
-from ..models.adapters import get_adapter
-from ..runtime import count_parameters
+from ..loop.blocks import BlockVisit
 from ..loop.stats import InputStats
 from ..models.structure import dense_by_kind, mlp_consumer
-from .registry import Method, finish, register_method, working_copy
+from .base import Run, timed
+from .registry import Method, register_method
 from .structured import (BlockCut, StructuredSettings, added_bias_params, apply_block_cut, block_shapes, keep_top,
                          structured_plan, uniform_cuts)
 
@@ -39,14 +35,11 @@ class UniformStructured(Method):
         raise NotImplementedError
 
     def prune(self, model, samples, settings, *, on_event=None, inplace=False):
-        start = time.perf_counter()
-        params_before = count_parameters(model)
         needs_data = self.uses_activations or settings.compensation != "none"
         if needs_data and samples is None:
             raise ValueError("this method (or its compensation) needs calibration samples")
-        target = working_copy(model, inplace)
-        adapter = get_adapter(target)
-        blocks = list(adapter.blocks(target))
+        run = Run.begin(model, inplace)
+        target, adapter, blocks, params_before = run.model, run.adapter, run.blocks, run.params_before
         layers = settings.prunable_layers(len(blocks))
         shapes = block_shapes(target, adapter, layers)
         budget = settings.ratio * params_before + sum(added_bias_params(blocks[i], adapter, settings) for i in layers)
@@ -73,11 +66,9 @@ class UniformStructured(Method):
             plan.dense_reports.extend(dense)
             plan.layer_ratios[layer] = report.ratio
 
-        t0 = time.perf_counter()
         if needs_data:
-            with calibration_context(target):
-                inputs = capture_block_inputs(target, adapter, samples, batch_size=settings.batch_size)
-                plan.timings["capture"] = time.perf_counter() - t0
+            with run.calibration():
+                inputs = run.capture(samples, plan, batch_size=settings.batch_size)
 
                 def visit(v: BlockVisit):
                     if v.index not in shapes:
@@ -85,16 +76,14 @@ class UniformStructured(Method):
                     cut_block(v.index, v.block, v.stats)
                     return v.block
 
-                t0 = time.perf_counter()
-                block_loop(blocks, inputs, range(len(blocks)), visit, adapter=adapter,
-                           with_stats=lambda i: i in shapes, propagation=settings.propagation,
-                           on_event=on_event, stage="neuron-pruning")
+                run.loop(inputs, visit, plan, timing="neuron_pruning", with_stats=lambda i: i in shapes,
+                         propagation=settings.inputs, on_event=on_event, stage="neuron-pruning")
         else:  # weights alone decide: no calibration pass at all
-            for layer in layers:
-                cut_block(layer, blocks[layer], None)
-        plan.timings["neuron_pruning"] = time.perf_counter() - t0
+            with timed(plan, "neuron_pruning"):
+                for layer in layers:
+                    cut_block(layer, blocks[layer], None)
         plan.planned_params_after = params_before - sum(r.removed_params for r in plan.layer_reports)
-        return target, finish(target, plan, params_before, start)
+        return target, run.finish(plan)
 
 
 @register_method("wanda-sp+mask", summary="Wanda-sp selection with COMP's mask tuning as compensation",

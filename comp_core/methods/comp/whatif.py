@@ -1,7 +1,7 @@
 """One COMP analysis, many instant re-plans: what COMP would decide for another ratio, number of removed layers
 or protected set, without measuring anything again.
 
-An analysis (``comp_core.methods.comp.run.analyze(..., removal_depth=N)``) measures the iterative removal order N
+An analysis (``comp_core.methods.comp.analyze(..., removal_depth=N)``) measures the iterative removal order N
 removals deep (``plan.removal``). From it:
 
 * removed layers = the first n entries of the measured order — valid for another protected set only while the
@@ -23,7 +23,9 @@ from torch import nn
 
 from ...math.allocation import ImpossibleRatioError
 from ...events import ProgressCallback
-from .run import CompConfig, analyze, layer_caps, reallocate
+from .block import layer_caps
+from .config import CompConfig
+from .run import analyze, reallocate
 from ...loop.importance import RemovalResult, layers_within
 from ...results import CompPlan
 from ...runtime import count_parameters
