@@ -11,7 +11,7 @@ from comp_core.models.adapters import get_adapter
 from comp_core.models.surgery import IndexedInputLinear
 from comp_core.methods.comp.whatif import neuron_maps
 
-from conftest import make_calib, make_tiny_model
+from tests.helpers import make_calib, make_tiny_model
 
 
 @pytest.fixture(scope="module")

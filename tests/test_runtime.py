@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests.helpers import small_llama
 
 from comp_core import runtime
 from comp_core.runtime import (StageTimer, configure_threads, count_parameters, current_rss_mb, peak_rss_mb,
@@ -16,16 +16,8 @@ from comp_core.runtime import (StageTimer, configure_threads, count_parameters, 
 VOCAB, HIDDEN = 512, 32
 
 
-def _tiny_llama(tie: bool) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie)
-    return LlamaForCausalLM(config)
-
-
 def test_count_parameters_counts_tied_embeddings_once():
-    tied, untied = _tiny_llama(True), _tiny_llama(False)
+    tied, untied = (small_llama(tie=tie, max_position_embeddings=64) for tie in (True, False))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert count_parameters(untied) - count_parameters(tied) == VOCAB * HIDDEN
     # Same as summing the distinct parameters by hand.
