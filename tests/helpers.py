@@ -54,10 +54,14 @@ _CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Q
             "qwen3": Qwen3ForCausalLM, "opt": OPTForCausalLM}
 
 
-def make_tiny_model(arch: str, seed: int = 0) -> nn.Module:
-    """A fresh tiny causal LM of ``arch``, seeded, in eval mode."""
+def make_tiny_model(arch: str, seed: int = 0, **config) -> nn.Module:
+    """A fresh tiny causal LM of ``arch``, seeded, in eval mode; ``config`` overrides config fields (e.g.
+    ``num_hidden_layers=8``)."""
+    cfg = make_config(arch)
+    for key, value in config.items():
+        setattr(cfg, key, value)
     torch.manual_seed(seed)
-    return _CLASSES[arch](make_config(arch)).eval()
+    return _CLASSES[arch](cfg).eval()
 
 
 def make_calib(seed: int = 0) -> torch.Tensor:

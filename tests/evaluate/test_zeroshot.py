@@ -6,7 +6,6 @@ import bz2
 import gzip
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 

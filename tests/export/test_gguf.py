@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest

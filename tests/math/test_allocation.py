@@ -6,6 +6,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from comp_core.math.allocation import (DenseShape, ImpossibleRatioError, LayerCut, choose_cuts, equal_share_cuts,
                                   harmonic_mean, layer_ratios, removed_parameters)
@@ -325,3 +327,74 @@ def test_equal_share_cuts_edges():
         assert equal_share_cuts(shapes, budget, max_cuts).removed_inputs == [0] * len(shapes)
     with pytest.raises(ValueError, match="one cap per dense"):
         equal_share_cuts(shapes, 10, max_cuts[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# properties (hypothesis): each one sentence of the README or the module docstring, checked on generated inputs
+# ---------------------------------------------------------------------------------------------------------
+
+FAST = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+importances = st.floats(min_value=1e-4, max_value=10.0, allow_nan=False)
+
+
+params = st.integers(min_value=1, max_value=10**7)
+
+
+caps = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+
+
+@st.composite
+def layers(draw):
+    n = draw(st.integers(min_value=1, max_value=12))
+    imp = draw(st.lists(importances, min_size=n, max_size=n))
+    size = draw(st.lists(params, min_size=n, max_size=n))
+    cap = draw(st.lists(caps, min_size=n, max_size=n))
+    share = draw(st.floats(min_value=0.0, max_value=1.0, allow_nan=False))
+    return imp, size, cap, share
+
+
+@FAST
+@given(layers())
+def test_layer_ratios_sum_to_the_budget_and_respect_the_caps(case):
+    imp, size, cap, share = case
+    capacity = sum(c * p for c, p in zip(cap, size))
+    budget = share * capacity
+    ratios = layer_ratios(imp, size, budget, cap=cap)
+    assert sum(r * p for r, p in zip(ratios, size)) == pytest.approx(budget, rel=1e-9, abs=1e-6)
+    assert all(-1e-12 <= r <= c + 1e-9 for r, c in zip(ratios, cap))
+
+
+@FAST
+@given(layers(), st.floats(min_value=1.001, max_value=10.0))
+def test_layer_ratios_refuse_a_budget_beyond_the_caps(case, excess):
+    imp, size, cap, _ = case
+    capacity = sum(c * p for c, p in zip(cap, size))
+    with pytest.raises(ImpossibleRatioError):
+        layer_ratios(imp, size, capacity * excess + 1.0, cap=cap)
+
+
+@st.composite
+def layer_denses(draw):
+    n = draw(st.integers(min_value=1, max_value=4))
+    shapes = [DenseShape(d_out=draw(st.integers(1, 24)), d_in=draw(st.integers(2, 24)), has_bias=draw(st.booleans()))
+              for _ in range(n)]
+    variances = [torch.tensor(draw(st.lists(st.floats(0.0, 5.0, allow_nan=False), min_size=s.d_in, max_size=s.d_in)),
+                              dtype=torch.float64) for s in shapes]
+    share = draw(st.floats(min_value=0.0, max_value=1.0, allow_nan=False))
+    return shapes, variances, share
+
+
+@FAST
+@given(layer_denses())
+def test_variance_threshold_cuts_reach_the_layer_budget_within_one_neuron(case):
+    shapes, variances, share = case
+    max_cut = [v.numel() - 1 for v in variances]
+    budget = int(share * removed_parameters(shapes, max_cut))
+    cut = choose_cuts(variances, shapes, budget)
+    assert cut.removed_params == removed_parameters(shapes, cut.removed_inputs) >= budget
+    assert all(0 <= k <= m for k, m in zip(cut.removed_inputs, max_cut))
+    one_neuron = max(s.d_out + (1 if s.has_bias else 0) for s in shapes)
+    assert budget == 0 or cut.removed_params - budget <= one_neuron
+    equal = equal_share_cuts(shapes, budget, max_cut)
+    assert equal.removed_params >= budget and all(k <= m for k, m in zip(equal.removed_inputs, max_cut))

@@ -1,13 +1,19 @@
-"""Numerics shared by every method: Gram accumulation, damped Cholesky, the mask solve and its exact path."""
+"""comp_core.math.mask_tuning: the mask solve, its exact path, the refit and its ridge blend (the numerics COMP's
+mask tuning and refit share)."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from comp_core.loop.stats import STAT_DTYPE, InputStats
-from comp_core.math.linalg import cholesky, damped, damping, spd_inverse, spd_solve
-from comp_core.math.mask_tuning import (coefficient_matrix, mask_path, mask_variance_plain, reconstruction_error,
-                                   relative_error, solve_mask)
+from comp_core.loop.stats import STAT_DTYPE
+from comp_core.math.linalg import cholesky, damped
+from comp_core.math.mask_tuning import (choose_ridge, coefficient_matrix, mask_path, mask_variance_plain,
+                                        reconstruction_error, refit_relative_error, relative_error, ridge_refit,
+                                        solve_mask)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -28,134 +34,6 @@ def _problem(d_out: int, d_in: int, n_tokens: int, seed: int, *, col_scale: bool
 def _coeff(d_in: int, n_tokens: int, seed: int, relative: float = 0.01) -> torch.Tensor:
     w, x = _problem(2 * d_in, d_in, n_tokens, seed)
     return damped(coefficient_matrix(w, x @ x.T), relative)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# InputStats
-# ---------------------------------------------------------------------------------------------------------
-
-def test_gram_accumulator_equals_xtx_over_batches():
-    g = _gen(0)
-    batches = [torch.randn(2, 7, 5, generator=g), torch.randn(3, 4, 5, generator=g), torch.randn(11, 5, generator=g)]
-    acc = InputStats(5)
-    for b in batches:
-        acc.update(b)
-    x = torch.cat([b.reshape(-1, 5) for b in batches]).to(torch.float64)  # (N, d)
-    assert acc.gram.dtype == torch.float64
-    assert acc.n_tokens == 2 * 7 + 3 * 4 + 11 == x.shape[0]
-    # float32 products per batch: ~1e-7 relative each, summed in float64
-    torch.testing.assert_close(acc.gram, x.T @ x, rtol=1e-5, atol=1e-5)
-    exact = InputStats(5)
-    for b in batches:
-        exact.update(b.double())  # float64 inputs stay float64 throughout
-    torch.testing.assert_close(exact.gram, x.T @ x, rtol=1e-12, atol=1e-12)
-
-
-def test_gram_accumulator_does_not_drift_over_many_batches():
-    """Float64 accumulation: 400 float32 batch products sum to the float64 Gram within float32's rounding of
-    one batch, not 400 times it."""
-    g = _gen(3)
-    batches = [torch.randn(4, 64, 6, generator=g) * 30 + 5 for _ in range(400)]
-    acc = InputStats(6)
-    for b in batches:
-        acc.update(b)
-    x = torch.cat([b.reshape(-1, 6) for b in batches]).double()
-    exact = x.T @ x
-    assert float((acc.gram - exact).abs().max() / exact.abs().max()) < 1e-6
-    assert float(acc.total.sub(x.sum(0)).abs().max() / x.sum(0).abs().max()) < 1e-9
-
-
-def test_gram_accumulator_reads_low_precision_inputs():
-    """bfloat16 inputs: their products are exact in float32, so one batch's Gram is exact up to the sum."""
-    g = _gen(1)
-    x = torch.randn(64, 3, generator=g).to(torch.bfloat16)
-    acc = InputStats(3)
-    acc.update(x)
-    exact = x.double().T @ x.double()
-    torch.testing.assert_close(acc.gram, exact, rtol=1e-6, atol=1e-6)
-
-
-def test_fold_grams_split_by_sequence_and_sum_to_the_gram():
-    """folds=2: every other calibration sequence in each fold, counted across batches (batch of 3 then 2:
-    fold 0 = sequences 0, 2, 4, fold 1 = 1, 3)."""
-    g = _gen(4)
-    first, second = torch.randn(3, 5, 4, generator=g).double(), torch.randn(2, 5, 4, generator=g).double()
-    acc = InputStats(4, folds=2)
-    acc.update(first)
-    acc.update(second)
-    seqs = torch.cat([first, second])  # (5, 5, 4)
-
-    def gram(rows):
-        x = seqs[rows].reshape(-1, 4)
-        return x.T @ x
-    torch.testing.assert_close(acc.fold_grams[0], gram([0, 2, 4]), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(acc.fold_grams[1], gram([1, 3]), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(acc.gram, gram([0, 1, 2, 3, 4]), rtol=1e-12, atol=1e-12)
-    assert acc.n_tokens == 25
-    with pytest.raises(ValueError, match="folds"):
-        InputStats(4, folds=3)
-    with pytest.raises(ValueError, match="unpaired"):
-        InputStats(4, folds=2, paired=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# damping and Cholesky
-# ---------------------------------------------------------------------------------------------------------
-
-def test_damping_is_relative_to_mean_diagonal():
-    m = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
-    assert damping(m, 0.1) == pytest.approx(0.2)
-    torch.testing.assert_close(damped(m, 0.1), m + 0.2 * torch.eye(3, dtype=torch.float64))
-    assert damping(torch.zeros(3, 3, dtype=torch.float64), 0.1) == 0.1  # never 0
-    assert torch.equal(m, torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))  # not in place
-
-
-def _rotated(eigs: list[float], seed: int = 0) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=_gen(seed), dtype=torch.float64))
-    return q @ torch.diag(torch.tensor(eigs, dtype=torch.float64)) @ q.T
-
-
-def test_cholesky_of_spd_needs_no_damping():
-    a = _rotated([1.0, 2.0, 5.0, 0.5])
-    lower, used = cholesky(a)
-    assert used == 0.0
-    torch.testing.assert_close(lower @ lower.T, a)
-
-
-def test_cholesky_retry_increases_damping_on_indefinite_matrix():
-    # one eigenvalue -1e-7: undamped and 1e-8/1e-7 relative damping (ε ≈ 0.67 × that) fail, 1e-6 works
-    a = _rotated([1.0, 1.0, -1e-7])
-    with pytest.raises(torch.linalg.LinAlgError):
-        torch.linalg.cholesky(a)
-    lower, used = cholesky(a)
-    assert used > 0.0
-    assert used == pytest.approx(1e-6)
-    torch.testing.assert_close(lower @ lower.T, damped(a, used), rtol=1e-12, atol=1e-12)
-
-    # starting from a non-zero damping, the retry multiplies it by 10 until it works
-    b = _rotated([1.0, 2.0, -0.01], seed=1)  # mean diagonal ≈ 1: needs relative damping > 0.01
-    lower, used = cholesky(b, relative_damp=1e-3)
-    assert used > 1e-3
-    assert used == pytest.approx(0.1)
-    torch.testing.assert_close(lower @ lower.T, damped(b, used), rtol=1e-12, atol=1e-12)
-
-
-def test_cholesky_raises_when_hopeless():
-    # mean diagonal 0: damping stays tiny (relative, absolute) and can never beat the eigenvalue −1
-    hopeless = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
-    with pytest.raises(torch.linalg.LinAlgError):
-        cholesky(hopeless)
-    with pytest.raises(torch.linalg.LinAlgError):
-        cholesky(_rotated([1.0, 1.0, -1e-7]), max_tries=2)  # would need a third try
-
-
-def test_spd_solve_and_inverse():
-    a = _rotated([1.0, 3.0, 0.2, 7.0], seed=3)
-    rhs = torch.randn(4, generator=_gen(4), dtype=torch.float64)
-    torch.testing.assert_close(spd_solve(a, rhs), torch.linalg.solve(a, rhs))
-    rhs2 = torch.randn(4, 3, generator=_gen(5), dtype=torch.float64)
-    torch.testing.assert_close(spd_solve(a, rhs2), torch.linalg.solve(a, rhs2))
-    torch.testing.assert_close(spd_inverse(a), torch.linalg.inv(a))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,3 +166,149 @@ def test_refit_columns_is_the_least_squares_solution_and_beats_the_mask():
     mask = torch.zeros(10, dtype=torch.float64)
     mask[keep] = solve_mask(coeff, keep)
     assert refit_relative_error(w, gram, keep, new) <= relative_error(coeff, mask) + 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the blend of mask tuning and the full refit (ridge towards the mask solution) and its held-out choice
+# ---------------------------------------------------------------------------------------------------------
+
+def _blend_problem(tokens: int, d_in: int = 12, d_out: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g, dtype=torch.float64) / d_in ** 0.5 + torch.eye(d_in, dtype=torch.float64)
+    x = torch.randn(tokens, d_in, generator=g, dtype=torch.float64) @ mix  # correlated inputs (tokens, d_in)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    keep = torch.ones(d_in, dtype=torch.bool)
+    keep[[1, 4, 7, 10]] = False
+    return x, w, keep
+
+
+def _anchor(w, gram, keep):
+    mask = solve_mask(coefficient_matrix(w, gram) + 1e-9 * torch.eye(w.shape[1], dtype=torch.float64), keep)
+    return w[:, keep] * mask
+
+
+def test_ridge_refit_is_the_augmented_least_squares():
+    x, w, keep = _blend_problem(200)
+    gram = x.T @ x
+    anchor = _anchor(w, gram, keep)
+    ridge = 0.05
+    lam = ridge * float(gram[keep][:, keep].diagonal().mean())
+    # brute force: stack [X_U; sqrt(lam) I] and targets [W X; sqrt(lam) A] row by row
+    design = torch.cat([x[:, keep], lam ** 0.5 * torch.eye(int(keep.sum()), dtype=torch.float64)])
+    target = torch.cat([x @ w.T, lam ** 0.5 * anchor.T])
+    brute = torch.linalg.lstsq(design, target).solution.T
+    torch.testing.assert_close(ridge_refit(w, gram, keep, anchor, ridge), brute, rtol=1e-9, atol=1e-9)
+
+
+def test_ridge_refit_ends_are_the_refit_and_the_mask():
+    x, w, keep = _blend_problem(400)
+    gram = x.T @ x
+    anchor = _anchor(w, gram, keep)
+    refit = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T
+    torch.testing.assert_close(ridge_refit(w, gram, keep, anchor, 1e-12), refit, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ridge_refit(w, gram, keep, anchor, 1e9), anchor, rtol=1e-6, atol=1e-6)
+    # the refit never fits the calibration worse than the blend, the blend never worse than the mask
+    errors = [refit_relative_error(w, gram, keep, ridge_refit(w, gram, keep, anchor, r)) for r in (1e-9, 0.1, 1e9)]
+    assert errors[0] <= errors[1] <= errors[2]
+
+
+def test_choose_ridge_held_out_errors_equal_direct_fits():
+    x, w, keep = _blend_problem(300)
+    fold_a, fold_b = x[0::2], x[1::2]
+    folds = (fold_a.T @ fold_a, fold_b.T @ fold_b)
+    anchor = _anchor(w, folds[0] + folds[1], keep)
+    choice = choose_ridge(w, folds, keep, anchor, grid=(0.01, 0.3))
+    for r in (0.01, 0.3):
+        direct = (refit_relative_error(w, folds[1], keep, ridge_refit(w, folds[0], keep, anchor, r))
+                  + refit_relative_error(w, folds[0], keep, ridge_refit(w, folds[1], keep, anchor, r))) / 2
+        assert choice.heldout[r] == pytest.approx(direct, rel=1e-7)
+    mask = (refit_relative_error(w, folds[1], keep, anchor) + refit_relative_error(w, folds[0], keep, anchor)) / 2
+    assert choice.mask_heldout == pytest.approx(mask, rel=1e-9)
+    best = min(choice.heldout.values())
+    assert choice.ridge == (min(choice.heldout, key=choice.heldout.get) if best < mask else math.inf)
+
+
+def test_choose_ridge_follows_the_tokens_per_column():
+    """Plenty of tokens: a weak ridge (close to the refit) wins on held-out data. Fewer tokens per fold than
+    kept columns: the refit interpolates noise, so the choice moves to a strong ridge or the mask itself."""
+    x, w, keep = _blend_problem(4000, d_in=24, d_out=6, seed=1)
+    w_true = w.clone()
+    noise = torch.Generator().manual_seed(9)
+    # the layer's real inputs carry a nonlinear part the kept columns can partly explain
+    x = x + 0.3 * torch.tanh(x).roll(1, dims=1) + 0.05 * torch.randn(x.shape, generator=noise, dtype=torch.float64)
+
+    def choice_for(tokens: int):
+        part = x[:tokens]
+        folds = (part[0::2].T @ part[0::2], part[1::2].T @ part[1::2])
+        return choose_ridge(w_true, folds, keep, _anchor(w_true, folds[0] + folds[1], keep))
+
+    rich, poor = choice_for(4000), choice_for(24)
+    assert rich.ridge <= 0.01
+    assert poor.ridge >= 0.3
+    assert min(rich.heldout.values()) < rich.mask_heldout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# properties (hypothesis): checked on generated inputs instead of a few hand-picked ones
+# ---------------------------------------------------------------------------------------------------------
+
+FAST = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+@st.composite
+def dense_problems(draw):
+    d_out, d_in = draw(st.integers(1, 12)), draw(st.integers(2, 16))
+    tokens = draw(st.integers(1, 48))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    x = torch.randn(tokens, d_in, generator=generator, dtype=torch.float64)  # (N, d_in)
+    n_removed = draw(st.integers(1, d_in - 1))
+    order = torch.randperm(d_in, generator=generator)
+    damp = draw(st.sampled_from([1e-8, 1e-4, 1e-2, 0.1]))
+    return weight, x, order, n_removed, damp
+
+
+@FAST
+@given(dense_problems())
+def test_mask_tuning_never_increases_the_calibration_reconstruction_error(case):
+    weight, x, order, n_removed, damp = case
+    coeff = coefficient_matrix(weight, x.T @ x)  # undamped: the error the calibration sees
+    keep = order[n_removed:]
+    untuned = torch.zeros(coeff.shape[0], dtype=coeff.dtype)
+    untuned[keep] = 1.0
+    tuned = untuned.clone()
+    tuned[keep] = solve_mask(damped(coeff, damp), keep)
+    before, after = reconstruction_error(coeff, untuned), reconstruction_error(coeff, tuned)
+    assert after <= before * (1 + 1e-9) + 1e-9 * float(coeff.diagonal().sum())
+
+
+@FAST
+@given(dense_problems())
+def test_the_mask_path_equals_a_fresh_solve_at_every_prefix(case):
+    weight, x, order, n_removed, damp = case
+    coeff = damped(coefficient_matrix(weight, x.T @ x), damp)
+    path = mask_path(coeff, order, n_removed, keep_masks=True)
+    plain = mask_variance_plain(coeff, order, n_removed)
+    assert torch.allclose(path.variance, plain, rtol=1e-5, atol=1e-10)
+    for k in range(n_removed + 1):
+        reference = solve_mask(coeff, path.keep_index(k))
+        assert torch.allclose(path.mask(k), reference, rtol=1e-6, atol=1e-8)
+
+
+@FAST
+@given(st.integers(3, 12), st.integers(0, 2**31 - 1))
+def test_the_mask_path_stays_exact_when_the_cholesky_needs_more_damping(d_in, seed):
+    """A dead input (a zero weight column) makes C singular: the factorisation retries with damping, and the
+    path must then solve the damped system on both sides, as solve_mask on that same matrix does."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(4, d_in, generator=generator, dtype=torch.float64)
+    weight[:, seed % d_in] = 0.0
+    x = torch.randn(32, d_in, generator=generator, dtype=torch.float64)
+    coeff = coefficient_matrix(weight, x.T @ x)
+    _, retry = cholesky(coeff)
+    assert retry > 0
+    order = torch.randperm(d_in, generator=generator)
+    path = mask_path(coeff, order, d_in - 1, keep_masks=True)
+    system = damped(coeff, retry)  # what the path factorised
+    for k in range(d_in):
+        assert torch.allclose(path.mask(k), solve_mask(system, path.keep_index(k)), rtol=1e-6, atol=1e-6), k

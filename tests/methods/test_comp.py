@@ -1,4 +1,5 @@
-"""End to end on tiny random models of every supported architecture: adapters, capture/replay, prune, analyze."""
+"""COMP (comp_core.methods.comp.run) end to end on tiny random models of every supported architecture: prune,
+analyze, configuration variants, regressions, and reallocating a plan to another ratio."""
 from __future__ import annotations
 
 import functools
@@ -6,15 +7,11 @@ import functools
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from comp_core import CompConfig, ImpossibleRatioError, UnsupportedModelError, analyze, count_parameters, get_adapter, prune
-from comp_core.loop.capture import calibration_context, capture_block_inputs, replay, run_block
-from comp_core.loop.importance import capture_with_importances, layer_importances
-from comp_core.loop.stats import collect_block_stats
+from comp_core import CompConfig, ImpossibleRatioError, analyze, count_parameters, get_adapter, prune, reallocate
 from comp_core.models.surgery import IndexedInputLinear
 
-from tests.helpers import ARCHS, LLAMA_FAMILY_ARCHS, N_LAYERS, make_calib, make_tiny_model
+from tests.helpers import ARCHS, N_LAYERS, make_calib, make_tiny_model
 
 
 by_arch = pytest.mark.parametrize("arch", ARCHS)
@@ -64,136 +61,6 @@ def _pruned(arch: str, **changes) -> tuple:
     cfg = CompConfig(**{"ratio": 0.3, "remove_layers": 1, "dense_kinds": None, **changes})
     pruned, result = prune(model, make_calib(), cfg)
     return model, before, pruned, result
-
-
-# ---------------------------------------------------------------------------------------------------------
-# adapters
-# ---------------------------------------------------------------------------------------------------------
-
-@by_arch
-def test_get_adapter_picks_the_family(arch, tiny_model):
-    adapter = get_adapter(tiny_model)
-    assert adapter.family == ("llama" if arch in LLAMA_FAMILY_ARCHS else "opt")
-    assert len(adapter.blocks(tiny_model)) == N_LAYERS
-    for spec in adapter.denses:
-        assert isinstance(adapter.dense(adapter.blocks(tiny_model)[0], spec.name), nn.Linear)
-    assert {n for group in adapter.input_groups for n in group} == {d.name for d in adapter.denses}
-
-
-def test_unsupported_model_names_what_is_missing():
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=512, bos_token_id=0,
-                                      eos_token_id=1))
-    with pytest.raises(UnsupportedModelError) as err:
-        get_adapter(gpt2)
-    message = str(err.value)
-    assert "gpt2" in message
-    assert "`layers`" in message and "`decoder.layers`" in message
-    assert isinstance(err.value, ValueError)
-
-
-def test_model_missing_denses_is_explained():
-    model = make_tiny_model("llama")
-    del model.model.layers[0].mlp.gate_proj
-    with pytest.raises(UnsupportedModelError, match="block 0 lacks mlp.gate_proj"):
-        get_adapter(model)
-    model = make_tiny_model("llama")
-    model.model.layers[0].self_attn.q_proj = nn.Identity()
-    with pytest.raises(UnsupportedModelError, match="self_attn.q_proj are not nn.Linear"):
-        get_adapter(model)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# capture / replay / Gram hooks
-# ---------------------------------------------------------------------------------------------------------
-
-@by_arch
-def test_replayed_blocks_reproduce_final_hidden_state(arch, tiny_model, calib):
-    adapter = get_adapter(tiny_model)
-    seen = []
-    handle = _final_norm(tiny_model).register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            tiny_model(input_ids=calib, use_cache=False)
-    finally:
-        handle.remove()
-    reference = seen[0]  # (8, 32, 64): input of the final norm = output of the last block
-
-    with calibration_context(tiny_model):
-        inputs = capture_block_inputs(tiny_model, adapter, calib, batch_size=3)  # batches of 3, 3, 2
-        assert [h.shape[0] for h in inputs.hidden] == [3, 3, 2]
-        outputs = []
-        for b, hidden in enumerate(inputs.hidden):
-            h = hidden
-            for block in adapter.blocks(tiny_model):
-                h = run_block(block, h, inputs.kwargs_for(block, b))
-            outputs.append(h)
-    replayed = torch.cat(outputs)
-    assert replayed.shape == reference.shape
-    assert float((replayed - reference).abs().max()) < 1e-5
-    assert not any(m._forward_pre_hooks for m in tiny_model.modules())
-
-
-@by_arch
-def test_capture_measures_the_layer_importances_a_replay_would(arch, tiny_model, calib):
-    """The capture forward's importances (no pass of their own) equal those of replaying every block."""
-    adapter = get_adapter(tiny_model)
-    blocks = list(adapter.blocks(tiny_model))
-    with calibration_context(tiny_model):
-        inputs, fused = capture_with_importances(tiny_model, adapter, calib, batch_size=3)
-        replayed = layer_importances(blocks, list(range(len(blocks))), inputs)
-    assert sorted(fused) == list(range(N_LAYERS))
-    for i in range(N_LAYERS):
-        assert 0.0 < fused[i] < 2.0
-        assert fused[i] == pytest.approx(replayed[i], rel=1e-6, abs=1e-9), i
-    assert len(set(round(v, 9) for v in fused.values())) > 1  # real, layer-specific measurements
-    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny_model.modules())
-
-
-@by_arch
-def test_collect_input_grams_sums_dense_inputs_and_leaves_no_hooks(arch, tiny_model, calib):
-    adapter = get_adapter(tiny_model)
-    block = adapter.blocks(tiny_model)[2]
-    with calibration_context(tiny_model):
-        inputs = capture_block_inputs(tiny_model, adapter, calib, batch_size=4)
-        hidden = inputs.hidden
-        for b0 in adapter.blocks(tiny_model)[:2]:
-            hidden = replay(b0, hidden, [inputs.kwargs_for(b0, b) for b in range(len(hidden))])
-        kwargs = [inputs.kwargs_for(block, b) for b in range(len(hidden))]
-        # reference: the real inputs of every dense, recorded by our own hooks
-        recorded: dict[str, list[torch.Tensor]] = {d.name: [] for d in adapter.denses}
-        handles = [adapter.dense(block, d.name).register_forward_pre_hook(
-            lambda _m, args, name=d.name: recorded[name].append(args[0].reshape(-1, args[0].shape[-1]).double()))
-            for d in adapter.denses]
-        try:
-            with collect_block_stats(block, adapter) as grams:
-                replay(block, hidden, kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-    assert set(grams) == {d.name for d in adapter.denses}
-    for group in adapter.input_groups:
-        assert all(grams[n] is grams[group[0]] for n in group)  # one accumulator per shared input
-    for d in adapter.denses:
-        x = torch.cat(recorded[d.name])
-        assert grams[d.name].n_tokens == calib.numel() == x.shape[0]
-        x = x.double()  # float32 products per batch (stats.PRODUCT_DTYPE), float64 sums
-        torch.testing.assert_close(grams[d.name].gram, x.T @ x, rtol=1e-5, atol=1e-6 * float((x * x).sum(0).max()))
-    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny_model.modules())
-
-    # hooks are removed even when the body raises
-    with pytest.raises(RuntimeError, match="boom"):
-        with collect_block_stats(block, adapter):
-            raise RuntimeError("boom")
-    assert not any(m._forward_pre_hooks for m in tiny_model.modules())
-
-
-def test_calibration_context_restores_mode_and_cache_flag():
-    model = make_tiny_model("llama").train()
-    model.config.use_cache = True
-    with calibration_context(model):
-        assert not model.training and model.config.use_cache is False and not torch.is_grad_enabled()
-    assert model.training and model.config.use_cache is True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -508,3 +375,67 @@ def test_analyze_predicts_prune_with_accumulated_inputs(arch):
     plan = analyze(model, make_calib(), cfg)
     _, _, _, result = _pruned(arch, inputs="accumulated")
     assert _signature(plan) == _signature(result.plan)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reallocate: what-if re-allocation from a plan equals what a fresh analysis decides
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_and_plan():
+    model = make_tiny_model("llama", num_hidden_layers=8)
+    samples = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
+    plan = analyze(model, samples, CompConfig(ratio=0.45, remove_layers=3, dense_kinds=None))
+    return model, samples, plan
+
+
+@pytest.mark.parametrize("ratio, n_remove", [(0.3, 0), (0.3, 1), (0.4, 2), (0.45, 3)])
+def test_reallocate_matches_fresh_analysis(model_and_plan, ratio, n_remove):
+    model, samples, plan = model_and_plan
+    removed, ratios = reallocate(plan, ratio, n_remove)
+    fresh = analyze(model, samples, CompConfig(ratio=ratio, remove_layers=n_remove, dense_kinds=None))
+    assert removed == fresh.removed_layers
+    assert ratios.keys() == fresh.layer_ratios.keys()
+    for layer, value in ratios.items():
+        assert value == pytest.approx(fresh.layer_ratios[layer], rel=1e-9)
+    budget = ratio * plan.params_total - sum(plan.layer_params[i] for i in removed)
+    assert sum(r * plan.layer_params[i] for i, r in ratios.items()) == pytest.approx(budget, rel=1e-9)
+
+
+def test_reallocate_errors(model_and_plan):
+    _, _, plan = model_and_plan
+    with pytest.raises(ValueError, match="only 3 removals"):
+        reallocate(plan, 0.3, 4)
+    with pytest.raises(ImpossibleRatioError):
+        reallocate(plan, 0.95, 0)
+    with pytest.raises(ImpossibleRatioError):
+        reallocate(plan, 0.01, 3)  # three removed layers alone exceed 1 %
+
+
+def test_unknown_dense_kind_is_named(model_and_plan):
+    model, samples, _ = model_and_plan
+    with pytest.raises(ValueError, match="fc9.*q, k, v, o, gate, up, down"):
+        analyze(model, samples, CompConfig(ratio=0.2, dense_kinds=("down", "fc9")))
+
+
+def test_fisher_analysis_runs_on_the_layer_removed_model_and_restores_it(model_and_plan):
+    model, samples, _ = model_and_plan
+    blocks_before = list(model.model.layers)
+    plan = analyze(model, samples, CompConfig(ratio=0.3, remove_layers=2, score="fisher", dense_kinds=None))
+    assert list(model.model.layers) == blocks_before and model.config.num_hidden_layers == 8
+    assert all(p.grad is None for p in model.parameters())
+    scored = [d for d in plan.dense_reports if d.kind == "down"]
+    assert scored and all(d.scores.shape == (128,) and bool((d.scores >= 0).all()) for d in scored)
+    assert all(float(d.scores.sum()) > 0 for d in scored)
+
+
+@pytest.mark.parametrize("refit, n_samples, expected", [("always", 6, "refit"), ("auto", 64, "refit"),
+                                                          ("auto", 2, "mask"), ("never", 64, "mask")])
+def test_refit_policy_follows_calibration_size(model_and_plan, refit, n_samples, expected):
+    model, _, _ = model_and_plan
+    samples = torch.randint(0, 512, (n_samples, 32), generator=torch.Generator().manual_seed(3))
+    _, result = prune(model, samples, CompConfig(ratio=0.2, remove_layers=0, refit=refit, refit_tokens_per_input=8))
+    pruned = [d for d in result.plan.dense_reports if d.n_removed > 0]
+    assert pruned and all(d.compensation == expected for d in pruned)
+    assert all(d.error_tuned <= d.error_no_tuning + 1e-9 for d in pruned)
+    assert abs(result.realised_ratio - 0.2) <= 0.01

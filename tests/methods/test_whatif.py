@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from comp_core import CompConfig, analyze, count_parameters
+from comp_core import CompConfig, analyze, count_parameters, prune
 from comp_core.methods import prune_with
 from comp_core.methods.comp.whatif import (analyze_nearest, changed_settings, feasible_ratio, neuron_maps, removal_path,
                               stale_reasons, what_if)
+from comp_core.models.adapters import get_adapter
+from comp_core.models.surgery import IndexedInputLinear
 from tests.helpers import make_calib, make_tiny_model
 
 
@@ -151,3 +153,28 @@ def test_neuron_maps_shape_every_analysed_dense(plan):
     report = plan.dense(next(iter(plan.layer_ratios)), "down")
     assert int(pruned[report.layer].sum()) == report.n_removed
     assert np.isfinite(scores[report.layer]).all()
+
+
+# an already pruned source: the neuron maps read its denses in original coordinates
+
+@pytest.fixture(scope="module")
+def pruned_once():
+    model, calib = make_tiny_model("llama"), make_calib()
+    pruned, _ = prune(model, calib, CompConfig(ratio=0.2, remove_layers=0))
+    indexed = {i: block.self_attn.o_proj for i, block in enumerate(get_adapter(pruned).blocks(pruned))
+               if isinstance(block.self_attn.o_proj, IndexedInputLinear)}
+    assert indexed, "the first pruning should leave o_proj reading only some of its inputs"
+    return pruned, calib, indexed
+
+
+def test_neuron_map_puts_scores_and_cuts_of_a_pruned_source_in_original_coordinates(pruned_once):
+    pruned, calib, indexed = pruned_once
+    plan = analyze(pruned, calib, CompConfig(ratio=0.1, remove_layers=0))
+    scores, cut = neuron_maps(plan)["o"]
+    for layer, o_proj in indexed.items():
+        kept = np.zeros(scores.shape[1], dtype=bool)
+        kept[o_proj.input_index.numpy()] = True
+        assert np.isfinite(scores[layer, kept]).all()  # every input it still reads has its score there
+        assert np.isnan(scores[layer, ~kept]).all()  # the inputs the first pruning removed have none
+        assert not cut[layer, ~kept].any()  # and cannot be cut again
+        assert cut[layer].sum() == next(d.n_removed for d in plan.dense_reports if d.layer == layer and d.kind == "o")

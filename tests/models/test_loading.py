@@ -321,3 +321,29 @@ def test_gguf_path_loads_dequantised():
     loaded = load_model(str(path))
     assert loaded.kind == "gguf" and loaded.source == str(path.resolve()) and not loaded.cached
     _check_smollm2(loaded.model)
+
+
+# ------------------------------------------------------------------------------------------- loaded weights
+
+
+def _mapped_file(address: int) -> str:
+    """The file behind the memory mapping holding ``address`` ('' for anonymous memory)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 else ""
+    return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_loaded_weights_are_owned_and_stay_tied(tiny_folder):
+    """Weights left in the safetensors mapping stay resident beside their pruned replacements."""
+    from comp_core import load_model
+
+    model = load_model(str(tiny_folder)).model
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    files = {_mapped_file(p.data_ptr()) for p in model.parameters()}
+    assert not any(f.endswith(".safetensors") for f in files), files
