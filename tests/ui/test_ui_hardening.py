@@ -1,6 +1,6 @@
 """The GUI under interruption and concurrent use, without the data folder, and its security defaults.
 
-Event handlers are called directly on a tiny Llama folder (as tests/test_ui_handlers.py does); the server is
+Event handlers are called directly on a tiny Llama folder (as tests/ui/test_ui_handlers.py does); the server is
 started only where serving is the point. Calibration is data-free or the shipped sample text, so every test here
 runs on a fresh machine.
 """
