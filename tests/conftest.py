@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
+# the builders live in tests/helpers.py; the names stay importable from here (tests.conftest) for older imports
 from tests.helpers import (ARCHS, CALIB_SHAPE, DATA, LLAMA_FAMILY_ARCHS, N_LAYERS, VOCAB,  # noqa: F401
                            make_calib, make_config, make_tiny_model, save_tiny_folder)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, OPTForCausalLM, PreTrainedModel, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, OPTForCausalLM, PreTrainedModel, Qwen3ForCausalLM
 
 import comp_core
 import comp_core.export.folder  # registers comp_<type> with the Auto classes (the package __init__ may do it too)
@@ -117,10 +117,7 @@ def test_plain_import_comp_core_is_enough(tmp_path):
 
 
 def test_tied_embeddings_stay_tied(tmp_path):
-    config = make_config("llama")
-    config.tie_word_embeddings = True
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = make_tiny_model("llama", tie_word_embeddings=True)
     pruned, _ = prune(model, samples(), CompConfig(ratio=0.3, remove_layers=1))
     out = save_pruned(pruned, None, tmp_path / "m")
     loaded, _ = load_pruned(out)

@@ -380,12 +380,7 @@ def test_block_without_mlp_matches_in_llama_cpp(tmp_path):
 @needs_llama_cpp
 def test_biases_match_in_llama_cpp(tmp_path):
     """Llama's attention_bias / mlp_bias (q/k biases permuted like their rows) and FLAP's added output biases."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
-                                         mlp_bias=True)).eval()
+    model = make_tiny_model("llama", num_hidden_layers=4, attention_bias=True, mlp_bias=True)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):

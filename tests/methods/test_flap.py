@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import OPTForCausalLM
 
 import comp_core.export.folder  # noqa: F401  (registers comp_<type>)
 from comp_core.loop.capture import calibration_context
@@ -22,7 +21,7 @@ from comp_core.loop.stats import InputStats, collect_block_stats
 from comp_core.models.structure import AttentionUnits, dense_by_kind, mlp_consumer
 from comp_core.models.surgery import add_output_bias
 
-from tests.helpers import ARCHS, LLAMA_FAMILY_ARCHS, make_calib, make_config, make_tiny_model
+from tests.helpers import ARCHS, LLAMA_FAMILY_ARCHS, make_calib, make_tiny_model
 
 TOL = 1e-4
 
@@ -222,10 +221,7 @@ def test_apply_block_cut_reproduces_block_output_for_constant_channels():
 def test_flap_removes_constant_channels_first_and_exactly():
     # one block: zero-variance channels score lowest within their layer (standardised −mean/std), but not
     # necessarily below another layer's weakest channels, so the global ranking is only certain per layer
-    config = make_config("opt")
-    config.num_hidden_layers = 1
-    torch.manual_seed(0)
-    model = OPTForCausalLM(config).eval()
+    model = make_tiny_model("opt", num_hidden_layers=1)
     constant = [3, 17, 64, 100]
     _make_constant_channels(model, constant)
     adapter = get_adapter(model)
