@@ -1,11 +1,7 @@
-"""Shared fixtures: tiny randomly initialised causal LMs of every supported architecture (no downloads).
+"""Shared fixtures and hooks; what they build comes from tests/helpers.py (import builders from there).
 
-Every model has 6 blocks, a 64-wide hidden state, a 128-wide MLP and a 512-token vocabulary, built from
-its config with ``torch.manual_seed(0)`` and put in eval mode. The weights are the architectures' own
-random initialisation, unscaled.
-
-``ARCHS`` lists the architecture names; the ``arch`` fixture is parametrised over it, so any test that
-asks for ``tiny_model`` runs once per architecture unless it parametrises ``arch`` itself.
+The ``arch`` fixture is parametrised over ``ARCHS``, so any test that asks for ``tiny_model`` runs once per
+architecture unless it parametrises ``arch`` itself.
 """
 from __future__ import annotations
 
@@ -16,48 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig,
-                          OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
-LLAMA_FAMILY_ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
-
-VOCAB = 512
-N_LAYERS = 6
-CALIB_SHAPE = (8, 32)
-
-_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
-                   num_attention_heads=4, num_key_value_heads=2)
-
-
-def make_config(arch: str):
-    if arch == "llama":
-        return LlamaConfig(**_LLAMA_LIKE)
-    if arch == "mistral":
-        return MistralConfig(**_LLAMA_LIKE, sliding_window=None)
-    if arch == "qwen2":
-        return Qwen2Config(**_LLAMA_LIKE)
-    if arch == "qwen3":
-        return Qwen3Config(**_LLAMA_LIKE, head_dim=16)
-    if arch == "opt":
-        return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=N_LAYERS,
-                         num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=128)
-    raise ValueError(f"unknown test architecture '{arch}'")
-
-
-_CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM,
-            "qwen3": Qwen3ForCausalLM, "opt": OPTForCausalLM}
-
-
-def make_tiny_model(arch: str, seed: int = 0) -> nn.Module:
-    """A fresh tiny causal LM of ``arch``, seeded, in eval mode."""
-    torch.manual_seed(seed)
-    return _CLASSES[arch](make_config(arch)).eval()
-
-
-def make_calib(seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, CALIB_SHAPE, generator=generator)
+# the builders live in tests/helpers.py; the names stay importable from here (tests.conftest) for older imports
+from tests.helpers import (ARCHS, CALIB_SHAPE, DATA, LLAMA_FAMILY_ARCHS, N_LAYERS, VOCAB,  # noqa: F401
+                           make_calib, make_config, make_tiny_model, save_tiny_folder)
 
 
 # the fixtures that hold the bundled model: every test using them (and every integration test) runs on one
@@ -103,22 +61,12 @@ def one_thread(request):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     """A tiny Llama saved as a model folder with the tiny tokenizer: what a user points ``--model`` at."""
-    try:
-        from tiny_tokenizer import make_tiny_tokenizer
-    except ImportError:  # tests/ imported as a package
-        from tests.tiny_tokenizer import make_tiny_tokenizer
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    make_tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny-llama"), max_position_embeddings=256)
 
 
 # ------------------------------------------------------------------ the bundled model, shared by integration tests
 
-BUNDLED_DATA = Path(os.environ.get("COMP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+BUNDLED_DATA = DATA
 
 
 @pytest.fixture(scope="session")

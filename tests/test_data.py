@@ -9,15 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from comp_core import data
 from comp_core.data import DataError, get_calibration, get_eval_text, get_eval_tokens, load_texts
 
-try:
-    from tiny_tokenizer import BOS_ID, make_tiny_tokenizer
-except ImportError:  # tests/ imported as a package
-    from tests.tiny_tokenizer import BOS_ID, make_tiny_tokenizer
+from tests.helpers import BOS_ID, make_tiny_tokenizer, small_llama
 
 
 def _shared_data() -> Path | None:
@@ -329,17 +325,8 @@ def test_ptb_calibration_reads_gzipped_train_split(tok, monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------------------- data-free
 
 
-def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
-
-
 def test_data_free_calibration(tok):
-    model = _tiny_llama()
+    model = small_llama()
     model.train()
     a = get_calibration("data-free", tok, n_samples=3, seq_len=12, seed=0, model=model)
     b = get_calibration("data-free", tok, n_samples=3, seq_len=12, seed=0, model=model)
@@ -361,7 +348,7 @@ class _NoBosTokenizer:
 
 
 def test_data_free_without_bos_starts_from_random_tokens():
-    model = _tiny_llama()
+    model = small_llama()
     tok = _NoBosTokenizer()
     samples = get_calibration("data-free", tok, n_samples=4, seq_len=5, seed=0, model=model)
     assert samples.shape == (4, 5) and int(samples.max()) < 512

@@ -1,0 +1,35 @@
+"""comp_core.loop.fisher: the Fisher score reads the denses of an already pruned source in their own coordinates."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comp_core import CompConfig, prune
+from comp_core.models.adapters import get_adapter
+from comp_core.models.surgery import IndexedInputLinear
+
+from tests.helpers import make_calib, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def pruned_once():
+    model, calib = make_tiny_model("llama"), make_calib()
+    pruned, _ = prune(model, calib, CompConfig(ratio=0.2, remove_layers=0))
+    indexed = {i: block.self_attn.o_proj for i, block in enumerate(get_adapter(pruned).blocks(pruned))
+               if isinstance(block.self_attn.o_proj, IndexedInputLinear)}
+    assert indexed, "the first pruning should leave o_proj reading only some of its inputs"
+    return pruned, calib, indexed
+
+
+def test_fisher_scores_a_model_that_is_already_pruned(pruned_once):
+    from comp_core.loop.fisher import collect_fisher
+
+    pruned, calib, indexed = pruned_once
+    adapter = get_adapter(pruned)
+    scores = collect_fisher(pruned, adapter, calib[:2], sorted(indexed))
+    for (layer, name), value in scores.items():
+        assert value.numel() == adapter.dense(adapter.blocks(pruned)[layer], name).weight.shape[1], (layer, name)
+    again, result = prune(pruned, calib, CompConfig(ratio=0.1, remove_layers=0, score="fisher"))
+    assert result.realised_ratio == pytest.approx(0.1, abs=0.01)
+    with torch.no_grad():
+        assert torch.isfinite(again(calib[:1]).logits).all()
