@@ -91,7 +91,7 @@ def write_results(sections: list[Section], quick: bool, out: Path, seconds: floa
         "is rewritten by every run, do not edit it by hand.",
         "",
         "Zero-shot accuracy comes from lm-evaluation-harness itself (`comp_core.evaluate.zeroshot` wraps the loaded model "
-        "in its HFLM and runs its task configs on the local copies); `tests/test_zeroshot.py::"
+        "in its HFLM and runs its task configs on the local copies); `tests/evaluate/test_zeroshot.py::"
         "test_eval_tasks_equals_a_plain_harness_run` checks that our command and a plain `lm_eval` run over the "
         "same data give identical metrics.",
         "",

@@ -21,7 +21,7 @@ diagonal; U = the upper Cholesky factor of H⁻¹, so that for the columns F = {
   for unstructured, as SparseGPT does; the solves run in float64.
 
 With one block covering every column, APT's result is the exact least-squares refit of the kept weights
-(``least_squares_given_mask``), tested in tests/test_obs.py.
+(``least_squares_given_mask``), tested in tests/math/test_obs_solvers.py.
 """
 from __future__ import annotations
 

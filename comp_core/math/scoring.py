@@ -44,7 +44,7 @@ def condition_score(coeff: torch.Tensor, damp: float = 0.0) -> torch.Tensor:
     f(1 − e_j) − f(1) ≈ −g_j + ½ H_jj, with the Hessian replaced by its diagonal empirical-Fisher
     approximation H ≈ diag(g ⊙ g), gives the predicted change Δ̂_j = −g_j + ½ g_j². The score is its
     magnitude |Δ̂_j|: a neuron whose removal would move the conditioning of the re-tuning problem a lot
-    is one the mask solve depends on, so it is kept. ``tests/test_scoring.py`` checks on random matrices
+    is one the mask solve depends on, so it is kept. ``tests/math/test_scoring.py`` checks on random matrices
     that |Δ̂| ranks neurons by the true |Δ log κ| better than chance.
     """
     eigvals, eigvecs = torch.linalg.eigh(coeff)  # ascending
