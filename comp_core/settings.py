@@ -146,6 +146,20 @@ def chosen_dense_kinds(ticked: Iterable[str] | None, all_kinds: Sequence[str] | 
 # ------------------------------------------------------------------------------------------- evaluation
 
 
+def parse_count(value: str | float | None, what: str) -> int | None:
+    """How many windows or items to use: a whole number; empty or < 1 means all (None)."""
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        count = float(value)
+        if not count.is_integer():
+            raise ValueError
+    except (TypeError, ValueError):
+        raise SettingsError(f"{what} must be a whole number (0 or empty = all), got '{value}'") from None
+    return int(count) if count >= 1 else None
+
+
+
 def parse_eval_sets(value: str | Iterable | None) -> tuple[str, ...]:
     """Perplexity sets: "wikitext2,ptb" or a sequence, each one of :data:`EVAL_SETS`."""
     names = tuple(dict.fromkeys(_parts(value)))

@@ -11,7 +11,7 @@ from comp_core import CompConfig, cli
 from comp_core.evaluate.report import EvalReport, SpeedSettings, evaluate_model
 from comp_core.methods import make_settings
 from comp_core.methods.comp import PAPER_SETTINGS
-from comp_core.settings import (COMPARE_METHODS, EVAL_SETS, SettingsError, parse_assignment, parse_eval_sets,
+from comp_core.settings import (COMPARE_METHODS, EVAL_SETS, SettingsError, parse_assignment, parse_count, parse_eval_sets,
                                 parse_layers, parse_overrides, parse_ratio, parse_ratios, parse_remove_layers,
                                 parse_sparsities, parse_sparsity, settings_for, split_per_method)
 
@@ -76,6 +76,9 @@ def test_protected_layers_refuse_what_the_model_lacks():
 
 
 def test_other_controls():
+    assert [parse_count(v, "Windows") for v in ("8", 8.0, "", None, 0, "-1")] == [8, 8, None, None, None, None]
+    with pytest.raises(SettingsError, match="Windows must be a whole number"):
+        parse_count("eight", "Windows")
     assert parse_remove_layers("2") == 2 and parse_remove_layers("auto") == "auto"
     with pytest.raises(SettingsError, match=">= 0"):
         parse_remove_layers("-2")

@@ -192,13 +192,14 @@ def test_evaluate_zero_shot_adds_accuracy_columns_and_reuses_the_original(folder
     """Evaluate with tasks: acc columns for both rows, the original scored once per (task, limit)."""
     monkeypatch.setattr(common, "ZEROSHOT_QUICK_LIMIT", 4)
     calls = []
-    real = runs._zeroshot
+    real = runs.evaluate_model
 
-    def counting(model, tokenizer, tasks, limit):
-        calls.append((tuple(tasks), limit))
-        return real(model, tokenizer, tasks, limit)
+    def counting(model, tokenizer, **kwargs):
+        if kwargs.get("tasks"):
+            calls.append((tuple(kwargs["tasks"]), kwargs["task_limit"]))
+        return real(model, tokenizer, **kwargs)
 
-    monkeypatch.setattr(runs, "_zeroshot", counting)
+    monkeypatch.setattr(runs, "evaluate_model", counting)
     session = Session()
     runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
     status, table, _ = runs.run_evaluate(session, [], "quick", False, ["boolq", "piqa"], progress=no_progress)

@@ -263,15 +263,6 @@ def _outputs(session: Session, status: str, select=None):
     return status, compare_table(session), compare_figure(session), gr.update(choices=choices, value=value)
 
 
-def count_or_all(value, message: str) -> int | None:
-    """A count from a number box: None (= all) for empty or < 1; ``message`` when it is not a number."""
-    try:
-        count = int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        raise common.fail(message, "Cannot do that") from None
-    return count if count is not None and count >= 1 else None
-
-
 def _grid_text(ratios: list[float], sparsities: list[str]) -> str:
     """"ratios 20%, 30% · sparsities 0.5, 2:4" (the targets the methods ran at)."""
     parts = ([f"ratios {', '.join(f'{r:.0%}' for r in ratios)}"] if ratios else []) + (
@@ -305,9 +296,9 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
     eval_sets = [d for d in (eval_sets or []) if d in common.EVAL_SETS]
     if not eval_sets:
         raise common.fail("Tick at least one evaluation data set.", "Nothing to compare")
-    n_windows = count_or_all(windows, "Windows must be a whole number (0 or empty = the whole test set).")
+    n_windows = settings.parse_count(windows, "Windows")
     tasks = list(tasks or [])
-    task_limit = count_or_all(task_items, "Items per task must be a whole number (0 = every item).")
+    task_limit = settings.parse_count(task_items, "Items per task")
     bridge = common.Bridge(progress, session)
     no_views = (gr.update(),) * 5  # the plan views and the model card
     started = time.perf_counter()
