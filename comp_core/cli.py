@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export_gguf(args: argparse.Namespace) -> dict:
-    """``export-gguf``: no model loading of its own beyond the folder, so it stays apart from ``run``."""
+    """``export-gguf``: reads the folder itself, so it needs none of ``_with_model``'s loading."""
     from .export.gguf import export_gguf_folder, resolve_source_gguf
 
     if not os.path.isdir(args.folder):

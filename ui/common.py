@@ -19,8 +19,7 @@ import gradio as gr
 import torch
 
 from comp_core import (Cancelled, DataError, ImpossibleRatioError, ModelLoadError, PruneEvent, UnsupportedModelError,
-                       count_parameters, get_adapter, get_calibration)
-from comp_core import settings
+                       count_parameters, get_adapter, get_calibration, settings)
 from comp_core.data import is_available
 from comp_core.runtime import (cuda_peak_mb, cuda_peaks_mb, is_out_of_memory, out_of_memory_message, peak_rss_mb,
                               reset_peak_memory)

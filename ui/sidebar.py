@@ -12,9 +12,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError
+from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError, settings
 from comp_core.data import default_calibration_size
-from comp_core import settings
 from comp_core.methods import get_method, method_names, setting_names
 from comp_core.math.scoring import SCORES
 
