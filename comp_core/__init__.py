@@ -8,12 +8,18 @@ Typical use::
     plan = analyze(loaded.model, samples, CompConfig(ratio=0.2))
     pruned, result = prune(loaded.model, samples, CompConfig(ratio=0.2))
     print(result.realised_ratio, perplexity(pruned, get_eval_tokens("wikitext2", loaded.tokenizer), 512).ppl)
+
+Any registered method (``method_names()``) runs the same way::
+
+    from comp_core import make_settings, prune_with
+    pruned, result = prune_with("wanda-sp", loaded.model, samples, make_settings("wanda-sp", ratio=0.2))
 """
 from .math.allocation import ImpossibleRatioError
 from .data import DataError, get_calibration, get_eval_tokens
 from .evaluate.loss import PerplexityResult, calibration_loss, perplexity
 from .events import Cancelled, PruneEvent
 from .export.folder import load_pruned, save_pruned
+from .methods import analyze_with, make_settings, method_names, prune_with
 from .methods.comp import CompConfig, analyze, prune, reallocate
 from .models.adapters import UnsupportedModelError, get_adapter
 from .models.loading import LoadedModel, ModelLoadError, load_model
@@ -23,6 +29,7 @@ from .runtime import count_parameters
 __all__ = [
     "CompConfig", "CompPlan", "Cancelled", "DataError", "DenseReport", "ImpossibleRatioError", "LayerReport", "Plan",
     "LoadedModel", "ModelLoadError", "PerplexityResult", "PruneEvent", "PruneResult", "UnsupportedModelError",
-    "analyze", "calibration_loss", "count_parameters", "get_adapter", "get_calibration", "get_eval_tokens",
-    "load_model", "load_pruned", "perplexity", "prune", "reallocate", "save_pruned",
+    "analyze", "analyze_with", "calibration_loss", "count_parameters", "get_adapter", "get_calibration",
+    "get_eval_tokens", "load_model", "load_pruned", "make_settings", "method_names", "perplexity", "prune",
+    "prune_with", "reallocate", "save_pruned",
 ]

@@ -1,6 +1,7 @@
-"""``comp-explorer`` console script: analyze, prune, eval.
+"""``comp-explorer`` console script: analyze, prune, eval, compare, bench-speed, export-gguf.
 
-Only this module touches argparse; it turns arguments into a ``CompConfig`` and calls the library.
+Only this module touches argparse; ``comp_core.settings`` turns the arguments into a method's settings (the
+same parsing as the GUI's) and ``run`` hands each command to its handler in :data:`COMMANDS`.
 Progress goes to stderr (tqdm), results to stdout (a table, or one JSON object with ``--json``).
 """
 from __future__ import annotations
@@ -13,35 +14,29 @@ import os
 import shlex
 import sys
 import time
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 from .data import DEFAULT_CALIBRATION, default_calibration_size
 from .events import PruneEvent
-from .methods.comp import PAPER_CALIBRATION, PAPER_SETTINGS
+from .methods.comp import PAPER_CALIBRATION
 from .math.scoring import SCORES
+from .settings import (COMPARE_METHODS, EVAL_SETS, SettingsError, parse_assignment, parse_dense_kinds,
+                       parse_eval_sets, parse_layers, parse_ratios, parse_remove_layers, parse_sparsities,
+                       settings_for, split_per_method, uses_comp_settings)
 
 log = logging.getLogger("comp_core")
 
-EVAL_SETS = ("wikitext2", "ptb", "c4", "sample")  # sample: shipped, needs no data folder
 
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-
-
-def _remove_layers(text: str) -> int | str:
-    if text in ("auto", "min"):
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, 'min' or 'auto', got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("--remove-layers must be >= 0")
-    return value
+def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from a ``comp_core.settings`` parser, keeping its message."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except SettingsError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -49,20 +44,6 @@ def _name_list(text: str) -> tuple[str, ...]:
     if not names:
         raise argparse.ArgumentTypeError("expected at least one name")
     return names
-
-
-def _ratio_list(text: str) -> tuple[float, ...]:
-    try:
-        ratios = tuple(float(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
-    if not ratios:
-        raise argparse.ArgumentTypeError("expected at least one ratio")
-    return ratios
-
-
-def _dense_kinds(text: str) -> tuple[str, ...] | str:
-    return "all" if text == "all" else tuple(t for t in text.replace(" ", "").split(",") if t)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -93,12 +74,6 @@ def _add_eval(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--eval-seq-len", type=int, default=512, help="window length for perplexity (default 512)")
 
 
-def _setting(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
-    return key.strip(), value
-
 
 # COMP's own flags (dest -> CompConfig field); other methods take their settings through --set
 COMP_FLAGS = {"remove_layers": "remove_layers", "granularity": "granularity", "score": "score",
@@ -106,21 +81,21 @@ COMP_FLAGS = {"remove_layers": "remove_layers", "granularity": "granularity", "s
 
 
 def _add_method_settings(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--protect", type=_int_list, default=None,
+    p.add_argument("--protect", type=_arg(parse_layers), default=None,
                    help="comma-separated layers never pruned (default: the method's; COMP: first two and last)")
-    p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="settings", type=_arg(parse_assignment), action="append", default=[], metavar="KEY=VALUE",
                    help="any setting of the method's settings dataclass, e.g. --set compensation=mask "
                         "(compare: METHOD.KEY=VALUE); repeatable")
     comp = p.add_argument_group("COMP settings (--method comp and its ablations)")
     comp.add_argument("--paper", action="store_true",
                       help="the COMP paper's setting: 10 × 128 calibration tokens, mask tuning only, the diagonal "
                            "score, one removed layer (flags given beside it still win)")
-    comp.add_argument("--remove-layers", type=_remove_layers, default=None,
+    comp.add_argument("--remove-layers", type=_arg(parse_remove_layers), default=None,
                       help="blocks to remove before neuron pruning, 'min' (default: as few as the ratio needs, "
                            "none on the bundled model up to ~50 %%) or 'auto' (sweep)")
     comp.add_argument("--granularity", choices=("hybrid", "layers", "neurons"), default=None)
     comp.add_argument("--score", choices=tuple(SCORES), default=None, help="neuron importance score")
-    comp.add_argument("--dense-kinds", type=_dense_kinds, default=None,
+    comp.add_argument("--dense-kinds", default=None,
                       help="denses whose input neurons may be pruned, e.g. 'down,o' or 'all' (default: library default)")
     comp.add_argument("--no-mask-tuning", action="store_true", default=None, help="prune without the least-squares mask")
     comp.add_argument("--inputs", choices=("identical", "accumulated", "paired"), default=None,
@@ -151,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (analyze, prune):
         _add_common(p)
         p.add_argument("--method", default="comp", choices=method_names(), help="pruning method (default: comp)")
-        p.add_argument("--ratio", type=float, default=0.2, help="share of all parameters to remove (default 0.2)")
+        p.add_argument("--ratio", default="0.2", help="share of all parameters to remove: 0.2 or 20%% (default 0.2)")
         p.add_argument("--sparsity", default=None,
                        help="mask methods: a share of every pruned linear (0.5) or N:M (2:4, 4:8); default 0.5")
         _add_method_settings(p)
@@ -177,13 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=1, help="batch size of the harness's model wrapper")
     compare = sub.add_parser("compare", help="several methods on the same calibration sample: one table")
     _add_common(compare)
-    compare.add_argument("--methods", type=_name_list, default=("comp", "flap", "shortgpt", "wanda-sp", "magnitude-sp"),
+    compare.add_argument("--methods", type=_name_list, default=COMPARE_METHODS,
                          help=f"comma-separated, from: {', '.join(method_names())}")
-    compare.add_argument("--ratio", type=_ratio_list, default=(0.2,),
-                         help="comma-separated ratios for the structured methods, e.g. 0.2,0.3")
-    compare.add_argument("--sparsity", type=_name_list, default=("0.5",),
+    compare.add_argument("--ratio", default="0.2",
+                         help="comma-separated ratios for the structured methods, e.g. 0.2,0.3 or 20%%,30%%")
+    compare.add_argument("--sparsity", default="0.5",
                          help="comma-separated patterns for the mask methods: a share (0.5) or N:M (2:4, 4:8)")
-    compare.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
+    compare.add_argument("--set", dest="settings", type=_arg(parse_assignment), action="append", default=[],
                          metavar="METHOD.KEY=VALUE", help="a setting of one method, e.g. flap.compensation=none")
     compare.add_argument("--no-bytes", action="store_true", help="skip saving each model to measure its size")
     compare.add_argument("--tasks", type=_name_list, default=None,
@@ -208,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export_gguf(args: argparse.Namespace) -> dict:
-    """``export-gguf``: no model loading of its own beyond the folder, so it stays apart from ``run``."""
+    """``export-gguf``: reads the folder itself, so it needs none of ``_with_model``'s loading."""
     from .export.gguf import export_gguf_folder, resolve_source_gguf
 
     if not os.path.isdir(args.folder):
@@ -250,72 +225,36 @@ class _Progress:
             self.bar = None
 
 
-def _settings(method: str, args, ratio: float, extra: list[tuple[str, str]]):
-    """The settings dataclass of ``method`` from the command line: ratio, --protect, COMP's flags, --set."""
-    from .methods import get_method, make_settings, parse_setting
-    from .methods.comp import CompConfig
-
-    fields = get_method(method).settings_class.__dataclass_fields__
-    overrides: dict = {"ratio": ratio} if "ratio" in fields else {}
+def _comp_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """COMP's own flags that were given, as ``CompConfig`` fields (--no-mask-tuning → mask_tuning=False)."""
     given = {dest: getattr(args, dest, None) for dest in COMP_FLAGS}
-    given = {dest: value for dest, value in given.items() if value is not None}
-    if getattr(args, "paper", False):
-        if get_method(method).settings_class is not CompConfig:
-            raise ValueError(f"--paper is COMP's setting, not one of method '{method}'")
-        overrides.update(PAPER_SETTINGS)
-    if get_method(method).settings_class is CompConfig:
-        for dest, value in given.items():
-            if dest == "no_mask_tuning":
-                overrides["mask_tuning"] = not value
-            elif dest == "dense_kinds":
-                overrides["dense_kinds"] = None if value == "all" else value
-            else:
-                overrides[COMP_FLAGS[dest]] = value
-    elif given:
-        flags = ", ".join("--" + d.replace("_", "-") for d in given)
-        raise ValueError(f"{flags}: COMP settings, not settings of method '{method}' (use --set KEY=VALUE)")
-    if "sparsity" in fields and getattr(args, "sparsity", None) and not isinstance(args.sparsity, tuple):
-        overrides["sparsity"] = args.sparsity
-    if getattr(args, "protect", None) is not None:
-        overrides["protected"] = args.protect
-    for key, value in extra:
-        overrides[key] = parse_setting(method, key, value)
-    return make_settings(method, **overrides)
+    comp: dict[str, Any] = {}
+    for dest, value in given.items():
+        if value is None:
+            continue
+        if dest == "no_mask_tuning":
+            comp["mask_tuning"] = not value
+        elif dest == "dense_kinds":
+            comp["dense_kinds"] = parse_dense_kinds(value)
+        else:
+            comp[COMP_FLAGS[dest]] = value
+    return comp
 
 
-def _compare_settings(methods: list[str], items: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
-    out: dict[str, list[tuple[str, str]]] = {m: [] for m in methods}
-    for key, value in items:
-        method, dot, name = key.rpartition(".")
-        if not dot or method not in out:
-            raise ValueError(f"--set {key}={value}: write METHOD.KEY=VALUE with METHOD one of {', '.join(methods)}")
-        out[method].append((name, value))
-    return out
+def _settings(method: str, args: argparse.Namespace, ratio: str | float, extra: Sequence[tuple[str, str]]):
+    """The settings dataclass of ``method`` from the command line: ratio, --sparsity, --protect, --paper,
+    COMP's flags, --set (``comp_core.settings.settings_for`` builds it)."""
+    comp = _comp_flags(args)
+    if comp and not uses_comp_settings(method):  # named as typed: the flags, not the fields
+        flags = ", ".join("--" + d.replace("_", "-") for d in COMP_FLAGS if getattr(args, d, None) is not None)
+        raise SettingsError(f"{flags}: COMP settings, not settings of method '{method}' (use --set KEY=VALUE)")
+    sparsity = getattr(args, "sparsity", None)
+    return settings_for(method, ratio=ratio, sparsity=sparsity if isinstance(sparsity, str) else None,
+                        protected=getattr(args, "protect", None), comp=comp,
+                        paper=getattr(args, "paper", False), overrides=extra)
 
 
-def _evaluate(model, tokenizer, names: list[str], args, progress, timings: dict, label: str,
-              notes: list[str]) -> dict[str, float]:
-    """Perplexity on each set; a set too short for ``--max-windows`` says so in ``notes``."""
-    from .data import get_eval_tokens
-    from .evaluate.loss import perplexity
-    from .runtime import stage
-
-    out = {}
-    for name in names:
-        with stage(f"eval_{label}_{name}", timings):
-            tokens = get_eval_tokens(name, tokenizer)
-            result = perplexity(model, tokens, args.eval_seq_len, max_windows=args.max_windows,
-                                on_progress=lambda i, n: progress(PruneEvent("evaluate", i, n, f"{label} {name}")))
-        out[name] = result.ppl
-        out[f"{name}_windows"] = result.n_windows
-        short = (f"{name}: its text holds {result.n_windows} windows of {args.eval_seq_len} tokens, so "
-                 f"{result.n_windows} were evaluated, not the {args.max_windows} --max-windows asked for")
-        if args.max_windows and result.n_windows < args.max_windows and short not in notes:
-            notes.append(short)
-    return out
-
-
-def _check_lengths(model, args, eval_names: list[str]) -> None:
+def _check_lengths(model, args, eval_names: Sequence[str]) -> None:
     """Calibration and evaluation windows within the model's context, before any of them is made."""
     from .preflight import check_context
 
@@ -325,155 +264,232 @@ def _check_lengths(model, args, eval_names: list[str]) -> None:
         check_context(model, args.eval_seq_len, "--eval-seq-len")
 
 
+@dataclass
+class _Run:
+    """What a model command's handler works with and fills in: the loaded model and the report."""
+
+    args: argparse.Namespace
+    loaded: Any
+    eval_names: tuple[str, ...]
+    progress: _Progress
+    report: dict
+    timings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the user should know (set too short, model not saved)
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def evaluate(self, model, names: Sequence[str], label: str, tasks: Sequence[str] = ()):
+        """Perplexity on ``names`` (and zero-shot ``tasks``) through ``evaluate_model``; notes kept once."""
+        from .evaluate.report import evaluate_model
+
+        args = self.args
+        measured = evaluate_model(model, self.tokenizer, sets=names, seq_len=args.eval_seq_len,
+                                  max_windows=args.max_windows, tasks=tasks, task_limit=getattr(args, "limit", None),
+                                  batch_size=getattr(args, "batch_size", 1), quiet=args.quiet,
+                                  on_event=self.progress, timings=self.timings, label=label)
+        self.notes.extend(n for n in measured.notes if n not in self.notes)
+        return measured
+
+    def calibration(self):
+        """The calibration samples the command line asked for (recorded in the report)."""
+        from .data import get_calibration
+        from .runtime import stage
+
+        args = self.args
+        with stage("calibration", self.timings):
+            samples = get_calibration(args.calib, self.tokenizer, args.n_samples, args.seq_len, args.seed,
+                                      model=self.model)
+        self.report["calibration"] = {"name": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
+                                      "seed": args.seed}
+        return samples
+
+
+def _bench_speed(run: _Run) -> None:
+    from .evaluate.speed import compare_speed
+    from .runtime import stage
+
+    args = run.args
+    with stage("bench_speed", run.timings):
+        comparison = compare_speed(run.model, args.pruned, device=args.device, repeats=args.repeats,
+                                   decode_tokens=args.decode_tokens)
+    run.report["speed"] = comparison.to_dict()
+    run.report["speed_table"] = comparison.to_markdown()
+
+
+def _eval(run: _Run) -> None:
+    from .runtime import count_parameters
+
+    args = run.args
+    run.report["params"] = count_parameters(run.model)
+    if args.limit is not None and not args.tasks:
+        raise ValueError("--limit applies to zero-shot --tasks (perplexity uses --max-windows)")
+    names = run.eval_names or (() if args.tasks else ("wikitext2",))
+    _check_lengths(run.model, args, names)
+    measured = run.evaluate(run.model, names, "model", tasks=args.tasks or ())
+    if measured.zeroshot is not None:
+        run.report["zeroshot"] = measured.zeroshot.to_dict()
+        run.report["table"] = measured.zeroshot.table()
+    if names:
+        run.report["ppl"] = measured.ppl_dict()
+
+
+def _compare(run: _Run) -> None:
+    from .evaluate.compare import compare_methods, rows_table
+    from .methods import get_method
+    from .runtime import stage
+
+    args = run.args
+    if args.limit is not None and not args.tasks:
+        raise ValueError("--limit applies to zero-shot --tasks (perplexity uses --max-windows)")
+    for name in args.methods:
+        get_method(name)
+    per_method = split_per_method(list(args.methods), args.settings)
+    sparsities = parse_sparsities(args.sparsity, allow_zero=True)  # every setting checked before minutes of work
+    ratios = parse_ratios(args.ratio)
+    for ratio in ratios:
+        for name in args.methods:
+            _settings(name, args, ratio, per_method[name])
+    _check_lengths(run.model, args, run.eval_names)
+    samples = run.calibration()
+    settings = {name: {k: v for k, v in vars(_settings(name, args, ratios[0], per_method[name])).items()
+                       if k not in ("ratio", "sparsity")} for name in args.methods}
+    with stage("compare", run.timings):
+        rows = compare_methods(run.model, run.tokenizer, samples, list(args.methods), list(ratios),
+                               list(run.eval_names), sparsities=list(sparsities), max_windows=args.max_windows,
+                               eval_seq_len=args.eval_seq_len, settings=settings, measure_bytes=not args.no_bytes,
+                               tasks=list(args.tasks or []), task_limit=args.limit, on_event=run.progress)
+    run.report["eval"] = {"sets": list(run.eval_names), "seq_len": args.eval_seq_len,
+                          "max_windows": args.max_windows, "tasks": list(args.tasks or []), "task_limit": args.limit}
+    run.report["rows"] = [r.to_dict() for r in rows]
+    run.report["table"] = rows_table(rows, list(run.eval_names))
+
+
+def _prepare(run: _Run):
+    """``analyze`` and ``prune``: the method's settings, checked with the model, then the calibration samples."""
+    from .preflight import check_exportable, check_output_folder, expected_save_bytes
+
+    args = run.args
+    settings = _settings(args.method, args, args.ratio, args.settings)
+    _check_lengths(run.model, args, run.eval_names)
+    out = getattr(args, "out", None)
+    if out:  # a family export does not cover, or a full disk, found now rather than after pruning
+        check_exportable(run.model)
+        check_output_folder(out, expected_save_bytes(run.model, getattr(settings, "ratio", 0.0)))
+    return settings, run.calibration()
+
+
+def _analyze(run: _Run) -> None:
+    from .methods import analyze_with
+    from .runtime import stage
+
+    settings, samples = _prepare(run)
+    with stage("analyze", run.timings):
+        plan = analyze_with(run.args.method, run.model, samples, settings, on_event=run.progress)
+    run.report.update(plan.to_dict(with_scores=run.args.scores))
+
+
+def _prune(run: _Run) -> None:
+    from .methods import prune_with
+    from .runtime import stage
+
+    args, report = run.args, run.report
+    settings, samples = _prepare(run)
+    if run.eval_names:
+        report["ppl_before"] = run.evaluate(run.model, run.eval_names, "before").ppl_dict()
+    with stage("prune", run.timings):
+        pruned, result = prune_with(args.method, run.model, samples, settings, on_event=run.progress, inplace=True)
+    result_dict = result.to_dict()
+    plan = result_dict.pop("plan")
+    report.update(result_dict)
+    report["layer_importance"] = plan["initial_importance"]
+    report["removal_order"] = plan["removal_order"]
+    report["auto_sweep"] = plan["auto_sweep"]
+    report["config"] = plan["config"]
+    report["notes"] = plan["notes"]
+    if run.eval_names:
+        report["ppl_after"] = run.evaluate(pruned, run.eval_names, "after").ppl_dict()
+    if args.out:
+        from .export.folder import save_pruned
+
+        with stage("save", run.timings):
+            report["saved_to"] = str(save_pruned(pruned, run.tokenizer, args.out, result,
+                                                 overwrite=args.overwrite, source=run.loaded.source))
+    else:
+        report["saved_to"] = None  # the summary says how to keep it
+
+
+def _with_model(handler: Callable[[_Run], None]) -> Callable[[argparse.Namespace], dict]:
+    """A command that loads the model first: data folder, threads, progress, timings and the memory figures
+    around ``handler``, the same for every such command."""
+    def command(args: argparse.Namespace) -> dict:
+        from .models.loading import load_model
+        from .preflight import check_output_folder
+        from .runtime import configure_threads, cuda_peak_mb, cuda_peaks_mb, peak_rss_mb, stage
+
+        if args.data_dir:
+            os.environ["COMP_DATA_DIR"] = args.data_dir
+        out = getattr(args, "out", None)
+        if out and os.path.exists(out) and not args.overwrite:  # fail before minutes of pruning, not after
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace a saved model there")
+        if out:
+            check_output_folder(out)
+        configure_threads(args.threads)
+        progress = _Progress(enabled=not args.quiet)
+        timings: dict = {}
+        start = time.perf_counter()
+        try:
+            with stage("load", timings):
+                loaded = load_model(args.model, dtype=args.dtype, device=args.device,
+                                    trust_remote_code=args.trust_remote_code, stream=args.stream,
+                                    device_map=args.device_map, max_memory=args.max_memory)
+            report: dict = {"command": args.command, "model": loaded.source, "streamed": loaded.streamed}
+            if loaded.device_map is not None:
+                report["device_map"] = {k: str(v) for k, v in loaded.device_map.items()}
+            run = _Run(args, loaded, parse_eval_sets(getattr(args, "eval", None)), progress, report, timings)
+            handler(run)
+            if run.notes:
+                report["notes"] = report.get("notes", []) + run.notes
+        finally:
+            progress.close()
+        report["seconds"] = time.perf_counter() - start
+        report["peak_rss_mb"] = peak_rss_mb()
+        if cuda_peak_mb() is not None:
+            report["cuda_peak_mb"] = cuda_peak_mb()
+            if len(peaks := cuda_peaks_mb()) > 1:
+                report["cuda_peaks_mb"] = peaks
+        if report.get("streamed"):
+            from .models.streaming import stream_stats
+
+            stats = stream_stats(loaded.model)
+            report["streaming"] = dataclasses.asdict(stats) if stats is not None else None
+        report["timings"] = timings
+        return report
+
+    command.__doc__ = handler.__doc__
+    return command
+
+
+# command name -> what runs it (every command returns the report ``--json`` prints)
+COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "analyze": _with_model(_analyze),
+    "prune": _with_model(_prune),
+    "eval": _with_model(_eval),
+    "compare": _with_model(_compare),
+    "bench-speed": _with_model(_bench_speed),
+    "export-gguf": _export_gguf,
+}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Execute one parsed command; returns the report (also what ``--json`` prints)."""
-    if args.command == "export-gguf":
-        logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-        return _export_gguf(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if args.data_dir:
-        os.environ["COMP_DATA_DIR"] = args.data_dir
-    from .data import get_calibration
-    from .methods import analyze_with, prune_with
-    from .models.loading import load_model
-    from .preflight import check_exportable, check_output_folder, expected_save_bytes
-    from .runtime import configure_threads, count_parameters, cuda_peak_mb, cuda_peaks_mb, peak_rss_mb, stage
-
-    out = getattr(args, "out", None)
-    if out and os.path.exists(out) and not args.overwrite:  # fail before minutes of pruning, not after
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace a saved model there")
-    if out:
-        check_output_folder(out)
-    configure_threads(args.threads)
-    progress = _Progress(enabled=not args.quiet)
-    timings: dict = {}
-    start = time.perf_counter()
-    try:
-        with stage("load", timings):
-            loaded = load_model(args.model, dtype=args.dtype, device=args.device,
-                                trust_remote_code=args.trust_remote_code, stream=args.stream,
-                                device_map=args.device_map, max_memory=args.max_memory)
-        model, tokenizer = loaded.model, loaded.tokenizer
-        report: dict = {"command": args.command, "model": loaded.source, "streamed": loaded.streamed}
-        notes: list[str] = []  # what the user should know about this run (set too short, model not saved)
-        if loaded.device_map is not None:
-            report["device_map"] = {k: str(v) for k, v in loaded.device_map.items()}
-        eval_names = [n for n in (getattr(args, "eval", None) or "").split(",") if n]
-        for name in eval_names:
-            if name not in EVAL_SETS:
-                raise ValueError(f"unknown evaluation set '{name}'; choose from {', '.join(EVAL_SETS)}")
-        if args.command == "bench-speed":
-            from .evaluate.speed import compare_speed
-
-            with stage("bench_speed", timings):
-                comparison = compare_speed(model, args.pruned, device=args.device, repeats=args.repeats,
-                                           decode_tokens=args.decode_tokens)
-            report["speed"] = comparison.to_dict()
-            report["speed_table"] = comparison.to_markdown()
-        elif args.command == "eval":
-            report["params"] = count_parameters(model)
-            if args.limit is not None and not args.tasks:
-                raise ValueError("--limit applies to zero-shot --tasks (perplexity uses --max-windows)")
-            if args.tasks:
-                from .evaluate.zeroshot import evaluate_tasks
-
-                with stage("zeroshot", timings):
-                    zeroshot = evaluate_tasks(model, tokenizer, args.tasks, limit=args.limit,
-                                              batch_size=args.batch_size, quiet=args.quiet, on_event=progress)
-                report["zeroshot"] = zeroshot.to_dict()
-                report["table"] = zeroshot.table()
-            elif not eval_names:
-                eval_names = ["wikitext2"]
-            if eval_names:
-                _check_lengths(model, args, eval_names)
-                report["ppl"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "model", notes)
-        elif args.command == "compare":
-            from .evaluate.compare import compare_methods, rows_table
-            from .methods import get_method
-            from .math.sparsity import SparsityPattern
-
-            if args.limit is not None and not args.tasks:
-                raise ValueError("--limit applies to zero-shot --tasks (perplexity uses --max-windows)")
-            for name in args.methods:
-                get_method(name)
-            per_method = _compare_settings(list(args.methods), args.settings)
-            for sparsity in args.sparsity:  # every setting checked before minutes of work
-                SparsityPattern.parse(sparsity)
-            for ratio in args.ratio:
-                for name in args.methods:
-                    _settings(name, args, ratio, per_method[name])
-            _check_lengths(model, args, eval_names)
-            with stage("calibration", timings):
-                samples = get_calibration(args.calib, tokenizer, args.n_samples, args.seq_len, args.seed, model=model)
-            settings = {name: {k: v for k, v in vars(_settings(name, args, args.ratio[0], per_method[name])).items()
-                               if k not in ("ratio", "sparsity")} for name in args.methods}
-            with stage("compare", timings):
-                rows = compare_methods(model, tokenizer, samples, list(args.methods), list(args.ratio), eval_names,
-                                       sparsities=list(args.sparsity), max_windows=args.max_windows, eval_seq_len=args.eval_seq_len,
-                                       settings=settings, measure_bytes=not args.no_bytes,
-                                       tasks=list(args.tasks or []), task_limit=args.limit, on_event=progress)
-            report["calibration"] = {"name": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
-                                     "seed": args.seed}
-            report["eval"] = {"sets": eval_names, "seq_len": args.eval_seq_len, "max_windows": args.max_windows,
-                              "tasks": list(args.tasks or []), "task_limit": args.limit}
-            report["rows"] = [r.to_dict() for r in rows]
-            report["table"] = rows_table(rows, eval_names)
-        else:
-            settings = _settings(args.method, args, args.ratio, args.settings)
-            _check_lengths(model, args, eval_names)
-            if out:  # a family export does not cover, or a full disk, found now rather than after pruning
-                check_exportable(model)
-                check_output_folder(out, expected_save_bytes(model, getattr(settings, "ratio", 0.0)))
-            with stage("calibration", timings):
-                samples = get_calibration(args.calib, tokenizer, args.n_samples, args.seq_len, args.seed, model=model)
-            report["calibration"] = {"name": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
-                                     "seed": args.seed}
-            if args.command == "analyze":
-                with stage("analyze", timings):
-                    plan = analyze_with(args.method, model, samples, settings, on_event=progress)
-                report.update(plan.to_dict(with_scores=args.scores))
-            else:
-                if eval_names:
-                    report["ppl_before"] = _evaluate(model, tokenizer, eval_names, args, progress, timings, "before",
-                                                     notes)
-                with stage("prune", timings):
-                    pruned, result = prune_with(args.method, model, samples, settings, on_event=progress, inplace=True)
-                result_dict = result.to_dict()
-                plan = result_dict.pop("plan")
-                report.update(result_dict)
-                report["layer_importance"] = plan["initial_importance"]
-                report["removal_order"] = plan["removal_order"]
-                report["auto_sweep"] = plan["auto_sweep"]
-                report["config"] = plan["config"]
-                report["notes"] = plan["notes"]
-                if eval_names:
-                    report["ppl_after"] = _evaluate(pruned, tokenizer, eval_names, args, progress, timings, "after",
-                                                    notes)
-                if args.out:
-                    from .export.folder import save_pruned
-
-                    with stage("save", timings):
-                        report["saved_to"] = str(save_pruned(pruned, tokenizer, args.out, result,
-                                                             overwrite=args.overwrite, source=loaded.source))
-                else:
-                    report["saved_to"] = None  # the summary says how to keep it
-        if notes:
-            report["notes"] = report.get("notes", []) + notes
-    finally:
-        progress.close()
-    report["seconds"] = time.perf_counter() - start
-    report["peak_rss_mb"] = peak_rss_mb()
-    if cuda_peak_mb() is not None:
-        report["cuda_peak_mb"] = cuda_peak_mb()
-        if len(peaks := cuda_peaks_mb()) > 1:
-            report["cuda_peaks_mb"] = peaks
-    if report.get("streamed"):
-        from .models.streaming import stream_stats
-
-        stats = stream_stats(model)
-        report["streaming"] = dataclasses.asdict(stats) if stats is not None else None
-    report["timings"] = timings
-    return report
+    return COMMANDS[args.command](args)
 
 
 def _print_table(report: dict) -> None:

@@ -19,7 +19,7 @@ import gradio as gr
 import torch
 
 from comp_core import (Cancelled, DataError, ImpossibleRatioError, ModelLoadError, PruneEvent, UnsupportedModelError,
-                       count_parameters, get_adapter, get_calibration, perplexity)
+                       count_parameters, get_adapter, get_calibration, settings)
 from comp_core.data import is_available
 from comp_core.runtime import (cuda_peak_mb, cuda_peaks_mb, is_out_of_memory, out_of_memory_message, peak_rss_mb,
                               reset_peak_memory)
@@ -45,7 +45,7 @@ def set_load_options(stream: str = "auto", device_map: str | None = None, max_me
 
 ORIGINAL_RESULTS = ResultCache()  # (model key, what, ...) -> perplexity / speed of a shared original
 
-EVAL_SETS = ("wikitext2", "ptb", "c4", "sample")
+EVAL_SETS = settings.EVAL_SETS  # the core's one list (the CLI's --eval takes the same names)
 EVAL_LABELS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4", "sample": "Sample text (shipped)"}
 QUICK_WINDOWS = 8
 ZEROSHOT_QUICK_LIMIT = 50  # items per zero-shot task in quick mode (the harness's first N)
@@ -158,7 +158,11 @@ class Bridge:
         self.check()
         if event.stage != self._stage:
             self._enter(event.stage)
-        if event.total:
+        if event.stage == "evaluate" and "set" in event.metrics:  # perplexity windows of one set and model
+            name = event.metrics["set"]
+            self._show((min(event.step, event.total), event.total),
+                       f"Perplexity · {EVAL_LABELS.get(name, name)} · {event.metrics.get('model', '')}", unit="windows")
+        elif event.total:
             self._show((min(event.step, event.total), event.total), f"{label}{detail}", unit="steps")
         else:
             self._show(None, f"{label}{detail}")
@@ -208,14 +212,6 @@ def data_note() -> str:
             "WikiText-2 figures, and calibration defaults to <b>data-free</b> (text sampled from the model).")
 
 
-def export_available() -> bool:
-    try:
-        from comp_core.export.folder import save_pruned  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import problem just hides the feature
-        return False
-    return True
-
-
 def zeroshot_tasks() -> list[str]:
     """The zero-shot tasks the GUI offers: none without lm-eval, else those runnable with this data folder."""
     from comp_core.evaluate import zeroshot
@@ -249,14 +245,6 @@ def set_accuracy(row: dict, accuracy: dict[str, float]) -> None:
     row.update({f"acc {task}": value for task, value in accuracy.items()})
     values = [v for k, v in row.items() if k.startswith("acc ") and isinstance(v, (int, float))]
     row["mean acc"] = sum(values) / len(values) if values else None
-
-
-def speed_available() -> bool:
-    try:
-        from comp_core.evaluate.speed import measure_speed  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------- model + data
@@ -394,14 +382,6 @@ def weights_mb(model) -> float:
 def eval_seq_len(model) -> int:
     limit = getattr(model.config, "max_position_embeddings", None) or EVAL_SEQ_LEN
     return int(min(EVAL_SEQ_LEN, limit))
-
-
-def measure_ppl(model, tokens, seq_len, windows, bridge: Bridge, label: str) -> float:
-    """Perplexity with progress and cancellation through ``bridge``."""
-    def on_progress(done, total):
-        bridge.check()
-        bridge._show((done, total), f"Perplexity · {label}", unit="windows")
-    return perplexity(model, tokens, seq_len, max_windows=windows, on_progress=on_progress).ppl
 
 
 def fmt(value, spec: str = "", empty: str = "—") -> str:

@@ -1,10 +1,10 @@
 """The sidebar: model and calibration, the pruning method and its settings, and the action buttons.
 
-Settings become a method's settings dataclass here and nowhere else: methods whose settings are COMP's
-``CompConfig`` (comp and its ablations) take every COMP control, every other method takes the target ratio
-and/or the sparsity pattern, whichever of the two its settings have (mask methods: the sparsity; composed
-methods: both); its other settings are the registry's defaults. The registry decides, not a list of method
-names.
+Control values go to ``comp_core.settings.settings_for`` (the same parsing as the command line's): methods
+whose settings are COMP's ``CompConfig`` (comp and its ablations) take every COMP control, every other method
+takes the target ratio and/or the sparsity pattern, whichever of the two its settings have (mask methods: the
+sparsity; composed methods: both); its other settings are the registry's defaults. The registry decides, not
+a list of method names.
 """
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError
+from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError, settings
 from comp_core.data import default_calibration_size
-from comp_core.methods import get_method, make_settings, method_names, setting_names
+from comp_core.methods import get_method, method_names, setting_names
 from comp_core.math.scoring import SCORES
-from comp_core.math.sparsity import SparsityPattern
 
 from . import common
 from .session import Session
@@ -38,9 +37,6 @@ MAX_REMOVE = 8
 DEFAULT_DEPTH = 4
 DEFAULT_DENSE_KINDS = CompConfig().dense_kinds  # the core's measured default (None would mean every dense)
 DEFAULT_REMOVE = CompConfig().remove_layers if isinstance(CompConfig().remove_layers, int) else 0  # "min": 0 here
-# the CompConfig fields the sidebar's COMP controls set (everything else: the method's registered defaults)
-COMP_CONTROL_FIELDS = ("ratio", "remove_layers", "protected", "score", "mask_tuning", "inputs", "dense_kinds",
-                       "auto_max_layers")
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -54,60 +50,27 @@ def default_kinds(all_kinds: list[str]) -> list[str]:
     return list(all_kinds) if DEFAULT_DENSE_KINDS is None else [k for k in all_kinds if k in DEFAULT_DENSE_KINDS]
 
 
-def comp_overrides(ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
-                   all_kinds: list[str] | None = None, depth: int = MAX_REMOVE) -> dict:
-    """CompConfig fields from control values. ``dense_kinds``: the ticked kinds; None, or no model known yet
-    (``all_kinds`` empty), means the core's default; every kind ticked means None (all)."""
-    if dense_kinds is None or not all_kinds:
-        kinds = DEFAULT_DENSE_KINDS
-    else:
-        chosen = tuple(k for k in all_kinds if k in set(dense_kinds))
-        kinds = None if set(chosen) == set(all_kinds) else chosen
-    return dict(ratio=float(ratio), remove_layers="auto" if auto else int(n_remove), protected=protected,
-                score=score or "diag", mask_tuning=bool(mask_tuning), inputs=inputs or "identical",
-                dense_kinds=kinds, auto_max_layers=int(depth))
-
-
-def make_config(*args, **kwargs) -> CompConfig:
-    """COMP's own settings from control values (see :func:`comp_overrides`)."""
-    return CompConfig(**comp_overrides(*args, **kwargs))
-
-
 def uses_comp_controls(method: str) -> bool:
     """Whether ``method``'s settings are COMP's, so every COMP control applies to it."""
-    return issubclass(get_method(method).settings_class, CompConfig)
+    return settings.uses_comp_settings(method)
 
 
 def protected_value(session: Session, protected) -> tuple[int, ...] | None:
-    """The dropdown's layers, or None (the core default) before a model filled it."""
+    """The dropdown's layers checked against the session's model, or None (the core default) before a model
+    filled it; a layer the model lacks is refused (``SettingsError``), not dropped."""
     if protected is None or session.loaded is None:
         return None
-    n = common.n_layers(session)
-    return tuple(sorted({int(p) for p in protected if 0 <= int(p) < n}))
+    return settings.parse_layers(protected, common.n_layers(session))
 
 
-def session_config(session: Session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
-                   depth=DEFAULT_DEPTH) -> CompConfig:
-    """COMP's settings for the session's model (protected layers and dense kinds checked against it)."""
-    return make_config(ratio, n_remove, auto, protected_value(session, protected), score, mask_tuning, inputs,
-                       dense_kinds, common.dense_kinds(session), depth)
-
-
-def parse_sparsity(text) -> str:
-    """"0.5", "50%", "2:4" (spaces allowed) -> the core's label ("0.5", "2:4"); ValueError says what is
-    accepted. A sparsity of 0 masks nothing and is refused."""
-    spec = "".join(str(text if text is not None else "").split())
-    if not spec:
-        raise ValueError("choose a sparsity: a share like 0.5, or N:M like 2:4")
-    if spec.endswith("%"):
-        try:
-            spec = f"{float(spec[:-1]) / 100:g}"
-        except ValueError:
-            raise ValueError(f"'{text}' is not a sparsity; type 0.5, 50% or N:M like 2:4") from None
-    pattern = SparsityPattern.parse(spec)
-    if pattern.fraction <= 0:
-        raise ValueError("a sparsity of 0 masks nothing; use a share in (0, 1) like 0.5, or N:M like 2:4")
-    return pattern.label
+def comp_controls(session: Session, n_remove, auto, score, mask_tuning, inputs, dense_kinds,
+                  depth=DEFAULT_DEPTH) -> dict:
+    """COMP's fields from its controls (dense kinds against the session's model); an empty score or input
+    mode leaves the method's default."""
+    chosen = dict(remove_layers="auto" if auto else int(n_remove), mask_tuning=bool(mask_tuning),
+                  auto_max_layers=int(depth), **settings.chosen_dense_kinds(dense_kinds, common.dense_kinds(session)))
+    chosen.update({k: v for k, v in (("score", score), ("inputs", inputs)) if v})
+    return chosen
 
 
 def uses(method: str, setting: str) -> bool:
@@ -117,18 +80,16 @@ def uses(method: str, setting: str) -> bool:
 
 def method_settings(session: Session, method, ratio, n_remove, auto, protected, score, mask_tuning, inputs,
                     dense_kinds, depth=DEFAULT_DEPTH, sparsity=None):
-    """The settings dataclass ``method`` runs with: its registered defaults, then the controls that apply
-    (``sparsity`` None or empty: the method's default pattern)."""
+    """The settings dataclass ``method`` runs with (``comp_core.settings.settings_for``): its registered
+    defaults, then the controls that apply (``sparsity`` None or empty: the method's default pattern)."""
     method = method or DEFAULT_METHOD
     if uses_comp_controls(method):
-        cfg = session_config(session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
-                             depth)
-        return make_settings(method, **{k: getattr(cfg, k) for k in COMP_CONTROL_FIELDS})
-    overrides = {"ratio": float(ratio)} if uses(method, "ratio") else {}
+        return settings.settings_for(method, ratio=ratio, protected=protected_value(session, protected),
+                                     comp=comp_controls(session, n_remove, auto, score, mask_tuning, inputs,
+                                                        dense_kinds, depth))
     if uses(method, "sparsity") and sparsity not in (None, ""):
-        overrides["sparsity"] = parse_sparsity(sparsity)
-    return make_settings(method, **overrides)
-
+        sparsity = settings.parse_sparsity(sparsity)  # the GUI refuses a sparsity of 0 (it masks nothing)
+    return settings.settings_for(method, ratio=ratio, sparsity=sparsity)
 
 
 def method_choices() -> list[tuple[str, str]]:

@@ -19,11 +19,12 @@ from torch import nn
 
 from ..math.allocation import ImpossibleRatioError
 from ..data import get_eval_tokens
-from .loss import perplexity
-from ..events import Cancelled, ProgressCallback, PruneEvent, emit
-from ..methods import get_method, make_settings, prune_with
+from ..events import Cancelled, ProgressCallback, emit
+from ..methods import get_method, prune_with
 from ..results import CompPlan
 from ..runtime import RssSampler, count_parameters
+from ..settings import settings_for
+from .report import evaluate_model
 
 
 @dataclass
@@ -70,29 +71,6 @@ def saved_size(model: nn.Module, tokenizer) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _evaluate(model, tokens: dict[str, torch.Tensor], seq_len: int, max_windows: int | None,
-              on_event: ProgressCallback | None, label: str) -> dict[str, float]:
-    out = {}
-    for name, stream in tokens.items():
-        result = perplexity(model, stream, seq_len, max_windows=max_windows,
-                            on_progress=(lambda i, n, name=name: on_event(PruneEvent("evaluate", i, n, f"{label} {name}")))
-                            if on_event else None)
-        out[name] = result.ppl
-    return out
-
-
-def _accuracy(model, tokenizer, tasks: list[str], limit: int | None,
-              on_event: ProgressCallback | None, label: str) -> dict[str, float]:
-    if not tasks:
-        return {}
-    from .zeroshot import evaluate_tasks
-
-    emit(on_event, "zeroshot", 0, 1, f"{label}: {', '.join(tasks)}")
-    report = evaluate_tasks(model, tokenizer, tasks, limit=limit, quiet=True)
-    emit(on_event, "zeroshot", 1, 1, f"{label}: done")
-    return report.headline()
-
-
 def _jobs(methods: list[str], ratios: list[float], sparsities: list[str], settings: dict[str, dict]) -> list:
     """(ratio, sparsity, method, settings) per row: structured methods at every ratio, mask methods at every
     sparsity, composed methods (which have both) at every pair."""
@@ -102,7 +80,7 @@ def _jobs(methods: list[str], ratios: list[float], sparsities: list[str], settin
         for ratio in (ratios if "ratio" in fields else [None]):
             for sparsity in (sparsities if "sparsity" in fields else [None]):
                 targets = {k: v for k, v in (("ratio", ratio), ("sparsity", sparsity)) if v is not None}
-                jobs.append((ratio, sparsity, name, make_settings(name, **{**settings.get(name, {}), **targets})))
+                jobs.append((ratio, sparsity, name, settings_for(name, values={**settings.get(name, {}), **targets})))
     return sorted(jobs, key=lambda j: (j[0] is None, j[0] or 0.0, j[1] or ""))
 
 
@@ -143,8 +121,10 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
     if include_original:
         row = CompareRow(method="original", kind="-", target_ratio=0.0, realised_ratio=0.0,
                          params_after=count_parameters(model))
-        row.ppl = _evaluate(model, tokens, eval_seq_len, max_windows, on_event, "original")
-        row.accuracy = _accuracy(model, tokenizer, tasks, task_limit, on_event, "original")
+        measured = evaluate_model(model, tokenizer, sets=eval_sets, seq_len=eval_seq_len, max_windows=max_windows,
+                                  tokens=tokens, tasks=tasks, task_limit=task_limit, label="original",
+                                  on_event=on_event)
+        row.ppl, row.accuracy = measured.ppl, measured.accuracy
         if measure_bytes:
             row.saved_bytes = saved_size(model, tokenizer)
         done(row)
@@ -172,8 +152,9 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
         row.notes = list(result.plan.notes)
         row.linear_sparsity = result.extra.get("linear_sparsity")
         row.zero_share = result.extra.get("zero_share")
-        row.ppl = _evaluate(pruned, tokens, eval_seq_len, max_windows, on_event, name)
-        row.accuracy = _accuracy(pruned, tokenizer, tasks, task_limit, on_event, name)
+        measured = evaluate_model(pruned, tokenizer, sets=eval_sets, seq_len=eval_seq_len, max_windows=max_windows,
+                                  tokens=tokens, tasks=tasks, task_limit=task_limit, label=name, on_event=on_event)
+        row.ppl, row.accuracy = measured.ppl, measured.accuracy
         if measure_bytes:
             try:
                 row.saved_bytes = saved_size(pruned, tokenizer)

@@ -7,6 +7,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from tests.ui.test_ui_handlers import HAVE_DATA, data_args, no_progress, save_tiny_llama  # noqa: E402
+from comp_core import settings  # noqa: E402
 from ui import common, plots  # noqa: E402
 from ui.session import Session  # noqa: E402
 from ui.tabs import compare  # noqa: E402
@@ -31,19 +32,19 @@ def _run(session, folder, methods=("comp-layers", "comp"), ratios="0.2, 0.3", wi
 
 
 def test_parse_ratios():
-    assert compare.parse_ratios("0.2, 0.3") == [0.2, 0.3]
-    assert compare.parse_ratios("20% 30%;0.2") == [0.2, 0.3]
+    assert settings.parse_ratios("0.2, 0.3", allow_zero=False) == (0.2, 0.3)
+    assert settings.parse_ratios("20% 30%;0.2", allow_zero=False) == (0.2, 0.3)
     for bad in ("", "0.2, x", "1.5", "0"):
         with pytest.raises(ValueError):
-            compare.parse_ratios(bad)
+            settings.parse_ratios(bad, allow_zero=False)
 
 
 def test_parse_sparsities_and_target_labels():
-    assert compare.parse_sparsities(compare.DEFAULT_SPARSITIES) == ["0.5", "2:4"]
-    assert compare.parse_sparsities("50%; 4:8 0.5") == ["0.5", "4:8"]
+    assert settings.parse_sparsities(compare.DEFAULT_SPARSITIES) == ("0.5", "2:4")
+    assert settings.parse_sparsities("50%; 4:8 0.5") == ("0.5", "4:8")
     for bad in ("", "2:4, x", "0", "3:2"):
         with pytest.raises(ValueError):
-            compare.parse_sparsities(bad)
+            settings.parse_sparsities(bad)
     assert compare.target_label({"target": 0.3, "sparsity": None}) == "30%"
     assert compare.target_label({"target": 0.0, "sparsity": "2:4"}) == "2:4"
     assert compare.target_label({"target": 0.2, "sparsity": "2:4"}) == "20% + 2:4"
@@ -66,7 +67,7 @@ def test_default_methods_are_registered_structured_ones():
     from comp_core.methods import get_method
 
     chosen = compare.default_methods()
-    assert chosen[0] == "comp" and set(chosen) <= set(compare.PRESELECTED)
+    assert chosen[0] == "comp" and set(chosen) <= set(settings.COMPARE_METHODS)
     assert all(get_method(m).kind == "structured" for m in chosen)
     assert "comp" in compare.method_summaries()
     assert not set(chosen) & {"magnitude", "wanda", "sparsegpt", "apt", "comp+nm"}  # listed, not preselected

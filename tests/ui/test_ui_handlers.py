@@ -11,7 +11,7 @@ import torch
 gr = pytest.importorskip("gradio")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from comp_core import count_parameters  # noqa: E402
+from comp_core import count_parameters, settings  # noqa: E402
 from ui import common, sidebar  # noqa: E402
 from ui.tabs import analyse as analyse_tab  # noqa: E402
 from ui.tabs import export as export_tab  # noqa: E402
@@ -168,8 +168,7 @@ def test_evaluate_fills_the_table_and_the_plot(folder):
     assert "Evaluated in" in status and "→" in status
     row = table[table["run"] == "R1"].iloc[0]
     assert float(row["ppl wikitext2"].replace(",", "")) > 1
-    if common.speed_available():
-        assert float(row["tokens/s"].replace(",", "")) > 0
+    assert float(row["tokens/s"].replace(",", "")) > 0
     assert [t.name for t in fig.data] == ["wikitext2"] and len(fig.data[0].x) == 2
 
 
@@ -179,13 +178,14 @@ def test_evaluate_zero_shot_adds_accuracy_columns_and_reuses_the_original(folder
     """Evaluate with tasks: acc columns for both rows, the original scored once per (task, limit)."""
     monkeypatch.setattr(common, "ZEROSHOT_QUICK_LIMIT", 4)
     calls = []
-    real = runs._zeroshot
+    real = runs.evaluate_model
 
-    def counting(model, tokenizer, tasks, limit):
-        calls.append((tuple(tasks), limit))
-        return real(model, tokenizer, tasks, limit)
+    def counting(model, tokenizer, **kwargs):
+        if kwargs.get("tasks"):
+            calls.append((tuple(kwargs["tasks"]), kwargs["task_limit"]))
+        return real(model, tokenizer, **kwargs)
 
-    monkeypatch.setattr(runs, "_zeroshot", counting)
+    monkeypatch.setattr(runs, "evaluate_model", counting)
     session = Session()
     runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
     status, table, _ = runs.run_evaluate(session, [], "quick", False, ["boolq", "piqa"], progress=no_progress)
@@ -219,12 +219,11 @@ def test_downloads_and_save(folder, tmp_path):
     assert {"comp_plan.json", "comp_report_R1.json", "runs.csv", "figures.html"} <= names
     plan = json.loads(Path(next(f for f in files if f.endswith("comp_plan.json"))).read_text())
     assert "scores" in plan["denses"][0] and plan["removed_layers"] == session.analysis.plan.removed_layers
-    if common.export_available():
-        status, table = export_tab.save_model(session, str(tmp_path / "saved"), False)
-        assert "Saved" in status and (tmp_path / "saved" / "config.json").is_file()
-        assert table[table["run"] == "R1"].iloc[0]["disk MB"] != "—"
-        with pytest.raises(gr.Error, match="exists"):
-            export_tab.save_model(session, str(tmp_path / "saved"), False)
+    status, table = export_tab.save_model(session, str(tmp_path / "saved"), False)
+    assert "Saved" in status and (tmp_path / "saved" / "config.json").is_file()
+    assert table[table["run"] == "R1"].iloc[0]["disk MB"] != "—"
+    with pytest.raises(gr.Error, match="exists"):
+        export_tab.save_model(session, str(tmp_path / "saved"), False)
     workdir = session.workdir
     session.close()
     assert not workdir.exists()
@@ -242,14 +241,20 @@ def test_build_app_and_launch_defaults():
     assert "cx-header" in launch_kwargs()["css"]
 
 
-def test_make_config_follows_the_core_defaults():
+def test_comp_settings_follow_the_core_defaults():
+    from comp_core.settings import chosen_dense_kinds, settings_for
+
     every = ["q", "k", "v", "o", "gate", "up", "down"]
-    assert sidebar.make_config(0.2, 1, False, None, "diag", True, "identical", None, every).dense_kinds \
-        == sidebar.DEFAULT_DENSE_KINDS
-    assert sidebar.make_config(0.2, 1, False, None, "diag", True, "identical", [], []).dense_kinds \
-        == sidebar.DEFAULT_DENSE_KINDS  # nothing loaded yet: the empty checkbox group means "default"
-    assert sidebar.make_config(0.2, 1, False, None, "diag", True, "identical", every, every).dense_kinds is None
-    cfg = sidebar.make_config(0.25, 3, True, (0, 29), "obs", False, "accumulated", ["down", "q"], every, depth=5)
+
+    def config(ticked, all_kinds, **comp):
+        return settings_for("comp", ratio=0.2, comp={**comp, **chosen_dense_kinds(ticked, all_kinds)})
+
+    assert config(None, every).dense_kinds == sidebar.DEFAULT_DENSE_KINDS
+    assert config([], []).dense_kinds == sidebar.DEFAULT_DENSE_KINDS  # nothing loaded yet: "default"
+    assert config(every, every).dense_kinds is None
+    cfg = settings_for("comp", ratio=0.25, protected=(0, 29), comp=dict(
+        remove_layers="auto", score="obs", mask_tuning=False, inputs="accumulated", auto_max_layers=5,
+        **chosen_dense_kinds(["down", "q"], every)))
     assert (cfg.dense_kinds, cfg.remove_layers, cfg.auto_max_layers) == (("q", "down"), "auto", 5)
     assert cfg.protected == (0, 29) and cfg.score == "obs" and not cfg.mask_tuning
 
@@ -308,7 +313,9 @@ def test_method_settings_follow_the_registry(folder):
                                      None, 3)
     assert (layers.granularity, layers.remove_layers, layers.protected, layers.score) == ("layers", 2, (0, 5), "obs")
     comp = sidebar.method_settings(session, "comp", 0.3, 2, False, [0, 5], "obs", False, "identical", None, 3)
-    assert comp == sidebar.session_config(session, 0.3, 2, False, [0, 5], "obs", False, "identical", None, 3)
+    from comp_core.settings import settings_for
+    assert comp == settings_for("comp", ratio=0.3, protected=[0, 5], comp=dict(
+        remove_layers=2, score="obs", mask_tuning=False, inputs="identical", auto_max_layers=3))
 
 
 def test_sidebar_shows_the_sparsity_for_mask_and_composed_methods():
@@ -320,11 +327,11 @@ def test_sidebar_shows_the_sparsity_for_mask_and_composed_methods():
     assert "target ratio" in note and "sparsity" in note
     _, _, ratio, sparsity = sidebar.select_method("comp")
     assert (ratio["visible"], sparsity["visible"]) == (True, False)
-    assert sidebar.parse_sparsity("2:4") == "2:4" and sidebar.parse_sparsity(" 4 : 8 ") == "4:8"
-    assert sidebar.parse_sparsity("50%") == "0.5" and sidebar.parse_sparsity(0.6) == "0.6"
+    assert settings.parse_sparsity("2:4") == "2:4" and settings.parse_sparsity(" 4 : 8 ") == "4:8"
+    assert settings.parse_sparsity("50%") == "0.5" and settings.parse_sparsity(0.6) == "0.6"
     for bad in ("", "0", "1.5", "4:2", "half"):
         with pytest.raises(ValueError):
-            sidebar.parse_sparsity(bad)
+            settings.parse_sparsity(bad)
     session = Session()
     masks = sidebar.method_settings(session, "magnitude", 0.3, 1, False, None, "diag", True, "identical", None, 3,
                                     "2:4")

@@ -217,7 +217,7 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
         fresh_model = not session.controls_filled()
         protected, dense_kinds = sidebar.unfilled_defaults(session, protected, dense_kinds)
         common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
-        cfg = sidebar.session_config(session, ratio, n_remove, False, protected, score, mask_tuning, inputs,
+        cfg = sidebar.method_settings(session, "comp", ratio, n_remove, False, protected, score, mask_tuning, inputs,
                                      dense_kinds, depth)
         bridge.step("Copying the model (the original stays untouched) …", stage="copy")
         analysis = run_analysis(session.loaded.model, session.samples, cfg, int(depth), on_event=bridge,
@@ -254,7 +254,7 @@ def update_plan(session: Session, ratio, n_remove, auto, protected, score, mask_
     """Instant what-if: (curve, history, bars, plan summary) for the current controls, no pruning."""
     cfg, stale = None, []
     if session.analysis is not None:
-        cfg = sidebar.session_config(session, ratio, n_remove, False, protected, score, mask_tuning, inputs,
+        cfg = sidebar.method_settings(session, "comp", ratio, n_remove, False, protected, score, mask_tuning, inputs,
                                      dense_kinds)
         stale = stale_reasons(session.analysis.cfg, cfg)
     plan = current_what_if(session, ratio, n_remove, protected, cfg)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import queue
-import re
 import threading
 import time
 from types import SimpleNamespace
@@ -23,15 +22,16 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from comp_core import Cancelled, CompPlan
+from comp_core import Cancelled, CompPlan, settings
+from comp_core.evaluate.compare import compare_methods
 from comp_core.methods import get_method, method_names, setting_names
+from comp_core.settings import COMPARE_METHODS
 from comp_core.math.sparsity import SparsityPattern
 from comp_core.methods.comp.whatif import neuron_maps
 
-from .. import common, plots, sidebar
+from .. import common, plots
 from ..session import Session
 
-PRESELECTED = ("comp", "flap", "shortgpt", "wanda-sp", "magnitude-sp")
 DEFAULT_RATIOS = "0.2, 0.3"
 DEFAULT_SPARSITIES = "0.5, 2:4"
 POLL_S = 0.5  # how often the streaming handler looks for rows and progress
@@ -43,17 +43,9 @@ NOTHING_REMOVED = "masks: nothing removed"
 MASK_VIEW = "zeros"  # the dense dropdown's entry for a composed row's sparsity map
 
 
-def compare_available() -> bool:
-    try:
-        from comp_core.evaluate.compare import compare_methods  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import problem just hides the feature
-        return False
-    return True
-
-
 def default_methods() -> list[str]:
     names = method_names()
-    return [m for m in PRESELECTED if m in names]
+    return [m for m in COMPARE_METHODS if m in names]
 
 
 def method_summaries() -> str:
@@ -61,37 +53,6 @@ def method_summaries() -> str:
     rows = "".join(f"<tr><td><b>{n}</b></td><td>{get_method(n).kind}</td><td>{get_method(n).summary}</td></tr>"
                    for n in method_names())
     return f"<table class='cx-plan cx-methods'>{rows}</table>"
-
-
-def parse_ratios(text) -> list[float]:
-    """"0.2, 0.3" or "20%, 30%" -> [0.2, 0.3]; each in (0, 1), duplicates dropped, order kept."""
-    parts = [p for p in re.split(r"[,;\s]+", str(text or "").strip()) if p]
-    if not parts:
-        raise ValueError("type one or more target ratios, e.g. 0.2, 0.3")
-    ratios = []
-    for part in parts:
-        try:
-            value = float(part[:-1]) / 100 if part.endswith("%") else float(part)
-        except ValueError:
-            raise ValueError(f"'{part}' is not a ratio; type numbers like 0.2, 0.3 (or 20%, 30%)") from None
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"ratio {part} must be between 0 and 1 (a share of the parameters)")
-        if value not in ratios:
-            ratios.append(value)
-    return ratios
-
-
-def parse_sparsities(text) -> list[str]:
-    """"0.5, 2:4" or "50% 4:8" -> ["0.5", "2:4"] / ["0.5", "4:8"]; duplicates dropped, order kept."""
-    parts = [p for p in re.split(r"[,;\s]+", str(text or "").strip()) if p]
-    if not parts:
-        raise ValueError("type one or more sparsities for the mask methods, e.g. 0.5, 2:4")
-    out = []
-    for part in parts:
-        label = sidebar.parse_sparsity(part)
-        if label not in out:
-            out.append(label)
-    return out
 
 
 def _light(plan: CompPlan | None, masks: bool = False) -> CompPlan | None:
@@ -302,15 +263,6 @@ def _outputs(session: Session, status: str, select=None):
     return status, compare_table(session), compare_figure(session), gr.update(choices=choices, value=value)
 
 
-def count_or_all(value, message: str) -> int | None:
-    """A count from a number box: None (= all) for empty or < 1; ``message`` when it is not a number."""
-    try:
-        count = int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        raise common.fail(message, "Cannot do that") from None
-    return count if count is not None and count >= 1 else None
-
-
 def _grid_text(ratios: list[float], sparsities: list[str]) -> str:
     """"ratios 20%, 30% · sparsities 0.5, 2:4" (the targets the methods ran at)."""
     parts = ([f"ratios {', '.join(f'{r:.0%}' for r in ratios)}"] if ratios else []) + (
@@ -333,23 +285,20 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
     """Generator: (status, table, figure, plan selector, 4 plan views, model card) after every finished row.
 
     ``ratios`` are read only when a ticked method has a ratio, ``sparsities`` only when one has a sparsity."""
-    if not compare_available():
-        raise common.fail("Comparing needs comp_core.evaluate.compare, which this install does not have.", "Unavailable")
-    from comp_core.evaluate.compare import compare_methods
-
     known = method_names()
     methods = [m for m in (methods or []) if m in known]
     if not methods:
         raise common.fail("Tick at least one method to compare.", "Nothing to compare")
     wants = {m: set(setting_names(m)) & {"ratio", "sparsity"} for m in methods}  # the targets each one takes
-    ratio_list = parse_ratios(ratios) if any("ratio" in w for w in wants.values()) else []
-    sparsity_list = parse_sparsities(sparsities) if any("sparsity" in w for w in wants.values()) else []
+    ratio_list = (list(settings.parse_ratios(ratios, allow_zero=False)) if any("ratio" in w for w in wants.values())
+                  else [])
+    sparsity_list = list(settings.parse_sparsities(sparsities)) if any("sparsity" in w for w in wants.values()) else []
     eval_sets = [d for d in (eval_sets or []) if d in common.EVAL_SETS]
     if not eval_sets:
         raise common.fail("Tick at least one evaluation data set.", "Nothing to compare")
-    n_windows = count_or_all(windows, "Windows must be a whole number (0 or empty = the whole test set).")
+    n_windows = settings.parse_count(windows, "Windows")
     tasks = list(tasks or [])
-    task_limit = count_or_all(task_items, "Items per task must be a whole number (0 = every item).")
+    task_limit = settings.parse_count(task_items, "Items per task")
     bridge = common.Bridge(progress, session)
     no_views = (gr.update(),) * 5  # the plan views and the model card
     started = time.perf_counter()
@@ -371,7 +320,7 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
             try:
                 compare_methods(loaded.model, loaded.tokenizer, session.samples, methods, ratio_list, eval_sets,
                                 sparsities=sparsity_list or None, max_windows=n_windows, eval_seq_len=eval_len,
-                                measure_bytes=common.export_available(),
+                                measure_bytes=True,
                                 include_original=with_original, tasks=tasks, task_limit=task_limit,
                                 on_event=bridge, on_row=lambda row: results.put(("row", row)))
                 results.put(("done", None))
@@ -446,12 +395,9 @@ def cancel(session: Session) -> str:
 
 def build() -> SimpleNamespace:
     t = SimpleNamespace()
-    available = compare_available()
     t.status = gr.HTML("<span class='cx-muted'>Choose methods, ratios and evaluation windows, then press "
                        "<b>Run comparison</b>. It uses the model and calibration data chosen on the left; every "
-                       "method prunes its own copy.</span>" if available else
-                       "<div class='cx-note'>Comparing needs <code>comp_core.evaluate.compare</code>, which this install "
-                       "does not have.</div>", elem_id="compare-status", elem_classes=["cx-status"])
+                       "method prunes its own copy.</span>", elem_id="compare-status", elem_classes=["cx-status"])
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             t.methods = gr.CheckboxGroup([(n, n) for n in method_names()], value=default_methods(),
@@ -483,7 +429,7 @@ def build() -> SimpleNamespace:
                                          label="Items per task", info="the harness's first N; 0 = all",
                                          elem_id="compare-task-items", scale=1, min_width=90)
     with gr.Row():
-        t.run = gr.Button("Run comparison", variant="primary", elem_id="btn-compare", interactive=available)
+        t.run = gr.Button("Run comparison", variant="primary", elem_id="btn-compare")
         t.cancel = gr.Button("Cancel", variant="stop", elem_id="btn-compare-cancel")
         t.clear = gr.Button("Clear rows", elem_id="btn-compare-clear")
     t.table = gr.Dataframe(headers=COLUMNS_HEAD + ["ppl wikitext2"] + COLUMNS_TAIL, value=None, interactive=False,

@@ -24,9 +24,6 @@ def save_model(session: Session, folder, overwrite):
 
     if session.pruned is None:
         raise common.fail("Prune a model first.", "Nothing to save")
-    if not common.export_available():
-        raise common.fail("Saving needs comp_core.export.folder, which is not available in this install.",
-                          "Export unavailable")
     from comp_core.export.folder import folder_bytes, save_pruned
 
     folder = (folder or "").strip()
@@ -162,8 +159,7 @@ def make_downloads(session: Session, what, with_scores, progress=gr.Progress()):
 
 def build(default_folder: str = "runs/pruned") -> SimpleNamespace:
     t = SimpleNamespace()
-    available = common.export_available()
-    with gr.Group(visible=available):
+    with gr.Group():
         gr.HTML("<div class='cx-h3'>Save the pruned model</div><div class='cx-help'>A physically smaller "
                 "safetensors folder with its tokenizer and <code>comp_report.json</code>; reload it with "
                 "<code>comp_core.export.folder.load_pruned(folder)</code>.</div>")
@@ -172,7 +168,7 @@ def build(default_folder: str = "runs/pruned") -> SimpleNamespace:
             t.overwrite = gr.Checkbox(label="Replace if it exists", value=False, scale=1)
             t.save = gr.Button("Save model", variant="primary", scale=1, elem_id="btn-save")
         t.save_status = gr.HTML("")
-    with gr.Group(visible=available):
+    with gr.Group():
         gr.HTML("<div class='cx-h3'>Export GGUF for llama.cpp</div><div class='cx-help'>One file that llama.cpp "
                 "(and Ollama, LM Studio…) runs: per-layer widths as llama.cpp's <code>deci</code> architecture, "
                 "pruned o_proj columns restored as zeros (the file reports the share of weights it really "
@@ -185,9 +181,6 @@ def build(default_folder: str = "runs/pruned") -> SimpleNamespace:
             t.gguf_overwrite = gr.Checkbox(label="Replace if it exists", value=False, scale=1)
             t.gguf_save = gr.Button("Export GGUF", variant="primary", scale=1, elem_id="btn-export-gguf")
         t.gguf_status = gr.HTML("")
-    if not available:
-        gr.HTML("<div class='cx-note'>Saving models needs <code>comp_core.export.folder</code>, which this install "
-                "does not have; downloads below still work.</div>")
     gr.HTML("<div class='cx-h3'>Downloads</div>")
     with gr.Row(equal_height=True):
         t.what = gr.CheckboxGroup([("Plan (JSON)", "plan"), ("Pruning report (JSON)", "report"),

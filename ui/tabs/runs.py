@@ -8,7 +8,6 @@ what-if move of the ratio, layers or protected set, prunes from scratch. The sta
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from comp_core import CompPlan, count_parameters, get_eval_tokens
+from comp_core.evaluate.report import SpeedSettings, evaluate_model
 from comp_core.methods import get_method, prune_with
 from comp_core.methods.comp import apply_plan
 from comp_core.methods.comp.whatif import changed_settings
@@ -30,13 +30,13 @@ RESULT_COLUMNS = ["run", "model", "method", "realised ratio", "sparsity", "zeros
                   "score", "mask tuning", "calibration", "eval", "prune s", "peak MB", "path"]
 NOTHING_REMOVED = "masks: nothing removed"
 # a quick measurement for the GUI: batch 1, short prompt, two timed rounds (the bench uses more)
-SPEED_SETTINGS = {"prefill_tokens": 128, "decode_tokens": 32, "batch_sizes": (1,), "repeats": 2,
-                  "measure_memory": False}
+SPEED_SETTINGS = SpeedSettings(prefill_tokens=128, decode_tokens=32, batch_sizes=(1,), repeats=2,
+                               measure_memory=False)
 
 
 def columns(rows: list[dict] | None = None) -> list[str]:
     """The table's columns; zero-shot accuracies follow the perplexities once a run has them."""
-    cols = [c for c in RESULT_COLUMNS if c != "tokens/s" or common.speed_available()]
+    cols = list(RESULT_COLUMNS)
     at = cols.index("ppl sample") + 1
     return cols[:at] + common.accuracy_columns(rows or []) + cols[at:]
 
@@ -201,84 +201,52 @@ def mask_text(extra: dict) -> str:
 # ---------------------------------------------------------------------------------------- evaluate
 
 
-def tokens_per_second(value) -> float | None:
-    """Batch-1 greedy decode speed out of ``comp_core.evaluate.speed.measure_speed``'s report (or a dict / number)."""
-    per_batch = value.get("decode_tps") if isinstance(value, dict) else getattr(value, "decode_tps", None)
-    if isinstance(per_batch, dict) and per_batch:
-        stat = per_batch.get(1, per_batch.get("1", next(iter(per_batch.values()))))
-        median = stat.get("median") if isinstance(stat, dict) else getattr(stat, "median", stat)
-        if isinstance(median, (int, float)):
-            return float(median)
-    for name in ("tokens_per_s", "tokens_per_second"):
-        found = value.get(name) if isinstance(value, dict) else getattr(value, name, None)
-        if isinstance(found, (int, float)):
-            return float(found)
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def _speed(model, tokenizer):
-    from comp_core.evaluate.speed import measure_speed
-
-    accepted = inspect.signature(measure_speed).parameters
-    settings = {k: v for k, v in SPEED_SETTINGS.items() if k in accepted}
-    return tokens_per_second(measure_speed(model, tokenizer, **settings))
-
-
-def _zeroshot(model, tokenizer, tasks: list[str], limit: int | None) -> dict[str, float]:
-    from comp_core.evaluate.zeroshot import evaluate_tasks
-
-    return evaluate_tasks(model, tokenizer, tasks, limit=limit, quiet=True).headline()
-
-
 def _measure(session: Session, targets, datasets, tasks, with_speed, quick, windows, limit, seq_len, bridge,
              lines: list[str], accuracy_lines: list[str]) -> None:
-    """Evaluate's measurements into the ``targets``' rows (copies); fills ``lines`` / ``accuracy_lines``."""
+    """Evaluate's measurements (``comp_core.evaluate.report.evaluate_model``) into the ``targets``' rows (copies);
+    the shared original's figures are measured once per model and reused. Fills ``lines`` / ``accuracy_lines``."""
     loaded = session.loaded
-    original = targets[0][2]
     eval_text = f"{'quick' if quick else 'full'} {seq_len}"
+    tokens = {}
     for ds in datasets:
         bridge.step(f"Tokenising {common.EVAL_LABELS[ds]} …", stage="evaluate")
-        tokens = get_eval_tokens(ds, loaded.tokenizer)
-        for name, model, row, shared in targets:
-            key = (session.model_key, "ppl", ds, windows, seq_len)
-            value = common.ORIGINAL_RESULTS.get(key) if shared else None
-            if value is None:
-                value = common.measure_ppl(model, tokens, seq_len, windows, bridge,
-                                           f"{common.EVAL_LABELS[ds]} · {name}")
-                if shared:
-                    common.ORIGINAL_RESULTS.put(key, value)
-            row[f"ppl {ds}"] = value
+        tokens[ds] = get_eval_tokens(ds, loaded.tokenizer)
+    keys = {**{("ppl", ds): (session.model_key, "ppl", ds, windows, seq_len) for ds in datasets},
+            **{("acc", t): (session.model_key, "zeroshot", t, limit) for t in tasks},
+            ("speed",): (session.model_key, "speed")}
+    for name, model, row, shared in targets:
+        cached = {what: common.ORIGINAL_RESULTS.get(key) if shared else None for what, key in keys.items()}
+        measured = evaluate_model(
+            model, loaded.tokenizer, sets=[ds for ds in datasets if cached[("ppl", ds)] is None], seq_len=seq_len,
+            max_windows=windows, tokens=tokens, tasks=[t for t in tasks if cached[("acc", t)] is None],
+            task_limit=limit, speed=SPEED_SETTINGS if with_speed and cached[("speed",)] is None else None,
+            label=name, on_event=bridge)
+        found = {**{("ppl", ds): v for ds, v in measured.ppl.items()},
+                 **{("acc", t): v for t, v in measured.accuracy.items()}}
+        if measured.speed is not None:
+            found[("speed",)] = measured.decode_tokens_per_s
+        if shared:
+            for what, value in found.items():
+                if value is not None:
+                    common.ORIGINAL_RESULTS.put(keys[what], value)
+        values = {**{k: v for k, v in cached.items() if v is not None}, **found}
+        for ds in datasets:
+            row[f"ppl {ds}"] = values[("ppl", ds)]
+        if datasets or tasks:
             row["eval"] = eval_text
+        common.set_accuracy(row, {t: values[("acc", t)] for t in tasks if values.get(("acc", t)) is not None})
+        if with_speed:
+            row["tokens/s"] = values.get(("speed",))
+    original = targets[0][2]
+    for ds in datasets:
         label = common.EVAL_LABELS[ds]
         if len(targets) == 2:
             lines.append(f"{label}: {original[f'ppl {ds}']:.2f} → {targets[1][2][f'ppl {ds}']:.2f}")
         else:
             lines.append(f"{label}: {original[f'ppl {ds}']:.2f}")
-    if tasks:
-        for name, model, row, shared in targets:
-            found = {t: common.ORIGINAL_RESULTS.get((session.model_key, "zeroshot", t, limit)) for t in tasks}
-            missing = [t for t in tasks if found[t] is None or not shared]
-            if missing:
-                bridge.step(f"Zero-shot {', '.join(missing)} · {name} (lm-eval) …", stage="zeroshot")
-                found.update(_zeroshot(model, loaded.tokenizer, missing, limit))
-                if shared:
-                    for t in missing:
-                        common.ORIGINAL_RESULTS.put((session.model_key, "zeroshot", t, limit), found[t])
-            common.set_accuracy(row, {t: v for t, v in found.items() if v is not None})
-            row["eval"] = eval_text
-        for t in tasks:
-            values = [row.get(f"acc {t}") for _, _, row, _ in targets]
-            accuracy_lines.append(f"{t}: " + " → ".join(common.fmt(v, ".3f") for v in values))
-    if with_speed and common.speed_available():
-        for name, model, row, shared in targets:
-            bridge.step(f"Generation speed · {name} …", stage="speed")
-            key = (session.model_key, "speed")
-            value = common.ORIGINAL_RESULTS.get(key) if shared else None
-            if value is None:
-                value = _speed(model, loaded.tokenizer)
-                if shared and value is not None:
-                    common.ORIGINAL_RESULTS.put(key, value)
-            row["tokens/s"] = value
+    for t in tasks:
+        values = [row.get(f"acc {t}") for _, _, row, _ in targets]
+        accuracy_lines.append(f"{t}: " + " → ".join(common.fmt(v, ".3f") for v in values))
 
 
 @common.user_errors
@@ -351,7 +319,7 @@ def build() -> SimpleNamespace:
         t.mode = gr.Radio([(f"Quick ({common.QUICK_WINDOWS} windows)", "quick"), ("Full test set", "full")],
                           value="quick", label="Evaluation", scale=2,
                           info=f"quick = first {common.QUICK_WINDOWS} windows of 512 tokens; full is slow on a CPU")
-        t.speed = gr.Checkbox(label="Generation speed", value=True, visible=common.speed_available(), scale=1)
+        t.speed = gr.Checkbox(label="Generation speed", value=True, scale=1)
     offered = common.zeroshot_tasks()
     with gr.Row(equal_height=True):
         t.tasks = gr.CheckboxGroup(offered, value=[], label="Zero-shot accuracy (lm-evaluation-harness)",
