@@ -220,17 +220,28 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from exc
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    """Documents' ``text`` fields, in file order (blank lines ignored)."""
-    docs: list[str] = []
-    for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
+def json_records(path: Path, lines: Sequence[str]) -> list[tuple[int, dict]]:
+    """The JSON objects of a JSON-lines file's ``lines`` with their line numbers (blank lines skipped); a
+    ``DataError`` naming ``path`` and the line of the first one that is not a JSON object."""
+    records = []
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object")
+        records.append((line_no, record))
+    return records
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    """Documents' ``text`` fields, in file order (blank lines ignored)."""
+    docs: list[str] = []
+    for line_no, record in json_records(path, _read_text(path).splitlines()):
+        if not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{line_no}: expected a JSON object with a string 'text' field")
         docs.append(record["text"])
     return docs

@@ -15,7 +15,7 @@ from torch import nn
 
 # the builders live in tests/helpers.py; the names stay importable from here (tests.conftest) for older imports
 from tests.helpers import (ARCHS, CALIB_SHAPE, DATA, LLAMA_FAMILY_ARCHS, N_LAYERS, VOCAB,  # noqa: F401
-                           make_calib, make_config, make_tiny_model, save_tiny_folder)
+                           comp_pruned_llama, make_calib, make_config, make_tiny_model, save_tiny_folder)
 
 
 # the fixtures that hold the bundled model: every test using them (and every integration test) runs on one
@@ -94,3 +94,9 @@ def bundled_comp_20(bundled):
 
     loaded, samples, _ = bundled
     return prune(loaded.model, samples, CompConfig(ratio=0.2))
+
+
+@pytest.fixture(scope="module")
+def pruned_once():
+    """``helpers.comp_pruned_llama()``, once per test module."""
+    return comp_pruned_llama()

@@ -16,6 +16,8 @@ from torch import nn
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig,
                           OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+from comp_core import CompConfig, get_adapter, prune
+from comp_core.models.surgery import IndexedInputLinear
 from tests.tiny_tokenizer import BOS_ID, make_tiny_tokenizer  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +96,24 @@ def save_tiny_llama(folder: Path) -> Path:
     """A tiny random Llama (6 layers, hidden 64) plus the tiny test tokenizer, saved as a model folder (the GUI
     tests' model: 512 positions, bos 0, eos 1)."""
     return save_tiny_folder(folder, max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
+
+
+def comp_pruned_llama() -> tuple[nn.Module, torch.Tensor, dict[int, nn.Module]]:
+    """The tiny Llama pruned once by COMP (20 %, no layer removed), its calibration, and the o_proj denses that now
+    read only some of their inputs (by layer): a source that is already pruned, for tests that prune or score
+    again."""
+    model, calib = make_tiny_model("llama"), make_calib()
+    pruned, _ = prune(model, calib, CompConfig(ratio=0.2, remove_layers=0))
+    indexed = {i: block.self_attn.o_proj for i, block in enumerate(get_adapter(pruned).blocks(pruned))
+               if isinstance(block.self_attn.o_proj, IndexedInputLinear)}
+    assert indexed, "the first pruning should leave o_proj reading only some of its inputs"
+    return pruned, calib, indexed
+
+
+def weight_and_gram(seed: int, d_out: int = 10, d_in: int = 24, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random dense weight (d_out × d_in) and the float64 Gram XᵀX of n random inputs whose columns differ in
+    scale (so importance scores disagree with magnitudes): a small problem for the mask solvers."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g)
+    x = torch.randn(n, d_in, generator=g) * torch.rand(d_in, generator=g) * 3
+    return w, (x.T @ x).double()

@@ -33,7 +33,6 @@ import bz2
 import contextlib
 import functools
 import gzip
-import json
 import logging
 import re
 import time
@@ -41,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import DATA_DIR_ENV, DataError, data_dir
+from ..data import DATA_DIR_ENV, DataError, data_dir, json_records
 from ..events import ProgressCallback, emit
 
 log = logging.getLogger(__name__)
@@ -96,17 +95,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def _jsonl(path: Path) -> Rows:
-    rows = []
-    for line_no, line in enumerate(_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{line_no}: expected a JSON object")
-        rows.append(record)
+    rows = [record for _, record in json_records(path, _lines(path))]
     if not rows:
         raise DataError(f"{path}: no items")
     return rows

@@ -6,19 +6,6 @@ import torch
 
 from comp_core import CompConfig, prune
 from comp_core.models.adapters import get_adapter
-from comp_core.models.surgery import IndexedInputLinear
-
-from tests.helpers import make_calib, make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def pruned_once():
-    model, calib = make_tiny_model("llama"), make_calib()
-    pruned, _ = prune(model, calib, CompConfig(ratio=0.2, remove_layers=0))
-    indexed = {i: block.self_attn.o_proj for i, block in enumerate(get_adapter(pruned).blocks(pruned))
-               if isinstance(block.self_attn.o_proj, IndexedInputLinear)}
-    assert indexed, "the first pruning should leave o_proj reading only some of its inputs"
-    return pruned, calib, indexed
 
 
 def test_fisher_scores_a_model_that_is_already_pruned(pruned_once):

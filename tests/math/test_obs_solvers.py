@@ -8,14 +8,9 @@ import torch
 from comp_core.math.obs_solvers import apt, least_squares_given_mask, reconstruction_error, sparsegpt
 from comp_core.math.sparsity import SparsityPattern, holds_pattern
 
+from tests.helpers import weight_and_gram
+
 PATTERNS = ["0.5", "2:4", "4:8"]
-
-
-def _problem(seed: int, d_out: int = 10, d_in: int = 24, n: int = 300):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(d_out, d_in, generator=g)
-    x = torch.randn(n, d_in, generator=g) * torch.rand(d_in, generator=g) * 3
-    return w, (x.T @ x).double()
 
 
 def _damped(h: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
@@ -25,7 +20,7 @@ def _damped(h: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_apt_in_one_block_is_the_least_squares_refit_of_the_kept_weights(pattern, seed):
-    w, h = _problem(seed)
+    w, h = weight_and_gram(seed)
     out = apt(w, h, SparsityPattern.parse(pattern), blocksize=128)
     exact = least_squares_given_mask(w, h, out.mask)
     torch.testing.assert_close(out.weight.double(), exact, rtol=1e-4, atol=1e-5)
@@ -36,7 +31,7 @@ def test_apt_in_one_block_is_the_least_squares_refit_of_the_kept_weights(pattern
 @pytest.mark.parametrize("blocksize", [4, 8, 128])
 def test_apt_error_is_at_most_sparsegpts_for_the_same_mask(pattern, blocksize):
     for seed in range(3):
-        w, h = _problem(seed)
+        w, h = weight_and_gram(seed)
         ours = sparsegpt(w, h, SparsityPattern.parse(pattern), blocksize=blocksize)
         joint = apt(w, h, SparsityPattern.parse(pattern), blocksize=blocksize, mask=ours.mask)
         assert torch.equal(joint.mask, ours.mask)
@@ -62,7 +57,7 @@ def _sparsegpt_reference(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -
 @pytest.mark.parametrize("pattern", ["0.5", "2:4"])
 @pytest.mark.parametrize("blocksize", [3, 128])
 def test_sparsegpt_matches_a_plain_reference_loop(pattern, blocksize):
-    w, h = _problem(5, d_out=6, d_in=12, n=80)
+    w, h = weight_and_gram(5, d_out=6, d_in=12, n=80)
     out = sparsegpt(w, h, SparsityPattern.parse(pattern), blocksize=blocksize)
     reference = _sparsegpt_reference(w, h, out.mask)
     torch.testing.assert_close(out.weight.double(), reference, rtol=1e-3, atol=1e-4)
@@ -70,12 +65,11 @@ def test_sparsegpt_matches_a_plain_reference_loop(pattern, blocksize):
 
 
 def test_sparsegpt_handles_dead_inputs():
-    w, h = _problem(3)
+    w, h = weight_and_gram(3)
     h[4, :] = 0
     h[:, 4] = 0
     out = sparsegpt(w, h, SparsityPattern.parse("0.5"))
     assert torch.isfinite(out.weight).all() and (out.weight[:, 4] == 0).all()
-
 
 
 @pytest.mark.parametrize("solver", [sparsegpt, apt])

@@ -12,21 +12,14 @@ from comp_core.models.adapters import get_adapter
 from comp_core.runtime import count_parameters
 from comp_core.math.sparsity import SparsityPattern, holds_pattern, zero_counts
 
-from tests.helpers import make_tiny_model
+from tests.helpers import make_tiny_model, weight_and_gram
 
 MASK_METHODS = ["magnitude", "wanda", "sparsegpt", "apt"]
 PATTERNS = ["0.5", "2:4", "4:8"]
 
 
-def _problem(seed: int, d_out: int = 10, d_in: int = 24, n: int = 300):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(d_out, d_in, generator=g)
-    x = torch.randn(n, d_in, generator=g) * torch.rand(d_in, generator=g) * 3
-    return w, (x.T @ x).double()
-
-
 def test_wanda_score_per_row_is_hand_computed():
-    w, h = _problem(7, d_out=4, d_in=8)
+    w, h = weight_and_gram(7, d_out=4, d_in=8)
     out = Wanda().mask_dense(w, None, h, SparsityPattern.parse("0.5"), None)
     expected = w.abs() * h.diagonal().sqrt().float()
     torch.testing.assert_close(out.scores, expected)

@@ -5,12 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from comp_core import CompConfig, analyze, count_parameters, prune
+from comp_core import CompConfig, analyze, count_parameters
 from comp_core.methods import prune_with
 from comp_core.methods.comp.whatif import (analyze_nearest, changed_settings, feasible_ratio, neuron_maps, removal_path,
                               stale_reasons, what_if)
-from comp_core.models.adapters import get_adapter
-from comp_core.models.surgery import IndexedInputLinear
 from tests.helpers import make_calib, make_tiny_model
 
 
@@ -156,15 +154,6 @@ def test_neuron_maps_shape_every_analysed_dense(plan):
 
 
 # an already pruned source: the neuron maps read its denses in original coordinates
-
-@pytest.fixture(scope="module")
-def pruned_once():
-    model, calib = make_tiny_model("llama"), make_calib()
-    pruned, _ = prune(model, calib, CompConfig(ratio=0.2, remove_layers=0))
-    indexed = {i: block.self_attn.o_proj for i, block in enumerate(get_adapter(pruned).blocks(pruned))
-               if isinstance(block.self_attn.o_proj, IndexedInputLinear)}
-    assert indexed, "the first pruning should leave o_proj reading only some of its inputs"
-    return pruned, calib, indexed
 
 
 def test_neuron_map_puts_scores_and_cuts_of_a_pruned_source_in_original_coordinates(pruned_once):
