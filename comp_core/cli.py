@@ -17,10 +17,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .data import DEFAULT_CALIBRATION, default_calibration_size
+from .data import DEFAULT_CALIBRATION, default_calibration_size, get_calibration
+from .evaluate.compare import compare_methods, rows_table
+from .evaluate.report import evaluate_model
+from .evaluate.speed import compare_speed
 from .events import PruneEvent
-from .methods.comp import PAPER_CALIBRATION
+from .export.folder import save_pruned
+from .export.gguf import export_gguf_folder, resolve_source_gguf
+from .math.allocation import ImpossibleRatioError
 from .math.scoring import SCORES
+from .methods import analyze_with, get_method, method_names, prune_with
+from .methods.comp import PAPER_CALIBRATION
+from .models.loading import load_model
+from .models.streaming import stream_stats
+from .preflight import check_context, check_exportable, check_output_folder, expected_save_bytes
+from .runtime import (configure_threads, count_parameters, cuda_peak_mb, cuda_peaks_mb, is_out_of_memory,
+                      out_of_memory_message, peak_rss_mb, stage)
 from .settings import (COMPARE_METHODS, EVAL_SETS, SettingsError, parse_assignment, parse_dense_kinds,
                        parse_eval_sets, parse_layers, parse_ratios, parse_remove_layers, parse_sparsities,
                        settings_for, split_per_method, uses_comp_settings)
@@ -119,8 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comp-explorer", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
-    from .methods import method_names
-
     analyze = sub.add_parser("analyze", help="layer importances, removal order, per-layer ratios, neuron scores")
     prune = sub.add_parser("prune", help="prune (COMP by default) and optionally evaluate perplexity before/after")
     for p in (analyze, prune):
@@ -184,8 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _export_gguf(args: argparse.Namespace) -> dict:
     """``export-gguf``: reads the folder itself, so it needs none of ``_with_model``'s loading."""
-    from .export.gguf import export_gguf_folder, resolve_source_gguf
-
     if not os.path.isdir(args.folder):
         raise FileNotFoundError(f"{args.folder} is not a folder; pass one written by `comp-explorer prune --out`")
     source = resolve_source_gguf(args.source_gguf) if args.source_gguf else None
@@ -256,8 +264,6 @@ def _settings(method: str, args: argparse.Namespace, ratio: str | float, extra: 
 
 def _check_lengths(model, args, eval_names: Sequence[str]) -> None:
     """Calibration and evaluation windows within the model's context, before any of them is made."""
-    from .preflight import check_context
-
     if getattr(args, "seq_len", None) is not None:
         check_context(model, args.seq_len, "--seq-len")
     if eval_names:
@@ -286,8 +292,6 @@ class _Run:
 
     def evaluate(self, model, names: Sequence[str], label: str, tasks: Sequence[str] = ()):
         """Perplexity on ``names`` (and zero-shot ``tasks``) through ``evaluate_model``; notes kept once."""
-        from .evaluate.report import evaluate_model
-
         args = self.args
         measured = evaluate_model(model, self.tokenizer, sets=names, seq_len=args.eval_seq_len,
                                   max_windows=args.max_windows, tasks=tasks, task_limit=getattr(args, "limit", None),
@@ -298,9 +302,6 @@ class _Run:
 
     def calibration(self):
         """The calibration samples the command line asked for (recorded in the report)."""
-        from .data import get_calibration
-        from .runtime import stage
-
         args = self.args
         with stage("calibration", self.timings):
             samples = get_calibration(args.calib, self.tokenizer, args.n_samples, args.seq_len, args.seed,
@@ -311,9 +312,6 @@ class _Run:
 
 
 def _bench_speed(run: _Run) -> None:
-    from .evaluate.speed import compare_speed
-    from .runtime import stage
-
     args = run.args
     with stage("bench_speed", run.timings):
         comparison = compare_speed(run.model, args.pruned, device=args.device, repeats=args.repeats,
@@ -323,8 +321,6 @@ def _bench_speed(run: _Run) -> None:
 
 
 def _eval(run: _Run) -> None:
-    from .runtime import count_parameters
-
     args = run.args
     run.report["params"] = count_parameters(run.model)
     if args.limit is not None and not args.tasks:
@@ -340,10 +336,6 @@ def _eval(run: _Run) -> None:
 
 
 def _compare(run: _Run) -> None:
-    from .evaluate.compare import compare_methods, rows_table
-    from .methods import get_method
-    from .runtime import stage
-
     args = run.args
     if args.limit is not None and not args.tasks:
         raise ValueError("--limit applies to zero-shot --tasks (perplexity uses --max-windows)")
@@ -372,8 +364,6 @@ def _compare(run: _Run) -> None:
 
 def _prepare(run: _Run):
     """``analyze`` and ``prune``: the method's settings, checked with the model, then the calibration samples."""
-    from .preflight import check_exportable, check_output_folder, expected_save_bytes
-
     args = run.args
     settings = _settings(args.method, args, args.ratio, args.settings)
     _check_lengths(run.model, args, run.eval_names)
@@ -385,9 +375,6 @@ def _prepare(run: _Run):
 
 
 def _analyze(run: _Run) -> None:
-    from .methods import analyze_with
-    from .runtime import stage
-
     settings, samples = _prepare(run)
     with stage("analyze", run.timings):
         plan = analyze_with(run.args.method, run.model, samples, settings, on_event=run.progress)
@@ -395,9 +382,6 @@ def _analyze(run: _Run) -> None:
 
 
 def _prune(run: _Run) -> None:
-    from .methods import prune_with
-    from .runtime import stage
-
     args, report = run.args, run.report
     settings, samples = _prepare(run)
     if run.eval_names:
@@ -415,8 +399,6 @@ def _prune(run: _Run) -> None:
     if run.eval_names:
         report["ppl_after"] = run.evaluate(pruned, run.eval_names, "after").ppl_dict()
     if args.out:
-        from .export.folder import save_pruned
-
         with stage("save", run.timings):
             report["saved_to"] = str(save_pruned(pruned, run.tokenizer, args.out, result,
                                                  overwrite=args.overwrite, source=run.loaded.source))
@@ -428,10 +410,6 @@ def _with_model(handler: Callable[[_Run], None]) -> Callable[[argparse.Namespace
     """A command that loads the model first: data folder, threads, progress, timings and the memory figures
     around ``handler``, the same for every such command."""
     def command(args: argparse.Namespace) -> dict:
-        from .models.loading import load_model
-        from .preflight import check_output_folder
-        from .runtime import configure_threads, cuda_peak_mb, cuda_peaks_mb, peak_rss_mb, stage
-
         if args.data_dir:
             os.environ["COMP_DATA_DIR"] = args.data_dir
         out = getattr(args, "out", None)
@@ -464,8 +442,6 @@ def _with_model(handler: Callable[[_Run], None]) -> Callable[[argparse.Namespace
             if len(peaks := cuda_peaks_mb()) > 1:
                 report["cuda_peaks_mb"] = peaks
         if report.get("streamed"):
-            from .models.streaming import stream_stats
-
             stats = stream_stats(loaded.model)
             report["streaming"] = dataclasses.asdict(stats) if stats is not None else None
         report["timings"] = timings
@@ -576,9 +552,6 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .math.allocation import ImpossibleRatioError
-    from .runtime import is_out_of_memory, out_of_memory_message
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if hasattr(args, "calib"):  # a size not given: the project's default budget (the paper's with --paper)

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 from torch import nn
+from .export.folder import plan_export
 
 # config attributes that hold a model's number of positions, first found wins (Llama/OPT/Qwen: the first)
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
@@ -97,8 +98,6 @@ def check_exportable(model: nn.Module) -> None:
 
     Plans the export of the model as it is (on the meta device, sharing its tensors: no copy, no file), so the
     check is the export's own rules, not a second list of families."""
-    from .export.folder import plan_export
-
     try:
         plan_export(model)
     except Exception as err:  # unknown family, no adapter, a config export cannot rebuild: all say "cannot save"

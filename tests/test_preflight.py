@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import comp_core.methods
+import comp_core.cli
 from comp_core.cli import main
 from comp_core.models.loading import ModelLoadError, load_model
 
@@ -32,7 +32,7 @@ def tripwire(monkeypatch):
     def prune_with(*args, **kwargs):
         raise AssertionError("pruning started although the run could not finish")
 
-    monkeypatch.setattr(comp_core.methods, "prune_with", prune_with)
+    monkeypatch.setattr(comp_core.cli, "prune_with", prune_with)
 
 
 def _with_layers(tiny_folder: Path, tmp_path: Path, layers: int) -> Path:
@@ -98,16 +98,14 @@ def test_full_disk_is_refused_before_pruning(tiny_folder, tmp_path, capsys, trip
 
 def test_model_type_the_export_cannot_save_is_refused_before_pruning(tiny_folder, tmp_path, capsys, tripwire,
                                                                       monkeypatch):
-    import comp_core.models.loading as loading
-
-    real = loading.load_model
+    real = comp_core.cli.load_model
 
     def load_unsaveable(*args, **kwargs):
         loaded = real(*args, **kwargs)
         loaded.model.config.model_type = "mystery"  # prunable by its modules, unknown to the export
         return loaded
 
-    monkeypatch.setattr(loading, "load_model", load_unsaveable)
+    monkeypatch.setattr(comp_core.cli, "load_model", load_unsaveable)
     code, err = run(capsys, "prune", "--model", str(tiny_folder), *COMMON, "--out", str(tmp_path / "pruned"))
     assert code == 2 and "cannot be saved" in err and "mystery" in err
     assert not (tmp_path / "pruned").exists()
@@ -123,7 +121,7 @@ def test_out_of_memory_is_reported_with_the_memory_figures(tiny_folder, capsys, 
     def prune_with(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(comp_core.methods, "prune_with", prune_with)
+    monkeypatch.setattr(comp_core.cli, "prune_with", prune_with)
     code, err = run(capsys, "prune", "--model", str(tiny_folder), *COMMON)
     assert code == 3 and "out of memory" in err and "MiB" in err and "peak RSS" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -27,6 +27,8 @@ from comp_core.runtime import (cuda_peak_mb, cuda_peaks_mb, is_out_of_memory, ou
 from comp_core.models.loading import check_load_options, load_model
 
 from .session import ModelCache, ResultCache, Session, normalise_source
+from comp_core.evaluate import zeroshot
+from comp_core.evaluate.zeroshot import DEFAULT_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -214,15 +216,11 @@ def data_note() -> str:
 
 def zeroshot_tasks() -> list[str]:
     """The zero-shot tasks the GUI offers: none without lm-eval, else those runnable with this data folder."""
-    from comp_core.evaluate import zeroshot
-
     return zeroshot.runnable_tasks() if zeroshot.harness_installed() else []
 
 
 def zeroshot_note() -> str:
     """Why no zero-shot task is offered (HTML), or "" when some are."""
-    from comp_core.evaluate import zeroshot
-
     if not zeroshot.harness_installed():
         return ("Zero-shot accuracy needs lm-evaluation-harness: <code>pip install -e '.[eval]'</code>")
     if not zeroshot.runnable_tasks():
@@ -233,8 +231,6 @@ def zeroshot_note() -> str:
 
 def accuracy_columns(rows: list[dict]) -> list[str]:
     """"acc <task>" columns present in any of ``rows``, in the standard task order, then "mean acc"."""
-    from comp_core.evaluate.zeroshot import DEFAULT_TASKS
-
     present = {k[4:] for r in rows for k in r if k.startswith("acc ")}
     tasks = [t for t in DEFAULT_TASKS if t in present] + sorted(present - set(DEFAULT_TASKS))
     return [f"acc {t}" for t in tasks] + (["mean acc"] if tasks else [])

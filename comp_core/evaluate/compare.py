@@ -25,6 +25,8 @@ from ..results import CompPlan
 from ..runtime import RssSampler, count_parameters
 from ..settings import settings_for
 from .report import evaluate_model
+from ..export.folder import folder_bytes, save_pruned
+from .zeroshot import build_tasks
 
 
 @dataclass
@@ -58,8 +60,6 @@ class CompareRow:
 def saved_size(model: nn.Module, tokenizer) -> int:
     """Bytes of the safetensors files ``save_pruned`` writes for ``model`` (in a temporary folder)."""
     from transformers.utils import logging as hf_logging
-
-    from ..export.folder import folder_bytes, save_pruned
 
     folder = tempfile.mkdtemp(prefix="comp-compare-")
     hf_logging.disable_progress_bar()  # a bar per row would drown the comparison's own progress
@@ -101,8 +101,6 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
     settings = settings or {}
     tasks = list(tasks or [])
     if tasks:
-        from .zeroshot import build_tasks
-
         if task_limit is not None and (isinstance(task_limit, bool) or not isinstance(task_limit, int)
                                        or task_limit < 1):
             raise ValueError(f"task_limit must be an integer >= 1, got {task_limit!r}")

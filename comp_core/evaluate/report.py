@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -15,10 +15,8 @@ from ..data import get_eval_tokens
 from ..events import ProgressCallback, PruneEvent, emit
 from ..runtime import stage
 from .loss import perplexity
-
-if TYPE_CHECKING:
-    from .speed import SpeedReport
-    from .zeroshot import ZeroShotReport
+from .speed import SpeedReport, measure_speed
+from .zeroshot import ZeroShotReport, evaluate_tasks
 
 
 @dataclass(frozen=True)
@@ -94,16 +92,12 @@ def evaluate_model(model: nn.Module, tokenizer, *, sets: Sequence[str] = (), seq
             report.notes.append(f"{name}: its text holds {result.n_windows} windows of {seq_len} tokens, so "
                                 f"{result.n_windows} were evaluated, not the {max_windows} --max-windows asked for")
     if tasks:
-        from .zeroshot import evaluate_tasks
-
         emit(on_event, "zeroshot", 0, 1, f"{label}: {', '.join(tasks)}")
         with timed("zeroshot"):
             report.zeroshot = evaluate_tasks(model, tokenizer, list(tasks), limit=task_limit, batch_size=batch_size,
                                              quiet=quiet, on_event=on_event)
         emit(on_event, "zeroshot", 1, 1, f"{label}: done")
     if speed is not None:
-        from .speed import measure_speed
-
         emit(on_event, "speed", 0, 1, label)
         with timed(f"speed_{label}"):
             report.speed = measure_speed(model, tokenizer, label=label, **asdict(speed))

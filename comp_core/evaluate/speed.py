@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..runtime import cache_of, count_parameters, with_cache
+from ..export.folder import folder_bytes, load_pruned, save_pruned
 from ..models.surgery import IndexedInputLinear
 
 
@@ -182,8 +183,6 @@ def measure_speed(model, tokenizer=None, *, prefill_tokens: int = 512, decode_to
     del tokenizer
     disk, memory = None, {}
     if isinstance(model, (str, os.PathLike)):
-        from ..export.folder import folder_bytes, load_pruned
-
         folder = model
         disk = folder_bytes(folder, ".safetensors")
         memory = load_memory(folder) if measure_memory else {}
@@ -285,8 +284,6 @@ def _fmt(value) -> str:
 
 def _resolve(source, label: str, workdir: Path, device) -> tuple[nn.Module, Path]:
     """(model, folder) for a folder or an in-memory model (saved to ``workdir`` so its folder can be measured)."""
-    from ..export.folder import load_pruned, save_pruned
-
     if isinstance(source, (str, os.PathLike)):
         model, _ = load_pruned(source, device=device or "cpu")
         return model, Path(source)
@@ -320,8 +317,6 @@ def compare_speed(original, pruned, *, prefill_tokens: int = 512, decode_tokens:
     get disk bytes and load memory measured the same way. Returns a :class:`SpeedComparison`; its
     ``rows()`` / ``to_markdown()`` give the table.
     """
-    from ..export.folder import folder_bytes
-
     with tempfile.TemporaryDirectory(prefix="comp-speed-") as tmp:
         models, folders = {}, {}
         for label, source in (("original", original), ("pruned", pruned)):

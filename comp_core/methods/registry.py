@@ -28,6 +28,7 @@ from torch import nn
 from ..events import ProgressCallback
 from ..results import CompPlan, PruneResult
 from ..runtime import count_parameters, peak_rss_mb
+from ..models.streaming import is_streamed
 
 KINDS = ("structured", "unstructured", "composed")  # composed: structured, then masks
 
@@ -165,8 +166,6 @@ def _convert(text: str, hint, key: str):
 
 def check_streamable(name: str, model: nn.Module) -> None:
     """Refuse a method that needs the whole model in memory on a streamed model, naming those that do not."""
-    from ..models.streaming import is_streamed
-
     if is_streamed(model) and not get_method(name).method.streams:
         able = [n for n, e in REGISTRY.items() if e.method.streams]
         raise ValueError(f"method '{name}' needs the whole model in memory, and this model is streamed (its blocks "

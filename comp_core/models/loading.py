@@ -38,6 +38,8 @@ from typing import Any, Iterator
 import torch
 
 from ..runtime import resolve_device, resolve_dtype
+from .placement import DeviceMapError, parse_device_map, parse_max_memory, place_on_devices, plan_device_map
+from .streaming import STREAM_MODES, StreamingError, choose_streaming, open_streamed
 
 logger = logging.getLogger(__name__)
 
@@ -352,8 +354,6 @@ def _check_folder(folder: Path) -> None:
 def _open_streamed(folder: Path, dtype: torch.dtype | None, device: torch.device, trust_remote_code: bool):
     from transformers import AutoConfig, AutoTokenizer
 
-    from .streaming import StreamingError, open_streamed
-
     if dtype is None:  # "auto": the checkpoint's own, float16 upcast on a CPU as for in-memory loads
         config_dtype = getattr(AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code),
                                "dtype", None) or torch.float32
@@ -391,9 +391,6 @@ def check_load_options(stream: str | bool = "auto", device_map: str | dict | Non
                        max_memory: str | dict | None = None) -> tuple[str | bool, str | dict | None, dict | None]:
     """Validate how a model is to be loaded before anything is read: (stream, parsed device map, parsed
     max_memory). A device map turns streaming off, and refuses ``stream="on"``. Raises ``ModelLoadError``."""
-    from .streaming import STREAM_MODES
-    from .placement import parse_device_map, parse_max_memory
-
     if not isinstance(stream, bool) and stream not in STREAM_MODES:
         raise ModelLoadError(f"stream must be one of {', '.join(STREAM_MODES)}, got '{stream}'")
     try:
@@ -443,8 +440,6 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
 
     text = str(source).strip() if source is not None else BUNDLED
     cached = False
-    from .streaming import choose_streaming
-
     folder = (_bundled_folder(cache_dir) if text.lower() == BUNDLED and stream in ("on", True)
               else Path(text).expanduser() if text.lower() != BUNDLED else None)
     if folder is not None and folder.is_dir() and stream not in ("off", False):
@@ -516,8 +511,6 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: str | torch.dt
 
 def _place(model, placement, max_memory, dtype: torch.dtype) -> dict:
     """Dispatch a loaded model over its device map (``placement``); returns the map used."""
-    from .placement import DeviceMapError, place_on_devices, plan_device_map
-
     try:
         device_map = plan_device_map(model, placement, max_memory)
         if dtype == torch.float16 and {str(v) for v in device_map.values()} == {"cpu"}:

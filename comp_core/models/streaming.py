@@ -44,6 +44,8 @@ import torch
 from torch import nn
 
 from ..runtime import available_memory_mb, prefer_mapped_allocations, release_free_memory
+from .adapters import get_adapter
+from .pruned import register_all
 
 logger = logging.getLogger(__name__)
 
@@ -421,9 +423,6 @@ def open_streamed(folder: str | os.PathLike, *, dtype: torch.dtype | None = None
     folder's tensor names do not match the model's."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .adapters import get_adapter
-    from .pruned import register_all
 
     register_all()
     prefer_mapped_allocations()  # freed block tensors and statistics go back to the OS, not to the heap

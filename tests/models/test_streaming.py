@@ -183,11 +183,11 @@ def test_load_model_streams_when_asked_and_auto_follows_the_available_memory(lla
     assert torch.equal(_logits(streamed.model, ids), _logits(whole.model, ids))
 
     size = sum(f.stat().st_size for f in Path(llama_folder).glob("*.safetensors"))
-    import comp_core.runtime as runtime
+    import comp_core.models.streaming as streaming
 
-    monkeypatch.setattr(runtime, "available_memory_mb", lambda: size / 2**20 * 3.9)  # model > 1/4 available
+    monkeypatch.setattr(streaming, "available_memory_mb", lambda: size / 2**20 * 3.9)  # model > 1/4 available
     assert choose_streaming("auto", llama_folder, torch.float32)
-    monkeypatch.setattr(runtime, "available_memory_mb", lambda: size / 2**20 * 4.1)
+    monkeypatch.setattr(streaming, "available_memory_mb", lambda: size / 2**20 * 4.1)
     assert not choose_streaming("auto", llama_folder, torch.float32)
     assert choose_streaming("auto", llama_folder, torch.float64)  # twice the bytes once loaded as float64
 

@@ -13,6 +13,9 @@ import pandas as pd
 
 from .. import common
 from ..session import Session
+from .runs import results_table
+from comp_core.export.folder import folder_bytes, save_pruned
+from comp_core.export.gguf import export_gguf, resolve_source_gguf
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +23,8 @@ log = logging.getLogger(__name__)
 @common.user_errors
 def save_model(session: Session, folder, overwrite):
     """Save the latest pruned model with the core's export; returns (status, results table)."""
-    from .runs import results_table
-
     if session.pruned is None:
         raise common.fail("Prune a model first.", "Nothing to save")
-    from comp_core.export.folder import folder_bytes, save_pruned
-
     folder = (folder or "").strip()
     if not folder:
         raise common.fail("Type a folder to save into.", "No folder")
@@ -50,8 +49,6 @@ def export_gguf_file(session: Session, path, file_type, ff_multiple32, overwrite
     """Write the latest pruned model as a GGUF for llama.cpp (core ``gguf_export``); returns the status."""
     if session.pruned is None:
         raise common.fail("Prune a model first.", "Nothing to export")
-    from comp_core.export.gguf import export_gguf, resolve_source_gguf
-
     path = (path or "").strip()
     if not path:
         raise common.fail("Type a .gguf file name to write.", "No file")

@@ -42,6 +42,7 @@ from ..base import check_dense_kinds
 from ..registry import Method, finish, register_method
 from .block import apply_block_cuts, block_units, layer_caps, prunable_denses, prune_block
 from .config import CompConfig
+from ...evaluate.loss import calibration_loss
 
 
 def _keep_positions(module: nn.Module, pruned_index: torch.Tensor) -> torch.Tensor:
@@ -311,8 +312,6 @@ def _auto_sweep(model, samples, cfg, on_event):
     Every trial prunes its own copy (``inplace`` cannot apply: trials differ in shape), and the removal
     order is measured once for the largest n, since iterative removal of n layers is a prefix of it.
     """
-    from ...evaluate.loss import calibration_loss
-
     adapter = get_adapter(model)
     blocks = list(adapter.blocks(model))
     protected = cfg.protected_layers(len(blocks))
