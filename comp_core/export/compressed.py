@@ -1,6 +1,6 @@
 """Save a masked (sparse) model in the compressed-tensors sparse format, and read it back.
 
-``save_compressed(model, tokenizer, path, pattern)`` writes what ``comp_core.export.folder.save_pruned`` writes
+``save_compressed(model, tokenizer, path, pattern)`` writes what ``comp_core.export.save_pruned`` writes
 (config, tokenizer, comp_report.json; ``comp_<type>`` when the model has ``IndexedInputLinear`` denses,
 as an RIA-permuted model does) but stores the weights of the sparse denses with a compressed-tensors
 sparsity compressor, and records it in ``config.json`` under ``quantization_config.sparsity_config`` —

@@ -25,7 +25,7 @@ N:M kernels and ``comp_core.export.compressed`` need:
   out_proj (input = the attention heads' outputs): the dense becomes an ``IndexedInputLinear`` whose
   ``input_index`` is the full permutation, i.e. one gather of the input before the matmul.
 
-A permuted model is no longer stock-shaped in its index buffers, so ``comp_core.export.folder.save_pruned``
+A permuted model is no longer stock-shaped in its index buffers, so ``comp_core.export.save_pruned``
 saves it as ``comp_<type>`` (``load_pruned`` reads it back). ``result.extra["permutation"]`` reports the
 retained importance (sum of the kept scores) with and without the permutation, per dense and in total.
 """

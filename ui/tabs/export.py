@@ -41,7 +41,7 @@ def save_model(session: Session, folder, overwrite):
             if row["run"] == session.pruned_run and row["key"] == session.model_key:
                 row["disk MB"] = size
     return (f"Saved <b>{session.pruned_run}</b> to <code>{path}</code> ({size:,.1f} MB). Load it with "
-            f"<code>comp_core.export.folder.load_pruned(path)</code>.", results_table(session))
+            f"<code>comp_core.load_pruned(path)</code>.", results_table(session))
 
 
 @common.user_errors
@@ -159,7 +159,7 @@ def build(default_folder: str = "runs/pruned") -> SimpleNamespace:
     with gr.Group():
         gr.HTML("<div class='cx-h3'>Save the pruned model</div><div class='cx-help'>A physically smaller "
                 "safetensors folder with its tokenizer and <code>comp_report.json</code>; reload it with "
-                "<code>comp_core.export.folder.load_pruned(folder)</code>.</div>")
+                "<code>comp_core.load_pruned(folder)</code>.</div>")
         with gr.Row(equal_height=True):
             t.folder = gr.Textbox(label="Folder", value=default_folder, scale=4, elem_id="export-folder")
             t.overwrite = gr.Checkbox(label="Replace if it exists", value=False, scale=1)
