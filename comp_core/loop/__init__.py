@@ -4,3 +4,6 @@ cosine layer importances with the iterative removal that COMP and ShortGPT build
 
 Imports models and math, never a method or a face (the import contract in pyproject.toml).
 """
+from .blocks import PROPAGATION, BlockVisit, block_loop
+
+__all__ = ["PROPAGATION", "BlockVisit", "block_loop"]
