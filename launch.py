@@ -27,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib", default="c4", help="preselected calibration set: c4, wikitext2, ptb, data-free")
     p.add_argument("--data-dir", default=None, help="folder with local data sets (sets COMP_DATA_DIR)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all available)")
-    p.add_argument("--export-folder", default="runs/pruned", help="preselected folder for saving pruned models")
+    p.add_argument("--export-folder", default=None,
+                   help="preselected folder for saving pruned models (default ~/comp-explorer/pruned; a relative "
+                        "path is taken from the current folder)")
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="read folder models' blocks from disk one at a time (models larger than memory); auto "
                         "(default): when the weights exceed a quarter of the available memory")
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"launch.py: error: {err}", file=sys.stderr)
         return 2
-    demo = build_app(default_source=args.model, default_calib=args.calib, export_folder=args.export_folder)
+    export_folder = str(Path(args.export_folder).expanduser().resolve()) if args.export_folder else None
+    demo = build_app(default_source=args.model, default_calib=args.calib, export_folder=export_folder)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(f"comp-explorer serves on {url} ({threads} torch threads): open it in a browser"
           f"{'' if args.browser else ' (--browser opens one)'}; Ctrl+C stops it.", flush=True)

@@ -47,9 +47,10 @@ def start(tab: str | None = None):
     return lambda: (gr.Tabs(selected=tab), "")
 
 
-def build_app(default_source: str = "bundled", default_calib: str = "c4", export_folder: str = "runs/pruned"
+def build_app(default_source: str = "bundled", default_calib: str = "c4", export_folder: str | None = None
               ) -> gr.Blocks:
-    """The whole app. ``default_source`` is preselected (``launch.py --model``)."""
+    """The whole app. ``default_source`` is preselected (``launch.py --model``); ``export_folder``: where the
+    Export tab saves by default (``~/comp-explorer/pruned`` when None)."""
     with gr.Blocks(title=f"{TITLE} · structured pruning for LLMs", fill_width=True) as demo:
         session = gr.State(Session.new, delete_callback=Session.close)
         gr.HTML(HEADER)
@@ -73,6 +74,7 @@ def build_app(default_source: str = "bundled", default_calib: str = "c4", export
                      + export_tab.wire(e, session, r.table, HEAVY)
                      + compare_tab.wire(m, session, c, HEAVY))
         # the comparison stops cooperatively through the same flag (its worker thread must finish its step)
-        c.cancel.click(common.request_cancel, session, c.cancel_note, queue=False, cancels=stoppable)
+        c.cancel.click(common.request_cancel, session, c.cancel_note, queue=False, cancels=stoppable).then(
+            common.cancel_finished, session, c.cancel_note)
     demo.queue(default_concurrency_limit=None)
     return demo

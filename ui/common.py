@@ -193,6 +193,25 @@ def request_cancel(session: Session) -> str:
     return "<span class='cx-muted'>Stopping… the current step finishes first.</span>"
 
 
+def cancel_finished(session: Session) -> str:
+    """Clears the "Stopping…" note once the stopped task has let go of the tab (at most ``BUSY_WAIT_S``)."""
+    if session.busy.acquire(timeout=BUSY_WAIT_S):
+        session.busy.release()
+    return ""
+
+
+def default_export_folder() -> Path:
+    """Where the Export tab saves unless the person types another path: one absolute folder in the home
+    directory, named on the tab, not a relative path inside wherever the server was started."""
+    return Path.home() / "comp-explorer"
+
+
+def export_path(text: str | None) -> str:
+    """A typed export path, absolute: a relative one goes under ``default_export_folder()``."""
+    path = Path((text or "").strip()).expanduser()
+    return str(path if path.is_absolute() else default_export_folder() / path)
+
+
 def default_eval_sets() -> list[str]:
     """WikiText-2 where a local copy (or the hub) has it; otherwise the text shipped with the package."""
     return ["wikitext2"] if is_available("wikitext2") else ["sample"]

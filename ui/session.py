@@ -9,6 +9,7 @@ session.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import shutil
 import tempfile
@@ -23,6 +24,18 @@ from comp_core import LoadedModel, load_model
 log = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
+_SERVER_TEMP: Path | None = None  # every session's download folder lives inside it; removed when the process exits
+
+
+def server_temp_folder() -> Path:
+    """This process's temporary folder (created on first use). Sessions put their download folders inside it,
+    so stopping the server (Ctrl-C, a kill that lets Python exit) removes them all, even for browser tabs that
+    never said goodbye."""
+    global _SERVER_TEMP
+    if _SERVER_TEMP is None or not _SERVER_TEMP.exists():
+        _SERVER_TEMP = Path(tempfile.mkdtemp(prefix="comp-explorer-"))
+        atexit.register(shutil.rmtree, _SERVER_TEMP, ignore_errors=True)
+    return _SERVER_TEMP
 
 
 def normalise_source(source: str | None) -> str:
@@ -119,9 +132,9 @@ class Session:
 
     @property
     def workdir(self) -> Path:
-        """A private temporary folder for downloads (removed by ``close``)."""
+        """A private temporary folder for downloads (removed by ``close``, and with the server's folder at exit)."""
         if self._workdir is None or not self._workdir.exists():
-            self._workdir = Path(tempfile.mkdtemp(prefix="comp-explorer-"))
+            self._workdir = Path(tempfile.mkdtemp(prefix="session-", dir=server_temp_folder()))
         return self._workdir
 
     def set_model(self, key: str, loaded: LoadedModel) -> None:

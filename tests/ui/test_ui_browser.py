@@ -172,6 +172,13 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
     other.context.close()
     assert "R1" in page.locator("#results-table").inner_text()
 
+    # the Export tab saves into one absolute folder it names (not a path relative to the server's folder)
+    page.get_by_role("tab", name="④ Export").click()
+    export_folder = page.locator("#export-folder").locator("textarea, input").first.input_value()
+    assert Path(export_folder).is_absolute() and export_folder.endswith("pruned"), export_folder
+    assert str(Path(export_folder).parent) in page.locator("#export-where").inner_text()
+    assert page.locator("#export-gguf-path").locator("textarea, input").first.input_value() == export_folder + ".gguf"
+
     server_log = log_path.read_text()
     assert "Traceback" not in server_log, server_log[-3000:]
     print(f"\nscreenshots in {tmp_path}; GUI timings on the tiny model: "

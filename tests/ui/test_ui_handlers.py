@@ -390,3 +390,57 @@ def test_a_streamed_model_prunes_evaluates_and_exports_in_the_gui(folder, tmp_pa
     whole_row = next(r for r in whole.runs if r["run"] == whole.pruned_run)
     assert whole_row["params"] == row["params"]
     assert streamed_ppl == pytest.approx(whole_row["ppl sample"], rel=1e-4)
+
+
+# ------------------------------------------------------------------- leftovers: cancel note, temp folders, paths
+
+def test_cancel_note_clears_once_the_stopped_task_lets_go():
+    import threading
+    import time
+
+    session = Session.new()
+    assert "Stopping" in common.request_cancel(session)
+    assert common.cancel_finished(session) == ""  # nothing running: cleared at once
+    session.busy.acquire()
+    threading.Timer(0.3, session.busy.release).start()  # a task still unwinding for 0.3 s
+    started = time.perf_counter()
+    assert common.cancel_finished(session) == ""
+    assert time.perf_counter() - started >= 0.25  # the note stayed until the task had stopped
+    assert session.busy.acquire(blocking=False)  # and the tab is free again
+    session.busy.release()
+
+
+def test_session_folders_live_in_one_server_folder_removed_at_exit(tmp_path):
+    """Stopping the server removes every session's download folder, also of tabs that never closed."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    script = ("from ui.session import Session, server_temp_folder\n"
+              "a, b = Session.new(), Session.new()\n"
+              "(a.workdir / 'plan.json').write_text('{}'); b.workdir\n"
+              "print(server_temp_folder(), a.workdir.parent == b.workdir.parent == server_temp_folder())\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder, same = done.stdout.split()
+    assert same == "True" and Path(folder).parent == tmp_path
+    assert not Path(folder).exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_paths_are_absolute_and_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert common.default_export_folder() == tmp_path / "comp-explorer"
+    assert common.export_path("pruned") == str(tmp_path / "comp-explorer" / "pruned")
+    assert common.export_path("~/elsewhere/x.gguf") == str(tmp_path / "elsewhere" / "x.gguf")
+    assert common.export_path("/abs/folder") == "/abs/folder"
+    with gr.Blocks():
+        tab = export_tab.build()
+    assert tab.folder.value == str(tmp_path / "comp-explorer" / "pruned")
+    assert tab.gguf_path.value == str(tmp_path / "comp-explorer" / "pruned.gguf")
+    with gr.Blocks():
+        tab = export_tab.build("/data/models/mine")
+    assert (tab.folder.value, tab.gguf_path.value) == ("/data/models/mine", "/data/models/mine.gguf")
+    import launch
+    assert launch.parse_args([]).export_folder is None

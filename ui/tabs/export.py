@@ -25,9 +25,9 @@ def save_model(session: Session, folder, overwrite):
     """Save the latest pruned model with the core's export; returns (status, results table)."""
     if session.pruned is None:
         raise common.fail("Prune a model first.", "Nothing to save")
-    folder = (folder or "").strip()
-    if not folder:
+    if not (folder or "").strip():
         raise common.fail("Type a folder to save into.", "No folder")
+    folder = common.export_path(folder)
     with common.exclusive(session):
         try:
             path = save_pruned(session.pruned, session.loaded.tokenizer, folder, session.result,
@@ -49,9 +49,9 @@ def export_gguf_file(session: Session, path, file_type, ff_multiple32, overwrite
     """Write the latest pruned model as a GGUF for llama.cpp (core ``gguf_export``); returns the status."""
     if session.pruned is None:
         raise common.fail("Prune a model first.", "Nothing to export")
-    path = (path or "").strip()
-    if not path:
+    if not (path or "").strip():
         raise common.fail("Type a .gguf file name to write.", "No file")
+    path = common.export_path(path)
     with common.exclusive(session):
         try:
             report = export_gguf(session.pruned, path, tokenizer=session.loaded.tokenizer,
@@ -154,14 +154,19 @@ def make_downloads(session: Session, what, with_scores, progress=gr.Progress()):
     return [str(f) for f in files] or None, status
 
 
-def build(default_folder: str = "runs/pruned") -> SimpleNamespace:
+def build(default_folder: str | None = None) -> SimpleNamespace:
+    """``default_folder``: the pruned model's folder (absolute; ``~/comp-explorer/pruned`` when None); the GGUF
+    file defaults to the same name with ``.gguf``."""
+    folder = Path(common.export_path(default_folder or "pruned"))
     t = SimpleNamespace()
+    gr.HTML(f"<div class='cx-help'>Files are written to <code>{folder.parent}</code> unless you type another "
+            "path; a relative path goes under that folder.</div>", elem_id="export-where")
     with gr.Group():
         gr.HTML("<div class='cx-h3'>Save the pruned model</div><div class='cx-help'>A physically smaller "
                 "safetensors folder with its tokenizer and <code>comp_report.json</code>; reload it with "
                 "<code>comp_core.load_pruned(folder)</code>.</div>")
         with gr.Row(equal_height=True):
-            t.folder = gr.Textbox(label="Folder", value=default_folder, scale=4, elem_id="export-folder")
+            t.folder = gr.Textbox(label="Folder", value=str(folder), scale=4, elem_id="export-folder")
             t.overwrite = gr.Checkbox(label="Replace if it exists", value=False, scale=1)
             t.save = gr.Button("Save model", variant="primary", scale=1, elem_id="btn-save")
         t.save_status = gr.HTML("")
@@ -171,7 +176,7 @@ def build(default_folder: str = "runs/pruned") -> SimpleNamespace:
                 "pruned o_proj columns restored as zeros (the file reports the share of weights it really "
                 "holds), tokenizer copied from the source GGUF when there is one.</div>")
         with gr.Row(equal_height=True):
-            t.gguf_path = gr.Textbox(label="GGUF file", value="runs/pruned.gguf", scale=4, elem_id="export-gguf-path")
+            t.gguf_path = gr.Textbox(label="GGUF file", value=f"{folder}.gguf", scale=4, elem_id="export-gguf-path")
             t.gguf_type = gr.Radio(["f16", "q8_0"], value="f16", label="Weights", scale=1)
             t.gguf_pad = gr.Checkbox(label="FFN widths ×32", value=False, scale=1,
                                      info="zero channels so q8_0 quantises every down_proj")
