@@ -125,6 +125,17 @@ def test_prune_twice_does_not_compound_and_keeps_the_original(folder):
     assert session.runs[1]["params"] == session.runs[2]["params"] < n_before
 
 
+def test_ratio_zero_says_there_is_nothing_to_prune_and_keeps_the_previous_run(folder):
+    session = Session()
+    runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    previous, previous_run = session.pruned, session.pruned_run
+    for zero in (0, 0.0, "0"):
+        with pytest.raises(gr.Error) as err:
+            runs.run_prune(session, *data_args(folder), *plan_args(ratio=zero), progress=no_progress)
+        assert err.value.title == "Nothing to prune" and "removes nothing" in err.value.message
+    assert session.pruned is previous and session.pruned_run == previous_run == "R1"
+    assert [r["run"] for r in session.runs] == ["original", "R1"]
+
 def test_errors_become_messages_not_tracebacks(folder):
     session = Session()
     with pytest.raises(gr.Error) as err:  # down + o inputs, capped at 90 %, cannot give 75 % of this tiny model

@@ -125,6 +125,9 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
     ``sparsity``: the pattern of mask and composed methods (None: the method's default)."""
     method = method or sidebar.DEFAULT_METHOD
     entry = get_method(method)
+    if sidebar.uses(method, "ratio") and not sidebar.uses(method, "sparsity") and float(ratio or 0) <= 0:
+        raise common.fail("A target ratio of 0 removes nothing, so there is nothing to prune: set the share of "
+                          "parameters to remove above 0. The previous run stays as it was.", "Nothing to prune")
     bridge = common.Bridge(progress, session)
     with common.exclusive(session):
         memory = common.RunMemory()
