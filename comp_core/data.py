@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import random
-import urllib.error
-import urllib.request
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .preflight import check_context
-from .runtime import cache_of, with_cache
+from .runtime import cache_of, hub_answers, with_cache
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +123,6 @@ def data_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-HUB_ENDPOINT_ENV = "HF_ENDPOINT"
 HUB_OFFLINE_ENVS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -144,16 +141,10 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
         return False
     if any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in HUB_OFFLINE_ENVS):
         return False
-    endpoint = os.environ.get(HUB_ENDPOINT_ENV, "https://huggingface.co").rstrip("/")
-    request = urllib.request.Request(f"{endpoint}/api/datasets/allenai/c4", method="HEAD")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout):
-            return True
-    except urllib.error.HTTPError:  # the hub answered (a 401/404 still means it is there)
+    if hub_answers("api/datasets/allenai/c4", timeout):
         return True
-    except (OSError, ValueError) as exc:  # no route, no name resolution, refused, timed out, bad endpoint
-        log.info("the Hugging Face hub is not reachable (%s); named data sets need %s", exc, DATA_DIR_ENV)
-        return False
+    log.info("named data sets need %s (the Hugging Face hub does not answer)", DATA_DIR_ENV)
+    return False
 
 
 def is_available(name: str) -> bool:

@@ -20,6 +20,8 @@ import os
 import resource
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -351,3 +353,22 @@ def out_of_memory_message(err: BaseException) -> str:
         figures.append(f"CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     return (f"out of memory ({first}); {', '.join(figures)}; try fewer or shorter calibration sequences "
             "(--n-samples/--seq-len), --dtype bfloat16 or a machine with more memory")
+
+
+HUB_ENDPOINT_ENV = "HF_ENDPOINT"
+
+
+def hub_answers(path: str, timeout: float) -> bool:
+    """Whether the Hugging Face hub (``$HF_ENDPOINT`` or huggingface.co) answers a HEAD request for ``path`` within
+    ``timeout`` seconds; any HTTP answer counts (a 401/404 still means the hub is there). Lets a load or a data
+    set fail in seconds on an offline machine instead of after the libraries' retries."""
+    endpoint = os.environ.get(HUB_ENDPOINT_ENV, "https://huggingface.co").rstrip("/")
+    request = urllib.request.Request(f"{endpoint}/{path.lstrip('/')}", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError) as exc:  # no route, no name resolution, refused, timed out, bad endpoint
+        logger.info("the Hugging Face hub does not answer (%s)", exc)
+        return False

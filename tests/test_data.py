@@ -5,6 +5,8 @@ import gzip
 import json
 import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -374,7 +376,6 @@ class _Answer:
 def hub_probe(monkeypatch):
     """No data folder and ``datasets`` installed; ``probe.answer`` decides what the hub's endpoint does, and
     ``probe.requests`` records the URLs asked."""
-    import urllib.error
 
     class Probe:
         answer = "timeout"
@@ -393,7 +394,7 @@ def hub_probe(monkeypatch):
     for name in data.HUB_OFFLINE_ENVS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(data, "_datasets_installed", lambda: True)
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     data.hub_reachable.cache_clear()
     yield Probe
     data.hub_reachable.cache_clear()

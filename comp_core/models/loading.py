@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..runtime import resolve_device, resolve_dtype
+from ..runtime import hub_answers, resolve_device, resolve_dtype
 from .placement import DeviceMapError, parse_device_map, parse_max_memory, place_on_devices, plan_device_map
 from .streaming import STREAM_MODES, StreamingError, choose_streaming, open_streamed
 
@@ -317,10 +317,26 @@ def _hub_offline() -> bool:
     return False
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
 def _load_hub(repo_id: str, dtype, trust_remote_code: bool):
+    offline = _hub_offline()
+    if not offline and not hub_answers(f"api/models/{repo_id}", HUB_PROBE_TIMEOUT_S):
+        # no answer in a few seconds: only the local hub cache can help, and a miss is said in one line at once
+        # (instead of after the download's retries, with the libraries' long message)
+        try:
+            return _load_hub_files(repo_id, dtype, trust_remote_code, local_only=True)
+        except ModelLoadError:
+            raise ModelLoadError(f"'{repo_id}' is not in the local hub cache and the Hugging Face hub does not "
+                                 "answer; pass a local folder, a .gguf file or 'bundled'.") from None
+    return _load_hub_files(repo_id, dtype, trust_remote_code, local_only=offline)
+
+
+def _load_hub_files(repo_id: str, dtype, trust_remote_code: bool, *, local_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    offline = _hub_offline()
+    offline = local_only
     try:
         model, info = AutoModelForCausalLM.from_pretrained(repo_id, use_safetensors=True, dtype=dtype,
                                                            trust_remote_code=trust_remote_code,

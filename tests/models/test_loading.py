@@ -347,3 +347,18 @@ def test_loaded_weights_are_owned_and_stay_tied(tiny_folder):
         assert model.lm_head.weight is model.model.embed_tokens.weight
     files = {_mapped_file(p.data_ptr()) for p in model.parameters()}
     assert not any(f.endswith(".safetensors") for f in files), files
+
+
+def test_an_unreachable_hub_id_fails_in_one_short_line_within_seconds(monkeypatch):
+    """Offline, a hub id not in the local cache is refused after the probe, not after the download's retries."""
+    asked = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "hub_answers", lambda path, timeout: asked.append((path, timeout)) or False)
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError) as err:
+        load_model("no-such-org/no-such-model")
+    assert time.perf_counter() - started < 10
+    assert asked == [("api/models/no-such-org/no-such-model", loading.HUB_PROBE_TIMEOUT_S)]
+    message = str(err.value)
+    assert "'no-such-org/no-such-model'" in message and "does not answer" in message
+    assert "\n" not in message and len(message) < 200
