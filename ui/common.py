@@ -277,9 +277,11 @@ def model_name(session: Session) -> str:
 def ensure_model(session: Session, source: str, bridge: Bridge):
     """The session's original for ``source`` (loaded once per process, shared read-only)."""
     key = normalise_source(source)
+    session.source_was_empty = not (source or "").strip()
     if session.loaded is not None and session.model_key == key:
         return session.loaded
-    bridge.step(f"Loading model {key} …", stage="load")
+    bridge.step(f"Loading model {key} …" if not session.source_was_empty
+                else "No model path typed: loading the bundled SmolLM2-135M-Instruct …", stage="load")
     loaded, _ = MODELS.get(key)
     if loaded.tokenizer is None:
         raise ModelLoadError(f"{key} has no tokenizer; calibration, evaluation and generation need one")
@@ -344,7 +346,9 @@ def model_card(session: Session, error: str = "") -> str:
     calib = f" · calibration {calib_text(session.calib_key)}" if session.calib_key else ""
     return (f"<b>{model_name(session)}</b> <span class='cx-muted'>({where}, {family})</span><br>"
             f"{n_layers(session)} layers · {params / 1e6:.1f} M parameters · loaded in {loaded.seconds:.1f} s{calib}"
-            f"{placement_note(session)}")
+            f"{placement_note(session)}"
+            + ("<br><span class='cx-muted'>No model path was typed, so this is the bundled model.</span>"
+               if session.source_was_empty else ""))
 
 
 class RunMemory:

@@ -108,6 +108,7 @@ class Session:
     """Everything one browser tab owns. Mutated in place by the handlers (Gradio keeps the object)."""
 
     model_key: str | None = None
+    source_was_empty: bool = False  # no model path was typed, so the bundled default was loaded
     loaded: LoadedModel | None = None
     controls_key: str | None = None  # the model whose layers / dense kinds the sidebar's controls hold (None: none)
     calib_key: tuple | None = None

@@ -455,3 +455,23 @@ def test_export_paths_are_absolute_and_named(monkeypatch, tmp_path):
     assert (tab.folder.value, tab.gguf_path.value) == ("/data/models/mine", "/data/models/mine.gguf")
     import launch
     assert launch.parse_args([]).export_folder is None
+
+
+def test_an_empty_model_path_says_it_loads_the_bundled_model(folder, monkeypatch):
+    from comp_core import load_model
+
+    tiny = load_model(folder)
+    asked = []
+    monkeypatch.setattr(common.MODELS, "get", lambda key, **kw: asked.append(key) or (tiny, False))
+    steps = []
+
+    class Steps:
+        def step(self, text, stage=None):
+            steps.append(text)
+
+    session = Session()
+    common.ensure_model(session, "  ", Steps())
+    assert asked == ["bundled"] and "bundled" in steps[0] and "No model path typed" in steps[0]
+    assert "No model path was typed, so this is the bundled model" in common.model_card(session)
+    common.ensure_model(session, folder, Steps())
+    assert "No model path was typed" not in common.model_card(session)
