@@ -233,4 +233,6 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
 def wire(c: SimpleNamespace, session: gr.State, heavy: dict) -> None:
     c.calib.change(lambda v: gr.update(visible=v == "file"), c.calib, c.calib_file, queue=False)
     c.load.click(load, [session, *c.data], [c.card, c.protected, c.kinds, c.n_remove], **heavy)
+    # typing another model path drops the last load's error from the card (it spoke of the old path)
+    c.source.change(common.model_card, session, c.card, queue=False)
     c.method.change(select_method, c.method, [c.method_note, c.comp_controls, c.ratio, c.sparsity], queue=False)

@@ -115,7 +115,9 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
     page.click("#btn-load")
     page.wait_for_selector("#model-card >> text=No such file or folder", timeout=60_000)
     assert "Traceback" not in page.content()
-    source.fill(folder)
+    source.fill(folder)  # a corrected path: the card no longer shows the old path's error
+    page.wait_for_selector("#model-card >> text=No model loaded yet", timeout=30_000)
+    assert "No such file" not in page.locator("#model-card").inner_text()
 
     # analyse (the tiny model: one removed layer, 30 %)
     _set_number(page, "n-remove", 1)
