@@ -114,6 +114,8 @@ class Session:
     calib_key: tuple | None = None
     samples: Any = None  # LongTensor[n, seq_len]
     analysis: Any = None  # ui.tabs.analyse.Analysis (its plan, settings and calibration key)
+    what_if: Any = None  # the what-if the Analyse tab shows now (comp_core.methods.comp.whatif.WhatIf)
+    neuron_view_key: tuple | None = None  # what the neuron maps on screen say (to skip re-sending them)
     pruned: Any = None  # the latest pruned model (a private copy)
     result: Any = None  # its PruneResult
     pruned_run: str | None = None  # run id of ``pruned``

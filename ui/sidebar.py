@@ -34,7 +34,7 @@ SPARSITY_CHOICES = [("0.5 — half of every linear's weights", "0.5"), ("2:4 —
                     ("4:8 — 4 zeros in every 8 weights", "4:8")]
 DEFAULT_SPARSITY = "0.5"
 MAX_REMOVE = 8
-DEFAULT_DEPTH = 4
+DEFAULT_DEPTH = 0  # what-if material only when asked for: Analyse costs what a prune does
 DEFAULT_DENSE_KINDS = CompConfig().dense_kinds  # the core's measured default (None would mean every dense)
 DEFAULT_REMOVE = CompConfig().remove_layers if isinstance(CompConfig().remove_layers, int) else 0  # "min": 0 here
 
@@ -215,10 +215,10 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
                                 value="identical", label="Calibration inputs of each layer",
                                 info="paired: inputs from the pruned model, target from the unpruned one")
             c.kinds = gr.CheckboxGroup([], value=[], label="Denses that may lose neurons")
-            c.depth = gr.Slider(1, MAX_REMOVE, value=DEFAULT_DEPTH, step=1,
-                                label="Removal order measured to (layers)",
-                                info="deeper = the layer slider moves further without re-analysing, "
-                                     "but Analyse is slower")
+            c.depth = gr.Slider(0, MAX_REMOVE, value=DEFAULT_DEPTH, step=1,
+                                label="Measure layer removal ahead (layers)",
+                                info="0 = only what the plan removes; the layer slider then offers to measure more "
+                                     "when moved. Each layer ahead makes Analyse slower.")
     with gr.Column(elem_classes=["cx-actions"], elem_id="actions"):
         with gr.Row():
             c.analyse = gr.Button("Analyse", variant="primary", elem_id="btn-analyse", min_width=80)

@@ -95,22 +95,35 @@ class RemovalResult:
 
 def iterative_removal(blocks: list[nn.Module], inputs: BlockInputs, n_remove: int, protected: set[int],
                       on_event: ProgressCallback | None = None,
-                      initial: dict[int, float] | None = None) -> RemovalResult:
+                      initial: dict[int, float] | None = None,
+                      measured: RemovalResult | None = None) -> RemovalResult:
     """Remove the least important non-protected block ``n_remove`` times, re-measuring after each.
-    ``initial``: the importances of all blocks, if already measured (``capture_with_importances``)."""
+    ``initial``: the importances of all blocks, if already measured (``capture_with_importances``).
+    ``measured``: a shorter result of the same search (same protected set) to go on from: its steps are not
+    measured again, so a deeper order costs only the removals it adds."""
     active = list(range(len(blocks)))
     candidates = [i for i in active if i not in protected]
     if n_remove > len(candidates):
         raise ValueError(f"cannot remove {n_remove} layers: only {len(candidates)} are not protected")
     result = RemovalResult(removal_order=[])
-    for step in range(n_remove + 1):
-        emit(on_event, "layer-removal", step, n_remove + 1, f"measuring {len(active)} layers")
-        importances = initial if step == 0 and initial is not None else layer_importances(blocks, active, inputs)
+    if measured is not None and measured.history:
+        done = min(len(measured.removal_order), n_remove)
+        result = RemovalResult(removal_order=list(measured.removal_order[:done]), history=list(measured.history[:done]))
+        active = [i for i in active if i not in result.removal_order]
+    for step in range(len(result.removal_order), n_remove + 1):
+        if step == 0 and initial is not None:
+            importances = initial
+        elif measured is not None and step < len(measured.history):
+            importances = measured.history[step]
+        else:
+            emit(on_event, "layer-removal", step, n_remove + 1, f"measuring the importance of {len(active)} layers")
+            importances = layer_importances(blocks, active, inputs)
         result.history.append(importances)
         if step == n_remove:
             break
         victim = min((i for i in active if i not in protected), key=lambda i: importances[i])
         result.removal_order.append(victim)
         active.remove(victim)
-    emit(on_event, "layer-removal", n_remove + 1, n_remove + 1, f"removed {result.removed(n_remove)}")
+    emit(on_event, "layer-removal", n_remove + 1, n_remove + 1,
+         f"removal order measured {n_remove} deep: {', '.join(map(str, result.removal_order)) or 'none'}")
     return result

@@ -7,7 +7,8 @@ import torch
 
 from comp_core import CompConfig, analyze, count_parameters
 from comp_core.methods import prune_with
-from comp_core.methods.comp.whatif import (analyze_nearest, changed_settings, feasible_ratio, neuron_maps, removal_path,
+from comp_core.methods.comp.whatif import (analyze_nearest, changed_settings, feasible_ratio, measure_deeper, neuron_maps,
+                                          removal_path,
                               stale_reasons, what_if)
 from tests.helpers import make_calib, make_tiny_model
 
@@ -167,3 +168,26 @@ def test_neuron_map_puts_scores_and_cuts_of_a_pruned_source_in_original_coordina
         assert np.isnan(scores[layer, ~kept]).all()  # the inputs the first pruning removed have none
         assert not cut[layer, ~kept].any()  # and cannot be cut again
         assert cut[layer].sum() == next(d.n_removed for d in plan.dense_reports if d.layer == layer and d.kind == "o")
+
+
+def test_measuring_deeper_goes_on_from_the_analysis_and_equals_a_deep_analysis(model, samples):
+    """An analysis measures only its own plan's removals; a what-if over more layers measures the rest on demand,
+    and gets the order and importances a deep analysis would have measured, without re-measuring the first steps."""
+    cfg = CompConfig(ratio=0.3, remove_layers=1)
+    shallow, _ = analyze_nearest(model, samples, cfg, depth=1)
+    assert len(shallow.removal.removal_order) == 1
+    assert what_if(shallow, 0.3, 3).message  # not measured yet: says so instead of guessing
+    events = []
+    deeper = measure_deeper(model, samples, shallow, 3, on_event=events.append)
+    deep, _ = analyze_nearest(model, samples, cfg, depth=3)
+    assert deeper.removal.removal_order == deep.removal.removal_order
+    for got, want in zip(deeper.removal.history, deep.removal.history):
+        assert got == pytest.approx(want, rel=1e-5)
+    assert deeper.removal.history[:2] == shallow.removal.history  # the measured steps are kept as they were
+    measured_steps = [e.step for e in events if e.stage == "layer-removal" and e.step < e.total]
+    assert measured_steps == [2, 3]  # only the two new removals ran
+    w = what_if(deeper, 0.5, 3)
+    assert w.exact and w.removed == sorted(deep.removal.removal_order)  # the order is known now
+    assert deeper.dense_reports is shallow.dense_reports  # neuron maps stay the analysed ones
+    assert measure_deeper(model, samples, deeper, 2) is deeper  # already deep enough: nothing measured
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

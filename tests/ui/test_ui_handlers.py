@@ -75,13 +75,15 @@ def test_load_fills_the_controls(folder):
 
 def test_analyse_returns_every_figure(analysed):
     session, out = analysed
-    curve, history, bars, heat, detail, plan_md, status, card, protected, kinds, slider, kind, layer = out
+    curve, history, bars, heat, detail, plan_md, deeper, status, card, protected, kinds, slider, kind, layer, sort = out
     assert "Analysed in" in status and "Removal order" in status
     assert [t.name for t in curve.data][:1] == ["before removal"] and len(bars.data) >= 2
     assert len(history.data) == 1 + 3 + 1  # steps 0..3 and the victims
     assert heat.data[0].type == "heatmap" and kind["value"] == "down"
+    assert sort["value"] is True and "sorted by score" in heat.layout.xaxis.title.text  # the readable view first
     assert layer["value"] in [c[1] for c in layer["choices"]]
     assert "after pruning" in plan_md
+    assert deeper["visible"] is False  # the controls ask for no more than was measured
     assert session.analysis.depth == 3
     assert {"redundancy_curve", "ratio_bars", "neuron_heatmap", "dense_detail"} <= set(session.figures)
 
@@ -89,14 +91,34 @@ def test_analyse_returns_every_figure(analysed):
 def test_what_if_updates_without_recomputing(analysed):
     session, _ = analysed
     analysis = session.analysis
-    curve, history, bars, plan_md = analyse_tab.update_plan(session, 0.33, 2, False, [0, 1, 5], "diag", True, "identical",
-                                                  ["q", "k", "v", "o", "gate", "up", "down"])
+    curve, history, bars, plan_md, deeper, heat, detail = analyse_tab.update_plan(
+        session, 0.33, 2, False, [0, 1, 5], "diag", True, "identical", ["q", "k", "v", "o", "gate", "up", "down"],
+        "down", True, None)
     assert session.analysis is analysis
     assert "target 33%" in bars.layout.title.text and "-33.0%" in plan_md
     removed_trace = next(t for t in bars.data if t.name == "layer removed")
     assert sorted(removed_trace.x) == sorted(analysis.removal.removal_order[:2])
-    _, _, bars, plan_md = analyse_tab.update_plan(session, 0.79, 1, False, [0, 1, 5], "obs", True, "identical", None)
+    # the neuron map now says it shows the analysed plan, and labels the rows the what-if removes
+    assert "the plan above differs" in heat.layout.title.text and "analysed plan 30%" in heat.layout.title.text
+    ticks = dict(zip(heat.layout.yaxis.tickvals, heat.layout.yaxis.ticktext))
+    assert all(ticks[i] == f"{i} · removed" for i in analysis.removal.removal_order[:2])
+    _, _, bars, plan_md, *_ = analyse_tab.update_plan(session, 0.79, 1, False, [0, 1, 5], "obs", True, "identical", None)
     assert "impossible" in plan_md and "importance score" in plan_md  # explained, not raised
+
+
+def test_what_if_past_the_measured_order_offers_to_measure_it(folder):
+    session = Session()
+    analyse_tab.analyse(session, *data_args(folder), *plan_args(n_remove=0, depth=0), progress=no_progress)
+    assert session.analysis.depth == 0  # Analyse measures no removal the plan does not make
+    _, _, _, plan_md, deeper, *_ = analyse_tab.update_plan(session, 0.3, 2, False, [0, 1, 5], "diag", True,
+                                                          "identical", None, "down", True, None)
+    assert deeper["visible"] is True and "2 layers" in deeper["value"] and "measure it to 2" in plan_md
+    _, _, bars, plan_md, deeper, heat, _ = analyse_tab.measure_more(
+        session, 0.3, 2, False, [0, 1, 5], "diag", True, "identical", None, "down", True, None, progress=no_progress)
+    assert session.analysis.depth == 2 and deeper["visible"] is False
+    assert "layers" in plan_md and "removed" in plan_md and "measure it" not in plan_md
+    removed_trace = next(t for t in bars.data if t.name == "layer removed")
+    assert sorted(removed_trace.x) == sorted(session.analysis.removal.removal_order)
 
 
 def test_heatmap_and_detail_switch_dense(analysed):

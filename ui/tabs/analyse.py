@@ -17,7 +17,8 @@ import numpy as np
 
 from comp_core import CompConfig, CompPlan, count_parameters
 from comp_core.methods.comp import layer_caps
-from comp_core.methods.comp.whatif import WhatIf, analyze_nearest, neuron_maps, stale_reasons, what_if
+from comp_core.methods.comp.whatif import (WhatIf, analyze_nearest, measure_deeper, neuron_maps, stale_reasons,
+                                          what_if)
 
 from .. import common, plots, sidebar
 from ..session import Session
@@ -156,22 +157,54 @@ def detail_layers(session: Session, kind: str) -> list[int]:
     return [i for i in range(scores.shape[0]) if not bool(np.isnan(scores[i]).all())]
 
 
-def heatmap_figure(session: Session, kind: str, sort: bool = False):
+def _removed_text(removed) -> str:
+    removed = list(removed)
+    if not removed:
+        return "no layer removed"
+    return f"layer{'s' if len(removed) > 1 else ''} {', '.join(map(str, removed))} removed"
+
+
+def view_note(session: Session, plan: WhatIf | None) -> str:
+    """"" when the neuron maps show the plan on screen; else one plain sentence saying they show the analysed
+    plan and what differs (the maps need a new analysis, the layer plots do not)."""
+    a: Analysis | None = session.analysis
+    if a is None or plan is None or plan.message:
+        return ""
+    same = (abs(plan.ratio - a.plan_ratio) < 1e-9 and list(plan.removed) == list(a.plan.removed_layers)
+            and list(plan.protected) == list(a.plan.protected))
+    if same:
+        return ""
+    return (f"These neurons are the analysed plan's ({a.plan_ratio:.0%}, {_removed_text(a.plan.removed_layers)}). "
+            f"The plan above is now {plan.ratio:.0%} with {_removed_text(plan.removed)}: Analyse again to see "
+            "its neurons.")
+
+
+def heatmap_figure(session: Session, kind: str, sort: bool = True, plan: WhatIf | None = None):
+    """Every layer's input neurons of one dense kind, red where the analysed plan removes them; rows the current
+    what-if removes are labelled, and the title says when the marks are not the plan on screen."""
     a: Analysis | None = session.analysis
     if a is None or not kind or kind not in a.heatmaps:
         fig = plots.empty_figure("Analyse to see every neuron's importance.", "Neuron importance", height=360)
     else:
         scores, pruned = a.heatmaps[kind]
         name = next((d.name for d in a.plan.dense_reports if d.kind == kind), kind)
-        title = (f"Neuron importance · {name} · {int(pruned.sum()):,} of {int((~np.isnan(scores)).sum()):,}"
-                 f" pruned (red) · plan {a.plan_ratio:.0%}, {len(a.plan.removed_layers)} layers removed")
-        notes = plots.row_notes(a.plan.removed_layers, a.plan.protected)
+        stale = view_note(session, plan)
+        plan_text = (f"analysed plan {a.plan_ratio:.0%}, {_removed_text(a.plan.removed_layers)}" if stale else
+                     f"plan {a.plan_ratio:.0%}, {_removed_text(a.plan.removed_layers)}")
+        title = (f"Input neurons of {name} in every layer · red: the {int(pruned.sum()):,} of "
+                 f"{int((~np.isnan(scores)).sum()):,} the {plan_text} removes")
+        if stale:
+            title += "<br><sup>⚠ the plan above differs: Analyse again to see its neurons</sup>"
+        removed = plan.removed if plan is not None and not plan.message else a.plan.removed_layers
+        protected = plan.protected if plan is not None else a.plan.protected
+        notes = plots.row_notes(removed, protected)
         fig = plots.neuron_heatmap(scores, pruned, kind, sort=bool(sort), row_notes=notes, title=title)
     session.figures["neuron_heatmap"] = fig
     return fig
 
 
-def detail_figure(session: Session, kind: str, layer):
+def detail_figure(session: Session, kind: str, layer, plan: WhatIf | None = None):
+    """One layer's dense in detail, with a plain note when the plan on screen removes or protects that layer."""
     a: Analysis | None = session.analysis
     layers = detail_layers(session, kind)
     if a is None or layer is None or int(layer) not in layers:
@@ -180,9 +213,13 @@ def detail_figure(session: Session, kind: str, layer):
         layer = int(layer)
         report = a.plan.dense(layer, kind)
         scores, pruned = a.heatmaps[kind]
-        title = (f"Layer {layer} · {report.name} · {report.n_removed} of {report.d_in} inputs pruned · "
-                 f"fit error {report.error_no_tuning:.3g} → {report.error_tuned:.3g} with {report.compensation}"
-                 + (f" (ridge {report.ridge:g}, chosen on held-out sequences)" if report.ridge is not None else ""))
+        title = f"Layer {layer} · {report.name} · {report.n_removed} of {report.d_in} input neurons removed (red)"
+        if plan is not None and not plan.message and layer in plan.removed:
+            title += f"<br><sup>⚠ the plan above removes layer {layer} whole; this is the analysed plan</sup>"
+        elif plan is not None and layer in plan.protected and layer not in a.plan.protected:
+            title += f"<br><sup>⚠ layer {layer} is protected in the plan above; this is the analysed plan</sup>"
+        elif view_note(session, plan):
+            title += "<br><sup>the analysed plan (the plan above differs: Analyse again to see it)</sup>"
         fig = plots.dense_detail(scores[layer, :report.d_in], pruned[layer, :report.d_in], title)
     session.figures["dense_detail"] = fig
     return fig
@@ -230,8 +267,9 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
     kinds = analysis.kinds
     kind = default_kind(kinds)
     layer = default_detail_layer(session, kind)
-    heat = heatmap_figure(session, kind)
-    detail = detail_figure(session, kind, layer)
+    session.what_if, session.neuron_view_key = plan, None
+    heat = heatmap_figure(session, kind, True, plan)
+    detail = detail_figure(session, kind, layer, plan)
     order = " → ".join(str(i) for i in analysis.removal.removal_order) or "—"
     status = (f"<b>Analysed in {seconds:.1f} s</b> <span class='cx-muted'>({common.stage_text(stages)}; "
               f"{memory.text()}{common.placement_note(session)})</span><br>"
@@ -243,14 +281,56 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
     if not fresh_model:  # keep what the user chose
         protected_u, kinds_u = gr.update(), gr.update()
     session.controls_key = session.model_key
-    return (curve, history, bars, heat, detail, plan_summary(session, plan, auto=bool(auto)), status,
+    return (curve, history, bars, heat, detail, plan_summary(session, plan, auto=bool(auto)), deeper_button(session, plan),
+            status,
             common.model_card(session), protected_u, kinds_u, slider_u,
             gr.update(choices=kinds, value=kind),
-            gr.update(choices=[(f"layer {i}", i) for i in detail_layers(session, kind)], value=layer))
+            gr.update(choices=[(f"layer {i}", i) for i in detail_layers(session, kind)], value=layer),
+            gr.update(value=True))
+
+
+def needs_deeper(session: Session, plan: WhatIf | None) -> int:
+    """How many removed layers the controls ask for beyond the measured removal order (0: none)."""
+    a: Analysis | None = session.analysis
+    if a is None or plan is None or plan.exact or plan.n_remove <= a.depth:
+        return 0
+    return plan.n_remove
+
+
+def deeper_button(session: Session, plan: WhatIf | None):
+    """The "measure further" button: shown only while the layer slider is past the measured removal order,
+    with an estimate of its cost (one capture forward plus one forward per added removal)."""
+    want = needs_deeper(session, plan)
+    if not want:
+        return gr.update(visible=False)
+    a = session.analysis
+    per_pass = a.plan.timings.get("capture", 0.0)
+    seconds = per_pass * (1 + want - a.depth)
+    about = f" (about {seconds:.0f} s)" if seconds >= 1 else ""
+    return gr.update(visible=True, value=f"Measure which {want} layers would go{about}")
 
 
 @common.user_errors
-def update_plan(session: Session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds):
+def measure_more(session: Session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
+                 kind=None, sort=True, layer=None, progress=gr.Progress()):
+    """Measure the removal order as deep as the layer slider asks (what-if material, only when asked for)."""
+    a: Analysis | None = session.analysis
+    if a is None or session.loaded is None:
+        raise common.fail("Analyse first.", "Nothing to measure")
+    bridge = common.Bridge(progress, session)
+    with common.exclusive(session):
+        bridge.step("Copying the model (the original stays untouched) …", stage="copy")
+        work = copy.deepcopy(session.loaded.model)
+        a.plan = measure_deeper(work, session.samples, a.plan, int(n_remove), on_event=bridge)
+        del work
+        bridge.finish()
+    return update_plan(session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds, kind, sort,
+                       layer)
+
+
+@common.user_errors
+def update_plan(session: Session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
+                kind=None, sort=True, layer=None):
     """Instant what-if: (curve, history, bars, plan summary) for the current controls, no pruning."""
     cfg, stale = None, []
     if session.analysis is not None:
@@ -259,21 +339,35 @@ def update_plan(session: Session, ratio, n_remove, auto, protected, score, mask_
         stale = stale_reasons(session.analysis.cfg, cfg)
     plan = current_what_if(session, ratio, n_remove, protected, cfg)
     curve, history, bars = layer_figures(session, plan)
-    return curve, history, bars, plan_summary(session, plan, stale, auto=bool(auto))
+    maps = neuron_views(session, plan, kind, sort, layer)
+    return (curve, history, bars, plan_summary(session, plan, stale, auto=bool(auto)), deeper_button(session, plan),
+            *maps)
+
+
+def neuron_views(session: Session, plan: WhatIf | None, kind, sort, layer) -> tuple:
+    """(heatmap, detail) for the what-if now shown, or no update when what they say has not changed (the map is
+    the largest figure on the page: it is sent again only when its labels or note change)."""
+    key = (kind, bool(sort), layer, view_note(session, plan), tuple(plan.removed) if plan else (),
+           tuple(plan.protected) if plan else ())
+    previous, session.what_if = session.what_if, plan
+    if session.neuron_view_key == key and previous is not None:
+        return gr.update(), gr.update()
+    session.neuron_view_key = key
+    return heatmap_figure(session, kind, sort, plan), detail_figure(session, kind, layer, plan)
 
 
 @common.user_errors
 def update_heatmap(session: Session, kind, sort):
     """(layer × neuron map, detail layer choices, detail) for another dense kind or ordering."""
     layer = default_detail_layer(session, kind)
-    return (heatmap_figure(session, kind, sort),
+    return (heatmap_figure(session, kind, sort, session.what_if),
             gr.update(choices=[(f"layer {i}", i) for i in detail_layers(session, kind)], value=layer),
-            detail_figure(session, kind, layer))
+            detail_figure(session, kind, layer, session.what_if))
 
 
 @common.user_errors
 def update_detail(session: Session, kind, layer):
-    return detail_figure(session, kind, layer)
+    return detail_figure(session, kind, layer, session.what_if)
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -296,6 +390,7 @@ def build() -> SimpleNamespace:
             gr.HTML("<div class='cx-h3'>Plan</div>")
             t.plan = gr.HTML("<span class='cx-muted'>Click <b>Analyse</b> to compute the plan.</span>",
                              elem_id="plan-summary")
+            t.deeper = gr.Button("Measure", visible=False, size="sm", elem_id="btn-deeper")
             gr.HTML("<div class='cx-help'>Ratio, layers to remove and protected layers update these plots "
                     "instantly from the analysis. The removed layers are the first <i>n</i> of the measured "
                     "removal order; each remaining layer's ratio is inversely proportional to its importance "
@@ -303,7 +398,8 @@ def build() -> SimpleNamespace:
     gr.HTML("<div class='cx-h3'>Neuron importance</div>")
     with gr.Row():
         t.kind = gr.Dropdown(label="Dense", choices=[], value=None, scale=1, elem_id="heat-kind")
-        t.sort = gr.Checkbox(label="Sort neurons by score", value=False, scale=1)
+        t.sort = gr.Checkbox(label="Sort each layer's neurons by score", value=True, scale=1,
+                             info="least important on the left, where the removed ones gather")
         t.layer = gr.Dropdown(label="Layer in detail", choices=[], value=None, scale=1, elem_id="heat-layer")
     t.heatmap = gr.Plot(plots.empty_figure("Analyse to see every neuron's importance.", "Neuron importance",
                                            height=360), show_label=False, elem_id="plot-heatmap")
@@ -317,13 +413,17 @@ def wire(t: SimpleNamespace, session: gr.State, tabs, c: SimpleNamespace, start,
     what_if_controls = [c.ratio, c.n_remove, c.auto, c.protected, c.score, c.mask, c.inputs, c.kinds]
     analysed = c.analyse.click(start("analyse"), None, [tabs, c.cancel_note], queue=False).then(
         analyse, [session, *c.data, *c.settings],
-        [t.curve, t.history, t.bars, t.heatmap, t.detail, t.plan, t.status, c.card, c.protected, c.kinds,
-         c.n_remove, t.kind, t.layer], show_progress_on=[t.status, t.curve, t.bars], **heavy)
+        [t.curve, t.history, t.bars, t.heatmap, t.detail, t.plan, t.deeper, t.status, c.card, c.protected, c.kinds,
+         c.n_remove, t.kind, t.layer, t.sort], show_progress_on=[t.status, t.curve, t.bars], **heavy)
     # user edits only (.input): programmatic updates from Analyse must not re-plan with half-updated values
-    gr.on([control.input for control in what_if_controls], update_plan, [session, *what_if_controls],
-          [t.curve, t.history, t.bars, t.plan], trigger_mode="always_last", show_progress="hidden")
+    plan_outputs = [t.curve, t.history, t.bars, t.plan, t.deeper, t.heatmap, t.detail]
+    plan_inputs = [session, *what_if_controls, t.kind, t.sort, t.layer]
+    gr.on([control.input for control in what_if_controls], update_plan, plan_inputs,
+          plan_outputs, trigger_mode="always_last", show_progress="hidden")
+    deeper = t.deeper.click(start(), None, c.cancel_note, queue=False).then(
+        measure_more, plan_inputs, plan_outputs, show_progress_on=[t.plan], **heavy)
     for control in (t.kind, t.sort):
         control.input(update_heatmap, [session, t.kind, t.sort], [t.heatmap, t.layer, t.detail],
                       show_progress="minimal")
     t.layer.input(update_detail, [session, t.kind, t.layer], t.detail, show_progress="minimal")
-    return [analysed]
+    return [analysed, deeper]

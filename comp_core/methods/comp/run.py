@@ -135,7 +135,7 @@ def _plan_layers(model: nn.Module, cfg: CompConfig, inputs: BlockInputs, initial
     t0 = time.perf_counter()
     depth = min(max(n_remove, removal_depth), len(candidates))
     if removal is None or len(removal.removal_order) < depth:
-        removal = iterative_removal(blocks, inputs, depth, protected, on_event, initial=initial)
+        removal = iterative_removal(blocks, inputs, depth, protected, on_event, initial=initial, measured=removal)
     timings["layer_removal"] = time.perf_counter() - t0
     removed = removal.removed(n_remove)
     importances = removal.importances_after(n_remove)

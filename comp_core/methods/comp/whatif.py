@@ -26,7 +26,9 @@ from ...events import ProgressCallback
 from .block import layer_caps
 from .config import CompConfig
 from .run import analyze, reallocate
-from ...loop.importance import RemovalResult, layers_within
+from ...loop.capture import calibration_context, capture_block_inputs, forward_precision, resolve_forward_dtype
+from ...loop.importance import RemovalResult, iterative_removal, layers_within
+from ...models.adapters import get_adapter
 from ...results import CompPlan
 from ...runtime import count_parameters
 
@@ -114,6 +116,29 @@ def analyze_nearest(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, de
     return analyze(model, samples, replace(cfg, ratio=ratio), on_event, removal_depth=depth), ratio
 
 
+def measure_deeper(model: nn.Module, samples: torch.Tensor, plan: CompPlan, depth: int,
+                   on_event: ProgressCallback | None = None) -> CompPlan:
+    """``plan`` with its removal order measured ``depth`` removals deep, for a what-if over more removed layers
+    than the analysis measured: one capture forward, then only the removals not measured yet (same protected
+    set and forward precision as the analysis). Neuron maps and cuts are the analysed ones. An analysis
+    measures no further than its own plan, so this is the what-if material, paid for only when asked for.
+    ``model`` gets capture hooks for the duration: pass a copy where others may be running it."""
+    if plan.removal is None:
+        raise ValueError("the plan has no measured removal order")
+    depth = min(int(depth), plan.n_layers - len(plan.protected))
+    if depth <= len(plan.removal.removal_order):
+        return plan
+    adapter = get_adapter(model)
+    if len(adapter.blocks(model)) != plan.n_layers or count_parameters(model) != plan.params_total:
+        raise ValueError("the plan was made for another model; analyse this one")
+    forward_dtype = resolve_forward_dtype(plan.config.get("forward_dtype", "auto"), model)
+    with calibration_context(model), forward_precision(forward_dtype):
+        inputs = capture_block_inputs(model, adapter, samples, batch_size=plan.config.get("batch_size", 4))
+        removal = iterative_removal(list(adapter.blocks(model)), inputs, depth, set(plan.protected), on_event,
+                                    measured=plan.removal)
+    return replace(plan, removal=removal)
+
+
 # ------------------------------------------------------------------------------------------------- what-if
 
 
@@ -165,7 +190,8 @@ def what_if(plan: CompPlan, ratio: float, n_remove: int, protected: Iterable[int
                                                         f"cannot remove {n_remove}.")
     victims, exact = removal_path(removal, n_remove, protected)
     if not exact:
-        why = (f"The removal order was measured for {depth} removals; click Analyse to measure {n_remove}."
+        why = (f"Which layers go is measured for {depth} removed layer{'s' if depth != 1 else ''} so far; "
+               f"measure it to {n_remove} to see this plan."
                if n_remove > depth else
                "The protected layers changed the removal order; click Analyse to re-measure it.")
         return WhatIf(**base, removed=sorted(victims), importances={}, layer_ratios={}, params_removed_layers=0,
