@@ -128,6 +128,7 @@ class Bridge:
         self.last = ""
         self._stage = None
         self._since = time.perf_counter()
+        self._first_step = 0
 
     def check(self) -> None:
         if self.session.cancel.is_set():
@@ -142,6 +143,14 @@ class Bridge:
     def finish(self) -> dict[str, float]:
         self._enter(None)
         return self.stage_seconds
+
+    def _eta(self, event: PruneEvent) -> str:
+        """" · about 40 s left" in this stage, from its pace so far (steps of one stage take about as long)."""
+        done = event.step - self._first_step  # steps since this stage's first event (its clock's start)
+        if done <= 0 or event.stage != self._stage or event.step >= event.total:
+            return ""
+        left = (time.perf_counter() - self._since) / done * (event.total - event.step)
+        return f" · about {duration_text(left)} left" if left >= 1 else ""
 
     def _show(self, fraction, desc: str, **kwargs) -> None:
         self.last = desc
@@ -160,14 +169,25 @@ class Bridge:
         self.check()
         if event.stage != self._stage:
             self._enter(event.stage)
+            self._first_step = event.step
         if event.stage == "evaluate" and "set" in event.metrics:  # perplexity windows of one set and model
             name = event.metrics["set"]
             self._show((min(event.step, event.total), event.total),
                        f"Perplexity · {EVAL_LABELS.get(name, name)} · {event.metrics.get('model', '')}", unit="windows")
         elif event.total:
-            self._show((min(event.step, event.total), event.total), f"{label}{detail}", unit="steps")
+            self._show((min(event.step, event.total), event.total), f"{label}{detail}{self._eta(event)}",
+                       unit="steps")
         else:
             self._show(None, f"{label}{detail}")
+
+
+def duration_text(seconds: float) -> str:
+    """"40 s", "3 min", "1 h 5 min": a time a person reads at a glance."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
 def stage_text(stages: dict[str, float]) -> str:

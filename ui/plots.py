@@ -153,16 +153,24 @@ def removal_history(history: Sequence[Mapping[int, float]], removal_order: Seque
             mode="markers+text", name="removed next", text=[f"#{k + 1}" for k, _ in victims],
             textposition="bottom center", textfont={"color": COLORS["removed"], "size": 10},
             marker={"symbol": "x", "size": 10, "color": COLORS["removed"]},
-            hovertemplate="removal #%{text}: layer %{x}<br>I = %{y:.4f}<extra></extra>"))
+            hovertemplate="removal %{text}: layer %{x}<br>importance %{y:.4f}<extra></extra>"))
     _layer_axis(fig, n_layers)
     _value_axis(fig, values, "importance")
     fig.update_layout(showlegend=steps <= 6)
     return _layout(fig, title)
 
 
+def _legend_line(fig: go.Figure, y: float, label: str, n_layers: int) -> None:
+    """A dashed horizontal reference line named in the legend (a label written on the plot overlaps bars)."""
+    fig.add_trace(go.Scatter(x=[-0.5, n_layers - 0.5], y=[y, y], mode="lines", name=label,
+                             line={"color": COLORS["accent"], "dash": "dash", "width": 1.5},
+                             hovertemplate=f"{label}<extra></extra>"))
+
+
 def ratio_bars(n_layers: int, layer_ratios: Mapping[int, float], protected: Sequence[int] = (),
                removed: Sequence[int] = (), target: float | None = None, layer_params: Sequence[int] | None = None,
-               title: str = "Allocated pruning ratio per layer", message: str = "") -> go.Figure:
+               title: str = "Allocated pruning ratio per layer", message: str = "",
+               color: str | None = None) -> go.Figure:
     """Bars of each prunable layer's ratio; removed layers as full hatched bars, protected layers marked at 0.
 
     ``message`` (e.g. why the ratio is impossible) is written across the plot.
@@ -173,7 +181,7 @@ def ratio_bars(n_layers: int, layer_ratios: Mapping[int, float], protected: Sequ
     if prunable:
         custom = [params[i] / 1e6 if params else 0.0 for i in prunable]
         fig.add_trace(go.Bar(x=prunable, y=[layer_ratios[i] for i in prunable], name="neurons pruned",
-                             marker={"color": COLORS["primary"]}, customdata=custom,
+                             marker={"color": color or COLORS["primary"]}, customdata=custom,
                              hovertemplate="layer %{x}: %{y:.1%} of %{customdata:.2f} M params<extra></extra>"))
     rem = sorted(i for i in removed if 0 <= i < n_layers)
     if rem:
@@ -188,9 +196,7 @@ def ratio_bars(n_layers: int, layer_ratios: Mapping[int, float], protected: Sequ
                                          "line": {"color": COLORS["ink"], "width": 1}},
                                  hovertemplate="layer %{x}: protected<extra></extra>", cliponaxis=False))
     if target is not None:
-        fig.add_hline(y=target, line={"color": COLORS["accent"], "dash": "dash", "width": 1.5},
-                      annotation_text=f"target {target:.0%}", annotation_position="top left",
-                      annotation_font={"color": COLORS["accent"], "size": 10})
+        _legend_line(fig, target, f"target {target:.0%} of all parameters", n_layers)
     if message:
         fig.add_annotation(text="<br>".join(textwrap.wrap(message, 60)), x=0.5, y=0.6, xref="paper", yref="paper",
                            showarrow=False, font={"size": 12, "color": COLORS["removed"]},
@@ -204,13 +210,14 @@ def ratio_bars(n_layers: int, layer_ratios: Mapping[int, float], protected: Sequ
 
 def removed_share_bars(n_layers: int, removed_per_layer: Mapping[int, int], layer_params: Sequence[int],
                        removed_layers: Sequence[int] = (), protected: Sequence[int] = (),
-                       title: str = "Removed parameters per layer") -> go.Figure:
+                       title: str = "Removed parameters per layer", color: str | None = None) -> go.Figure:
     """Where a finished plan cut: each layer's removed share (removed layers as full hatched bars), drawn
     like :func:`ratio_bars` so any method's plan reads like COMP's allocation."""
     removed = set(removed_layers)
     shares = {i: n / layer_params[i] for i, n in removed_per_layer.items()
               if i not in removed and 0 <= i < n_layers and layer_params[i] and n > 0}
-    fig = ratio_bars(n_layers, shares, protected, sorted(removed), layer_params=layer_params, title=title)
+    fig = ratio_bars(n_layers, shares, protected, sorted(removed), layer_params=layer_params, title=title,
+                     color=color)
     if not shares and not removed:
         fig.add_annotation(text="nothing removed", x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                            font={"size": 12, "color": COLORS["muted"]})
@@ -384,7 +391,8 @@ def ppl_vs_ratio(runs: Sequence[Mapping], datasets: Sequence[str] = ("wikitext2"
 
 
 def method_color(method: str, order: Sequence[str]) -> str:
-    """A stable colour per method: its position in ``order`` (the registry), else a hash of its name."""
+    """A colour per method: its position in ``order`` — the methods of one figure, so that up to
+    ``len(METHOD_COLORS)`` methods never share a colour — else a hash of its name."""
     index = list(order).index(method) if method in order else sum(map(ord, method))
     return METHOD_COLORS[index % len(METHOD_COLORS)]
 
@@ -538,9 +546,7 @@ def sparsity_bars(n_layers: int, layer_ratios: Mapping[int, float], protected: S
                                          "line": {"color": COLORS["ink"], "width": 1}},
                                  hovertemplate="layer %{x}: left dense<extra></extra>", cliponaxis=False))
     if pattern_share is not None:
-        fig.add_hline(y=pattern_share, line={"color": COLORS["accent"], "dash": "dash", "width": 1.5},
-                      annotation_text=f"pattern {pattern_share:.0%} of each linear", annotation_position="top left",
-                      annotation_font={"color": COLORS["accent"], "size": 10})
+        _legend_line(fig, pattern_share, f"pattern: {pattern_share:.0%} of each linear", n_layers)
     if not masked:
         fig.add_annotation(text="no masks", x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                            font={"size": 12, "color": COLORS["muted"]})
@@ -563,7 +569,12 @@ def sparsity_heatmap(values: np.ndarray, kinds: Sequence[str], *, row_notes: Map
     """
     values = np.asarray(values, dtype=np.float32)
     n_layers = values.shape[0]
-    text = [[f"{v:.1%}" if np.isfinite(v) else "" for v in row] for row in values]
+    finite = values[np.isfinite(values)]
+    uniform = finite.size > 0 and float(finite.max() - finite.min()) < 1e-3
+    # numbers in the cells only where they differ: a pattern that zeroes every dense alike says it once
+    text = [["" if uniform or not np.isfinite(v) else f"{v:.1%}" for v in row] for row in values]
+    if uniform:
+        title = f"{title} · every masked dense is {float(finite.mean()):.1%} zero"
     fig = go.Figure(go.Heatmap(
         z=values, x=list(kinds), y=list(range(n_layers)), zmin=0.0, zmax=1.0, colorscale=SPARSITY_SCALE,
         text=text, texttemplate="%{text}", textfont={"size": 9 if n_layers > 16 else 10},

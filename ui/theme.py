@@ -21,7 +21,7 @@ COLORS = {
 DATASET_COLORS = {"wikitext2": "#4f46e5", "ptb": "#0d9488", "c4": "#d97706", "sample": "#db2777"}
 # one colour per pruning method in the Compare tab (by registry order; COMP first in the theme's indigo)
 METHOD_COLORS = ["#4f46e5", "#0d9488", "#d97706", "#db2777", "#65a30d", "#0284c7", "#7c3aed", "#b45309",
-                 "#475569", "#dc2626"]
+                 "#475569", "#dc2626", "#0891b2", "#a21caf", "#15803d", "#ea580c"]
 HEATMAP_SCALE = "Viridis"
 FONT = "Inter, ui-sans-serif, system-ui, -apple-system, 'Segoe UI', sans-serif"
 

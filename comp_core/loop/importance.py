@@ -124,6 +124,7 @@ def iterative_removal(blocks: list[nn.Module], inputs: BlockInputs, n_remove: in
         victim = min((i for i in active if i not in protected), key=lambda i: importances[i])
         result.removal_order.append(victim)
         active.remove(victim)
-    emit(on_event, "layer-removal", n_remove + 1, n_remove + 1,
-         f"removal order measured {n_remove} deep: {', '.join(map(str, result.removal_order)) or 'none'}")
+    if n_remove:
+        emit(on_event, "layer-removal", n_remove + 1, n_remove + 1,
+             f"the {n_remove} least important layers, in order: {', '.join(map(str, result.removal_order))}")
     return result

@@ -283,9 +283,9 @@ def test_compare_ppl_puts_mask_rows_in_a_panel_by_pattern():
 def test_sparsity_bars_and_heatmap():
     fig = plots.sparsity_bars(6, {2: 0.49, 3: 0.48, 4: 0.49}, protected=[0, 1, 5], pattern_share=0.5,
                               layer_params=[100] * 6)
-    assert [t.name for t in fig.data] == ["weights zeroed", "left dense"]
+    assert [t.name for t in fig.data] == ["weights zeroed", "left dense", "pattern: 50% of each linear"]
     assert list(fig.data[0].x) == [2, 3, 4] and list(fig.data[1].x) == [0, 1, 5]
-    assert any(s.y0 == 0.5 for s in fig.layout.shapes)  # the pattern's share
+    assert fig.data[-1].name == "pattern: 50% of each linear" and list(fig.data[-1].y) == [0.5, 0.5]
     composed = plots.sparsity_bars(4, {0: 0.5, 2: 0.5, 3: 0.5}, removed=[1])
     assert "layer removed" in [t.name for t in composed.data]
     none = plots.sparsity_bars(3, {})
@@ -296,3 +296,7 @@ def test_sparsity_bars_and_heatmap():
     assert (heat.data[0].zmin, heat.data[0].zmax) == (0.0, 1.0)
     assert list(heat.data[0].text[0]) == ["50.0%", "50.0%"] and list(heat.data[0].text[1]) == ["", ""]
     assert "1 · removed" in list(heat.layout.yaxis.ticktext)
+    # a pattern that zeroes every dense alike: said once in the title, not "50.0%" in every cell
+    same = plots.sparsity_heatmap(np.full((3, 2), 0.5, dtype=np.float32), ["q", "down"])
+    assert all(t == "" for row in same.data[0].text for t in row)
+    assert "every masked dense is 50.0% zero" in same.layout.title.text

@@ -229,3 +229,24 @@ def test_the_server_serves_no_file_outside_its_own_folders():
                 assert status in (403, 404), (url, status)
     finally:
         demo.close()
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+
+def test_progress_says_how_long_the_stage_has_left(monkeypatch):
+    from comp_core.events import PruneEvent
+    now = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    shown = []
+    bridge = common.Bridge(lambda fraction, desc, **kw: shown.append(desc), Session())
+    bridge(PruneEvent("neuron-pruning", 1, 11, "layer 2"))  # the stage's clock starts at its first event
+    assert "left" not in shown[-1]
+    now[0] += 20.0
+    bridge(PruneEvent("neuron-pruning", 3, 11, "layer 4"))  # 2 steps in 20 s: 8 to go, about 80 s
+    assert shown[-1].endswith("about 80 s left")
+    now[0] += 90.0
+    bridge(PruneEvent("neuron-pruning", 11, 11, "layer 12"))
+    assert "left" not in shown[-1]  # done
+    assert common.duration_text(30) == "30 s" and common.duration_text(600) == "10 min"
+    assert common.duration_text(3900) == "1 h 5 min"

@@ -39,9 +39,10 @@ def test_removal_history_one_line_per_step_and_victims():
 def test_ratio_bars_show_removed_protected_target_and_message():
     fig = plots.ratio_bars(6, {2: 0.3, 4: 0.25}, protected=[0, 1, 5], removed=[3], target=0.2,
                            layer_params=[10] * 6)
-    assert _names(fig) == ["neurons pruned", "layer removed", "protected"]
+    assert _names(fig) == ["neurons pruned", "layer removed", "protected", "target 20% of all parameters"]
     assert list(fig.data[1].y) == [1.0]
-    assert any(s.y0 == 0.2 for s in fig.layout.shapes)  # the target line
+    assert list(fig.data[3].y) == [0.2, 0.2]  # the target line, named in the legend: no label over the bars
+    assert not fig.layout.annotations
     msg = plots.ratio_bars(6, {}, message="Ratio 95% is impossible with 1 removed layers: " + "x " * 60)
     assert "impossible" in msg.layout.annotations[-1].text and "<br>" in msg.layout.annotations[-1].text
 

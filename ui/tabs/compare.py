@@ -120,6 +120,13 @@ def compare_table(session: Session) -> pd.DataFrame:
     return pd.DataFrame(out, columns=cols)
 
 
+def methods_in(session: Session) -> list[str]:
+    """The methods of this session's comparison in registry order: their colours, the same in every figure
+    of the tab, are distinct for up to ``len(theme.METHOD_COLORS)`` methods."""
+    present = {r["method"] for r in session.compare_rows}
+    return [m for m in method_names() if m in present] + sorted(present - set(method_names()))
+
+
 def compare_figure(session: Session):
     """Perplexity vs realised ratio for the rows comparable with the latest run (same model and windows)."""
     rows = session.compare_rows
@@ -129,7 +136,7 @@ def compare_figure(session: Session):
     what = "Perplexity per method" if any(plots.is_mask_row(r) for r in rows) else (
         "Perplexity vs realised ratio, per method")
     title = f"{what} · {rows[-1]['eval']}" if rows else None
-    fig = plots.compare_ppl(rows, _sets_in(rows), order=method_names(),
+    fig = plots.compare_ppl(rows, _sets_in(rows), order=methods_in(session),
                             **({"title": title} if title else {}))
     session.figures["compare_ppl"] = fig
     return fig
@@ -238,7 +245,8 @@ def plan_views(session: Session, row_id, kind=None):
     summary = (f"<b>{record['#']} · {label}</b>: realised {realised:.2%} · removed layers: {removed} · "
                f"neurons pruned in {pruned_layers} layers{masks}{notes}" if realised is not None else label)
     bars = plots.removed_share_bars(plan.n_layers, plan.removed_per_layer, plan.layer_params, plan.removed_layers,
-                                    plan.protected, title=f"Removed parameters per layer · {label}")
+                                    plan.protected, title=f"Removed parameters per layer · {label}",
+                                    color=plots.method_color(record["method"], methods_in(session)))
     maps = neuron_maps(plan)
     if kind == MASK_VIEW:
         heat = _sparsity_map(plan.sparse_plan, label, _kept_layers(plan), plan.n_layers,
@@ -246,7 +254,7 @@ def plan_views(session: Session, row_id, kind=None):
     elif kind in maps:
         scores, pruned = maps[kind]
         name = next((d.name for d in plan.dense_reports if d.kind == kind), kind)
-        heat = plots.neuron_heatmap(scores, pruned, kind, row_notes=plots.row_notes(plan.removed_layers,
+        heat = plots.neuron_heatmap(scores, pruned, kind, sort=True, row_notes=plots.row_notes(plan.removed_layers,
                                                                                     plan.protected),
                                     title=f"Neuron importance · {name} · {int(pruned.sum()):,} pruned (red) · {label}")
     else:

@@ -115,6 +115,12 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
     return plan
 
 
+def _layers_text(layers: list[int]) -> str:
+    if not layers:
+        return "no whole layer"
+    return f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+
+
 def _plan_layers(model: nn.Module, cfg: CompConfig, inputs: BlockInputs, initial: list[float] | None,
                  removal: RemovalResult | None, removal_depth: int, timings: dict[str, float],
                  on_event: ProgressCallback | None) -> Plan:
@@ -138,6 +144,7 @@ def _plan_layers(model: nn.Module, cfg: CompConfig, inputs: BlockInputs, initial
         removal = iterative_removal(blocks, inputs, depth, protected, on_event, initial=initial, measured=removal)
     timings["layer_removal"] = time.perf_counter() - t0
     removed = removal.removed(n_remove)
+    emit(on_event, "layer-removal", 1, 1, f"the plan removes {_layers_text(removed)}")
     importances = removal.importances_after(n_remove)
     params_removed = sum(block_params[i] for i in removed)
     if cfg.granularity == "layers":
