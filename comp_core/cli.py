@@ -26,13 +26,13 @@ from .export.folder import save_pruned
 from .export.gguf import export_gguf_folder, resolve_source_gguf
 from .math.allocation import ImpossibleRatioError
 from .math.scoring import SCORES
-from .methods import analyze_with, get_method, method_names, prune_with
+from .methods import analyze_with, get_method, method_names, prune_with, settings_over_all
 from .methods.comp import PAPER_CALIBRATION
 from .models.loading import load_model
 from .models.streaming import stream_stats
 from .preflight import check_context, check_exportable, check_output_folder, expected_save_bytes
-from .runtime import (configure_threads, count_parameters, cuda_peak_mb, cuda_peaks_mb, is_out_of_memory,
-                      out_of_memory_message, peak_rss_mb, stage)
+from .runtime import (RATIO_BASES, RATIO_BASIS_HELP, configure_threads, count_parameters, cuda_peak_mb, cuda_peaks_mb,
+                      is_out_of_memory, out_of_memory_message, peak_rss_mb, stage)
 from .settings import (COMPARE_METHODS, EVAL_SETS, SettingsError, parse_assignment, parse_dense_kinds,
                        parse_eval_sets, parse_layers, parse_ratios, parse_remove_layers, parse_sparsities,
                        settings_for, split_per_method, uses_comp_settings)
@@ -92,6 +92,13 @@ COMP_FLAGS = {"remove_layers": "remove_layers", "granularity": "granularity", "s
               "dense_kinds": "dense_kinds", "no_mask_tuning": "mask_tuning", "inputs": "inputs"}
 
 
+def _add_ratio_of(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ratio-of", choices=RATIO_BASES, default="all",
+                   help="what --ratio is a share of: " + "; ".join(f"'{b}', {RATIO_BASIS_HELP[b]}" for b in RATIO_BASES)
+                        + " (default: all; a share of the blocks becomes the share of all it means before the "
+                          "method runs, and the report gives both)")
+
+
 def _add_method_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protect", type=_arg(parse_layers), default=None,
                    help="comma-separated layers never pruned (default: the method's; COMP: first two and last)")
@@ -136,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (analyze, prune):
         _add_common(p)
         p.add_argument("--method", default="comp", choices=method_names(), help="pruning method (default: comp)")
-        p.add_argument("--ratio", default="0.2", help="share of all parameters to remove: 0.2 or 20%% (default 0.2)")
+        p.add_argument("--ratio", default="0.2",
+                       help="share of the parameters to remove (of all of them unless --ratio-of blocks): 0.2 or "
+                            "20%% (default 0.2)")
+        _add_ratio_of(p)
         p.add_argument("--sparsity", default=None,
                        help="mask methods: a share of every pruned linear (0.5) or N:M (2:4, 4:8); default 0.5")
         _add_method_settings(p)
@@ -165,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", type=_name_list, default=COMPARE_METHODS,
                          help=f"comma-separated, from: {', '.join(method_names())}")
     compare.add_argument("--ratio", default="0.2",
-                         help="comma-separated ratios for the structured methods, e.g. 0.2,0.3 or 20%%,30%%")
+                         help="comma-separated ratios for the structured methods, e.g. 0.2,0.3 or 20%%,30%% "
+                              "(shares of all parameters unless --ratio-of blocks)")
+    _add_ratio_of(compare)
     compare.add_argument("--sparsity", default="0.5",
                          help="comma-separated patterns for the mask methods: a share (0.5) or N:M (2:4, 4:8)")
     compare.add_argument("--set", dest="settings", type=_arg(parse_assignment), action="append", default=[],
@@ -353,7 +365,8 @@ def _compare(run: _Run) -> None:
                        if k not in ("ratio", "sparsity")} for name in args.methods}
     with stage("compare", run.timings):
         rows = compare_methods(run.model, run.tokenizer, samples, list(args.methods), list(ratios),
-                               list(run.eval_names), sparsities=list(sparsities), max_windows=args.max_windows,
+                               list(run.eval_names), ratio_of=args.ratio_of, sparsities=list(sparsities),
+                               max_windows=args.max_windows,
                                eval_seq_len=args.eval_seq_len, settings=settings, measure_bytes=not args.no_bytes,
                                tasks=list(args.tasks or []), task_limit=args.limit, on_event=run.progress)
     run.report["eval"] = {"sets": list(run.eval_names), "seq_len": args.eval_seq_len,
@@ -366,18 +379,20 @@ def _prepare(run: _Run):
     """``analyze`` and ``prune``: the method's settings, checked with the model, then the calibration samples."""
     args = run.args
     settings = _settings(args.method, args, args.ratio, args.settings)
+    over_all, _ = settings_over_all(run.model, settings, args.ratio_of)  # a ratio of the blocks checked now
     _check_lengths(run.model, args, run.eval_names)
     out = getattr(args, "out", None)
     if out:  # a family export does not cover, or a full disk, found now rather than after pruning
         check_exportable(run.model)
-        check_output_folder(out, expected_save_bytes(run.model, getattr(settings, "ratio", 0.0)))
+        check_output_folder(out, expected_save_bytes(run.model, getattr(over_all, "ratio", 0.0)))
     return settings, run.calibration()
 
 
 def _analyze(run: _Run) -> None:
     settings, samples = _prepare(run)
     with stage("analyze", run.timings):
-        plan = analyze_with(run.args.method, run.model, samples, settings, on_event=run.progress)
+        plan = analyze_with(run.args.method, run.model, samples, settings, ratio_of=run.args.ratio_of,
+                            on_event=run.progress)
     run.report.update(plan.to_dict(with_scores=run.args.scores))
 
 
@@ -387,7 +402,8 @@ def _prune(run: _Run) -> None:
     if run.eval_names:
         report["ppl_before"] = run.evaluate(run.model, run.eval_names, "before").ppl_dict()
     with stage("prune", run.timings):
-        pruned, result = prune_with(args.method, run.model, samples, settings, on_event=run.progress, inplace=True)
+        pruned, result = prune_with(args.method, run.model, samples, settings, ratio_of=args.ratio_of,
+                                    on_event=run.progress, inplace=True)
     result_dict = result.to_dict()
     plan = result_dict.pop("plan")
     report.update(result_dict)
@@ -471,9 +487,10 @@ def run(args: argparse.Namespace) -> dict:
 def _print_table(report: dict) -> None:
     rows = []
     for key in ("model", "path", "arch", "file_type", "file_bytes", "params_file", "params_model", "restored_zeros",
-                "params_original", "share_of_original", "tokenizer", "saved_to", "realised_ratio", "params_before",
-                "params_after", "params", "removed_layers", "compensation", "ppl", "ppl_before", "ppl_after", "seconds",
-                "peak_rss_mb", "cuda_peak_mb"):
+                "params_original", "share_of_original", "tokenizer", "saved_to", "realised_ratio",
+                "realised_block_ratio", "params_before", "params_after", "block_params_before", "block_params_after",
+                "params", "zero_share", "block_zero_share", "removed_layers", "compensation", "ppl", "ppl_before",
+                "ppl_after", "seconds", "peak_rss_mb", "cuda_peak_mb"):
         if report.get(key) is not None:
             rows.append((key, _format_value(key, report[key])))
     if "calibration" in report:
@@ -508,7 +525,7 @@ def _format_value(key: str, value) -> str:
         return f"{value:.1f}"
     if key.endswith("_mb"):
         return f"{value:,.0f}"
-    if key in ("realised_ratio", "share_of_original"):
+    if key in ("realised_ratio", "realised_block_ratio", "share_of_original", "zero_share", "block_zero_share"):
         return f"{value:.2%}"
     return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4g}"
 
@@ -525,8 +542,10 @@ def summary(report: dict, argv: Sequence[str]) -> list[str]:
     ratio = report.get("realised_ratio")
     lines = []
     if ratio is not None and "params_before" in report:
-        lines.append(f"Removed {ratio:.1%} of the parameters ({_millions(report['params_before'])} → "
-                     f"{_millions(report['params_after'])}) in {report['seconds']:.0f} s, peak memory "
+        blocks = report.get("realised_block_ratio")
+        of_blocks = f" ({blocks:.1%} of the decoder blocks)" if blocks is not None else ""
+        lines.append(f"Removed {ratio:.1%} of all parameters{of_blocks}, {_millions(report['params_before'])} → "
+                     f"{_millions(report['params_after'])}, in {report['seconds']:.0f} s, peak memory "
                      f"{report['peak_rss_mb'] / 1024:.1f} GB.")
     before, after = report.get("ppl_before", {}), report.get("ppl_after", {})
     for name, value in before.items():

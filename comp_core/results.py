@@ -100,7 +100,21 @@ class Plan:
 
     @property
     def planned_ratio(self) -> float:
+        """The planned share of all parameters removed."""
         return 1.0 - self.planned_params_after / self.params_total
+
+    @property
+    def block_params(self) -> int:
+        """Parameters in the decoder blocks of the model the plan was made for (every original layer)."""
+        return sum(self.layer_params)
+
+    @property
+    def planned_block_ratio(self) -> float | None:
+        """The same removal as a share of the decoder blocks' parameters (every method removes parameters
+        only inside the blocks); None when the plan holds no block sizes."""
+        if not self.block_params:
+            return None
+        return (self.params_total - self.planned_params_after) / self.block_params
 
     def dense(self, layer: int, kind: str) -> DenseReport:
         return next(d for d in self.dense_reports if d.layer == layer and d.kind == kind)
@@ -133,6 +147,7 @@ class Plan:
             "layers": [r.to_dict() for r in self.layer_reports],
             "denses": [d.to_dict(with_scores) for d in self.dense_reports],
             "planned_ratio": self.planned_ratio,
+            "planned_block_ratio": self.planned_block_ratio,
             "auto_sweep": self.auto_sweep,
             "timings": self.timings,
             "notes": self.notes,
@@ -144,7 +159,8 @@ CompPlan = Plan  # the name the GUI, the tests and saved code know
 
 @dataclass
 class PruneResult:
-    """A finished pruning run: the plan it followed and the realised figures of the model in memory."""
+    """A finished pruning run: the plan it followed and the realised figures of the model in memory, as a share
+    of all parameters (``realised_ratio``) and of the decoder blocks' parameters (``realised_block_ratio``)."""
 
     plan: Plan
     params_before: int
@@ -154,18 +170,31 @@ class PruneResult:
     method: str = "comp"
     kind: str = "structured"
     extra: dict = field(default_factory=dict)
+    block_params_before: int = 0  # parameters in the decoder blocks before and after (0: not measured)
+    block_params_after: int = 0
 
     @property
     def realised_ratio(self) -> float:
+        """The share of all parameters (embeddings included) the pruned model no longer has."""
         return 1.0 - self.params_after / self.params_before
+
+    @property
+    def realised_block_ratio(self) -> float | None:
+        """The share of the decoder blocks' parameters the pruned model no longer has (None: not measured)."""
+        if not self.block_params_before:
+            return None
+        return 1.0 - self.block_params_after / self.block_params_before
 
     def to_dict(self, with_scores: bool = False) -> dict:
         return {
             "method": self.method,
             "kind": self.kind,
             "realised_ratio": self.realised_ratio,
+            "realised_block_ratio": self.realised_block_ratio,
             "params_before": self.params_before,
             "params_after": self.params_after,
+            "block_params_before": self.block_params_before,
+            "block_params_after": self.block_params_after,
             "removed_layers": self.plan.removed_layers,
             "layer_ratios": {str(k): v for k, v in self.plan.layer_ratios.items()},
             "removed_per_layer": {str(k): v for k, v in self.plan.removed_per_layer.items()},

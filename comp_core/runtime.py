@@ -5,6 +5,8 @@
 * :func:`peak_rss_mb` / :func:`current_rss_mb` read process memory without psutil.
 * :func:`stage` (or :class:`StageTimer`) records wall time and peak RSS of a named step into a plain dict.
 * :func:`count_parameters` counts each distinct weight tensor once (tied embeddings count once).
+* :func:`ratio_over_all` turns a ratio over the decoder blocks into the share of all parameters a method works
+  with (:data:`RATIO_BASES`); a value that cannot be used is a :class:`SettingsError`.
 * :func:`is_out_of_memory` / :func:`out_of_memory_message` recognise a failed allocation and say it in one line.
 
 Nothing here imports transformers; only ``torch`` and the standard library.
@@ -291,6 +293,56 @@ def count_parameters(model: torch.nn.Module) -> int:
         seen.add(key)
         total += param.numel()
     return total
+
+
+class SettingsError(ValueError):
+    """A control's value cannot be used; the message says what would be accepted (``comp_core.settings``
+    raises it for everything a person types; it lives here so the core's own checks can raise it too)."""
+
+
+# What a ratio is a share of: "all" parameters (embeddings, final norm and head included; what every method
+# works with) or the decoder "blocks" only (for a model whose embedding dominates, 10 % of all can be 27 % of
+# its blocks). Wherever a ratio is set (``prune_with``, ``analyze_with``, ``compare_methods``, --ratio-of).
+RATIO_BASES: tuple[str, ...] = ("all", "blocks")
+RATIO_BASIS_HELP = {"all": "every parameter, embeddings included",
+                    "blocks": "the decoder blocks' parameters only, without the embeddings, final norm and head"}
+
+
+def check_ratio_of(ratio_of: str) -> str:
+    """``ratio_of`` if it is one of :data:`RATIO_BASES`; a :class:`SettingsError` naming them otherwise."""
+    if ratio_of not in RATIO_BASES:
+        choices = " or ".join(f"'{b}' ({RATIO_BASIS_HELP[b]})" for b in RATIO_BASES)
+        raise SettingsError(f"ratio_of={ratio_of!r}: a ratio is a share of {choices}")
+    return ratio_of
+
+
+def _blocks_share(params_total: int, block_params: int) -> float:
+    """The decoder blocks' share of all parameters, checked."""
+    if not 0 < block_params <= params_total:
+        raise SettingsError(f"cannot read a ratio over the decoder blocks: the model counts {block_params:,} "
+                            f"block parameters of {params_total:,} in all")
+    return block_params / params_total
+
+
+def ratio_over_all(ratio: float, ratio_of: str, params_total: int, block_params: int) -> float:
+    """The share of all ``params_total`` parameters that removing ``ratio`` of ``ratio_of`` means: ``ratio``
+    itself for "all", ``ratio`` × ``block_params`` / ``params_total`` for "blocks" (``block_params``: the decoder
+    blocks' parameters, ``models.adapters.count_block_parameters``). A ratio over the blocks must lie in
+    [0, 1): all of them would leave no model."""
+    check_ratio_of(ratio_of)
+    if ratio_of == "all":
+        return ratio
+    if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
+        raise SettingsError(f"a ratio over the decoder blocks must be in [0, 1) (removing every block leaves no "
+                            f"model), got {ratio:g}")
+    return ratio * _blocks_share(params_total, block_params)
+
+
+def ratio_over(ratio_of: str, ratio_all: float, params_total: int, block_params: int) -> float:
+    """The inverse of :func:`ratio_over_all`: a share of all parameters (``ratio_all``) read as a share of
+    ``ratio_of`` (for "blocks" it can exceed 1 where more than the blocks hold would go)."""
+    check_ratio_of(ratio_of)
+    return ratio_all if ratio_of == "all" else ratio_all / _blocks_share(params_total, block_params)
 
 
 def _cache_argument(model: torch.nn.Module) -> str:

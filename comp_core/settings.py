@@ -4,7 +4,9 @@ The command line and the GUI both read ratios, sparsity patterns, protected laye
 ``KEY=VALUE`` settings from what a person typed or ticked. They parse them here, so both accept the same
 text ("20%" as well as 0.2), refuse the same mistakes with the same message, and build a method's settings
 in one place (:func:`settings_for`, which hands over to the registry's ``make_settings``).
-Every refusal is a :class:`SettingsError` (a ``ValueError``) whose message says what is accepted.
+Every refusal is a :class:`SettingsError` (a ``ValueError``) whose message says what is accepted. What a ratio
+is a share of (``ratio_of``: :data:`RATIO_BASES`, all parameters or the decoder blocks') is checked by
+``runtime.check_ratio_of`` and converted by ``runtime.ratio_over_all`` where the model is known.
 """
 from __future__ import annotations
 
@@ -15,15 +17,12 @@ from typing import Any, Iterable, Mapping, Sequence
 from .math.sparsity import SparsityPattern
 from .methods import get_method, make_settings, parse_setting, setting_names
 from .methods.comp import PAPER_SETTINGS, CompConfig
+from .runtime import RATIO_BASES, SettingsError, check_ratio_of  # noqa: F401  (every face's names, kept here)
 
 EVAL_SETS: tuple[str, ...] = ("wikitext2", "ptb", "c4", "sample")  # sample: shipped, needs no data folder
 # the structured methods a comparison runs when none are named (CLI ``compare``, the GUI's Compare tab)
 COMPARE_METHODS: tuple[str, ...] = ("comp", "flap", "shortgpt", "wanda-sp", "magnitude-sp")
 _SEPARATORS = re.compile(r"[,;\s]+")
-
-
-class SettingsError(ValueError):
-    """A control's value cannot be used; the message says what would be accepted."""
 
 
 def _parts(value: str | Iterable | None) -> list[str]:

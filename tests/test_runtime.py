@@ -1,4 +1,5 @@
-"""comp_core.runtime: device/dtype parsing, threads, memory readings, stage timings, parameter counting."""
+"""comp_core.runtime: device/dtype parsing, threads, memory readings, stage timings, parameter counting, what a
+ratio is a share of."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,8 @@ import torch
 from tests.helpers import small_llama
 
 from comp_core import runtime
-from comp_core.runtime import (StageTimer, configure_threads, count_parameters, current_rss_mb, peak_rss_mb,
+from comp_core.runtime import (RATIO_BASES, SettingsError, StageTimer, check_ratio_of, configure_threads,
+                               count_parameters, current_rss_mb, peak_rss_mb, ratio_over, ratio_over_all,
                                resolve_device, resolve_dtype, stage)
 
 VOCAB, HIDDEN = 512, 32
@@ -38,6 +40,40 @@ def test_count_parameters_meta_device():
     with torch.device("meta"):
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     assert count_parameters(model) == 4 * 3 + 3 + 3 * 2 + 2
+
+
+def test_a_ratio_of_the_blocks_is_that_many_block_parameters_out_of_all():
+    assert RATIO_BASES == ("all", "blocks")
+    # Gemma 3 270M in round numbers: 268 M parameters, 168 M of them the embedding, 100 M in the blocks
+    assert ratio_over_all(0.1, "all", 268, 100) == 0.1  # the share of all: unchanged, whatever the counts
+    assert ratio_over_all(0.27, "blocks", 268, 100) == pytest.approx(0.27 * 100 / 268)  # 27 % of the blocks ≈ 10 %
+    assert ratio_over_all(0.2, "blocks", 1000, 400) == pytest.approx(0.08)
+    assert ratio_over_all(0.0, "blocks", 1000, 400) == 0.0
+    assert ratio_over_all(0.5, "blocks", 400, 400) == 0.5  # a model of blocks only: both shares are one
+    assert ratio_over("blocks", 0.08, 1000, 400) == pytest.approx(0.2)  # the way back
+    assert ratio_over("blocks", 0.1, 268, 100) == pytest.approx(0.268)
+    assert ratio_over("all", 0.08, 1000, 400) == 0.08
+    assert ratio_over("blocks", 0.7, 1000, 400) == pytest.approx(1.75)  # more than the blocks hold: said, not capped
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1, float("nan")])
+def test_a_ratio_of_the_blocks_that_cannot_be_met_is_refused(ratio):
+    with pytest.raises(SettingsError, match=r"ratio over the decoder blocks must be in \[0, 1\)"):
+        ratio_over_all(ratio, "blocks", 1000, 400)
+
+
+def test_a_ratio_basis_is_checked_by_name_and_counts_that_make_no_sense_are_refused():
+    from comp_core import settings
+
+    assert settings.SettingsError is SettingsError and issubclass(SettingsError, ValueError)  # one class, every face
+    assert check_ratio_of("blocks") == "blocks"
+    for bad in ("layers", "All", ""):
+        with pytest.raises(SettingsError, match=rf"ratio_of={bad!r}: a ratio is a share of 'all' \(every parameter"
+                                                r".*'blocks' \(the decoder blocks' parameters only"):
+            ratio_over_all(0.2, bad, 1000, 400)
+    for block_params in (0, 1001):
+        with pytest.raises(SettingsError, match="cannot read a ratio over the decoder blocks"):
+            ratio_over_all(0.2, "blocks", 1000, block_params)
 
 
 def test_stage_records_positive_time_and_peak_rss():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -97,17 +98,26 @@ def holds_pattern(mask: torch.Tensor, pattern: SparsityPattern) -> bool:
     return abs(float(mask.float().mean()) - pattern.fraction) <= 1.0 / mask.shape[1]
 
 
-def zero_counts(model: nn.Module, linears: list[nn.Module]) -> dict:
-    """Sparsity over ``linears`` and the share of ALL parameters (embeddings included) that are exactly zero."""
+def zero_counts(model: nn.Module, linears: list[nn.Module], blocks: Sequence[nn.Module] = ()) -> dict:
+    """Sparsity over ``linears`` and the share of ALL parameters (embeddings included) that are exactly zero;
+    with ``blocks`` (the decoder blocks), also the share of the blocks' parameters that are zero."""
     pruned_zero = sum(int((m.weight == 0).sum()) for m in linears)
     pruned_total = sum(m.weight.numel() for m in linears)
-    seen, total, zero = set(), 0, 0
+    in_blocks = {p.data_ptr() for block in blocks for p in block.parameters()}
+    seen, total, zero, block_total, block_zero = set(), 0, 0, 0, 0
     for p in model.parameters():
         if p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
+        zeros = int((p == 0).sum())
         total += p.numel()
-        zero += int((p == 0).sum())
-    return {"linear_sparsity": pruned_zero / pruned_total if pruned_total else 0.0,
-            "zero_share": zero / total if total else 0.0, "zeros": zero, "params": total,
-            "pruned_linear_params": pruned_total}
+        zero += zeros
+        if p.data_ptr() in in_blocks:
+            block_total += p.numel()
+            block_zero += zeros
+    counts = {"linear_sparsity": pruned_zero / pruned_total if pruned_total else 0.0,
+              "zero_share": zero / total if total else 0.0, "zeros": zero, "params": total,
+              "pruned_linear_params": pruned_total}
+    if blocks:
+        counts["block_zero_share"] = block_zero / block_total if block_total else 0.0
+    return counts

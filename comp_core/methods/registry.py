@@ -27,7 +27,8 @@ from torch import nn
 
 from ..events import ProgressCallback
 from ..results import CompPlan, PruneResult
-from ..runtime import count_parameters, peak_rss_mb
+from ..runtime import check_ratio_of, count_parameters, peak_rss_mb, ratio_over_all
+from ..models.adapters import count_block_parameters
 from ..models.streaming import is_streamed
 
 KINDS = ("structured", "unstructured", "composed")  # composed: structured, then masks
@@ -173,39 +174,68 @@ def check_streamable(name: str, model: nn.Module) -> None:
                          "model without streaming (--stream off)")
 
 
+def settings_over_all(model: nn.Module, settings, ratio_of: str = "all") -> tuple[Any, dict | None]:
+    """``settings`` with its ``ratio`` read as a share of ``ratio_of`` (``runtime.RATIO_BASES``) and turned into
+    the share of all parameters every method works with (``runtime.ratio_over_all``), and what was asked
+    (``{"ratio": …, "ratio_of": …}``; None for a method without a ratio, which ``ratio_of`` leaves alone)."""
+    check_ratio_of(ratio_of)
+    ratio = getattr(settings, "ratio", None)
+    if ratio is None:
+        return settings, None
+    requested = {"ratio": ratio, "ratio_of": ratio_of}
+    if ratio_of == "all":
+        return settings, requested
+    over_all = ratio_over_all(ratio, ratio_of, count_parameters(model), count_block_parameters(model))
+    return dataclasses.replace(settings, ratio=over_all), requested
+
+
 def prune_with(name: str, model: nn.Module, samples: torch.Tensor | None, settings=None, *,
-               on_event: ProgressCallback | None = None, inplace: bool = False, **overrides
+               ratio_of: str = "all", on_event: ProgressCallback | None = None, inplace: bool = False, **overrides
                ) -> tuple[nn.Module, PruneResult]:
-    """Prune with the registered method ``name`` (settings = its defaults + ``overrides`` unless given)."""
+    """Prune with the registered method ``name`` (settings = its defaults + ``overrides`` unless given).
+
+    ``ratio_of``: what the settings' ``ratio`` is a share of, "all" parameters (the default) or the decoder
+    "blocks"' parameters; converted here, once, so the method works on the share of all. The result's
+    ``plan.config["requested"]`` records what was asked; ``realised_ratio`` and ``realised_block_ratio``
+    what went."""
     entry = get_method(name)
     check_streamable(name, model)
     settings = settings if settings is not None else make_settings(name, **overrides)
+    settings, requested = settings_over_all(model, settings, ratio_of)
     if entry.method.requires_calibration and samples is None:
         raise ValueError(f"method '{name}' needs calibration samples")
     pruned, result = entry.method.prune(model, samples, settings, on_event=on_event, inplace=inplace)
     result.method = result.plan.method = name
     result.kind = entry.kind
+    if requested is not None:
+        result.plan.config["requested"] = requested
     return pruned, result
 
 
 def analyze_with(name: str, model: nn.Module, samples: torch.Tensor | None, settings=None, *,
-                 on_event: ProgressCallback | None = None, **overrides) -> CompPlan:
+                 ratio_of: str = "all", on_event: ProgressCallback | None = None, **overrides) -> CompPlan:
+    """What ``name`` would cut, without changing ``model``; ``ratio_of`` as in :func:`prune_with`."""
     entry = get_method(name)
     check_streamable(name, model)
     settings = settings if settings is not None else make_settings(name, **overrides)
+    settings, requested = settings_over_all(model, settings, ratio_of)
     plan = entry.method.analyze(model, samples, settings, on_event=on_event)
     plan.method = name
+    if requested is not None:
+        plan.config["requested"] = requested
     return plan
 
 
 def finish(model: nn.Module, plan: CompPlan, params_before: int, start: float) -> PruneResult:
-    """The shared tail of every ``prune``: check the plan's accounting against the model, time it."""
+    """The shared tail of every ``prune``: check the plan's accounting against the model, measure the
+    decoder blocks before (the plan's layer sizes) and after, time it."""
     params_after = count_parameters(model)
     if plan.planned_params_after and params_after != plan.planned_params_after:
         raise AssertionError(f"planned {plan.planned_params_after} parameters after pruning, model has {params_after}")
     plan.planned_params_after = params_after
     return PruneResult(plan=plan, params_before=params_before, params_after=params_after,
-                       seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+                       seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
+                       block_params_before=plan.block_params, block_params_after=count_block_parameters(model))
 
 
 def working_copy(model: nn.Module, inplace: bool) -> nn.Module:

@@ -175,7 +175,7 @@ class MaskMethod(Method):
             with timed(plan, "masking"):
                 for i in active:
                     mask_block(i, blocks[i], None)
-        counts = zero_counts(target, masked_linears)
+        counts = zero_counts(target, masked_linears, blocks)
         self.relayout(target, orders)
         plan.planned_params_after = params_before
         if tails:

@@ -467,5 +467,11 @@ def block_parameter_count(block: nn.Module) -> int:
     return sum(p.numel() for p in block.parameters())
 
 
+def count_block_parameters(model: nn.Module) -> int:
+    """Parameters in the model's decoder blocks (its adapter's ``blocks``): all of them but the embeddings, the
+    final norm and the head. What a ratio over the blocks (``runtime.ratio_over_all``) is a share of."""
+    return sum(block_parameter_count(b) for b in get_adapter(model).blocks(model))
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight

@@ -139,3 +139,26 @@ def test_a_saved_run_points_at_the_speed_comparison(tiny_folder, tmp_path, capsy
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == f"Saved to {out}. Next: comp-explorer bench-speed --pruned {out}   (original vs pruned: size, " \
                    "memory, speed)"
+
+
+def test_prune_and_analyse_a_ratio_of_the_blocks(tiny_folder, capsys):
+    """--ratio-of blocks: the method removes 30 % of the blocks' parameters (23.2 % of all in the tiny Llama);
+    the JSON, the table and the summary give both shares."""
+    common = ["--model", str(tiny_folder), "--ratio", "30%", "--ratio-of", "blocks", "--remove-layers", "0",
+              "--calib", "sample", "--n-samples", "4", "--seq-len", "32"]
+    report = run_json(capsys, "prune", *common)
+    blocks, total = report["block_params_before"], report["params_before"]
+    assert (blocks, total) == (221_952, 287_552)
+    assert report["config"]["requested"] == {"ratio": 0.3, "ratio_of": "blocks"}
+    assert report["config"]["ratio"] == pytest.approx(0.3 * blocks / total)
+    assert abs(report["realised_block_ratio"] - 0.3) < 0.01
+    assert report["params_before"] - report["params_after"] == blocks - report["block_params_after"]
+    plan = run_json(capsys, "analyze", *common)
+    assert plan["planned_block_ratio"] == pytest.approx(report["realised_block_ratio"])
+    assert plan["config"]["requested"] == {"ratio": 0.3, "ratio_of": "blocks"}
+    assert main(["prune", *common, "--quiet", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = dict(line.split(None, 1) for line in lines if line and not line[0].isupper())
+    assert table["realised_block_ratio"] == f"{report['realised_block_ratio']:.2%}"
+    assert lines[-2].startswith(f"Removed {report['realised_ratio']:.1%} of all parameters "
+                                f"({report['realised_block_ratio']:.1%} of the decoder blocks), 0.3 M → 0.2 M, in ")

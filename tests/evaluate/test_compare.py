@@ -54,6 +54,30 @@ def test_compare_methods_rows(own_data, tiny_folder):
     json.dumps([r.to_dict() for r in rows])  # serialisable
 
 
+def test_compare_methods_with_a_ratio_of_the_blocks(own_data, tiny_folder):
+    from comp_core import count_parameters, load_model
+    from comp_core.models.adapters import count_block_parameters
+
+    loaded = load_model(str(tiny_folder))
+    total, blocks = count_parameters(loaded.model), count_block_parameters(loaded.model)
+    rows = compare_methods(loaded.model, loaded.tokenizer, make_calib(), ["wanda-sp", "shortgpt", "wanda"], [0.3],
+                           ["wikitext2"], ratio_of="blocks", max_windows=1, eval_seq_len=64, measure_bytes=False)
+    original, wanda_sp, shortgpt, wanda = rows
+    assert (original.realised_ratio, original.realised_block_ratio) == (0.0, 0.0)
+    assert [(r.target_ratio, r.ratio_of) for r in rows[1:3]] == [(0.3, "blocks")] * 2
+    assert abs(wanda_sp.realised_block_ratio - 0.3) < 0.01  # 30 % of the blocks: 23.2 % of all
+    assert abs(shortgpt.realised_block_ratio - 0.3) <= 1 / 12 + 1e-9  # whole blocks: within half of one
+    for r in (wanda_sp, shortgpt):
+        assert r.realised_ratio * total == pytest.approx(r.realised_block_ratio * blocks, abs=1e-6)
+    assert wanda.realised_block_ratio == 0.0 and 0.45 < wanda.block_zero_share < 0.5  # half of the linears, not norms
+    assert wanda.zero_share == pytest.approx(wanda.block_zero_share * blocks / total)
+    table = rows_table(rows, ["wikitext2"])
+    assert "| realised of all | realised of blocks |" in table and "zeros of blocks" in table
+    assert f"| 30% of blocks | {wanda_sp.realised_ratio:.2%} | {wanda_sp.realised_block_ratio:.2%} |" in table
+    assert wanda_sp.to_dict()["realised_block_ratio"] == wanda_sp.realised_block_ratio
+    assert wanda_sp.to_dict()["ratio_of"] == "blocks"
+
+
 def test_compare_rejects_bad_input_before_any_work(own_data, tiny_folder):
     from comp_core import load_model
 
@@ -62,6 +86,8 @@ def test_compare_rejects_bad_input_before_any_work(own_data, tiny_folder):
         compare_methods(loaded.model, loaded.tokenizer, make_calib(), ["comp", "nope"], [0.2], ["wikitext2"])
     with pytest.raises(ValueError, match="ratio must be in"):
         compare_methods(loaded.model, loaded.tokenizer, make_calib(), ["comp"], [1.5], ["wikitext2"])
+    with pytest.raises(ValueError, match="ratio_of='layers': a ratio is a share of 'all'"):
+        compare_methods(loaded.model, loaded.tokenizer, make_calib(), ["comp"], [0.2], ["wikitext2"], ratio_of="layers")
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -94,6 +120,8 @@ def test_cli_compare_json(own_data, tiny_folder, capsys):
     (["prune", "--method", "wanda-sp", "--score", "obs"], "--score: COMP settings"),
     (["prune", "--method", "shortgpt", "--set", "n_layers=many"], "n_layers"),
     (["compare", "--ratio", "0.2,x"], "comma-separated numbers"),
+    (["compare", "--ratio-of", "layers"], "--ratio-of: invalid choice: 'layers'"),
+    (["prune", "--ratio-of", "embedding"], "--ratio-of: invalid choice: 'embedding'"),
 ])
 def test_cli_method_errors_are_clear(own_data, tiny_folder, capsys, args, message):
     try:
@@ -115,3 +143,16 @@ def test_cli_prune_with_another_method(own_data, tiny_folder, capsys):
     assert report["method"] == "shortgpt" and report["kind"] == "structured"
     assert len(report["removed_layers"]) == 2
     assert sum(report["removed_per_layer"].values()) == report["params_before"] - report["params_after"]
+
+
+def test_cli_compare_a_ratio_of_the_blocks(own_data, tiny_folder, capsys):
+    code, out, err = run_cli(capsys, "compare", "--model", str(tiny_folder), "--methods", "wanda-sp", "--ratio", "30%",
+                             "--ratio-of", "blocks", "--calib", "wikitext2", "--n-samples", "4", "--seq-len", "32",
+                             "--eval", "wikitext2", "--max-windows", "1", "--eval-seq-len", "64", "--no-bytes",
+                             "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    row = report["rows"][1]
+    assert (row["method"], row["target_ratio"], row["ratio_of"]) == ("wanda-sp", 0.3, "blocks")
+    assert abs(row["realised_block_ratio"] - 0.3) < 0.01 and row["realised_ratio"] < 0.25  # 23.2 % of all
+    assert "| 30% of blocks |" in report["table"]

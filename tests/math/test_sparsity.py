@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comp_core.math.sparsity import SparsityPattern, holds_pattern, matrix_mask, nm_mask, row_mask
+from torch import nn
+
+from comp_core.math.sparsity import SparsityPattern, holds_pattern, matrix_mask, nm_mask, row_mask, zero_counts
 
 
 def test_pattern_parsing():
@@ -32,3 +34,16 @@ def test_row_and_matrix_masks():
     assert row_mask(scores, 0.5)[:, 3:].all()
     mask = matrix_mask(torch.arange(24.0).reshape(4, 6), 0.25)
     assert mask.sum() == 6 and mask[0].all()
+
+
+def test_zero_counts_of_all_parameters_and_of_the_blocks():
+    embedding, block = nn.Embedding(10, 4), nn.Linear(4, 4, bias=False)  # 40 outside the block, 16 inside
+    model = nn.ModuleDict({"embedding": embedding, "block": block})
+    with torch.no_grad():
+        embedding.weight.fill_(1.0)
+        block.weight.fill_(1.0)
+        block.weight[:2] = 0.0  # 8 of the block's 16 weights
+    counts = zero_counts(model, [block], [block])
+    assert counts["linear_sparsity"] == 0.5 and counts["zeros"] == 8 and counts["params"] == 56
+    assert counts["zero_share"] == pytest.approx(8 / 56) and counts["block_zero_share"] == 0.5
+    assert "block_zero_share" not in zero_counts(model, [block])  # no blocks named: not measured

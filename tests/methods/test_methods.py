@@ -20,7 +20,7 @@ from comp_core.methods import (REGISTRY, get_method, make_settings, method_names
 from comp_core.methods.comp import CompConfig, analyze, apply_plan, prune
 from comp_core.methods.structured import StructuredSettings, keep_top, uniform_cuts, block_shapes
 from comp_core.methods.uniform import MagnitudeSP, WandaSP
-from comp_core.models.adapters import get_adapter
+from comp_core.models.adapters import count_block_parameters, get_adapter
 from comp_core.runtime import count_parameters
 from comp_core.loop.stats import InputStats
 
@@ -96,6 +96,9 @@ def test_realised_ratio_is_the_parameters_really_gone(arch, method, calib):
     assert result.realised_ratio == pytest.approx(1 - count_parameters(pruned) / before, abs=1e-12)
     assert before - result.params_after == sum(result.plan.removed_per_layer.values())
     assert result.method == result.plan.method == method
+    blocks = count_block_parameters(model)  # every method removes only inside the blocks: the same count of both
+    assert (result.block_params_before, result.block_params_after) == (blocks, count_block_parameters(pruned))
+    assert result.realised_block_ratio == pytest.approx((before - result.params_after) / blocks, abs=1e-12)
     if method in EXACT_RATIO:
         assert abs(result.realised_ratio - 0.2) < 0.01
     else:  # whole blocks: the count closest to the ratio
@@ -245,6 +248,7 @@ def test_apply_plan_equals_prune(arch, inputs, calib):
     applied, result = apply_plan(model, plan)
     pruned, _ = prune(model, calib, cfg)
     assert result.params_after == count_parameters(pruned) == plan.planned_params_after
+    assert result.block_params_after == count_block_parameters(pruned) < result.block_params_before
     torch.testing.assert_close(_logits(applied, calib[:2]), _logits(pruned, calib[:2]), rtol=0, atol=1e-5)
 
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from comp_core import UnsupportedModelError, get_adapter
+from comp_core import UnsupportedModelError, count_parameters, get_adapter
+from comp_core.models.adapters import count_block_parameters
 
 from tests.helpers import ARCHS, LLAMA_FAMILY_ARCHS, N_LAYERS, make_tiny_model
 
@@ -21,6 +22,15 @@ def test_get_adapter_picks_the_family(arch, tiny_model):
     for spec in adapter.denses:
         assert isinstance(adapter.dense(adapter.blocks(tiny_model)[0], spec.name), nn.Linear)
     assert {n for group in adapter.input_groups for n in group} == {d.name for d in adapter.denses}
+
+
+def test_block_parameters_are_all_but_the_embedding_final_norm_and_head():
+    model = make_tiny_model("llama")  # hidden 64, 4 heads of 16 over 2 KV heads, MLP 128, vocabulary 512, 6 blocks
+    per_block = 64 * 64 + 2 * (64 * 32) + 64 * 64 + 3 * (64 * 128) + 2 * 64  # q, k and v, o, gate/up/down, 2 norms
+    assert count_block_parameters(model) == N_LAYERS * per_block == 221_952
+    assert count_parameters(model) - count_block_parameters(model) == 512 * 64 + 64 + 512 * 64  # embedding, norm, head
+    model.model.layers = model.model.layers[:4]
+    assert count_block_parameters(model) == 4 * per_block
 
 
 def test_unsupported_model_names_what_is_missing():

@@ -37,7 +37,7 @@ from ...models.pruned import head_dim_of
 from ...models.streaming import is_streamed, resident
 from ...models.structure import attention_units
 from ...results import DenseReport, Plan, PruneResult
-from ...runtime import count_parameters, peak_rss_mb
+from ...runtime import count_parameters
 from ..base import check_dense_kinds
 from ..registry import Method, finish, register_method
 from .block import apply_block_cuts, block_units, layer_caps, prunable_denses, prune_block
@@ -283,12 +283,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> tuple[
                              {d.name: d.new_weight for d in reports}, units)
     if plan.removed_layers:
         adapter.keep_blocks(target, [i for i in range(plan.n_layers) if i not in plan.removed_layers])
-    params_after = count_parameters(target)
-    if params_after != plan.planned_params_after:
-        raise AssertionError(f"the plan promised {plan.planned_params_after} parameters, applying it left {params_after}")
-    result = PruneResult(plan=plan, params_before=params_before, params_after=params_after,
-                         seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
-    return target, result
+    return target, finish(target, plan, params_before, start)  # the plan's parameter count checked, blocks measured
 
 
 def _replace(cfg: CompConfig, **changes) -> CompConfig:
