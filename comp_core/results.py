@@ -89,6 +89,7 @@ class Plan:
     removal: Any = None  # comp_core.loop.importance.RemovalResult measured to the analysis depth (GUI what-if)
     notes: list[str] = field(default_factory=list)  # what the method did that a reader should know
     sparse_plan: Any = None  # composed methods: the mask stage's plan (per-layer sparsity), else None
+    fitted: bool = True  # False: an analysis that decided the cuts without fitting the kept weights (``analyze(fit=False)``)
 
     @property
     def removed_per_layer(self) -> dict[int, int]:

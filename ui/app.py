@@ -20,14 +20,13 @@ from .theme import make_theme, read_css
 TITLE = "COMP Explorer"
 HEADER = f"""
 <div class="cx-header">
-  <div class="cx-title">{TITLE} <span class="cx-sub">post-training structured pruning for LLMs</span></div>
+  <div class="cx-title">{TITLE} <span class="cx-sub">make a trained language model smaller, and see what it costs</span></div>
   <div class="cx-intro">
-    <b>COMP</b> shrinks a trained model without retraining, at two granularities: it <b>removes whole
-    layers</b> whose output barely differs from their input (I = 1 − cos(input, output), re-measured after
-    each removal), then <b>removes input neurons</b> of the remaining linear layers — more where a layer
-    matters less — and re-tunes a per-neuron mask by least squares so each layer's output stays close to
-    the original. <span class="cx-steps">① Analyse → ② adjust the plan → ③ Prune → ④ Evaluate, try,
-    export · ⑤ compare methods</span>
+    Pruning removes parts of a trained model without retraining it, so it needs less memory and runs faster.
+    <b>COMP</b> measures how much every layer changes what flows through it, removes the input neurons that
+    matter least — more in layers that matter less, whole layers when the target asks for it — and adjusts
+    the weights that stay so each layer's output stays close to the original. Every view shows why it cut what
+    it cut. <span class="cx-steps">① Analyse → ② Prune &amp; evaluate → ③ Try it → ④ Export · ⑤ Compare methods</span>
   </div>
 </div>
 """
@@ -60,7 +59,7 @@ def build_app(default_source: str = "bundled", default_calib: str = "c4", export
             with gr.Tab("① Analyse", id="analyse", elem_id="tab-analyse"):
                 a = analyse_tab.build()
             with gr.Tab("② Prune & evaluate", id="runs", elem_id="tab-runs"):
-                r = runs_tab.build()
+                r = runs_tab.build(export_folder)
             with gr.Tab("③ Try it", id="try", elem_id="tab-try"):
                 t = try_tab.build()
             with gr.Tab("④ Export", id="export", elem_id="tab-export"):
@@ -70,7 +69,7 @@ def build_app(default_source: str = "bundled", default_calib: str = "c4", export
         sidebar.wire(c, session, HEAVY)
         stoppable = (analyse_tab.wire(a, session, tabs, c, start, HEAVY)
                      + runs_tab.wire(r, session, tabs, c, start, HEAVY)
-                     + try_tab.wire(t, session, c, start, HEAVY)
+                     + try_tab.wire(t, session, c, start, HEAVY, r.card)
                      + export_tab.wire(e, session, r.table, HEAVY)
                      + compare_tab.wire(m, session, c, HEAVY))
         # the comparison stops cooperatively through the same flag (its worker thread must finish its step)

@@ -181,6 +181,17 @@ class Bridge:
             self._show(None, f"{label}{detail}")
 
 
+def details_html(lines, summary: str = "details") -> str:
+    """A collapsed "details" section: how a run went, in the words the library and its tests use (paths,
+    timings, autocast, compensation). Plain text first, this on demand — never styled as a warning.
+    ``lines`` are the app's own HTML fragments (no user text)."""
+    lines = [str(line).strip(" ·") for line in lines if line]
+    if not lines:
+        return ""
+    items = "".join(f"<li>{line}</li>" for line in lines)
+    return f"<details class='cx-details'><summary>{summary}</summary><ul>{items}</ul></details>"
+
+
 def duration_text(seconds: float) -> str:
     """"40 s", "3 min", "1 h 5 min": a time a person reads at a glance."""
     if seconds < 90:

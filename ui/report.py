@@ -120,14 +120,6 @@ class RunSummary:
 # ------------------------------------------------------------------------------------------- filling
 
 
-def blocks_removed_share(plan: Plan) -> float | None:
-    """The share of the decoder blocks' parameters a plan removed (whole blocks and pruned inputs), or None."""
-    total = sum(plan.layer_params or [])
-    if total <= 0:
-        return None
-    return sum(plan.removed_per_layer.values()) / total
-
-
 def plan_table_rows(plan: Plan) -> list[dict]:
     """The report's plan table from a finished plan: one row per original block with its ``layer``,
     ``importance`` (None where the method measures none), ``ratio`` (share of the block removed; masks: zeroed)

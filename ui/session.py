@@ -120,6 +120,9 @@ class Session:
     result: Any = None  # its PruneResult
     pruned_run: str | None = None  # run id of ``pruned``
     runs: list[dict] = field(default_factory=list)
+    run_settings: dict[str, Any] = field(default_factory=dict)  # run id -> the settings dataclass it ran with
+    answers: dict[str, Any] = field(default_factory=dict)  # run id -> ui.report.Answers from Try it
+    all_columns: bool = False  # the runs table shows every column (else the few a comparison needs)
     compare_rows: list[dict] = field(default_factory=list)  # Compare tab: one dict per row, kept across runs
     figures: dict[str, Any] = field(default_factory=dict)  # name -> plotly figure, for export
     cancel: threading.Event = field(default_factory=threading.Event)

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError, settings
+from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError, count_parameters, settings
+from comp_core.models.adapters import count_block_parameters
+from comp_core.runtime import ratio_over, ratio_over_all
 from comp_core.data import default_calibration_size
 from comp_core.methods import get_method, method_names, setting_names
 from comp_core.math.scoring import SCORES
@@ -68,7 +70,8 @@ def comp_controls(session: Session, n_remove, auto, score, mask_tuning, inputs, 
     """COMP's fields from its controls (dense kinds against the session's model); an empty score or input
     mode leaves the method's default."""
     chosen = dict(remove_layers="auto" if auto else int(n_remove), mask_tuning=bool(mask_tuning),
-                  auto_max_layers=int(depth), **settings.chosen_dense_kinds(dense_kinds, common.dense_kinds(session)))
+                  auto_max_layers=int(depth) or CompConfig().auto_max_layers,  # 0: measure nothing ahead
+                  **settings.chosen_dense_kinds(dense_kinds, common.dense_kinds(session)))
     chosen.update({k: v for k, v in (("score", score), ("inputs", inputs)) if v})
     return chosen
 
@@ -78,11 +81,51 @@ def uses(method: str, setting: str) -> bool:
     return setting in setting_names(method)
 
 
+def model_shares(session: Session) -> tuple[int, int] | None:
+    """(all parameters, decoder-block parameters) of the session's model, or None before one is loaded."""
+    if session.loaded is None:
+        return None
+    model = session.loaded.model
+    return count_parameters(model), count_block_parameters(model)
+
+
+def ratio_of_all(session: Session, ratio, ratio_of: str | None = "all") -> float:
+    """The slider's ratio as the share of *all* parameters the core works with: unchanged for "all", times the
+    blocks' share of the model for "blocks" (``comp_core.runtime.ratio_over_all``)."""
+    value = settings.parse_ratio(ratio)
+    ratio_of = ratio_of or "all"
+    if ratio_of == "all":
+        return value
+    shares = model_shares(session)
+    if shares is None:
+        raise settings.SettingsError("load a model first: a ratio of the transformer blocks depends on its size")
+    return ratio_over_all(value, ratio_of, *shares)
+
+
+def ratio_note(session: Session, ratio, ratio_of: str | None = "all") -> str:
+    """One line under the slider: what the ratio means for the loaded model in both shares."""
+    shares = model_shares(session)
+    try:
+        value = settings.parse_ratio(ratio)
+    except settings.SettingsError as err:
+        return f"<div class='cx-error'>{err}</div>"
+    if shares is None:
+        return ("<div class='cx-help'>Load a model to see what this share means in parameters.</div>"
+                if ratio_of == "blocks" else "")
+    total, blocks = shares
+    of_all = ratio_over_all(value, ratio_of or "all", total, blocks)
+    return (f"<div class='cx-help'>= {of_all:.1%} of all {total / 1e6:,.0f} M parameters · "
+            f"{ratio_over('blocks', of_all, total, blocks):.1%} of the {blocks / 1e6:,.0f} M in the transformer "
+            f"blocks (the rest is the vocabulary table and output head, which pruning keeps)</div>")
+
+
 def method_settings(session: Session, method, ratio, n_remove, auto, protected, score, mask_tuning, inputs,
-                    dense_kinds, depth=DEFAULT_DEPTH, sparsity=None):
+                    dense_kinds, depth=DEFAULT_DEPTH, sparsity=None, ratio_of="all"):
     """The settings dataclass ``method`` runs with (``comp_core.settings.settings_for``): its registered
-    defaults, then the controls that apply (``sparsity`` None or empty: the method's default pattern)."""
+    defaults, then the controls that apply (``sparsity`` None or empty: the method's default pattern). The
+    ratio is converted to the share of all parameters here (``ratio_of``), so everything after sees one basis."""
     method = method or DEFAULT_METHOD
+    ratio = ratio_of_all(session, ratio, ratio_of)
     if uses_comp_controls(method):
         return settings.settings_for(method, ratio=ratio, protected=protected_value(session, protected),
                                      comp=comp_controls(session, n_remove, auto, score, mask_tuning, inputs,
@@ -193,7 +236,10 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
                            elem_id="method")
     c.method_note = gr.HTML(method_note(DEFAULT_METHOD), elem_id="method-note")
     c.ratio = gr.Slider(0.0, 0.8, value=0.2, step=0.01, label="Target ratio",
-                        info="share of all parameters to remove", elem_id="ratio")
+                        info="the share of the model's parameters (its learned numbers) to remove", elem_id="ratio")
+    c.ratio_of = gr.Radio([("of all parameters", "all"), ("of the transformer blocks", "blocks")], value="all",
+                          show_label=False, elem_id="ratio-of", container=False)
+    c.ratio_note = gr.HTML("", elem_id="ratio-note")
     c.sparsity = gr.Dropdown(SPARSITY_CHOICES, value=DEFAULT_SPARSITY, allow_custom_value=True, label="Sparsity",
                              info="zeros inside every linear: a share (0.5, 60%) or N:M (2:4 = 2 zeros in every "
                                   "4 weights); nothing is removed", visible=uses(DEFAULT_METHOD, "sparsity"),
@@ -235,4 +281,8 @@ def wire(c: SimpleNamespace, session: gr.State, heavy: dict) -> None:
     c.load.click(load, [session, *c.data], [c.card, c.protected, c.kinds, c.n_remove], **heavy)
     # typing another model path drops the last load's error from the card (it spoke of the old path)
     c.source.change(common.model_card, session, c.card, queue=False)
-    c.method.change(select_method, c.method, [c.method_note, c.comp_controls, c.ratio, c.sparsity], queue=False)
+    c.method.change(select_method, c.method, [c.method_note, c.comp_controls, c.ratio, c.sparsity], queue=False).then(
+        lambda method: gr.update(visible=uses(method or DEFAULT_METHOD, "ratio")), c.method, c.ratio_of, queue=False)
+    # what the ratio means for the loaded model, in both shares (also once a model is loaded: the card changes)
+    gr.on([c.ratio.change, c.ratio_of.change, c.card.change], ratio_note, [session, c.ratio, c.ratio_of],
+          c.ratio_note, queue=False, show_progress="hidden")

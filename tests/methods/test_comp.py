@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from comp_core import CompConfig, ImpossibleRatioError, analyze, count_parameters, get_adapter, prune, reallocate
+from comp_core import (CompConfig, ImpossibleRatioError, analyze, count_parameters, get_adapter, prune,
+                       reallocate)
+from comp_core.methods.comp import apply_plan
 from comp_core.models.surgery import IndexedInputLinear
 
 from tests.helpers import ARCHS, N_LAYERS, make_calib, make_tiny_model
@@ -226,6 +228,45 @@ def test_analyze_predicts_prune_and_leaves_the_model_alone(arch, tiny_model, cal
     assert _signature(plan) == _signature(result.plan)
     assert plan.planned_params_after == result.params_after
     assert plan.layer_ratios == pytest.approx(result.plan.layer_ratios)
+
+
+@by_arch
+def test_an_unfitted_analysis_reads_the_statistics_in_the_capture_forward(arch, tiny_model, calib, monkeypatch):
+    """fit=False with no removed layer: one forward pass (no block loop) and exactly the cuts and scores of the
+    block-by-block analysis; apply_plan refuses it (it holds no fitted weights)."""
+    import comp_core.methods.comp.run as run
+    cfg = CompConfig(ratio=0.1, dense_kinds=None)
+    assert run.one_pass_blocks(tiny_model, cfg) == sorted(set(range(N_LAYERS)) - cfg.protected_layers(N_LAYERS))
+    full = analyze(tiny_model, calib, cfg)
+    loops = []
+    monkeypatch.setattr(run, "block_loop", lambda *a, **k: loops.append(1))
+    before = _state(tiny_model)
+    quick = analyze(tiny_model, calib, cfg, fit=False)
+    _assert_same_state(tiny_model, before)
+    assert not loops and not quick.fitted and full.fitted
+    assert [(r.layer, r.name) for r in quick.dense_reports] == [(r.layer, r.name) for r in full.dense_reports]
+    for a, b in zip(full.dense_reports, quick.dense_reports):
+        assert torch.equal(a.pruned_index, b.pruned_index)
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-8)
+        assert b.compensation == "not fitted" and b.mask is None and b.new_weight is None
+    assert quick.planned_params_after == full.planned_params_after
+    assert quick.layer_ratios == pytest.approx(full.layer_ratios)
+    with pytest.raises(ValueError, match="fit=False"):
+        apply_plan(tiny_model, quick)
+
+
+def test_an_unfitted_analysis_falls_back_to_the_block_loop_where_one_pass_cannot_serve(calib):
+    """A removed layer (the statistics then come from the shortened model) or another input mode: block by
+    block, with the same cuts as the fitted analysis."""
+    import comp_core.methods.comp.run as run
+    tiny_model = make_tiny_model("llama")
+    for cfg in (CompConfig(ratio=0.2, remove_layers=1), CompConfig(ratio=0.1, inputs="accumulated")):
+        assert run.one_pass_blocks(tiny_model, cfg) is None
+        quick, full = analyze(tiny_model, calib, cfg, fit=False), analyze(tiny_model, calib, cfg)
+        assert [(r.layer, r.name, r.n_removed) for r in quick.dense_reports] == \
+               [(r.layer, r.name, r.n_removed) for r in full.dense_reports]
+        assert quick.removed_layers == full.removed_layers
+        assert quick.fitted == (cfg.inputs != "identical")  # the next block must see this one fitted
 
 
 # ---------------------------------------------------------------------------------------------------------

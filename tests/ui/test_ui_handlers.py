@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -138,8 +139,10 @@ def test_prune_twice_does_not_compound_and_keeps_the_original(folder):
     before = {k: v.clone() for k, v in original.state_dict().items()}
     n_before = count_parameters(original)
     for _ in range(2):
-        status, table, fig, card = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
-        assert "pruned 30" in status
+        status, table, fig, card, summary = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3),
+                                                           progress=no_progress)
+        assert "30.0% fewer parameters" in status and "30% fewer parameters" in summary
+        assert "not evaluated yet" in summary  # the card says what to do next
         assert session.result.params_before == n_before
     assert count_parameters(original) == n_before
     assert all(torch.equal(before[k], v) for k, v in original.state_dict().items())
@@ -197,8 +200,12 @@ def test_sessions_keep_separate_state(folder):
 def test_evaluate_fills_the_table_and_the_plot(folder):
     session = Session()
     runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
-    status, table, fig = runs.run_evaluate(session, ["wikitext2"], "quick", True, progress=no_progress)
+    status, table, fig, card = runs.run_evaluate(session, ["wikitext2"], "quick", True, progress=no_progress)
     assert "Evaluated in" in status and "→" in status
+    original, pruned = (session.runs[0]["ppl wikitext2"], session.runs[1]["ppl wikitext2"])
+    assert f"{original:.1f} → {pruned:.1f}" in card and "lower is better" in card  # the card, in plain words
+    assert list(table.columns) == ["run", "method", "realised ratio", "of blocks", "ppl wikitext2", "params",
+                                   "weights MB", "tokens/s"]  # compact: only the measured perplexity
     row = table[table["run"] == "R1"].iloc[0]
     assert float(row["ppl wikitext2"].replace(",", "")) > 1
     assert float(row["tokens/s"].replace(",", "")) > 0
@@ -220,8 +227,9 @@ def test_evaluate_zero_shot_adds_accuracy_columns_and_reuses_the_original(folder
 
     monkeypatch.setattr(runs, "evaluate_model", counting)
     session = Session()
+    session.all_columns = True
     runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
-    status, table, _ = runs.run_evaluate(session, [], "quick", False, ["boolq", "piqa"], progress=no_progress)
+    status, table, _, _ = runs.run_evaluate(session, [], "quick", False, ["boolq", "piqa"], progress=no_progress)
     assert "Zero-shot accuracy (first 4 items" in status and "boolq:" in status and "Perplexity" not in status
     assert {"acc boolq", "acc piqa", "mean acc"} <= set(table.columns)
     assert list(table.columns).index("acc boolq") > list(table.columns).index("ppl c4")
@@ -239,12 +247,17 @@ def test_generate_side_by_side(folder):
     session = Session()
     runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
     outputs = list(try_it.run_generate(session, "The river", 8, True))
-    original, pruned = outputs[-1]
+    head, original, pruned_head, pruned, card = outputs[-1]
     assert "tokens/s" in original and "R1" in pruned
+    assert "M parameters" in head and "Pruned · R1" in pruned_head  # each answer says what made it
+    answers = session.answers["R1"]
+    assert answers.prompt == "The river" and answers.after is not None
+    assert "The river" in card  # the card and the report show the pair
 
 
 def test_downloads_and_save(folder, tmp_path):
     session = Session()
+    session.all_columns = True
     analyse_tab.analyse(session, *data_args(folder), *plan_args(), progress=no_progress)
     runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
     files, status = export_tab.make_downloads(session, ["plan", "report", "runs", "figures"], True, progress=no_progress)
@@ -292,30 +305,22 @@ def test_comp_settings_follow_the_core_defaults():
     assert cfg.protected == (0, 29) and cfg.score == "obs" and not cfg.mask_tuning
 
 
-def test_prune_after_analyse_applies_the_analysed_plan(folder):
+def test_prune_after_analyse_measures_and_cuts_what_the_analysis_showed(folder):
+    """Analyse decides the cuts without fitting the kept weights (it costs no more than a prune); Prune then
+    measures, fits, and cuts exactly the inputs the analysis showed."""
     session = Session()
     analyse_tab.analyse(session, *data_args(folder), *plan_args(), progress=no_progress)
     plan = session.analysis.plan
-    status, table, _, _ = runs.run_prune(session, *data_args(folder), *plan_args(), progress=no_progress)
-    assert "applied the analysed plan" in status and session.runs[-1]["path"] == "plan applied"
-    assert session.result.plan is plan and session.result.params_after == plan.planned_params_after
-    applied = session.pruned
-    # the same settings pruned from scratch give the same model
+    assert not plan.fitted
+    status, *_ = runs.run_prune(session, *data_args(folder), *plan_args(), progress=no_progress)
+    assert "Analyse decides the cuts" in status and session.runs[-1]["path"] == "measured"
+    pruned = {(d.layer, d.name): d.pruned_index.tolist() for d in session.result.plan.dense_reports}
+    assert pruned == {(d.layer, d.name): d.pruned_index.tolist() for d in plan.dense_reports}
+    assert session.result.params_after == plan.planned_params_after
+    # another method: measured, and said why
     status, *_ = runs.run_prune(session, *data_args(folder), *plan_args(), method="comp-layers",
                                 progress=no_progress)
     assert "measured and pruned" in status and "granularity" in status
-    from comp_core.methods import prune_with
-    fresh, _ = prune_with("comp", session.loaded.model, session.samples, session.analysis.cfg)
-    ids = session.samples[:2]
-    with torch.no_grad():
-        assert torch.allclose(applied(ids).logits, fresh(ids).logits, atol=1e-5)
-    # a what-if move of the ratio after Analyse: the analysed plan no longer matches
-    status, *_ = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.25), progress=no_progress)
-    assert "measured and pruned (changed since Analyse: target ratio)" in status
-    assert session.result.plan is not plan and session.runs[-1]["path"] == "measured"
-    # other calibration data: measured again too
-    status, *_ = runs.run_prune(session, folder, CALIB, "", 8, 32, 1, *plan_args(), progress=no_progress)
-    assert "calibration data changed" in status
 
 
 def test_method_dropdown_runs_any_registered_method(folder):
@@ -331,8 +336,8 @@ def test_method_dropdown_runs_any_registered_method(folder):
     assert sidebar.select_method("comp")[1]["visible"] is True
     assert [v for _, v in sidebar.method_choices()] == method_names()
     session = Session()
-    status, table, _, _ = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), method=other,
-                                         progress=no_progress)
+    status, table, *_ = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), method=other,
+                                       progress=no_progress)
     assert f"with <b>{other}</b>" in status and "no analysis to reuse" in status
     row = session.runs[-1]
     assert row["method"] == other and row["score"] == "" and session.result.method == other
@@ -376,9 +381,11 @@ def test_sidebar_shows_the_sparsity_for_mask_and_composed_methods():
 
 def test_prune_with_a_mask_method_says_nothing_was_removed(folder):
     session = Session()
-    status, table, fig, _ = runs.run_prune(session, *data_args(folder), *plan_args(), method="magnitude",
-                                           sparsity="2:4", progress=no_progress)
-    assert "R1: masked</b> with <b>magnitude" in status and "2:4 masks" in status and "nothing removed" in status
+    session.all_columns = True
+    status, table, fig, *_ = runs.run_prune(session, *data_args(folder), *plan_args(), method="magnitude",
+                                            sparsity="2:4", progress=no_progress)
+    assert "R1: magnitude</b> set weights to zero" in status and "2:4 masks" in status
+    assert "Nothing was removed" in status
     assert "pruned 0.00%" not in status
     row = table[table["run"] == "R1"].iloc[0]
     assert row["realised ratio"] == runs.NOTHING_REMOVED and row["sparsity"] == "2:4"
@@ -393,7 +400,7 @@ def test_prune_with_a_mask_method_says_nothing_was_removed(folder):
     # composed: the structural ratio, then the masks
     status, table, *_ = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.2), method="comp+nm",
                                        sparsity="2:4", progress=no_progress)
-    assert "pruned 20" in status and "then 2:4 masks" in status
+    assert re.search(r"R2: 20\.\d% fewer parameters", status) and "then 2:4 masks" in status
     row = table[table["run"] == "R2"].iloc[0]
     assert row["realised ratio"].startswith("20.") and row["sparsity"] == "2:4"
 
@@ -406,11 +413,12 @@ def test_a_streamed_model_prunes_evaluates_and_exports_in_the_gui(folder, tmp_pa
     session = Session()
     card, *_ = sidebar.load(session, *data_args(folder), progress=no_progress)
     assert "streamed" in card and session.loaded.streamed
-    status, table, _, _ = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
+    session.all_columns = True
+    status, table, *_ = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3), progress=no_progress)
     assert "streamed" in status and "peak memory" in status
     row = next(r for r in session.runs if r["run"] == session.pruned_run)
     assert row["peak MB"] > 100 and "peak MB" in table.columns
-    status, _, _ = runs.run_evaluate(session, ["sample"], "quick", False, progress=no_progress)
+    status, *_ = runs.run_evaluate(session, ["sample"], "quick", False, progress=no_progress)
     assert "peak memory" in status
     streamed_ppl = row["ppl sample"]
 

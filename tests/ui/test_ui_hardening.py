@@ -100,7 +100,7 @@ def test_cancel_during_evaluation_leaves_the_table_as_it_was(folder):
         runs.run_evaluate(session, ["sample"], "quick", False, progress=cancel_when(session, r"· R1"))
     assert err.value.title == "Cancelled"
     assert session.runs == before and not session.busy.locked()
-    status, table, _ = runs.run_evaluate(session, ["sample"], "quick", False, progress=no_progress)
+    status, table, *_ = runs.run_evaluate(session, ["sample"], "quick", False, progress=no_progress)
     assert "Sample text" in status and table["ppl sample"].notna().all()
 
 

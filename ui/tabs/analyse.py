@@ -63,7 +63,8 @@ def run_analysis(model, samples, cfg: CompConfig, depth: int, on_event=None, *, 
     """Analyse a private copy of ``model`` (capture hooks must not touch the shared original)."""
     start = time.perf_counter()
     work = copy.deepcopy(model)
-    plan, plan_ratio = analyze_nearest(work, samples, cfg, depth, on_event)
+    # the views need the cuts, not the fitted weights: Prune fits them (so Analyse costs no more than a prune)
+    plan, plan_ratio = analyze_nearest(work, samples, cfg, depth, on_event, fit=False)
     del work
     return Analysis(plan=plan, cfg=cfg, calib_key=calib_key, model_key=model_key,
                     seconds=time.perf_counter() - start, plan_ratio=plan_ratio, heatmaps=neuron_maps(plan))
@@ -101,6 +102,12 @@ def plan_summary(session: Session, plan: WhatIf | None, stale: list[str] | None 
     lines.append("<table class='cx-plan'>" + "".join(
         f"<tr><td>{name}</td><td>{value / 1e6:,.2f} M</td><td>{cell(name, share)}</td></tr>"
         for name, value, share in rows) + "</table>")
+    blocks = session.analysis.plan.block_params
+    if not plan.message and blocks:
+        gone = plan.params_total - plan.params_after
+        lines.append(f"<div class='cx-help'>The plan removes <b>{plan.planned_ratio:.1%} of all parameters</b> "
+                     f"({gone / blocks:.1%} of the transformer blocks; the vocabulary table and output head stay). "
+                     "Protected layers are never touched.</div>")
     if plan.note:
         lines.append(f"<div class='cx-note'>{plan.note}</div>")
     if auto:
@@ -137,7 +144,8 @@ def layer_figures(session: Session, plan: WhatIf | None):
     return figs
 
 
-def current_what_if(session: Session, ratio, n_remove, protected, cfg: CompConfig | None = None) -> WhatIf | None:
+def current_what_if(session: Session, ratio, n_remove, protected, cfg: CompConfig | None = None,
+                    ratio_of: str = "all") -> WhatIf | None:
     """The what-if for the controls; ``cfg`` (the current settings) gives the caps of the ticked denses."""
     a: Analysis | None = session.analysis
     if a is None:
@@ -146,7 +154,7 @@ def current_what_if(session: Session, ratio, n_remove, protected, cfg: CompConfi
     if cfg is not None and session.loaded is not None and cfg.dense_kinds != a.cfg.dense_kinds:
         caps = layer_caps(session.loaded.model, cfg)
     protected = sidebar.protected_value(session, protected)
-    return what_if(a.plan, float(ratio), int(n_remove), protected, caps)
+    return what_if(a.plan, sidebar.ratio_of_all(session, ratio, ratio_of), int(n_remove), protected, caps)
 
 
 def detail_layers(session: Session, kind: str) -> list[int]:
@@ -242,7 +250,7 @@ def default_kind(kinds: list[str]) -> str | None:
 
 @common.user_errors
 def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, seed, ratio, n_remove, auto, protected,
-            score, mask_tuning, inputs, dense_kinds, depth, progress=gr.Progress()):
+            score, mask_tuning, inputs, dense_kinds, depth, ratio_of="all", progress=gr.Progress()):
     """Load if needed, analyse, and return every figure of the Analyse tab plus control updates."""
     bridge = common.Bridge(progress, session)
     started = time.perf_counter()
@@ -255,7 +263,7 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
         protected, dense_kinds = sidebar.unfilled_defaults(session, protected, dense_kinds)
         common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
         cfg = sidebar.method_settings(session, "comp", ratio, n_remove, False, protected, score, mask_tuning, inputs,
-                                     dense_kinds, depth)
+                                     dense_kinds, depth, ratio_of=ratio_of)
         bridge.step("Copying the model (the original stays untouched) …", stage="copy")
         analysis = run_analysis(session.loaded.model, session.samples, cfg, int(depth), on_event=bridge,
                                 calib_key=session.calib_key, model_key=session.model_key)
@@ -312,7 +320,7 @@ def deeper_button(session: Session, plan: WhatIf | None):
 
 @common.user_errors
 def measure_more(session: Session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
-                 kind=None, sort=True, layer=None, progress=gr.Progress()):
+                 kind=None, sort=True, layer=None, ratio_of="all", progress=gr.Progress()):
     """Measure the removal order as deep as the layer slider asks (what-if material, only when asked for)."""
     a: Analysis | None = session.analysis
     if a is None or session.loaded is None:
@@ -325,19 +333,19 @@ def measure_more(session: Session, ratio, n_remove, auto, protected, score, mask
         del work
         bridge.finish()
     return update_plan(session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds, kind, sort,
-                       layer)
+                       layer, ratio_of)
 
 
 @common.user_errors
 def update_plan(session: Session, ratio, n_remove, auto, protected, score, mask_tuning, inputs, dense_kinds,
-                kind=None, sort=True, layer=None):
+                kind=None, sort=True, layer=None, ratio_of="all"):
     """Instant what-if: (curve, history, bars, plan summary) for the current controls, no pruning."""
     cfg, stale = None, []
     if session.analysis is not None:
         cfg = sidebar.method_settings(session, "comp", ratio, n_remove, False, protected, score, mask_tuning, inputs,
-                                     dense_kinds)
+                                     dense_kinds, ratio_of=ratio_of)
         stale = stale_reasons(session.analysis.cfg, cfg)
-    plan = current_what_if(session, ratio, n_remove, protected, cfg)
+    plan = current_what_if(session, ratio, n_remove, protected, cfg, ratio_of)
     curve, history, bars = layer_figures(session, plan)
     maps = neuron_views(session, plan, kind, sort, layer)
     return (curve, history, bars, plan_summary(session, plan, stale, auto=bool(auto)), deeper_button(session, plan),
@@ -412,13 +420,13 @@ def wire(t: SimpleNamespace, session: gr.State, tabs, c: SimpleNamespace, start,
     """Analyse button, instant what-if and the heatmap controls; returns the events Cancel stops."""
     what_if_controls = [c.ratio, c.n_remove, c.auto, c.protected, c.score, c.mask, c.inputs, c.kinds]
     analysed = c.analyse.click(start("analyse"), None, [tabs, c.cancel_note], queue=False).then(
-        analyse, [session, *c.data, *c.settings],
+        analyse, [session, *c.data, *c.settings, c.ratio_of],
         [t.curve, t.history, t.bars, t.heatmap, t.detail, t.plan, t.deeper, t.status, c.card, c.protected, c.kinds,
          c.n_remove, t.kind, t.layer, t.sort], show_progress_on=[t.status, t.curve, t.bars], **heavy)
     # user edits only (.input): programmatic updates from Analyse must not re-plan with half-updated values
     plan_outputs = [t.curve, t.history, t.bars, t.plan, t.deeper, t.heatmap, t.detail]
-    plan_inputs = [session, *what_if_controls, t.kind, t.sort, t.layer]
-    gr.on([control.input for control in what_if_controls], update_plan, plan_inputs,
+    plan_inputs = [session, *what_if_controls, t.kind, t.sort, t.layer, c.ratio_of]
+    gr.on([control.input for control in [*what_if_controls, c.ratio_of]], update_plan, plan_inputs,
           plan_outputs, trigger_mode="always_last", show_progress="hidden")
     deeper = t.deeper.click(start(), None, c.cancel_note, queue=False).then(
         measure_more, plan_inputs, plan_outputs, show_progress_on=[t.plan], **heavy)

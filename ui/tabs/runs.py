@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict, is_dataclass
+from datetime import datetime
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -20,25 +23,46 @@ from comp_core.methods import get_method, prune_with
 from comp_core.methods.comp import apply_plan
 from comp_core.methods.comp.whatif import changed_settings
 
-from .. import common, plots, sidebar
+from .. import common, plots, report, reproduce, sidebar
 from ..session import Session
 
 # what a comparison needs first (ratio, perplexity, speed, size), then how each run was made
 # (mask runs: the realised ratio says that nothing was removed; sparsity and zeros say what the masks did)
-RESULT_COLUMNS = ["run", "model", "method", "realised ratio", "sparsity", "zeros of all params", "ppl wikitext2",
-                  "ppl ptb", "ppl c4", "ppl sample", "tokens/s", "params", "weights MB", "disk MB", "removed layers", "target",
-                  "score", "mask tuning", "calibration", "eval", "prune s", "peak MB", "path"]
+RESULT_COLUMNS = ["run", "model", "method", "realised ratio", "of blocks", "sparsity", "zeros of all params",
+                  "ppl wikitext2", "ppl ptb", "ppl c4", "ppl sample", "tokens/s", "params", "weights MB", "disk MB",
+                  "removed layers", "target", "score", "mask tuning", "calibration", "eval", "prune s", "peak MB",
+                  "path"]
+# the compact table a person reads at a glance (every column behind "all columns"); perplexity columns only
+# where some run has a value
+COMPACT_COLUMNS = ["run", "method", "realised ratio", "of blocks", "params", "weights MB", "tokens/s"]
 NOTHING_REMOVED = "masks: nothing removed"
 # a quick measurement for the GUI: batch 1, short prompt, two timed rounds (the bench uses more)
 SPEED_SETTINGS = SpeedSettings(prefill_tokens=128, decode_tokens=32, batch_sizes=(1,), repeats=2,
                                measure_memory=False)
 
 
-def columns(rows: list[dict] | None = None) -> list[str]:
-    """The table's columns; zero-shot accuracies follow the perplexities once a run has them."""
+# the words of the table, one line each, where they appear
+EXPLAIN = ("<b>realised ratio</b>: the share of all parameters (the model's learned numbers, the vocabulary table "
+           "included) the pruned model no longer has · <b>of blocks</b>: the same count as a share of the "
+           "transformer blocks alone · <b>ppl</b> (perplexity): how unsure the model is of the next word in real "
+           "text — lower is better; the original's is the reference · <b>tokens/s</b>: words-pieces generated per "
+           "second on this machine.")
+
+
+def columns(rows: list[dict] | None = None, compact: bool = False) -> list[str]:
+    """The table's columns; zero-shot accuracies follow the perplexities once a run has them. ``compact``: the
+    few a comparison needs, with the perplexity and accuracy columns some run has measured."""
     cols = list(RESULT_COLUMNS)
     at = cols.index("ppl sample") + 1
-    return cols[:at] + common.accuracy_columns(rows or []) + cols[at:]
+    cols = cols[:at] + common.accuracy_columns(rows or []) + cols[at:]
+    if not compact:
+        return cols
+    measured = [c for c in cols if (c.startswith("ppl ") or c.startswith("acc ") or c == "mean acc")
+                and any(r.get(c) is not None for r in rows or [])]
+    keep = COMPACT_COLUMNS[:4] + measured + COMPACT_COLUMNS[4:]
+    if any(plots.is_mask_row(r) for r in rows or []):
+        keep.insert(keep.index("realised ratio") + 1, "zeros of all params")
+    return keep
 
 
 # ---------------------------------------------------------------------------------------- prune
@@ -58,6 +82,8 @@ def plan_to_apply(session: Session, settings) -> tuple[CompPlan | None, str]:
     changed = changed_settings(a.cfg, settings, a.n_layers)
     if changed:
         return None, f"changed since Analyse: {', '.join(changed)}"
+    if not a.plan.fitted:
+        return None, "Analyse decides the cuts; Prune measures again and fits the weights that stay"
     return a.plan, ""
 
 
@@ -85,11 +111,12 @@ def original_row(session: Session) -> dict:
 
 
 def results_table(session: Session) -> pd.DataFrame:
-    """Every run of the session, formatted for reading (numbers stay numbers in ``session.runs``)."""
-    specs = {"target": ".0%", "realised ratio": ".2%", "weights MB": ",.0f", "disk MB": ",.0f",
+    """Every run of the session, formatted for reading (numbers stay numbers in ``session.runs``); the compact
+    columns unless the person asked for all of them."""
+    specs = {"target": ".0%", "realised ratio": ".2%", "of blocks": ".1%", "weights MB": ",.0f", "disk MB": ",.0f",
              "ppl wikitext2": ",.2f", "ppl ptb": ",.2f", "ppl c4": ",.2f", "ppl sample": ",.2f", "tokens/s": ",.1f", "prune s": ",.1f",
              "peak MB": ",.0f"}
-    cols = columns(session.runs)
+    cols = columns(session.runs, compact=not session.all_columns)
     specs.update({c: ".3f" for c in cols if c.startswith("acc ") or c == "mean acc"})
     rows = []
     for run in session.runs:
@@ -98,10 +125,10 @@ def results_table(session: Session) -> pd.DataFrame:
             value = run.get(col)
             if col == "params":
                 row[col] = f"{value / 1e6:,.2f} M" if value else "—"
-            elif col in ("target", "realised ratio") and run["run"] == "original":
+            elif col in ("target", "realised ratio", "of blocks") and run["run"] == "original":
                 row[col] = "0%"
-            elif col == "realised ratio" and plots.is_mask_row(run):
-                row[col] = NOTHING_REMOVED
+            elif col in ("realised ratio", "of blocks") and plots.is_mask_row(run):
+                row[col] = NOTHING_REMOVED if col == "realised ratio" else ""
             elif col == "zeros of all params":
                 row[col] = common.fmt(value, ".2%", empty="")
             else:
@@ -119,7 +146,7 @@ def results_plot(session: Session):
 @common.user_errors
 def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, seed, ratio, n_remove, auto,
               protected, score, mask_tuning, inputs, dense_kinds, depth, method=sidebar.DEFAULT_METHOD,
-              sparsity=None, progress=gr.Progress()):
+              sparsity=None, ratio_of="all", progress=gr.Progress()):
     """Prune a private copy of the original; returns (status, results table, ppl plot, model card).
 
     ``sparsity``: the pattern of mask and composed methods (None: the method's default)."""
@@ -135,7 +162,7 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
         common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
         protected, dense_kinds = sidebar.unfilled_defaults(session, protected, dense_kinds)
         settings = sidebar.method_settings(session, method, ratio, n_remove, auto, protected, score, mask_tuning,
-                                           inputs, dense_kinds, depth, sparsity)
+                                           inputs, dense_kinds, depth, sparsity, ratio_of)
         plan, why_not = plan_to_apply(session, settings)
         # the previous pruned copy stays until this run succeeds: a cancelled or failed run changes nothing
         bridge.step("Copying the model (the original stays untouched) …", stage="copy")
@@ -155,11 +182,13 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
         original_row(session)
         run_id = f"R{sum(1 for r in session.runs if r['run'] != 'original') + 1}"
         session.pruned, session.result, session.pruned_run = pruned, result, run_id
+        session.run_settings[run_id] = settings
         removed = result.plan.removed_layers
         extra = result.extra or {}
         session.runs.append({
             "run": run_id, "key": session.model_key, "model": common.model_name(session), "method": method,
             "kind": entry.kind, "target": getattr(settings, "ratio", None), "realised ratio": result.realised_ratio,
+            "of blocks": result.realised_block_ratio, "pruned at": datetime.now(),
             "sparsity": extra.get("sparsity") or "", "zeros of all params": extra.get("zero_share"),
             "zeros in linears": extra.get("linear_sparsity"),
             "removed layers": ",".join(str(i) for i in removed) or "none",
@@ -174,21 +203,109 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
     if result.plan.auto_sweep:
         tried = ", ".join(f"{s['remove_layers']}: {s['calibration_loss']:.3f}" if s.get("calibration_loss")
                           is not None else f"{s['remove_layers']}: impossible" for s in result.plan.auto_sweep)
-        sweep = f"<br>Auto sweep (layers: calibration loss): {tried}"
-    notes = "".join(f"<div class='cx-note'>{n}</div>" for n in result.plan.notes)
+        sweep = f"Auto sweep (layers: calibration loss): {tried}"
     masks = mask_text(extra)
+    blocks = (f" ({result.realised_block_ratio:.1%} of the transformer blocks)"
+              if result.realised_block_ratio is not None else "")
     if entry.kind == "unstructured":
-        what = (f"<b>{run_id}: masked</b> with <b>{method}</b> in {seconds:.1f} s — {masks}; nothing removed "
-                f"({result.params_after / 1e6:,.2f} M parameters, the zeros included).")
+        what = (f"<b>{run_id}: {method}</b> set weights to zero in {seconds:.0f} s — {masks}. Nothing was removed, "
+                "so the model has as many parameters as before.")
     else:
+        layers = f"whole layers removed: {', '.join(map(str, removed))}" if removed else "no whole layer removed"
         then = f"; then {masks}" if masks else ""
-        what = (f"<b>{run_id}: pruned {result.realised_ratio:.2%}</b> of the parameters with <b>{method}</b> "
-                f"({result.params_before / 1e6:,.2f} M → {result.params_after / 1e6:,.2f} M) in {seconds:.1f} s; "
-                f"removed layers: {', '.join(map(str, removed)) or 'none'}{then}.")
-    status = (f"{what}<br>Path: {path}; {memory.text()}{common.placement_note(session)}."
-              f"<br><span class='cx-muted'>{common.stage_text(stages)}</span>{sweep}{notes}"
-              f"<br>Next: <b>Evaluate</b> to compare perplexity.")
-    return status, results_table(session), results_plot(session), common.model_card(session)
+        what = (f"<b>{run_id}: {result.realised_ratio:.1%} fewer parameters</b>{blocks} with <b>{method}</b> "
+                f"({result.params_before / 1e6:,.1f} M → {result.params_after / 1e6:,.1f} M) in {seconds:.0f} s; "
+                f"{layers}{then}.")
+    details = [f"Path: {path}", f"{memory.text()}{common.placement_note(session)}", common.stage_text(stages), sweep,
+               *result.plan.notes]
+    status = (f"{what} Next: <b>Evaluate</b> below to measure the quality."
+              + common.details_html(details))
+    return (status, results_table(session), results_plot(session), common.model_card(session),
+            summary_card(session))
+
+
+
+# ---------------------------------------------------------------------------------------- summary and report
+
+
+def latest_summary(session: Session) -> report.RunSummary | None:
+    """The card's figures for the latest pruned run against the original (None before any run)."""
+    if session.pruned_run is None:
+        return None
+    run = next((r for r in session.runs if r["run"] == session.pruned_run and r["key"] == session.model_key), None)
+    if run is None:
+        return None
+    settings = session.run_settings.get(session.pruned_run)
+    chosen = asdict(settings) if is_dataclass(settings) else {}
+    return report.summary_from_rows(
+        original_row(session), run, method_summary=get_method(run["method"]).summary,
+        block_removed_share=run.get("of blocks"), n_layers=common.n_layers(session), settings=chosen,
+        answers=session.answers.get(session.pruned_run), eval_labels=common.EVAL_LABELS,
+        pruned_at=run.get("pruned at"), evaluated_at=run.get("evaluated at"))
+
+
+def summary_card(session: Session) -> str:
+    """The card at the top of the tab: the latest run in words a non-expert reads, or how to get one."""
+    summary = latest_summary(session)
+    if summary is None:
+        return ("<div class='cx-muted'>Press <b>Prune</b> (left): a summary of what was removed and what it costs "
+                "in quality appears here.</div>")
+    return report.summary_card_html(summary)
+
+
+def reproduce_commands(session: Session, out: str) -> list[str]:
+    """The CLI commands that prune and evaluate the latest run again."""
+    run = next(r for r in session.runs if r["run"] == session.pruned_run and r["key"] == session.model_key)
+    sets = [ds for ds in common.EVAL_SETS if run.get(f"ppl {ds}") is not None] or ["wikitext2"]
+    settings = session.run_settings[session.pruned_run]
+    return [reproduce.prune_command(run["method"], settings, source=session.model_key or reproduce.BUNDLED,
+                                    calibration=session.calib_key, out=out, eval_sets=sets),
+            reproduce.eval_command(out, sets)]
+
+
+@common.user_errors
+def export_report(session: Session, folder):
+    """Write the one-page report of the latest run (card, plots, plan, settings, versions, commands) into
+    ``folder``; returns (note, download file)."""
+    summary = latest_summary(session)
+    if summary is None:
+        raise common.fail("Prune a model first: the report describes the latest pruned run.", "Nothing to report")
+    where = Path(common.export_path(folder or str(common.default_export_folder())))
+    name = f"comp-explorer-report-{session.pruned_run}.html"
+    figures = report_figures(session)
+    page = report.report_html(summary, figures, plan_rows=report.plan_table_rows(session.result.plan),
+                              versions=report.software_versions(),
+                              commands=reproduce_commands(session, f"pruned-{session.pruned_run}"))
+    try:
+        written = report.write_report(where / name, page)
+    except report.ReportError as err:
+        raise common.fail(str(err), "Cannot write the report") from None
+    download = report.write_report(session.workdir / name, page)  # a copy the browser may fetch
+    note = (f"Report written to <code>{written}</code> — one page that opens in any browser without this app "
+            "or the internet; send it as it is, or print it to PDF from the browser.")
+    return note, gr.update(value=str(download), visible=True)
+
+
+def report_figures(session: Session) -> dict:
+    """caption (plain words) -> figure for the report: quality against size, where the latest run cut, and
+    the analysis's views of the model when there is one."""
+    plan = session.result.plan
+    figures = {}
+    if "ppl_vs_ratio" in session.figures:
+        figures["Quality against how much was removed"] = session.figures["ppl_vs_ratio"]
+    if session.result.kind == "unstructured":
+        figures["Where the weights were set to zero"] = plots.sparsity_bars(
+            plan.n_layers, plan.layer_ratios, plan.protected, layer_params=plan.layer_params,
+            title="Zeroed share of each layer's parameters")
+    else:
+        figures["Where the parameters were removed"] = plots.removed_share_bars(
+            plan.n_layers, plan.removed_per_layer, plan.layer_params, plan.removed_layers, plan.protected)
+    if session.analysis is not None and session.analysis.model_key == session.model_key:
+        for key, caption in (("redundancy_curve", "How much each layer changes what passes through it"),
+                             ("layer_similarity", "How similar the hidden state stays across layers")):
+            if key in session.figures:
+                figures[caption] = session.figures[key]
+    return figures
 
 
 def mask_text(extra: dict) -> str:
@@ -237,6 +354,7 @@ def _measure(session: Session, targets, datasets, tasks, with_speed, quick, wind
             row[f"ppl {ds}"] = values[("ppl", ds)]
         if datasets or tasks:
             row["eval"] = eval_text
+            row["evaluated at"] = datetime.now()
         common.set_accuracy(row, {t: values[("acc", t)] for t in tasks if values.get(("acc", t)) is not None})
         if with_speed:
             row["tokens/s"] = values.get(("speed",))
@@ -304,14 +422,29 @@ def run_evaluate(session: Session, datasets, mode, with_speed, tasks=None, progr
                      "acc_norm where the task has it, else acc) " + " · ".join(accuracy_lines))
     status = (f"<b>Evaluated in {seconds:.1f} s</b> ({who}; {memory.text()}{common.placement_note(session)})<br>"
               + "<br>".join(parts))
-    return status, results_table(session), results_plot(session)
+    return status, results_table(session), results_plot(session), summary_card(session)
 
 
 # --------------------------------------------------------------------------------------------- layout
 
 
-def build() -> SimpleNamespace:
+@common.user_errors
+def show_columns(session: Session, all_columns):
+    session.all_columns = bool(all_columns)
+    return results_table(session)
+
+
+def build(export_folder: str | None = None) -> SimpleNamespace:
     t = SimpleNamespace()
+    t.card = gr.HTML(summary_card(Session()), elem_id="summary-card")
+    with gr.Row(equal_height=True):
+        folder = Path(export_folder).parent if export_folder else common.default_export_folder()
+        t.report_folder = gr.Textbox(value=str(folder),
+                                     label="Report folder", scale=4, elem_id="report-folder",
+                                     info="the one-page report (HTML) of the latest run is written here")
+        t.report = gr.Button("Export report", scale=1, elem_id="btn-report")
+        t.report_file = gr.File(label="Download", visible=False, scale=2, elem_id="report-file")
+    t.report_note = gr.HTML("", elem_id="report-note")
     t.prune_status = gr.HTML("<span class='cx-muted'>Press <b>Prune</b> (left) to prune a copy of the model with "
                              "the chosen method. The original stays loaded and untouched, so every run starts "
                              "from it.</span>", elem_id="prune-status", elem_classes=["cx-status"])
@@ -335,8 +468,11 @@ def build() -> SimpleNamespace:
     if common.data_note():
         gr.HTML(f"<div class='cx-note'>{common.data_note()}</div>", elem_id="data-note")
     t.eval_status = gr.HTML("", elem_id="eval-status")
-    t.table = gr.Dataframe(headers=columns(), value=None, interactive=False, wrap=False, label="Runs of this session",
-                           elem_id="results-table", max_height=260)
+    t.table = gr.Dataframe(headers=columns(compact=True), value=None, interactive=False, wrap=False,
+                           label="Runs of this session", elem_id="results-table", max_height=260)
+    t.all_columns = gr.Checkbox(label="all columns", value=False, elem_id="all-columns",
+                                info="how each run was made: settings, calibration, timings, memory, where it was saved")
+    gr.HTML(f"<div class='cx-explain'>{EXPLAIN}</div>", elem_id="runs-explain")
     t.plot = gr.Plot(plots.empty_figure("Evaluate a run to see perplexity against the realised ratio.",
                                         "Perplexity vs realised ratio"), show_label=False, elem_id="plot-ppl")
     return t
@@ -345,9 +481,12 @@ def build() -> SimpleNamespace:
 def wire(t: SimpleNamespace, session: gr.State, tabs, c: SimpleNamespace, start, heavy: dict) -> list:
     """Prune (from the sidebar) and Evaluate; returns the events Cancel stops."""
     pruned = c.prune.click(start("runs"), None, [tabs, c.cancel_note], queue=False).then(
-        run_prune, [session, *c.data, *c.settings, c.method, c.sparsity], [t.prune_status, t.table, t.plot, c.card],
+        run_prune, [session, *c.data, *c.settings, c.method, c.sparsity, c.ratio_of],
+        [t.prune_status, t.table, t.plot, c.card, t.card],
         show_progress_on=[t.prune_status], **heavy)
     evaluated = t.evaluate.click(start(), None, c.cancel_note, queue=False).then(
-        run_evaluate, [session, t.datasets, t.mode, t.speed, t.tasks], [t.eval_status, t.table, t.plot],
+        run_evaluate, [session, t.datasets, t.mode, t.speed, t.tasks], [t.eval_status, t.table, t.plot, t.card],
         show_progress_on=[t.eval_status], **heavy)
+    t.all_columns.input(show_columns, [session, t.all_columns], t.table, queue=False)
+    t.report.click(export_report, [session, t.report_folder], [t.report_note, t.report_file])
     return [pruned, evaluated]

@@ -8,8 +8,11 @@ from types import SimpleNamespace
 import gradio as gr
 import torch
 
-from .. import common
+from comp_core import count_parameters
+
+from .. import common, report
 from ..session import Session
+from . import runs
 
 
 def _encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -41,50 +44,77 @@ def gen_card(text: str, speed: float, run: str | None = None) -> str:
     return f"<div class='cx-gen'>{body}</div><div class='cx-muted'>{tag}{speed:.1f} tokens/s</div>"
 
 
+def heading(session: Session, which: str) -> str:
+    """"Original · 134.5 M parameters · 538 MB" (or the pruned run's), so the two answers say what made them."""
+    if which == "original":
+        model = session.loaded.model if session.loaded is not None else None
+        name = "Original"
+    else:
+        model = session.pruned
+        name = f"Pruned · {session.pruned_run}" if session.pruned_run else "Pruned"
+    if model is None:
+        return f"<div class='cx-h3'>{name}</div>"
+    return (f"<div class='cx-h3'>{name} <span class='cx-muted'>· {count_parameters(model) / 1e6:,.1f} M parameters · "
+            f"{common.weights_mb(model):,.0f} MB</span></div>")
+
+
 @common.user_errors
 def run_generate(session: Session, prompt, max_new_tokens, chat):
-    """Generator: (original text, pruned text), the original first."""
+    """Generator: (original heading, original text, pruned heading, pruned text, summary card), the original
+    first. The pair is kept for the summary card and the report."""
     prompt = (prompt or "").strip()
     if not prompt:
         raise common.fail("Type a prompt first.", "Nothing to generate")
     if session.loaded is None:
         raise common.fail("Load a model first (Analyse or Prune loads it).", "No model")
     tokenizer = session.loaded.tokenizer
-    pending = "<span class='cx-muted'>generating…</span>"
-    none = "<span class='cx-muted'>Prune a model to compare.</span>"
-    yield pending, pending if session.pruned is not None else none
+    pending = "<div class='cx-gen cx-muted'>generating…</div>"
+    none = "<div class='cx-gen cx-muted'>Prune a model to compare.</div>"
+    heads = heading(session, "original"), heading(session, "pruned")
+    yield heads[0], pending, heads[1], pending if session.pruned is not None else none, gr.update()
     text, speed = generate_text(session.loaded.model, tokenizer, prompt, max_new_tokens, chat)
     left = gen_card(text, speed)
-    yield left, pending if session.pruned is not None else none
-    if session.pruned is not None:
-        text, speed = generate_text(session.pruned, tokenizer, prompt, max_new_tokens, chat)
-        yield left, gen_card(text, speed, session.pruned_run)
+    if session.pruned is None:
+        yield heads[0], left, heads[1], none, gr.update()
+        return
+    yield heads[0], left, heads[1], pending, gr.update()
+    pruned_text, pruned_speed = generate_text(session.pruned, tokenizer, prompt, max_new_tokens, chat)
+    session.answers[session.pruned_run] = report.Answers(prompt=prompt, before=text, after=pruned_text)
+    yield heads[0], left, heads[1], gen_card(pruned_text, pruned_speed, session.pruned_run), runs.summary_card(session)
+
+
+PRESET_PROMPTS = ["Explain in two sentences why the sky is blue.",
+                  "Write a short, friendly email asking a colleague to move our meeting to Friday.",
+                  "What are three tips for staying focused while studying?",
+                  "Summarise what a battery does, for a ten-year-old."]
 
 
 def build() -> SimpleNamespace:
     t = SimpleNamespace()
     with gr.Row(equal_height=True):
-        t.prompt = gr.Textbox(label="Prompt", value="Explain in two sentences why the sky is blue.", lines=2,
-                              scale=4, elem_id="prompt")
+        t.prompt = gr.Textbox(label="Prompt", value=PRESET_PROMPTS[0], lines=2, scale=4, elem_id="prompt")
         with gr.Column(scale=1, min_width=200):
             t.max_new = gr.Slider(8, 256, value=48, step=8, label="New tokens")
             t.chat = gr.Checkbox(label="Chat template", value=True,
                                  info="wrap the prompt as a user turn when the tokenizer has a template")
+    gr.Examples([[p] for p in PRESET_PROMPTS], inputs=[t.prompt], label="Try one of these",
+                elem_id="preset-prompts")
     t.generate = gr.Button("Generate with both", variant="primary", elem_id="btn-generate")
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=True, elem_classes=["cx-answers"]):
         with gr.Column():
-            gr.HTML("<div class='cx-h3'>Original</div>")
-            t.original = gr.HTML("<span class='cx-muted'>—</span>", elem_id="gen-original")
+            t.original_head = gr.HTML("<div class='cx-h3'>Original</div>", elem_id="gen-original-head")
+            t.original = gr.HTML("<div class='cx-gen cx-muted'>—</div>", elem_id="gen-original")
         with gr.Column():
-            gr.HTML("<div class='cx-h3'>Pruned</div>")
-            t.pruned = gr.HTML("<span class='cx-muted'>—</span>", elem_id="gen-pruned")
+            t.pruned_head = gr.HTML("<div class='cx-h3'>Pruned</div>", elem_id="gen-pruned-head")
+            t.pruned = gr.HTML("<div class='cx-gen cx-muted'>—</div>", elem_id="gen-pruned")
     return t
 
 
-def wire(t: SimpleNamespace, session: gr.State, c: SimpleNamespace, start, heavy: dict) -> list:
-    """Generate (button or Enter); returns the events Cancel stops."""
+def wire(t: SimpleNamespace, session: gr.State, c: SimpleNamespace, start, heavy: dict, card) -> list:
+    """Generate (button or Enter); ``card`` is the Prune & evaluate tab's summary card (it shows one answer
+    pair). Returns the events Cancel stops."""
     inputs = [session, t.prompt, t.max_new, t.chat]
-    generated = t.generate.click(start(), None, c.cancel_note, queue=False).then(
-        run_generate, inputs, [t.original, t.pruned], **heavy)
-    submitted = t.prompt.submit(run_generate, inputs, [t.original, t.pruned], **heavy)
+    outputs = [t.original_head, t.original, t.pruned_head, t.pruned, card]
+    generated = t.generate.click(start(), None, c.cancel_note, queue=False).then(run_generate, inputs, outputs, **heavy)
+    submitted = t.prompt.submit(run_generate, inputs, outputs, **heavy)
     return [generated, submitted]

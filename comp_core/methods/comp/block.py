@@ -267,11 +267,27 @@ def compensate(step: DenseStep, steps: dict[str, DenseStep], removed: dict[str, 
 # 4. the block
 # ---------------------------------------------------------------------------------------------------------
 
+def decided(step: DenseStep, columns: list[DenseShape], adapter: ArchAdapter, layer_index: int) -> DenseReport:
+    """The report of a cut decided but not fitted (``prune_block(fit=False)``): scores and the pruned inputs,
+    no compensation — what an analysis shows; the fit is the prune's work."""
+    spec, module = step.spec, step.module
+    shape = columns[[d.name for d in adapter.denses].index(spec.name)]
+    pruned = torch.sort(step.order[:step.n_removed]).values
+    index_map = module.input_index if hasattr(module, "input_index") else None
+    return DenseReport(
+        layer=layer_index, name=spec.name, kind=spec.kind, d_in=shape.d_in, d_out=shape.d_out,
+        n_removed=step.n_removed, scores=step.scores.float().cpu(),
+        pruned_index=(index_map[pruned] if index_map is not None else pruned).cpu(),
+        error_no_tuning=float("nan"), error_tuned=float("nan"), compensation="not fitted",
+        kept_index=index_map.cpu() if index_map is not None else None)
+
+
 def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: float, cfg: CompConfig, *,
                 layer_index: int, apply: bool, fisher: dict[str, torch.Tensor] | None = None,
-                units: AttentionUnits | None = None) -> tuple[LayerReport, list[DenseReport]]:
+                units: AttentionUnits | None = None, fit: bool = True) -> tuple[LayerReport, list[DenseReport]]:
     """Decide (and with ``apply`` perform) the input-neuron pruning of one block to ``ratio`` of its params.
-    ``units``: o_proj loses whole attention units (``CompConfig.o_granularity``), see ``block_units``."""
+    ``units``: o_proj loses whole attention units (``CompConfig.o_granularity``), see ``block_units``.
+    ``fit=False`` (analysis only): decide the cuts, skip compensating the kept columns."""
     start = time.perf_counter()
     params = sum(p.numel() for p in block.parameters())
     shapes = dense_shapes(block, adapter, units)  # for the allocation: o_proj counted in units, if any
@@ -281,7 +297,10 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
     steps = score_denses(block, adapter, grams, cfg, budget=budget, caps=caps, units=units, fisher=fisher)
     cut = choose_block_cuts(steps, shapes, budget, caps, cfg, adapter, units)
     removed = place_cuts(steps, cut, adapter, columns, units)
-    reports = [compensate(step, steps, removed, columns, adapter, grams, cfg, layer_index) for step in steps.values()]
+    if not fit and apply:
+        raise ValueError("a block is pruned with its compensation fitted: fit=False is for analyses")
+    reports = [compensate(step, steps, removed, columns, adapter, grams, cfg, layer_index) if fit
+               else decided(step, columns, adapter, layer_index) for step in steps.values()]
     if apply:
         realised = apply_block_cuts(block, adapter, {name: s.keep for name, s in steps.items()},
                                     {d.name: d.mask for d in reports}, {d.name: d.new_weight for d in reports}, units)

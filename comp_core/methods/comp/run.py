@@ -17,6 +17,7 @@ The settings live in ``config``, the step on one block in ``block``; this module
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import asdict
@@ -29,6 +30,7 @@ from ...events import ProgressCallback, emit
 from ...loop.blocks import BlockVisit, block_loop
 from ...loop.capture import BlockInputs, calibration_context, forward_precision, resolve_forward_dtype
 from ...loop.fisher import collect_fisher
+from ...loop.stats import STAT_DTYPE, collect_block_stats
 from ...loop.importance import (RemovalResult, capture_with_importances, iterative_removal, layers_for_ratio,
                                 layers_within)
 from ...math.allocation import ImpossibleRatioError, layer_ratios
@@ -37,7 +39,7 @@ from ...models.pruned import head_dim_of
 from ...models.streaming import is_streamed, resident
 from ...models.structure import attention_units
 from ...results import DenseReport, Plan, PruneResult
-from ...runtime import count_parameters
+from ...runtime import available_memory_mb, count_parameters
 from ..base import check_dense_kinds
 from ..registry import Method, finish, register_method
 from .block import apply_block_cuts, block_units, layer_caps, prunable_denses, prune_block
@@ -91,26 +93,39 @@ def _layers_to_remove(cfg: CompConfig, candidates: int, params_total: int, block
 
 def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: bool,
          on_event: ProgressCallback | None, removal: RemovalResult | None = None,
-         inputs: BlockInputs | None = None, removal_depth: int = 0) -> Plan:
+         inputs: BlockInputs | None = None, removal_depth: int = 0, fit: bool = True) -> Plan:
     """The run in three named stages: capture (block 0's inputs and every block's importance), ``_plan_layers``
-    (which blocks go, each prunable block's ratio), ``_prune_neurons`` (the block step over the block loop)."""
+    (which blocks go, each prunable block's ratio), ``_prune_neurons`` (the block step over the block loop).
+
+    An analysis that fits nothing (``fit=False``), removes no block and sees identical inputs reads every
+    prunable block's statistics in the capture forward itself (``one_pass_blocks``): the block loop would
+    replay the very same unpruned blocks on the very same inputs, so one forward serves both."""
     adapter = get_adapter(model)
     check_dense_kinds(cfg.dense_kinds, adapter)
+    fit = fit or apply or cfg.inputs != "identical"  # the next block then sees this one pruned: fitted
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     initial = None  # every block's importance, measured by the capture forward when it runs here
     forward_dtype = resolve_forward_dtype(cfg.forward_dtype, model)
+    one_pass = one_pass_blocks(model, cfg, removal_depth) if not fit and inputs is None else None
     with calibration_context(model), forward_precision(forward_dtype):
+        held: dict[int, dict] = {}
         if inputs is None:
-            emit(on_event, "capture", 0, 1, "capturing block inputs and layer importances")
-            inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size)
+            emit(on_event, "capture", 0, 1, "reading the calibration text through the model"
+                 + (" (layer importances and neuron statistics in one pass)" if one_pass else ""))
+            with _block_stats(model, adapter, cfg, one_pass or []) as held:
+                inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size)
         timings["capture"] = time.perf_counter() - t0
         plan = _plan_layers(model, cfg, inputs, initial, removal, removal_depth, timings, on_event)
-        _prune_neurons(model, samples, cfg, plan, inputs, apply=apply, on_event=on_event)
+        plan.fitted = fit
+        if one_pass:
+            _decide_neurons(model, cfg, plan, held, on_event)
+        else:
+            _prune_neurons(model, samples, cfg, plan, inputs, apply=apply, on_event=on_event, fit=fit)
     if forward_dtype is not None:
         plan.notes.append(f"calibration forwards in {str(forward_dtype).removeprefix('torch.')} autocast "
                           "(statistics and solves in float32/float64); forward_dtype='float32' to turn it off")
-    if plan.compensation_summary():
+    if fit and plan.compensation_summary():
         plan.notes.append(f"compensation of the pruned denses: {plan.compensation_summary()}")
     return plan
 
@@ -169,8 +184,74 @@ def _plan_layers(model: nn.Module, cfg: CompConfig, inputs: BlockInputs, initial
     return plan
 
 
+# statistics held for every block at once by a one-pass analysis: at most this share of the available memory
+ONE_PASS_MEMORY_SHARE = 0.25
+
+
+def one_pass_blocks(model: nn.Module, cfg: CompConfig, removal_depth: int = 0) -> list[int] | None:
+    """The blocks whose statistics an unfitted analysis can read in the capture forward, or None where it
+    cannot: a plan that removes blocks (the statistics then come from the shortened model), inputs other than
+    identical, the Fisher score (its own backward passes), a streamed model, or Grams of every block together
+    above ``ONE_PASS_MEMORY_SHARE`` of the available memory (then block by block, as a prune)."""
+    if (cfg.inputs != "identical" or cfg.granularity == "layers" or cfg.score == "fisher" or removal_depth
+            or cfg.remove_layers == "auto" or is_streamed(model)):
+        return None
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks(model))
+    protected = cfg.protected_layers(len(blocks))
+    params_total = count_parameters(model)
+    block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    candidates = [i for i in range(len(blocks)) if i not in protected]
+    caps = layer_caps(model, cfg)
+    n_remove = _layers_to_remove(cfg, len(candidates), params_total, block_params, lambda: fewest_layers(
+        cfg.ratio, params_total, block_params, caps, candidates, candidates))
+    if n_remove:
+        return None
+    wanted = prunable_denses(adapter, cfg)
+    widths = [adapter.dense(blocks[0], g[0]).in_features for g in adapter.input_groups if set(g) & wanted]
+    gram_bytes = len(candidates) * sum(w * w for w in widths) * torch.finfo(STAT_DTYPE).bits // 8
+    available = available_memory_mb()
+    if available is not None and gram_bytes > ONE_PASS_MEMORY_SHARE * available * 2**20:
+        return None
+    return candidates
+
+
+@contextlib.contextmanager
+def _block_stats(model: nn.Module, adapter, cfg: CompConfig, indices: list[int]):
+    """index -> its denses' statistics, gathered while the context is open (every forward of those blocks)."""
+    blocks = list(adapter.blocks(model))
+    with contextlib.ExitStack() as stack:
+        device = lambda b: next(b.parameters()).device  # noqa: E731
+        yield {i: stack.enter_context(collect_block_stats(blocks[i], adapter, device(blocks[i]),
+                                                          only=prunable_denses(adapter, cfg))) for i in indices}
+
+
+def _decide_neurons(model: nn.Module, cfg: CompConfig, plan: Plan, held: dict[int, dict],
+                    on_event: ProgressCallback | None) -> None:
+    """The one-pass analysis's neuron step: every prunable block's scores and cuts from the statistics the
+    capture held (no compensation fitted); fills the plan's layer and dense reports."""
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks(model))
+    head_dim = head_dim_of(model.config)
+    importances = plan.importance_history[0]
+    t0 = time.perf_counter()
+    prunable = list(plan.layer_ratios)
+    for step, i in enumerate(prunable):
+        units = block_units(blocks[i], adapter, cfg, head_dim)
+        layer, dense_reports = prune_block(blocks[i], adapter, held[i], plan.layer_ratios[i], cfg, layer_index=i,
+                                           apply=False, units=units, fit=False)
+        layer.importance = importances[i]
+        plan.layer_reports.append(layer)
+        plan.dense_reports.extend(dense_reports)
+        held[i] = None  # the Grams are read: free them as we go
+        emit(on_event, "neuron-pruning", step + 1, len(prunable),
+             f"layer {i}: ratio {plan.layer_ratios[i]:.3f} (decided from the capture's statistics)", layer=i)
+    plan.timings["neuron_pruning"] = time.perf_counter() - t0
+    plan.planned_params_after -= sum(r.removed_params for r in plan.layer_reports)
+
+
 def _prune_neurons(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, plan: Plan, inputs: BlockInputs, *,
-                   apply: bool, on_event: ProgressCallback | None) -> None:
+                   apply: bool, on_event: ProgressCallback | None, fit: bool = True) -> None:
     """The block step (``block.prune_block``) on every prunable block over the block loop, after removing the
     plan's blocks (when applying); fills the plan's layer and dense reports and its parameter count."""
     adapter = get_adapter(model)
@@ -204,7 +285,7 @@ def _prune_neurons(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, pla
         layer_fisher = {name: f for (li, name), f in fisher.items() if li == i} if fisher else None
         units = block_units(v.block, adapter, cfg, head_dim)
         layer, dense_reports = prune_block(v.block, adapter, v.stats, ratio_of[i], cfg, layer_index=i,
-                                           apply=apply, fisher=layer_fisher, units=units)
+                                           apply=apply, fisher=layer_fisher, units=units, fit=fit)
         layer.importance = importances[i]
         plan.layer_reports.append(layer)
         plan.dense_reports.extend(dense_reports)
@@ -219,7 +300,7 @@ def _prune_neurons(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, pla
 
     block_loop(blocks, inputs, active, visit, adapter=adapter, with_stats=lambda i: i in ratio_of,
                propagation=cfg.inputs,
-               stat_folds=2 if cfg.refit == "blend" and cfg.mask_tuning else 0,
+               stat_folds=2 if cfg.refit == "blend" and cfg.mask_tuning and fit else 0,
                stat_denses=prunable_denses(adapter, cfg), on_event=on_event,
                stage="neuron-pruning",
                describe=lambda i: f"layer {i}: ratio {ratio_of[i]:.3f}" if i in ratio_of else f"layer {i}: kept")
@@ -243,24 +324,30 @@ def reallocate(plan: Plan, ratio: float, n_remove: int) -> tuple[list[int], dict
 
 
 def analyze(model: nn.Module, samples: torch.Tensor, cfg: CompConfig | None = None,
-            on_event: ProgressCallback | None = None, *, removal_depth: int = 0) -> Plan:
+            on_event: ProgressCallback | None = None, *, removal_depth: int = 0, fit: bool = True) -> Plan:
     """Everything COMP would do — importances, removal order, per-layer ratios, per-dense scores and cuts —
     without changing the model. With ``remove_layers="auto"``, the plan for the smallest n of the sweep
     (0) is returned; use ``prune`` to run the sweep.
 
     ``removal_depth``: measure the iterative removal order this many removals deep (``plan.removal``), so a
     what-if over the number of removed layers (``reallocate``) needs no new measurement.
+    ``fit=False``: decide the cuts but fit no compensation (the views need none; ``apply_plan`` then refuses
+    the plan; accumulated and paired inputs fit anyway, the next block sees the fitted one) — with identical inputs and no removed layer, the statistics come from the capture forward
+    itself, so the analysis costs about one forward pass plus the scores (``one_pass_blocks``).
     """
     cfg = cfg or CompConfig()
     if cfg.remove_layers == "auto":
         cfg = _replace(cfg, remove_layers=0)
-    return _run(model, samples, cfg, apply=False, on_event=on_event, removal_depth=removal_depth)
+    return _run(model, samples, cfg, apply=False, on_event=on_event, removal_depth=removal_depth, fit=fit)
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> tuple[nn.Module, PruneResult]:
     """Prune ``model`` exactly as an ``analyze`` plan says — removed layers, kept columns, tuned masks or refit
     weights — without measuring anything again. The plan must come from this model (same parameter count
     and layers); with unchanged settings the result equals ``prune``'s."""
+    if not plan.fitted:
+        raise ValueError("this plan was analysed with fit=False: it decides the cuts but holds no fitted weights; "
+                         "prune the model (or analyse with fit=True) to apply it")
     start = time.perf_counter()
     params_before = count_parameters(model)
     adapter = get_adapter(model)

@@ -87,7 +87,7 @@ def feasible_ratio(ratio: float, removed: list[int], prunable: list[int], layer_
 
 
 def analyze_nearest(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, depth: int,
-                    on_event: ProgressCallback | None = None) -> tuple[CompPlan, float]:
+                    on_event: ProgressCallback | None = None, *, fit: bool = True) -> tuple[CompPlan, float]:
     """(plan, ratio it used): ``analyze`` with the removal order measured ``depth`` removals deep.
 
     A ratio the settings cannot reach is moved to the nearest reachable one, so a person still sees the
@@ -99,7 +99,7 @@ def analyze_nearest(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, de
         raise ValueError("a what-if analysis needs a number of layers to remove, not 'auto'")
     depth = max(int(depth), cfg.remove_layers)
     try:
-        return analyze(model, samples, cfg, on_event, removal_depth=depth), cfg.ratio
+        return analyze(model, samples, cfg, on_event, removal_depth=depth, fit=fit), cfg.ratio
     except ImpossibleRatioError:
         pass
     probe = analyze(model, samples, replace(cfg, granularity="layers", ratio=0.0), on_event,
@@ -113,7 +113,7 @@ def analyze_nearest(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, de
         i for i in range(n_layers) if i not in removed and i not in protected]
     ratio = feasible_ratio(cfg.ratio, removed, prunable, probe.layer_params, count_parameters(model),
                            layer_caps(model, cfg))
-    return analyze(model, samples, replace(cfg, ratio=ratio), on_event, removal_depth=depth), ratio
+    return analyze(model, samples, replace(cfg, ratio=ratio), on_event, removal_depth=depth, fit=fit), ratio
 
 
 def measure_deeper(model: nn.Module, samples: torch.Tensor, plan: CompPlan, depth: int,
