@@ -36,12 +36,43 @@ SPARSITY_CHOICES = [("0.5 — half of every linear's weights", "0.5"), ("2:4 —
                     ("4:8 — 4 zeros in every 8 weights", "4:8")]
 DEFAULT_SPARSITY = "0.5"
 MAX_REMOVE = 8
+RATIO_MAX = 0.8  # the slider's range: beyond it COMP's quality on small models is of no use
 DEFAULT_DEPTH = 0  # what-if material only when asked for: Analyse costs what a prune does
 DEFAULT_DENSE_KINDS = CompConfig().dense_kinds  # the core's measured default (None would mean every dense)
 DEFAULT_REMOVE = CompConfig().remove_layers if isinstance(CompConfig().remove_layers, int) else 0  # "min": 0 here
 
 
 # ------------------------------------------------------------------------------------------- settings
+
+
+class RatioSlider(gr.Slider):
+    """The target-ratio slider. Gradio's slider refuses a typed value outside its range with a traceback in the
+    server log, leaving box and slider apart; this one hands the handlers the value brought back into range,
+    and ``ratio_typed`` puts the box back in step and says why. Drawn by Gradio's own slider (a template)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        return min(max(float(payload), self.minimum), self.maximum)
+
+
+def ratio_typed(ratio, typed):
+    """(slider, warning) after a person typed ``typed`` into the ratio box: the slider's in-range ``ratio``
+    written back when they differ, with one line saying why; nothing changes for a value in range."""
+    try:
+        typed = float(typed)
+    except (TypeError, ValueError):
+        return gr.update(value=ratio), "<div class='cx-error'>Type a number such as 0.2 for 20 %.</div>"
+    if abs(typed - float(ratio)) < 1e-9:
+        return gr.update(), ""
+    limit = "highest target this app offers" if typed > ratio else "lowest target"
+    return (gr.update(value=ratio),
+            f"<div class='cx-error'>{typed:g} is beyond the {limit} ({ratio:.0%}): the target is set to "
+            f"{ratio:.0%}. A target is the share of the parameters to remove, so it lies between 0 and "
+            f"{RATIO_MAX:.0%} here.</div>")
+
 
 
 def default_protected(n_layers: int) -> list[int]:
@@ -235,11 +266,13 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
     c.method = gr.Dropdown(method_choices(), value=DEFAULT_METHOD, label="Method (used by Prune)",
                            elem_id="method")
     c.method_note = gr.HTML(method_note(DEFAULT_METHOD), elem_id="method-note")
-    c.ratio = gr.Slider(0.0, 0.8, value=0.2, step=0.01, label="Target ratio",
+    c.ratio = RatioSlider(0.0, RATIO_MAX, value=0.2, step=0.01, label="Target ratio",
                         info="the share of the model's parameters (its learned numbers) to remove", elem_id="ratio")
     c.ratio_of = gr.Radio([("of all parameters", "all"), ("of the transformer blocks", "blocks")], value="all",
                           show_label=False, elem_id="ratio-of", container=False)
     c.ratio_note = gr.HTML("", elem_id="ratio-note")
+    c.ratio_warning = gr.HTML("", elem_id="ratio-warning")
+    c.ratio_typed = gr.Number(visible=False, elem_id="ratio-typed")  # what was typed, before the slider's range
     c.sparsity = gr.Dropdown(SPARSITY_CHOICES, value=DEFAULT_SPARSITY, allow_custom_value=True, label="Sparsity",
                              info="zeros inside every linear: a share (0.5, 60%) or N:M (2:4 = 2 zeros in every "
                                   "4 weights); nothing is removed", visible=uses(DEFAULT_METHOD, "sparsity"),
@@ -283,6 +316,9 @@ def wire(c: SimpleNamespace, session: gr.State, heavy: dict) -> None:
     c.source.change(common.model_card, session, c.card, queue=False)
     c.method.change(select_method, c.method, [c.method_note, c.comp_controls, c.ratio, c.sparsity], queue=False).then(
         lambda method: gr.update(visible=uses(method or DEFAULT_METHOD, "ratio")), c.method, c.ratio_of, queue=False)
+    # a typed ratio out of range: box and slider back in step, and why (the js passes the raw value along)
+    c.ratio.input(ratio_typed, [c.ratio, c.ratio_typed], [c.ratio, c.ratio_warning], js="(r, _) => [r, r]",
+                  queue=False, show_progress="hidden")
     # what the ratio means for the loaded model, in both shares (also once a model is loaded: the card changes)
     gr.on([c.ratio.change, c.ratio_of.change, c.card.change], ratio_note, [session, c.ratio, c.ratio_of],
           c.ratio_note, queue=False, show_progress="hidden")

@@ -300,3 +300,19 @@ def test_sparsity_bars_and_heatmap():
     same = plots.sparsity_heatmap(np.full((3, 2), 0.5, dtype=np.float32), ["q", "down"])
     assert all(t == "" for row in same.data[0].text for t in row)
     assert "every masked dense is 50.0% zero" in same.layout.title.text
+
+
+@needs_data
+def test_compare_with_ratios_of_the_transformer_blocks(folder):
+    """Ratios read as shares of the transformer blocks: each row removes that share of the blocks, and the table
+    shows both shares and says which the target was."""
+    session = Session()
+    outputs = list(compare.run_compare(session, *data_args(folder), ["comp"], "0.3", ["wikitext2"], 2,
+                                       compare.DEFAULT_SPARSITIES, None, 4, "blocks", progress=no_progress))
+    table = outputs[-1][1]
+    row = next(r for r in session.compare_rows if r["method"] == "comp")
+    assert row["of blocks"] == pytest.approx(0.3, abs=0.01)  # the share asked for, of the blocks
+    assert row["realised ratio"] < row["of blocks"]  # fewer of all: the vocabulary table stays
+    assert row["ratio of"] == "blocks" and compare.target_label(row) == "30% of blocks"
+    cells = table[table["method"] == "comp"].iloc[0]
+    assert cells["target"] == "30% of blocks" and cells["of blocks"].startswith("30.")

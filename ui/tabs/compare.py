@@ -36,7 +36,7 @@ DEFAULT_RATIOS = "0.2, 0.3"
 DEFAULT_SPARSITIES = "0.5, 2:4"
 POLL_S = 0.5  # how often the streaming handler looks for rows and progress
 STATUS_EVERY_S = 1.0  # at most one progress-only update a second
-COLUMNS_HEAD = ["#", "method", "kind", "target", "realised ratio"]
+COLUMNS_HEAD = ["#", "method", "kind", "target", "realised ratio", "of blocks"]
 COLUMNS_MASKS = ["sparsity", "zeros in linears", "zeros of all params"]  # shown once a row has masks
 COLUMNS_TAIL = ["prune s", "peak RSS MB", "saved MB", "eval", "calibration", "note"]
 NOTHING_REMOVED = "masks: nothing removed"
@@ -73,7 +73,8 @@ def _has_plan(method: str) -> bool:
 
 def target_label(record: dict) -> str:
     """"30%", "2:4" (masks) or "20% + 2:4" (composed): what a row asked for."""
-    ratio = f"{record['target']:.0%}" if record.get("target") or not record.get("sparsity") else ""
+    of = " of blocks" if record.get("ratio of") == "blocks" else ""
+    ratio = f"{record['target']:.0%}{of}" if record.get("target") or not record.get("sparsity") else ""
     return " + ".join(t for t in (ratio, record.get("sparsity") or "") if t)
 
 
@@ -81,6 +82,7 @@ def row_record(row, number: int, *, model_key: str | None, eval_tag: str, calibr
     """A ``CompareRow`` as the session keeps it: the table's numbers plus the (light) plan for the views."""
     record = {"#": f"C{number}", "key": model_key, "method": row.method, "kind": row.kind,
               "target": row.target_ratio, "realised ratio": row.realised_ratio,
+              "of blocks": getattr(row, "realised_block_ratio", None), "ratio of": getattr(row, "ratio_of", "all"),
               "sparsity": getattr(row, "sparsity", None), "zeros in linears": getattr(row, "linear_sparsity", None),
               "zeros of all params": getattr(row, "zero_share", None),
               "prune s": row.prune_seconds, "peak RSS MB": row.peak_rss_mb,
@@ -105,7 +107,7 @@ def compare_table(session: Session) -> pd.DataFrame:
     masks = COLUMNS_MASKS if any(r.get("sparsity") for r in rows) else []
     cols = (COLUMNS_HEAD + masks + [f"ppl {ds}" for ds in _sets_in(rows)] + common.accuracy_columns(rows)
             + COLUMNS_TAIL)
-    specs = {"realised ratio": ".2%", "prune s": ",.1f", "peak RSS MB": ",.0f",
+    specs = {"realised ratio": ".2%", "of blocks": ".1%", "prune s": ",.1f", "peak RSS MB": ",.0f",
              "saved MB": ",.1f", **{c: ",.2f" for c in cols if c.startswith("ppl ")},
              **{c: ".3f" for c in cols if c.startswith("acc ") or c == "mean acc"}}
     out = []
@@ -115,7 +117,7 @@ def compare_table(session: Session) -> pd.DataFrame:
         if r.get("sparsity"):
             cells.update({c: common.fmt(r.get(c), ".1%") for c in COLUMNS_MASKS[1:]})
             if plots.is_mask_row(r) and r.get("realised ratio") is not None:
-                cells["realised ratio"] = NOTHING_REMOVED
+                cells["realised ratio"], cells["of blocks"] = NOTHING_REMOVED, ""
         out.append(cells)
     return pd.DataFrame(out, columns=cols)
 
@@ -289,7 +291,7 @@ def _wants_original(session: Session, eval_tag: str, eval_sets: list[str], tasks
 @common.user_errors
 def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len, seed, methods, ratios, eval_sets,
                 windows, sparsities=DEFAULT_SPARSITIES, tasks=None, task_items=common.ZEROSHOT_QUICK_LIMIT,
-                progress=gr.Progress()):
+                ratio_of="all", progress=gr.Progress()):
     """Generator: (status, table, figure, plan selector, 4 plan views, model card) after every finished row.
 
     ``ratios`` are read only when a ticked method has a ratio, ``sparsities`` only when one has a sparsity."""
@@ -328,7 +330,7 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
             try:
                 compare_methods(loaded.model, loaded.tokenizer, session.samples, methods, ratio_list, eval_sets,
                                 sparsities=sparsity_list or None, max_windows=n_windows, eval_seq_len=eval_len,
-                                measure_bytes=True,
+                                measure_bytes=True, ratio_of=ratio_of or "all",
                                 include_original=with_original, tasks=tasks, task_limit=task_limit,
                                 on_event=bridge, on_row=lambda row: results.put(("row", row)))
                 results.put(("done", None))
@@ -417,7 +419,10 @@ def build() -> SimpleNamespace:
         with gr.Column(scale=2, min_width=260):
             with gr.Row():
                 t.ratios = gr.Textbox(value=DEFAULT_RATIOS, label="Target ratios", elem_id="compare-ratios",
-                                      info="shares of all parameters, e.g. 0.2, 0.3", min_width=120)
+                                      info="shares of the parameters to remove, e.g. 0.2, 0.3", min_width=120)
+                t.ratio_of = gr.Radio([("of all parameters", "all"), ("of the transformer blocks", "blocks")],
+                                      value="all", label="Ratios are shares", elem_id="compare-ratio-of",
+                                      min_width=120)
                 t.sparsities = gr.Textbox(value=DEFAULT_SPARSITIES, label="Sparsities (masks)",
                                           elem_id="compare-sparsities", min_width=120,
                                           info="0.5 = half of each linear; N:M = N zeros in every M (2:4, 4:8)")
@@ -462,7 +467,7 @@ def wire(t: SimpleNamespace, session: gr.State, c: SimpleNamespace, heavy: dict)
     """Run (streaming), Cancel, Clear and the plan views; returns the events the sidebar's Cancel stops."""
     views = [t.plan_note, t.kind, t.bars, t.heatmap]
     t.run.click(run_compare, [session, *c.data, t.methods, t.ratios, t.sets, t.windows, t.sparsities, t.tasks,
-                              t.task_items],
+                              t.task_items, t.ratio_of],
                 [t.status, t.table, t.plot, t.plan, *views, c.card], show_progress_on=[t.status], **heavy)
     # cooperative: the worker stops at its next step and the handler reports the rows it kept
     t.cancel.click(cancel, session, t.status, queue=False)
