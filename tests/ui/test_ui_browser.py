@@ -132,7 +132,29 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
     assert _traces(page, "plot-bars", ".barlayer .trace") >= 2  # pruned neurons + the removed layer
     assert _traces(page, "plot-history", ".scatterlayer .trace") >= 2
     assert page.locator("#plot-detail .js-plotly-plot").count() == 1
+    # the neuron map is the readable, sorted view by default
+    assert page.locator("#plot-heatmap .xtitle", has_text="sorted by score").count() == 1
     page.screenshot(path=str(tmp_path / "1-analysed.png"))
+
+    # a typed ratio beyond the slider's range: box and slider back in step, and a line that says why
+    _set_number(page, "ratio", 0.99)
+    page.wait_for_selector("#ratio-warning >> text=beyond the highest target", timeout=30_000)
+    assert page.locator("#ratio input[type=number]").input_value() == "0.8"
+    _set_number(page, "ratio", 0.3)
+    page.wait_for_function("!document.querySelector('#ratio-warning').innerText.trim()", timeout=30_000)
+
+    # a what-if past the measured removal order: the neuron map says it shows the analysed plan, and a button
+    # measures the order further on demand
+    _set_number(page, "n-remove", 2)
+    page.wait_for_selector("#btn-deeper:visible", timeout=30_000)
+    assert "measure it to 2" in page.locator("#plan-summary").inner_text()
+    page.click("#btn-deeper")
+    page.wait_for_selector("#btn-deeper", state="hidden", timeout=120_000)
+    page.wait_for_selector("#plot-heatmap >> text=the plan above differs", timeout=30_000)
+    assert "layers" in page.locator("#plan-summary").inner_text()
+    _set_number(page, "n-remove", 1)
+    page.wait_for_function("!document.querySelector('#plot-heatmap').innerText.includes('the plan above differs')",
+                           timeout=30_000)
 
     # what-if: the bars follow the ratio slider without pruning anything
     _set_number(page, "ratio", 0.25)
@@ -142,9 +164,16 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
     # prune (switches to the runs tab) and evaluate
     started = time.perf_counter()
     page.click("#btn-prune")
-    page.wait_for_selector("#prune-status >> text=R1: pruned", timeout=120_000)
+    page.wait_for_selector("#prune-status >> text=fewer parameters", timeout=120_000)
     timings["prune"] = time.perf_counter() - started
-    assert "measured and pruned (changed since Analyse: target ratio)" in page.locator("#prune-status").inner_text()
+    status = page.locator("#prune-status")
+    assert "R1:" in status.inner_text()
+    # the library's words (path, autocast, compensation) sit in a collapsed "details" section
+    assert "measured and pruned (changed since Analyse: target ratio)" not in status.inner_text()
+    assert "measured and pruned (changed since Analyse: target ratio)" in status.text_content()
+    # the summary card, in plain words, before any evaluation
+    card = page.locator("#summary-card")
+    assert "fewer parameters" in card.inner_text() and "Evaluate" in card.inner_text()
     started = time.perf_counter()
     page.click("#btn-evaluate")
     page.wait_for_selector("#eval-status >> text=Evaluated in", timeout=120_000)
@@ -159,9 +188,38 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
     ppl = cells.nth([t.strip() for t in headers].index("ppl wikitext2")).inner_text().strip()
     assert float(ppl.replace(",", "")) > 1, ppl
     assert _traces(page, "plot-ppl", ".scatterlayer .trace") == 1
+    assert "→" in card.inner_text() and "lower is better" in card.inner_text()  # quality before → after
+    assert "score" not in headers and "peak MB" not in headers  # compact by default
+    page.locator("#all-columns input").check()
+    page.wait_for_selector("#results-table [role=columnheader] >> text=peak MB", timeout=30_000)
+    page.locator("#all-columns input").uncheck()
     shot = tmp_path / "2-runs.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+    # one answer before and after: headings say which model and its size; the card shows the pair
+    page.get_by_role("tab", name="③ Try it").click()
+    page.locator("#prompt textarea").fill("The river")
+    page.click("#btn-generate")
+    page.wait_for_selector("#gen-pruned >> text=tokens/s", timeout=120_000)
+    assert "M parameters" in page.locator("#gen-original-head").inner_text()
+    assert "Pruned · R1" in page.locator("#gen-pruned-head").text_content()
+    page.get_by_role("tab", name="② Prune & evaluate").click()
+    assert "The river" in card.inner_text()
+
+    # the report: one self-contained page, opened from disk without the server
+    report_dir = tmp_path / "reports"
+    page.locator("#report-folder").locator("textarea, input").first.fill(str(report_dir))
+    page.click("#btn-report")
+    page.wait_for_selector("#report-note >> text=Report written to", timeout=60_000)
+    written = report_dir / "comp-explorer-report-R1.html"
+    assert written.is_file() and "https://" not in written.read_text().split("<script")[0]
+    offline = browser.new_context(offline=True).new_page()
+    offline.goto(written.as_uri(), wait_until="load")
+    offline.wait_for_selector(".js-plotly-plot svg.main-svg", timeout=30_000)
+    assert "fewer parameters" in offline.inner_text("body") and "comp-explorer prune" in offline.inner_text("body")
+    offline.screenshot(path=str(tmp_path / "3-report.png"), full_page=True)
+    offline.context.close()
     assert not errors, errors
 
     # a second browser session has its own state: no model, no runs

@@ -54,8 +54,8 @@ def heading(session: Session, which: str) -> str:
         name = f"Pruned · {session.pruned_run}" if session.pruned_run else "Pruned"
     if model is None:
         return f"<div class='cx-h3'>{name}</div>"
-    return (f"<div class='cx-h3'>{name} <span class='cx-muted'>· {count_parameters(model) / 1e6:,.1f} M parameters · "
-            f"{common.weights_mb(model):,.0f} MB</span></div>")
+    return (f"<div class='cx-h3'>{name}</div><div class='cx-muted'>{count_parameters(model) / 1e6:,.1f} M "
+            f"parameters · {common.weights_mb(model):,.0f} MB of weights</div>")
 
 
 @common.user_errors
