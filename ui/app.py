@@ -55,6 +55,7 @@ def build_app(default_source: str = "bundled", default_calib: str = "c4", export
         gr.HTML(HEADER)
         with gr.Sidebar(width=330, open=True, elem_id="sidebar"):
             c = sidebar.build(default_source, default_calib)
+        sidebar.build_actions(c)
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("① Analyse", id="analyse", elem_id="tab-analyse"):
                 a = analyse_tab.build()

@@ -192,6 +192,13 @@ def details_html(lines, summary: str = "details") -> str:
     return f"<details class='cx-details'><summary>{summary}</summary><ul>{items}</ul></details>"
 
 
+def millions(count: int) -> str:
+    """"135 M", "0.29 M", "1.2 B": a parameter count read at a glance."""
+    if count >= 1e9:
+        return f"{count / 1e9:,.1f} B"
+    return f"{count / 1e6:,.0f} M" if count >= 1e7 else f"{count / 1e6:,.2f} M"
+
+
 def duration_text(seconds: float) -> str:
     """"40 s", "3 min", "1 h 5 min": a time a person reads at a glance."""
     if seconds < 90:

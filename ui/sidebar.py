@@ -145,8 +145,8 @@ def ratio_note(session: Session, ratio, ratio_of: str | None = "all") -> str:
                 if ratio_of == "blocks" else "")
     total, blocks = shares
     of_all = ratio_over_all(value, ratio_of or "all", total, blocks)
-    return (f"<div class='cx-help'>= {of_all:.1%} of all {total / 1e6:,.0f} M parameters · "
-            f"{ratio_over('blocks', of_all, total, blocks):.1%} of the {blocks / 1e6:,.0f} M in the transformer "
+    return (f"<div class='cx-help'>= {of_all:.1%} of all {common.millions(total)} parameters · "
+            f"{ratio_over('blocks', of_all, total, blocks):.1%} of the {common.millions(blocks)} in the transformer "
             f"blocks (the rest is the vocabulary table and output head, which pruning keeps)</div>")
 
 
@@ -256,8 +256,10 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
                               visible=default_calib == "file", elem_id="calib-file")
     with gr.Row():
         n_default, len_default = default_calibration_size(default_calib)
-        c.n_samples = gr.Number(value=n_default, label="Samples", precision=0, minimum=1, maximum=1024, min_width=70)
-        c.seq_len = gr.Number(value=len_default, label="Tokens", precision=0, minimum=8, maximum=8192, min_width=70)
+        c.n_samples = gr.Number(value=n_default, label="Samples", precision=0, minimum=1, maximum=1024, min_width=70,
+                                elem_id="n-samples")
+        c.seq_len = gr.Number(value=len_default, label="Tokens", precision=0, minimum=8, maximum=8192, min_width=70,
+                              elem_id="seq-len")
         c.seed = gr.Number(value=0, label="Seed", precision=0, min_width=60)
     c.load = gr.Button("Load", size="sm", elem_id="btn-load")
     c.card = gr.HTML(common.model_card(Session()), elem_id="model-card")
@@ -298,15 +300,19 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
                                 label="Measure layer removal ahead (layers)",
                                 info="0 = only what the plan removes; the layer slider then offers to measure more "
                                      "when moved. Each layer ahead makes Analyse slower.")
-    with gr.Column(elem_classes=["cx-actions"], elem_id="actions"):
-        with gr.Row():
-            c.analyse = gr.Button("Analyse", variant="primary", elem_id="btn-analyse", min_width=80)
-            c.prune = gr.Button("Prune", variant="primary", elem_id="btn-prune", min_width=80)
-            c.cancel = gr.Button("Cancel", variant="stop", elem_id="btn-cancel", min_width=70)
-        c.cancel_note = gr.HTML("", elem_id="cancel-note")
     c.data = [c.source, c.calib, c.calib_file, c.n_samples, c.seq_len, c.seed]
     c.settings = [c.ratio, c.n_remove, c.auto, c.protected, c.score, c.mask, c.inputs, c.kinds, c.depth]
     return c
+
+
+def build_actions(c: SimpleNamespace) -> None:
+    """Analyse / Prune / Cancel, above the tabs and kept in view while the page scrolls: in the sidebar a
+    sticky bar covered its last controls (the layers to remove, the protected-layer chips)."""
+    with gr.Row(elem_classes=["cx-actions"], elem_id="actions", equal_height=True):
+        c.analyse = gr.Button("Analyse", variant="primary", elem_id="btn-analyse", min_width=80, scale=1)
+        c.prune = gr.Button("Prune", variant="primary", elem_id="btn-prune", min_width=80, scale=1)
+        c.cancel = gr.Button("Cancel", variant="stop", elem_id="btn-cancel", min_width=70, scale=1)
+        c.cancel_note = gr.HTML("", elem_id="cancel-note", scale=3)
 
 
 def wire(c: SimpleNamespace, session: gr.State, heavy: dict) -> None:
