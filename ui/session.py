@@ -123,6 +123,7 @@ class Session:
     run_settings: dict[str, Any] = field(default_factory=dict)  # run id -> the settings dataclass it ran with
     answers: dict[str, Any] = field(default_factory=dict)  # run id -> ui.report.Answers from Try it
     all_columns: bool = False  # the runs table shows every column (else the few a comparison needs)
+    protected_fixed: list | None = None  # protected layers after refusing typed entries (its echo keeps the note)
     compare_rows: list[dict] = field(default_factory=list)  # Compare tab: one dict per row, kept across runs
     figures: dict[str, Any] = field(default_factory=dict)  # name -> plotly figure, for export
     cancel: threading.Event = field(default_factory=threading.Event)

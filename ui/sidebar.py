@@ -166,6 +166,24 @@ def method_settings(session: Session, method, ratio, n_remove, auto, protected, 
     return settings.settings_for(method, ratio=ratio, sparsity=sparsity)
 
 
+def check_protected(session: Session, protected):
+    """(dropdown, note) for what a person typed as protected layers: entries that are not layer numbers of
+    this model are taken out and named; the rest stay (as numbers)."""
+    kept, refused = [], []
+    for entry in protected or []:
+        try:
+            kept += list(settings.parse_layers([entry], common.n_layers(session)))
+        except settings.SettingsError as err:
+            refused.append(str(err))
+    if not refused:
+        # the corrected value coming back as a change keeps the note; any other change clears it
+        echo, session.protected_fixed = session.protected_fixed == kept, None
+        return gr.update(), gr.update() if echo else ""
+    session.protected_fixed = sorted(set(kept))
+    return (gr.update(value=session.protected_fixed),
+            "<div class='cx-error'>Not protected: " + "; ".join(refused) + ".</div>")
+
+
 def method_choices() -> list[tuple[str, str]]:
     return [(name, name) for name in method_names()]
 
@@ -285,8 +303,10 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
                                    elem_id="n-remove")
             c.auto = gr.Checkbox(label="auto", value=False, scale=1, min_width=60,
                                  info="sweep, keep the best")
-        c.protected = gr.Dropdown([], value=[], multiselect=True, label="Protected layers",
-                                  info="never removed or pruned (default: first two and last)", elem_id="protected")
+        c.protected = gr.Dropdown([], value=[], multiselect=True, label="Protected layers", allow_custom_value=True,
+                                  info="layers never removed or pruned (default: first two and last); pick or type "
+                                       "layer numbers", elem_id="protected")
+        c.protected_note = gr.HTML("", elem_id="protected-note")
         c.score = gr.Dropdown([(SCORE_LABELS.get(k, k), k) for k in SCORES], value=DEFAULT_SCORE,
                               label="Neuron importance score")
         c.mask = gr.Checkbox(label="Mask tuning (least-squares compensation)", value=True)

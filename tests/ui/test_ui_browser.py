@@ -143,6 +143,15 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
     _set_number(page, "ratio", 0.3)
     page.wait_for_function("!document.querySelector('#ratio-warning').innerText.trim()", timeout=30_000)
 
+    # protected layers typed by hand: what is not a layer number of this model is named and left out
+    chips = page.locator("#protected .token").count()
+    for typed, why in (("abc", "is not a layer number"), ("99", "does not exist")):
+        box = page.locator("#protected input").first
+        box.fill(typed)
+        box.press("Enter")
+        page.wait_for_selector(f"#protected-note >> text={why}", timeout=30_000)
+        page.wait_for_function(f"document.querySelectorAll('#protected .token').length === {chips}", timeout=30_000)
+
     # a what-if past the measured removal order: the neuron map says it shows the analysed plan, and a button
     # measures the order further on demand
     _set_number(page, "n-remove", 2)

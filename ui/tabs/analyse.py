@@ -426,8 +426,11 @@ def wire(t: SimpleNamespace, session: gr.State, tabs, c: SimpleNamespace, start,
     # user edits only (.input): programmatic updates from Analyse must not re-plan with half-updated values
     plan_outputs = [t.curve, t.history, t.bars, t.plan, t.deeper, t.heatmap, t.detail]
     plan_inputs = [session, *what_if_controls, t.kind, t.sort, t.layer, c.ratio_of]
-    gr.on([control.input for control in [*what_if_controls, c.ratio_of]], update_plan, plan_inputs,
-          plan_outputs, trigger_mode="always_last", show_progress="hidden")
+    gr.on([control.input for control in [*what_if_controls, c.ratio_of]], update_plan, plan_inputs, plan_outputs,
+          trigger_mode="always_last", show_progress="hidden")
+    # typed protected layers: entries that are not layers of this model are named and dropped (a typed value
+    # arrives as a change, not an input, in Gradio's multiselect)
+    c.protected.change(sidebar.check_protected, [session, c.protected], [c.protected, c.protected_note], queue=False)
     deeper = t.deeper.click(start(), None, c.cancel_note, queue=False).then(
         measure_more, plan_inputs, plan_outputs, show_progress_on=[t.plan], **heavy)
     for control in (t.kind, t.sort):
