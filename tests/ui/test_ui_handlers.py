@@ -77,7 +77,7 @@ def test_load_fills_the_controls(folder):
 def test_analyse_returns_every_figure(analysed):
     session, out = analysed
     curve, history, bars, heat, detail, plan_md, deeper, status, card, protected, kinds, slider, kind, layer, sort = out
-    assert "Analysed in" in status and "Removal order" in status
+    assert "Analysed in" in status and "candidates to remove first" in status and "removal order measured 3 deep" in status
     assert [t.name for t in curve.data][:1] == ["before removal"] and len(bars.data) >= 2
     assert len(history.data) == 1 + 3 + 1  # steps 0..3 and the victims
     assert heat.data[0].type == "heatmap" and kind["value"] == "down"

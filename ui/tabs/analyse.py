@@ -279,9 +279,14 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
     heat = heatmap_figure(session, kind, True, plan)
     detail = detail_figure(session, kind, layer, plan)
     order = " → ".join(str(i) for i in analysis.removal.removal_order) or "—"
-    status = (f"<b>Analysed in {seconds:.1f} s</b> <span class='cx-muted'>({common.stage_text(stages)}; "
-              f"{memory.text()}{common.placement_note(session)})</span><br>"
-              f"Removal order (least important first, measured to {analysis.depth}): {order}")
+    least = sorted(range(analysis.n_layers), key=lambda i: analysis.plan.initial_importance[i])
+    least = [i for i in least if i not in analysis.plan.protected][:3]
+    status = (f"<b>Analysed in {seconds:.0f} s.</b> The layers that change the text's representation least "
+              f"(candidates to remove first): {', '.join(map(str, least))}. Nothing is pruned until you press "
+              "<b>Prune</b>; moving the ratio, layers or protected layers updates the plan at once."
+              + common.details_html([common.stage_text(stages), memory.text() + common.placement_note(session),
+                                     f"removal order measured {analysis.depth} deep: {order}",
+                                     "the cuts are decided without fitting the kept weights (Prune fits them)"]))
     if abs(analysis.plan_ratio - cfg.ratio) > 1e-9:
         status += (f"<div class='cx-note'>The target {cfg.ratio:.0%} cannot be reached with these settings; the "
                    f"neuron maps show the nearest reachable plan ({analysis.plan_ratio:.1%}).</div>")
@@ -386,6 +391,10 @@ def build() -> SimpleNamespace:
     t.status = gr.HTML("<span class='cx-muted'>Press <b>Analyse</b> (left) to measure the chosen model's "
                        "layers and neurons with COMP. Nothing is pruned until you press <b>Prune</b>.</span>",
                        elem_id="analysis-status", elem_classes=["cx-status"])
+    gr.HTML("<div class='cx-explain'><b>Importance</b> of a layer: how much it changes the hidden state (the "
+            "text's representation) that passes through it, 1 − cosine of its input and output. Low: it barely "
+            "changes it — a candidate to remove, or to prune more. <b>Protected</b> layers are never touched.</div>",
+            elem_id="analyse-explain")
     with gr.Row(equal_height=True):
         t.curve = gr.Plot(plots.empty_figure("Click Analyse to compute layer importances.", "Layer importance"),
                           show_label=False, elem_id="plot-curve")
@@ -405,7 +414,8 @@ def build() -> SimpleNamespace:
                     "(capped at 90 %), so the whole model loses exactly the target share.</div>")
     gr.HTML("<div class='cx-h3'>Neuron importance</div>")
     with gr.Row():
-        t.kind = gr.Dropdown(label="Dense", choices=[], value=None, scale=1, elem_id="heat-kind")
+        t.kind = gr.Dropdown(label="Weight matrix (dense)", choices=[], value=None, scale=1, elem_id="heat-kind",
+                             info="down: the MLP's output projection · o: attention's output")
         t.sort = gr.Checkbox(label="Sort each layer's neurons by score", value=True, scale=1,
                              info="least important on the left, where the removed ones gather")
         t.layer = gr.Dropdown(label="Layer in detail", choices=[], value=None, scale=1, elem_id="heat-layer")

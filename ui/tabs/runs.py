@@ -42,7 +42,7 @@ SPEED_SETTINGS = SpeedSettings(prefill_tokens=128, decode_tokens=32, batch_sizes
 
 
 # the words of the table, one line each, where they appear
-EXPLAIN = ("<b>realised ratio</b>: the share of all parameters (the model's learned numbers, the vocabulary table "
+EXPLAIN = ("<b>target</b>: the share asked for · <b>realised ratio</b>: the share of all parameters (the model's learned numbers, the vocabulary table "
            "included) the pruned model no longer has · <b>of blocks</b>: the same count as a share of the "
            "transformer blocks alone · <b>ppl</b> (perplexity): how unsure the model is of the next word in real "
            "text — lower is better; the original's is the reference · <b>tokens/s</b>: words-pieces generated per "
