@@ -316,3 +316,17 @@ def test_compare_with_ratios_of_the_transformer_blocks(folder):
     assert row["ratio of"] == "blocks" and compare.target_label(row) == "30% of blocks"
     cells = table[table["method"] == "comp"].iloc[0]
     assert cells["target"] == "30% of blocks" and cells["of blocks"].startswith("30.")
+
+
+def test_every_method_of_a_comparison_has_its_own_colour():
+    """comp and shortgpt once shared a colour (registry position modulo the palette); the colours now follow
+    the methods of the comparison, so up to len(METHOD_COLORS) methods never share one."""
+    from comp_core.methods import method_names
+
+    session = Session()
+    methods = [m for m in method_names() if m != "comp"][:12] + ["comp"]
+    session.compare_rows = [{"method": m, "key": "k", "eval": "e"} for m in methods]
+    order = compare.methods_in(session)
+    colours = [plots.method_color(m, order) for m in methods]
+    assert len(set(colours)) == len(methods)
+    assert order[0] == "comp"  # registry order: COMP keeps the theme's first colour
