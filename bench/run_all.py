@@ -29,10 +29,10 @@ sys.path.insert(0, str(BENCH))
 
 from common import ROOT, Section, git_revision, machine  # noqa: E402
 
-SECTIONS = ("quality", "ablations", "calibration", "cost", "levers", "protocol")
+SECTIONS = ("quality", "ablations", "calibration", "cost", "analyse_cost", "levers", "protocol")
 # COMP's default levers (~30 min) and the whole-test-set protocol (~25 min) are not part of --quick: it keeps
 # their last results unless they are asked for with --sections
-QUICK_SECTIONS = ("quality", "ablations", "calibration", "cost")
+QUICK_SECTIONS = ("quality", "ablations", "calibration", "cost", "analyse_cost")
 DOCS = ROOT / "docs"
 
 
