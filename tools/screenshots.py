@@ -3,7 +3,8 @@ Load → Analyse → Prune → Evaluate → Try it → the summary card, in Debi
 
     COMP_DATA_DIR=../shared/data python tools/screenshots.py --out docs/images
 
-Writes gui.png (the first screen after Analyse), summary-card.png (Prune & evaluate after Evaluate),
+Writes gui.png (the first screen after Analyse), summary-card.png and prune-evaluate.png (after Evaluate and
+Try it), try-it.png,
 compare.png (three methods) and report.png (the exported report, opened from disk without the server).
 Needs playwright and chromium (apt-get install chromium); a few minutes on two CPU cores.
 """
