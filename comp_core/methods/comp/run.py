@@ -31,6 +31,7 @@ from ...loop.capture import BlockInputs, calibration_context, forward_precision,
 from ...loop.fisher import collect_fisher
 from ...loop.importance import (RemovalResult, capture_with_importances, iterative_removal, layers_for_ratio,
                                 layers_within)
+from ...loop.similarity import LayerDistanceTally
 from ...math.allocation import ImpossibleRatioError, layer_ratios
 from ...models.adapters import get_adapter
 from ...models.pruned import head_dim_of
@@ -101,11 +102,15 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
     initial = None  # every block's importance, measured by the capture forward when it runs here
     forward_dtype = resolve_forward_dtype(cfg.forward_dtype, model)
     with calibration_context(model), forward_precision(forward_dtype):
+        distance = None  # the layer-distance matrix, from the same capture forward
         if inputs is None:
             emit(on_event, "capture", 0, 1, "capturing block inputs and layer importances")
-            inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size)
+            distance = LayerDistanceTally(len(adapter.blocks(model)))
+            inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size,
+                                                       distance=distance)
         timings["capture"] = time.perf_counter() - t0
         plan = _plan_layers(model, cfg, inputs, initial, removal, removal_depth, timings, on_event)
+        plan.layer_distance = distance.distances() if distance is not None else None
         _prune_neurons(model, samples, cfg, plan, inputs, apply=apply, on_event=on_event)
     if forward_dtype is not None:
         plan.notes.append(f"calibration forwards in {str(forward_dtype).removeprefix('torch.')} autocast "
@@ -321,7 +326,9 @@ def _auto_sweep(model, samples, cfg, on_event):
     candidates = [i for i in range(len(blocks)) if i not in protected]
     n_max = min(cfg.auto_max_layers, len(candidates), int(cfg.ratio * params_total // mean_block))
     with calibration_context(model), forward_precision(resolve_forward_dtype(cfg.forward_dtype, model)):
-        inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size)
+        distance = LayerDistanceTally(len(blocks))
+        inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size,
+                                                   distance=distance)
         removal = iterative_removal(blocks, inputs, n_max, protected, on_event, initial=initial)
     best = None
     sweep = []
@@ -345,6 +352,7 @@ def _auto_sweep(model, samples, cfg, on_event):
         raise ImpossibleRatioError(f"no number of removed layers in 0..{n_max} reaches ratio {cfg.ratio}")
     _, target, plan = best
     plan.auto_sweep = sweep
+    plan.layer_distance = distance.distances()  # the trials reuse the capture: it measured the matrix once
     emit(on_event, "auto-sweep", n_max + 1, n_max + 1, f"chose {len(plan.removed_layers)} removed layers")
     return target, plan
 
