@@ -1,6 +1,7 @@
 """Plans and results as data: what the GUI plots and the CLI prints as JSON."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -90,6 +91,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # what the method did that a reader should know
     sparse_plan: Any = None  # composed methods: the mask stage's plan (per-layer sparsity), else None
     fitted: bool = True  # False: an analysis that decided the cuts without fitting the kept weights (``analyze(fit=False)``)
+    # COMP: mean angular distance between the inputs of layers l and l+n, [n-1][l] (NaN where l+n > n_layers;
+    # comp_core.loop.similarity), measured by the capture forward of the unpruned model; None when not measured
+    layer_distance: list[list[float]] | None = None
 
     @property
     def removed_per_layer(self) -> dict[int, int]:
@@ -152,6 +156,8 @@ class Plan:
             "auto_sweep": self.auto_sweep,
             "timings": self.timings,
             "notes": self.notes,
+            "layer_distance": (None if self.layer_distance is None else
+                               [[None if math.isnan(v) else v for v in row] for row in self.layer_distance]),
         }
 
 

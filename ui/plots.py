@@ -590,3 +590,57 @@ def sparsity_heatmap(values: np.ndarray, kinds: Sequence[str], *, row_notes: Map
                                if i % step == 0 or i in notes], tickfont={"size": 9})
     fig.update_xaxes(title_text="dense", side="bottom", showgrid=False)
     return _layout(fig, title, height=max(300, min(460, 120 + 11 * n_layers)))
+
+
+# ------------------------------------------------------------------------------------------ layer similarity
+
+
+def layer_similarity_figure(distance: Sequence[Sequence[float | None]] | None, removed: Sequence[int], n_layers: int,
+                            title: str = "How much the hidden state changes from layer l to layer l+n") -> go.Figure:
+    """The layer-distance matrix (Gromov et al. 2024): colour at (l, n) = mean angular distance between the
+    hidden states entering layers l and l + n (l + n = n_layers: the last layer's output); low = the n layers
+    from l on change little, so they could go together. Every layer the plan removes is marked at (l, 1).
+
+    ``distance``: ``Plan.layer_distance``, n_layers rows (n = 1..n_layers) of n_layers values (l = 0..), NaN
+    or None where l + n > n_layers; None when the plan has none (an empty figure says so).
+    """
+    if not distance:
+        return empty_figure("Analyse with COMP to see how much the hidden state changes across each span "
+                            "of layers.", title)
+    z = np.array([[math.nan if v is None else float(v) for v in row] for row in distance], dtype=np.float32)
+    if z.shape != (n_layers, n_layers):
+        raise ValueError(f"a layer-distance matrix of {n_layers} layers has {n_layers}×{n_layers} values, "
+                         f"got {z.shape[0]}×{z.shape[1] if z.ndim == 2 else 0}")
+    finite = z[np.isfinite(z)]
+    if not finite.size:
+        return empty_figure("No layer distances were measured.", title)
+
+    def hover(n: int, layer: int) -> str:
+        end = layer + n
+        target = f"input of layer {end}" if end < n_layers else "output of the last layer"
+        return f"layers {layer}→{end}: input of layer {layer} vs {target}, distance {z[n - 1, layer]:.3f}"
+
+    text = [[hover(n, layer) if np.isfinite(z[n - 1, layer]) else "" for layer in range(n_layers)]
+            for n in range(1, n_layers + 1)]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(n_layers)), y=list(range(1, n_layers + 1)), text=text, colorscale=HEATMAP_SCALE,
+        zmin=0.0, zmax=float(finite.max()), hoverongaps=False, name="angular distance",
+        colorbar={"title": {"text": "angular distance<br>(low = similar,<br>redundant)", "side": "right"},
+                  "thickness": 12, "len": 0.9},
+        hovertemplate="%{text}<extra></extra>"))
+    marked = sorted(int(i) for i in removed if 0 <= int(i) < n_layers)
+    if marked:
+        fig.add_trace(go.Scatter(
+            x=marked, y=[1] * len(marked), mode="markers", name="removed by the plan",
+            marker={"symbol": "x", "size": max(6, min(11, 280 // n_layers)), "color": COLORS["removed"],
+                    "line": {"color": COLORS["paper"], "width": 1}},
+            customdata=[float(z[0, i]) for i in marked], cliponaxis=False,
+            hovertemplate="layer %{x}: removed by the plan<br>distance to the next layer's input %{customdata:.3f}"
+                          "<extra></extra>"))
+    _layer_axis(fig, n_layers, showgrid=False)
+    fig.update_xaxes(title_text="first layer l")
+    step = 1 if n_layers <= 16 else 2 if n_layers <= 40 else 5
+    fig.update_yaxes(title_text="n (layers spanned, l → l+n)", tickmode="linear", tick0=1, dtick=step,
+                     range=[0.4, n_layers + 0.6], showgrid=False, zeroline=False)
+    fig.update_layout(showlegend=bool(marked))
+    return _layout(fig, title, height=max(330, min(480, 150 + 11 * n_layers)))

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .capture import BlockInputs, capture_block_inputs
+from .similarity import LayerDistanceTally
 from ..events import ProgressCallback, emit
 from .blocks import BlockVisit, block_loop
 
@@ -56,12 +57,20 @@ def layer_importances(blocks: list[nn.Module], active: list[int], inputs: BlockI
     return tally.importances()
 
 
-def capture_with_importances(model: nn.Module, adapter, samples: torch.Tensor, *, batch_size: int = 8
-                             ) -> tuple[BlockInputs, dict[int, float]]:
+def capture_with_importances(model: nn.Module, adapter, samples: torch.Tensor, *, batch_size: int = 8,
+                             distance: LayerDistanceTally | None = None) -> tuple[BlockInputs, dict[int, float]]:
     """Block inputs and every block's importance on the unpruned model from one forward pass: the capture
-    forward runs the blocks in order anyway, so the removal search's first measurement comes with it."""
+    forward runs the blocks in order anyway, so the removal search's first measurement comes with it.
+    ``distance``: a tally (one per model's depth) that the same forward fills with the layer-distance matrix
+    (``similarity``); read it with ``distance.distances()`` afterwards."""
     tally = ImportanceTally()
-    inputs = capture_block_inputs(model, adapter, samples, batch_size=batch_size, observe=tally.add)
+
+    def observe(index: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        tally.add(index, x, y)
+        if distance is not None:
+            distance.observe(index, x, y)
+
+    inputs = capture_block_inputs(model, adapter, samples, batch_size=batch_size, observe=observe)
     return inputs, tally.importances()
 
 

@@ -3,13 +3,18 @@ analyze, configuration variants, regressions, and reallocating a plan to another
 from __future__ import annotations
 
 import functools
+import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from comp_core import (CompConfig, ImpossibleRatioError, analyze, count_parameters, get_adapter, prune,
                        reallocate)
+from comp_core.loop.capture import calibration_context
+from comp_core.loop.importance import capture_with_importances
+from comp_core.loop.similarity import LayerDistanceTally
 from comp_core.methods.comp import apply_plan
 from comp_core.models.surgery import IndexedInputLinear
 
@@ -480,3 +485,43 @@ def test_refit_policy_follows_calibration_size(model_and_plan, refit, n_samples,
     assert pruned and all(d.compensation == expected for d in pruned)
     assert all(d.error_tuned <= d.error_no_tuning + 1e-9 for d in pruned)
     assert abs(result.realised_ratio - 0.2) <= 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the layer-distance matrix the capture measures
+# ---------------------------------------------------------------------------------------------------------
+
+def test_analyze_and_prune_keep_the_capture_layer_distance_matrix_on_the_plan(calib):
+    model = make_tiny_model("llama")
+    adapter = get_adapter(model)
+    cfg = CompConfig(ratio=0.3, remove_layers=1, dense_kinds=None, forward_dtype="float32")
+    plan = analyze(model, calib, cfg)
+    tally = LayerDistanceTally(N_LAYERS)
+    with calibration_context(model):
+        capture_with_importances(model, adapter, calib, batch_size=cfg.batch_size, distance=tally)
+    expected = tally.distances()
+    assert plan.layer_distance is not None and len(plan.layer_distance) == N_LAYERS
+    assert all(len(row) == N_LAYERS for row in plan.layer_distance)
+    assert np.array_equal(np.array(plan.layer_distance), np.array(expected), equal_nan=True)
+    # JSON as the CLI and the export write it: NaN (where l + n > L) becomes null, nothing else does
+    written = json.loads(json.dumps(plan.to_dict(), allow_nan=False))["layer_distance"]
+    assert [[v is None for v in row] for row in written] == \
+           [[layer + n > N_LAYERS for layer in range(N_LAYERS)] for n in range(1, N_LAYERS + 1)]
+    assert written[0] == pytest.approx(expected[0], rel=1e-12)
+    _, result = prune(model, calib, cfg)
+    assert np.array_equal(np.array(result.plan.layer_distance), np.array(expected), equal_nan=True)
+    assert json.loads(json.dumps(result.to_dict(), allow_nan=False))["plan"]["layer_distance"] == written
+
+
+def test_the_auto_sweep_keeps_the_matrix_of_its_one_capture(calib):
+    model = make_tiny_model("qwen2")
+    _, result = prune(model, calib, CompConfig(ratio=0.3, remove_layers="auto", auto_max_layers=1, dense_kinds=None))
+    assert len(result.plan.auto_sweep) == 2
+    assert result.plan.layer_distance is not None
+    assert np.isfinite(np.array(result.plan.layer_distance[0])).all()
+
+
+def test_a_plan_without_a_measured_matrix_writes_null(calib):
+    _, result = prune(make_tiny_model("llama"), calib, CompConfig(ratio=0.2, remove_layers=1))
+    result.plan.layer_distance = None  # as every method but COMP leaves it
+    assert result.to_dict()["plan"]["layer_distance"] is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -106,3 +107,37 @@ def test_ppl_vs_ratio_shows_mask_runs_apart_from_the_line():
     assert list(masks.x) == [0.0] and list(masks.text) == ["R2 2:4"] and masks.mode == "markers+text"
     assert list(line.text) == ["original", "R1"]  # the line runs through removals only
     assert plots.is_mask_row(runs[2]) and not plots.is_mask_row(runs[1])
+
+
+def _distance_matrix(n_layers: int) -> list[list[float]]:
+    """D[n-1][l] growing with the span n, NaN where l + n > n_layers, as Plan.layer_distance holds it."""
+    return [[0.02 * n + 0.001 * layer if layer + n <= n_layers else math.nan for layer in range(n_layers)]
+            for n in range(1, n_layers + 1)]
+
+
+def test_layer_similarity_figure_maps_spans_and_marks_the_removed_layers():
+    fig = plots.layer_similarity_figure(_distance_matrix(6), removed=[3, 4], n_layers=6)
+    heat, marks = fig.data
+    assert heat.type == "heatmap" and list(heat.x) == list(range(6)) and list(heat.y) == list(range(1, 7))
+    z = np.asarray(heat.z, dtype=float)
+    assert z.shape == (6, 6) and np.isnan(z[1, 5]) and z[1, 4] == pytest.approx(0.044)  # l=4, n=2: 4 → 6 = L
+    assert "low = similar" in heat.colorbar.title.text
+    assert heat.text[2][3] == "layers 3→6: input of layer 3 vs output of the last layer, distance 0.063"
+    assert heat.text[0][2] == "layers 2→3: input of layer 2 vs input of layer 3, distance 0.022"
+    assert heat.text[5][1] == ""  # 1 + 6 > 6: no such span
+    assert marks.name == "removed by the plan" and list(marks.x) == [3, 4] and list(marks.y) == [1, 1]
+    assert list(marks.customdata) == pytest.approx([0.023, 0.024])
+    assert fig.layout.showlegend and fig.layout.xaxis.title.text == "first layer l"
+    assert fig.layout.title.text.startswith("How much the hidden state changes")
+    json.loads(fig.to_json())  # NaN cells serialise
+
+
+def test_layer_similarity_figure_takes_the_json_form_and_says_when_there_is_none():
+    from_json = [[None if math.isnan(v) else v for v in row] for row in _distance_matrix(4)]
+    fig = plots.layer_similarity_figure(from_json, removed=[], n_layers=4)
+    assert len(fig.data) == 1 and not fig.layout.showlegend  # nothing removed: no marker, no legend
+    assert np.isnan(np.asarray(fig.data[0].z, dtype=float)[3, 1])
+    empty = plots.layer_similarity_figure(None, removed=[2], n_layers=4)
+    assert not empty.data and "Analyse with COMP" in empty.layout.annotations[0].text
+    with pytest.raises(ValueError, match="6 layers has 6×6 values, got 4×4"):
+        plots.layer_similarity_figure(from_json, removed=[], n_layers=6)

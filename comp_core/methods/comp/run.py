@@ -33,6 +33,7 @@ from ...loop.fisher import collect_fisher
 from ...loop.stats import STAT_DTYPE, collect_block_stats
 from ...loop.importance import (RemovalResult, capture_with_importances, iterative_removal, layers_for_ratio,
                                 layers_within)
+from ...loop.similarity import LayerDistanceTally
 from ...math.allocation import ImpossibleRatioError, layer_ratios
 from ...models.adapters import get_adapter
 from ...models.pruned import head_dim_of
@@ -110,14 +111,18 @@ def _run(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, *, apply: boo
     one_pass = one_pass_blocks(model, cfg, removal_depth) if not fit and inputs is None else None
     with calibration_context(model), forward_precision(forward_dtype):
         held: dict[int, dict] = {}
+        distance = None  # the layer-distance matrix, from the same capture forward
         if inputs is None:
             emit(on_event, "capture", 0, 1, "reading the calibration text through the model"
                  + (" (layer importances and neuron statistics in one pass)" if one_pass else ""))
+            distance = LayerDistanceTally(len(adapter.blocks(model)))
             with _block_stats(model, adapter, cfg, one_pass or []) as held:
-                inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size)
+                inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size,
+                                                           distance=distance)
         timings["capture"] = time.perf_counter() - t0
         plan = _plan_layers(model, cfg, inputs, initial, removal, removal_depth, timings, on_event)
         plan.fitted = fit
+        plan.layer_distance = distance.distances() if distance is not None else None
         if one_pass:
             _decide_neurons(model, cfg, plan, held, on_event)
         else:
@@ -410,7 +415,9 @@ def _auto_sweep(model, samples, cfg, on_event):
     candidates = [i for i in range(len(blocks)) if i not in protected]
     n_max = min(cfg.auto_max_layers, len(candidates), int(cfg.ratio * params_total // mean_block))
     with calibration_context(model), forward_precision(resolve_forward_dtype(cfg.forward_dtype, model)):
-        inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size)
+        distance = LayerDistanceTally(len(blocks))
+        inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size,
+                                                   distance=distance)
         removal = iterative_removal(blocks, inputs, n_max, protected, on_event, initial=initial)
     best = None
     sweep = []
@@ -434,6 +441,7 @@ def _auto_sweep(model, samples, cfg, on_event):
         raise ImpossibleRatioError(f"no number of removed layers in 0..{n_max} reaches ratio {cfg.ratio}")
     _, target, plan = best
     plan.auto_sweep = sweep
+    plan.layer_distance = distance.distances()  # the trials reuse the capture: it measured the matrix once
     emit(on_event, "auto-sweep", n_max + 1, n_max + 1, f"chose {len(plan.removed_layers)} removed layers")
     return target, plan
 
