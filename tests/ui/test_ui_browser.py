@@ -132,6 +132,9 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
     assert _traces(page, "plot-bars", ".barlayer .trace") >= 2  # pruned neurons + the removed layer
     assert _traces(page, "plot-history", ".scatterlayer .trace") >= 2
     assert page.locator("#plot-detail .js-plotly-plot").count() == 1
+    # the layer-similarity matrix (input of layer l against input of layer l + n), from the same analysis
+    page.wait_for_function("document.querySelectorAll('#plot-similarity .heatmaplayer image').length > 0",
+                           timeout=30_000)
     # the neuron map is the readable, sorted view by default
     assert page.locator("#plot-heatmap .xtitle", has_text="sorted by score").count() == 1
     page.screenshot(path=str(tmp_path / "1-analysed.png"))
@@ -227,6 +230,7 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
     offline.goto(written.as_uri(), wait_until="load")
     offline.wait_for_selector(".js-plotly-plot svg.main-svg", timeout=30_000)
     assert "fewer parameters" in offline.inner_text("body") and "comp-explorer prune" in offline.inner_text("body")
+    assert "How similar the hidden state stays across layers" in offline.inner_text("body")
     offline.screenshot(path=str(tmp_path / "3-report.png"), full_page=True)
     offline.context.close()
     assert not errors, errors
@@ -301,7 +305,7 @@ def test_compare_tab_in_a_browser(app_url, browser):
     page.wait_for_function("document.querySelectorAll('#plot-compare-heatmap .heatmaplayer image').length > 0",
                            timeout=30_000)
     assert page.locator("#plot-compare-heatmap .heatmaplayer text", has_text="50.0%").count() == 0  # said once:
-    assert "every masked dense is 50.0% zero" in page.locator("#plot-compare-heatmap .gtitle").inner_text()
+    assert "every masked dense is 50.0% zero" in page.locator("#plot-compare-heatmap .gtitle").text_content()
     page.locator("#tab-compare").screenshot(path="/tmp/compare_masks.png")
     # where comp at 30 % cut: layer bars and the neuron map
     page.locator("#compare-plan input").click()

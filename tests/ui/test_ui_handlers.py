@@ -76,7 +76,10 @@ def test_load_fills_the_controls(folder):
 
 def test_analyse_returns_every_figure(analysed):
     session, out = analysed
-    curve, history, bars, heat, detail, plan_md, deeper, status, card, protected, kinds, slider, kind, layer, sort = out
+    curve, history, bars, heat, detail, similarity, plan_md, deeper, status, card, protected, kinds, slider, kind, layer, \
+        sort = out
+    n = session.analysis.n_layers  # the layer-similarity matrix: layer l (x) against span n (y)
+    assert similarity.data[0].type == "heatmap" and len(similarity.data[0].z) == n
     assert "Analysed in" in status and "candidates to remove first" in status and "removal order measured 3 deep" in status
     assert [t.name for t in curve.data][:1] == ["before removal"] and len(bars.data) >= 2
     assert len(history.data) == 1 + 3 + 1  # steps 0..3 and the victims
@@ -92,7 +95,7 @@ def test_analyse_returns_every_figure(analysed):
 def test_what_if_updates_without_recomputing(analysed):
     session, _ = analysed
     analysis = session.analysis
-    curve, history, bars, plan_md, deeper, heat, detail = analyse_tab.update_plan(
+    curve, history, bars, plan_md, deeper, heat, detail, similarity = analyse_tab.update_plan(
         session, 0.33, 2, False, [0, 1, 5], "diag", True, "identical", ["q", "k", "v", "o", "gate", "up", "down"],
         "down", True, None)
     assert session.analysis is analysis
@@ -103,6 +106,8 @@ def test_what_if_updates_without_recomputing(analysed):
     assert "the plan above differs" in heat.layout.title.text and "analysed plan 30%" in heat.layout.title.text
     ticks = dict(zip(heat.layout.yaxis.tickvals, heat.layout.yaxis.ticktext))
     assert all(ticks[i] == f"{i} · removed" for i in analysis.removal.removal_order[:2])
+    marks = next(t for t in similarity.data if t.name == "removed by the plan")  # the what-if's removal, marked
+    assert sorted(marks.x) == sorted(analysis.removal.removal_order[:2])
     _, _, bars, plan_md, *_ = analyse_tab.update_plan(session, 0.79, 1, False, [0, 1, 5], "obs", True, "identical", None)
     assert "impossible" in plan_md and "importance score" in plan_md  # explained, not raised
 
@@ -114,7 +119,7 @@ def test_what_if_past_the_measured_order_offers_to_measure_it(folder):
     _, _, _, plan_md, deeper, *_ = analyse_tab.update_plan(session, 0.3, 2, False, [0, 1, 5], "diag", True,
                                                           "identical", None, "down", True, None)
     assert deeper["visible"] is True and "2 layers" in deeper["value"] and "measure it to 2" in plan_md
-    _, _, bars, plan_md, deeper, heat, _ = analyse_tab.measure_more(
+    _, _, bars, plan_md, deeper, heat, _, _ = analyse_tab.measure_more(
         session, 0.3, 2, False, [0, 1, 5], "diag", True, "identical", None, "down", True, None, progress=no_progress)
     assert session.analysis.depth == 2 and deeper["visible"] is False
     assert "layers" in plan_md and "removed" in plan_md and "measure it" not in plan_md

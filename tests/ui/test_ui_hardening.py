@@ -60,7 +60,7 @@ def test_prune_first_then_analyse_then_move_the_ratio_shows_no_change(folder):
     session = Session()
     runs.run_prune(session, *data(folder), *plan(protected=[], kinds=[]), progress=no_progress)  # controls empty
     out = analyse_tab.analyse(session, *data(folder), *plan(protected=[], kinds=[]), progress=no_progress)
-    protected_u, kinds_u = out[9], out[10]
+    protected_u, kinds_u = out[10], out[11]
     assert kinds_u["value"] == sidebar.default_kinds(common.dense_kinds(session))  # the page gets the defaults
     assert set(session.analysis.cfg.dense_kinds) == set(kinds_u["value"])
     _, _, _, summary, *_ = analyse_tab.update_plan(session, 0.25, 0, False, protected_u["value"], "diag", True, "identical",

@@ -144,6 +144,19 @@ def layer_figures(session: Session, plan: WhatIf | None):
     return figs
 
 
+def similarity_figure(session: Session, plan: WhatIf | None):
+    """How similar the hidden state stays from layer l to layer l + n (the analysis's capture measured it), with
+    the layers the plan on screen removes marked."""
+    a: Analysis | None = session.analysis
+    if a is None or a.plan.layer_distance is None:
+        fig = plots.empty_figure("Analyse to see how similar the layers' inputs are.", "Layer similarity", height=360)
+    else:
+        removed = plan.removed if plan is not None and not plan.message else a.plan.removed_layers
+        fig = plots.layer_similarity_figure(a.plan.layer_distance, removed, a.n_layers)
+    session.figures["layer_similarity"] = fig
+    return fig
+
+
 def current_what_if(session: Session, ratio, n_remove, protected, cfg: CompConfig | None = None,
                     ratio_of: str = "all") -> WhatIf | None:
     """The what-if for the controls; ``cfg`` (the current settings) gives the caps of the ticked denses."""
@@ -294,7 +307,9 @@ def analyse(session: Session, source, calib, calib_file, n_samples, seq_len, see
     if not fresh_model:  # keep what the user chose
         protected_u, kinds_u = gr.update(), gr.update()
     session.controls_key = session.model_key
-    return (curve, history, bars, heat, detail, plan_summary(session, plan, auto=bool(auto)), deeper_button(session, plan),
+    similarity = similarity_figure(session, plan)
+    return (curve, history, bars, heat, detail, similarity, plan_summary(session, plan, auto=bool(auto)),
+            deeper_button(session, plan),
             status,
             common.model_card(session), protected_u, kinds_u, slider_u,
             gr.update(choices=kinds, value=kind),
@@ -354,7 +369,7 @@ def update_plan(session: Session, ratio, n_remove, auto, protected, score, mask_
     curve, history, bars = layer_figures(session, plan)
     maps = neuron_views(session, plan, kind, sort, layer)
     return (curve, history, bars, plan_summary(session, plan, stale, auto=bool(auto)), deeper_button(session, plan),
-            *maps)
+            *maps, similarity_figure(session, plan))
 
 
 def neuron_views(session: Session, plan: WhatIf | None, kind, sort, layer) -> tuple:
@@ -412,6 +427,12 @@ def build() -> SimpleNamespace:
                     "instantly from the analysis. The removed layers are the first <i>n</i> of the measured "
                     "removal order; each remaining layer's ratio is inversely proportional to its importance "
                     "(capped at 90 %), so the whole model loses exactly the target share.</div>")
+    t.similarity = gr.Plot(plots.empty_figure("Analyse to see how similar the layers' inputs are.",
+                                              "Layer similarity", height=360), show_label=False,
+                           elem_id="plot-similarity")
+    gr.HTML("<div class='cx-explain'>Each cell compares the hidden state entering layer <i>l</i> with the one "
+            "entering layer <i>l + n</i>: dark = they barely differ, so the <i>n</i> layers in between change "
+            "little — the picture people use to choose layers to drop. × marks the layers the plan removes.</div>")
     gr.HTML("<div class='cx-h3'>Neuron importance</div>")
     with gr.Row():
         t.kind = gr.Dropdown(label="Weight matrix (dense)", choices=[], value=None, scale=1, elem_id="heat-kind",
@@ -431,10 +452,11 @@ def wire(t: SimpleNamespace, session: gr.State, tabs, c: SimpleNamespace, start,
     what_if_controls = [c.ratio, c.n_remove, c.auto, c.protected, c.score, c.mask, c.inputs, c.kinds]
     analysed = c.analyse.click(start("analyse"), None, [tabs, c.cancel_note], queue=False).then(
         analyse, [session, *c.data, *c.settings, c.ratio_of],
-        [t.curve, t.history, t.bars, t.heatmap, t.detail, t.plan, t.deeper, t.status, c.card, c.protected, c.kinds,
+        [t.curve, t.history, t.bars, t.heatmap, t.detail, t.similarity, t.plan, t.deeper, t.status, c.card, c.protected,
+         c.kinds,
          c.n_remove, t.kind, t.layer, t.sort], show_progress_on=[t.status, t.curve, t.bars], **heavy)
     # user edits only (.input): programmatic updates from Analyse must not re-plan with half-updated values
-    plan_outputs = [t.curve, t.history, t.bars, t.plan, t.deeper, t.heatmap, t.detail]
+    plan_outputs = [t.curve, t.history, t.bars, t.plan, t.deeper, t.heatmap, t.detail, t.similarity]
     plan_inputs = [session, *what_if_controls, t.kind, t.sort, t.layer, c.ratio_of]
     gr.on([control.input for control in [*what_if_controls, c.ratio_of]], update_plan, plan_inputs, plan_outputs,
           trigger_mode="always_last", show_progress="hidden")
