@@ -58,10 +58,17 @@ def heading(session: Session, which: str) -> str:
             f"parameters · {common.weights_mb(model):,.0f} MB of weights</div>")
 
 
+def answers_html(original_head: str, original: str, pruned_head: str, pruned: str) -> str:
+    """Both answers in one two-column grid, so their headings and boxes always line up."""
+    return ("<div class='cx-answer-grid'>"
+            f"<div id='gen-original-head'>{original_head}</div><div id='gen-pruned-head'>{pruned_head}</div>"
+            f"<div id='gen-original'>{original}</div><div id='gen-pruned'>{pruned}</div></div>")
+
+
 @common.user_errors
 def run_generate(session: Session, prompt, max_new_tokens, chat):
-    """Generator: (original heading, original text, pruned heading, pruned text, summary card), the original
-    first. The pair is kept for the summary card and the report."""
+    """Generator: (both answers, summary card), the original's first. The pair is kept for the summary card and
+    the report."""
     prompt = (prompt or "").strip()
     if not prompt:
         raise common.fail("Type a prompt first.", "Nothing to generate")
@@ -71,16 +78,17 @@ def run_generate(session: Session, prompt, max_new_tokens, chat):
     pending = "<div class='cx-gen cx-muted'>generating…</div>"
     none = "<div class='cx-gen cx-muted'>Prune a model to compare.</div>"
     heads = heading(session, "original"), heading(session, "pruned")
-    yield heads[0], pending, heads[1], pending if session.pruned is not None else none, gr.update()
+    right = pending if session.pruned is not None else none
+    yield answers_html(heads[0], pending, heads[1], right), gr.update()
     text, speed = generate_text(session.loaded.model, tokenizer, prompt, max_new_tokens, chat)
     left = gen_card(text, speed)
+    yield answers_html(heads[0], left, heads[1], right), gr.update()
     if session.pruned is None:
-        yield heads[0], left, heads[1], none, gr.update()
         return
-    yield heads[0], left, heads[1], pending, gr.update()
     pruned_text, pruned_speed = generate_text(session.pruned, tokenizer, prompt, max_new_tokens, chat)
     session.answers[session.pruned_run] = report.Answers(prompt=prompt, before=text, after=pruned_text)
-    yield heads[0], left, heads[1], gen_card(pruned_text, pruned_speed, session.pruned_run), runs.summary_card(session)
+    yield (answers_html(heads[0], left, heads[1], gen_card(pruned_text, pruned_speed, session.pruned_run)),
+           runs.summary_card(session))
 
 
 PRESET_PROMPTS = ["Explain in two sentences why the sky is blue.",
@@ -100,13 +108,9 @@ def build() -> SimpleNamespace:
     gr.Examples([[p] for p in PRESET_PROMPTS], inputs=[t.prompt], label="Try one of these",
                 elem_id="preset-prompts")
     t.generate = gr.Button("Generate with both", variant="primary", elem_id="btn-generate")
-    with gr.Row(equal_height=True, elem_classes=["cx-answers"]):
-        with gr.Column():
-            t.original_head = gr.HTML("<div class='cx-h3'>Original</div>", elem_id="gen-original-head")
-            t.original = gr.HTML("<div class='cx-gen cx-muted'>—</div>", elem_id="gen-original")
-        with gr.Column():
-            t.pruned_head = gr.HTML("<div class='cx-h3'>Pruned</div>", elem_id="gen-pruned-head")
-            t.pruned = gr.HTML("<div class='cx-gen cx-muted'>—</div>", elem_id="gen-pruned")
+    t.answers = gr.HTML(answers_html("<div class='cx-h3'>Original</div>", "<div class='cx-gen cx-muted'>—</div>",
+                                     "<div class='cx-h3'>Pruned</div>", "<div class='cx-gen cx-muted'>—</div>"),
+                        elem_id="gen-answers")
     return t
 
 
@@ -114,7 +118,7 @@ def wire(t: SimpleNamespace, session: gr.State, c: SimpleNamespace, start, heavy
     """Generate (button or Enter); ``card`` is the Prune & evaluate tab's summary card (it shows one answer
     pair). Returns the events Cancel stops."""
     inputs = [session, t.prompt, t.max_new, t.chat]
-    outputs = [t.original_head, t.original, t.pruned_head, t.pruned, card]
+    outputs = [t.answers, card]
     generated = t.generate.click(start(), None, c.cancel_note, queue=False).then(run_generate, inputs, outputs, **heavy)
     submitted = t.prompt.submit(run_generate, inputs, outputs, **heavy)
     return [generated, submitted]
