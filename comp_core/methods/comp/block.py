@@ -250,17 +250,24 @@ def compensate(step: DenseStep, steps: dict[str, DenseStep], removed: dict[str, 
             full[keep] = kept_mask
             err_tuned = relative_error(coeff, full, rhs, total)
             compensation = "mask"
+    return dense_report(
+        step, shape, layer_index, mask_variance=variance, error_no_tuning=err_plain, error_tuned=err_tuned,
+        mask=mask.float().cpu() if mask is not None else None, compensation=compensation, ridge=ridge,
+        # in the weight's own dtype (surgery casts to it anyway): an analysis keeps one per pruned dense
+        new_weight=new_weight.to(module.weight.dtype).cpu() if new_weight is not None else None)
+
+
+def dense_report(step: DenseStep, shape: DenseShape, layer_index: int, **fit) -> DenseReport:
+    """One dense's report: its scores and pruned inputs (in original coordinates where the source was already
+    pruned), plus what its fit gave (``fit``: errors, mask, compensation; none for an unfitted decision)."""
+    module = step.module
     pruned = torch.sort(step.order[:step.n_removed]).values
     index_map = module.input_index if hasattr(module, "input_index") else None
     return DenseReport(
-        layer=layer_index, name=spec.name, kind=spec.kind, d_in=shape.d_in, d_out=shape.d_out,
+        layer=layer_index, name=step.spec.name, kind=step.spec.kind, d_in=shape.d_in, d_out=shape.d_out,
         n_removed=step.n_removed, scores=step.scores.float().cpu(),
         pruned_index=(index_map[pruned] if index_map is not None else pruned).cpu(),
-        mask_variance=variance, error_no_tuning=err_plain, error_tuned=err_tuned,
-        mask=mask.float().cpu() if mask is not None else None, compensation=compensation, ridge=ridge,
-        # in the weight's own dtype (surgery casts to it anyway): an analysis keeps one per pruned dense
-        new_weight=new_weight.to(module.weight.dtype).cpu() if new_weight is not None else None,
-        kept_index=index_map.cpu() if index_map is not None else None)
+        kept_index=index_map.cpu() if index_map is not None else None, **fit)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,16 +277,9 @@ def compensate(step: DenseStep, steps: dict[str, DenseStep], removed: dict[str, 
 def decided(step: DenseStep, columns: list[DenseShape], adapter: ArchAdapter, layer_index: int) -> DenseReport:
     """The report of a cut decided but not fitted (``prune_block(fit=False)``): scores and the pruned inputs,
     no compensation — what an analysis shows; the fit is the prune's work."""
-    spec, module = step.spec, step.module
-    shape = columns[[d.name for d in adapter.denses].index(spec.name)]
-    pruned = torch.sort(step.order[:step.n_removed]).values
-    index_map = module.input_index if hasattr(module, "input_index") else None
-    return DenseReport(
-        layer=layer_index, name=spec.name, kind=spec.kind, d_in=shape.d_in, d_out=shape.d_out,
-        n_removed=step.n_removed, scores=step.scores.float().cpu(),
-        pruned_index=(index_map[pruned] if index_map is not None else pruned).cpu(),
-        error_no_tuning=float("nan"), error_tuned=float("nan"), compensation="not fitted",
-        kept_index=index_map.cpu() if index_map is not None else None)
+    shape = columns[[d.name for d in adapter.denses].index(step.spec.name)]
+    return dense_report(step, shape, layer_index, error_no_tuning=float("nan"), error_tuned=float("nan"),
+                        compensation="not fitted")
 
 
 def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: float, cfg: CompConfig, *,
