@@ -45,17 +45,20 @@ DEFAULT_REMOVE = CompConfig().remove_layers if isinstance(CompConfig().remove_la
 # ------------------------------------------------------------------------------------------- settings
 
 
-class RatioSlider(gr.Slider):
+def ratio_slider(**kwargs) -> gr.Slider:
     """The target-ratio slider. Gradio's slider refuses a typed value outside its range with a traceback in the
     server log, leaving box and slider apart; this one hands the handlers the value brought back into range,
-    and ``ratio_typed`` puts the box back in step and says why. Drawn by Gradio's own slider (a template)."""
+    and ``ratio_typed`` puts the box back in step and says why. (The instance's ``preprocess`` is replaced: a
+    subclass of a Gradio component would make Gradio write a ``.pyi`` stub beside this module at import.)"""
+    slider = gr.Slider(**kwargs)
 
-    is_template = True
-
-    def preprocess(self, payload):
+    def in_range(payload):
         if payload is None:
             return None
-        return min(max(float(payload), self.minimum), self.maximum)
+        return min(max(float(payload), slider.minimum), slider.maximum)
+
+    slider.preprocess = in_range
+    return slider
 
 
 def ratio_typed(ratio, typed):
@@ -286,7 +289,7 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
     c.method = gr.Dropdown(method_choices(), value=DEFAULT_METHOD, label="Method (used by Prune)",
                            elem_id="method")
     c.method_note = gr.HTML(method_note(DEFAULT_METHOD), elem_id="method-note")
-    c.ratio = RatioSlider(0.0, RATIO_MAX, value=0.2, step=0.01, label="Target ratio",
+    c.ratio = ratio_slider(minimum=0.0, maximum=RATIO_MAX, value=0.2, step=0.01, label="Target ratio",
                         info="the share of the model's parameters (its learned numbers) to remove", elem_id="ratio")
     c.ratio_of = gr.Radio([("of all parameters", "all"), ("of the transformer blocks", "blocks")], value="all",
                           show_label=False, elem_id="ratio-of", container=False)
