@@ -9,8 +9,10 @@ a list of method names.
 from __future__ import annotations
 
 from types import SimpleNamespace
+from unittest import mock
 
 import gradio as gr
+from gradio import component_meta
 
 from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelError, count_parameters, settings
 from comp_core.models.adapters import count_block_parameters
@@ -45,20 +47,24 @@ DEFAULT_REMOVE = CompConfig().remove_layers if isinstance(CompConfig().remove_la
 # ------------------------------------------------------------------------------------------- settings
 
 
-def ratio_slider(**kwargs) -> gr.Slider:
-    """The target-ratio slider. Gradio's slider refuses a typed value outside its range with a traceback in the
-    server log, leaving box and slider apart; this one hands the handlers the value brought back into range,
-    and ``ratio_typed`` puts the box back in step and says why. (The instance's ``preprocess`` is replaced: a
-    subclass of a Gradio component would make Gradio write a ``.pyi`` stub beside this module at import.)"""
-    slider = gr.Slider(**kwargs)
+def _no_stub(*_args) -> None:
+    """Gradio writes a ``.pyi`` stub beside the module of every component subclass as the class is created
+    (``gradio.component_meta.create_or_modify_pyi``): into the source tree, or failing where it is read-only."""
 
-    def in_range(payload):
-        if payload is None:
-            return None
-        return min(max(float(payload), slider.minimum), slider.maximum)
 
-    slider.preprocess = in_range
-    return slider
+with mock.patch.object(component_meta, "create_or_modify_pyi", _no_stub):
+    class RatioSlider(gr.Slider):
+        """The target-ratio slider. Gradio's slider refuses a typed value outside its range with a traceback in
+        the server log, leaving box and slider apart; this one hands the handlers the value brought back into
+        range, and ``ratio_typed`` puts the box back in step and says why. Drawn by Gradio's own slider (a
+        template). Replacing one instance's ``preprocess`` does not reach the copies Gradio runs per session."""
+
+        is_template = True
+
+        def preprocess(self, payload):
+            if payload is None:
+                return None
+            return min(max(float(payload), self.minimum), self.maximum)
 
 
 def ratio_typed(ratio, typed):
@@ -289,7 +295,7 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
     c.method = gr.Dropdown(method_choices(), value=DEFAULT_METHOD, label="Method (used by Prune)",
                            elem_id="method")
     c.method_note = gr.HTML(method_note(DEFAULT_METHOD), elem_id="method-note")
-    c.ratio = ratio_slider(minimum=0.0, maximum=RATIO_MAX, value=0.2, step=0.01, label="Target ratio",
+    c.ratio = RatioSlider(minimum=0.0, maximum=RATIO_MAX, value=0.2, step=0.01, label="Target ratio",
                         info="the share of the model's parameters (its learned numbers) to remove", elem_id="ratio")
     c.ratio_of = gr.Radio([("of all parameters", "all"), ("of the transformer blocks", "blocks")], value="all",
                           show_label=False, elem_id="ratio-of", container=False)

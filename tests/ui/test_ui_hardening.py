@@ -250,3 +250,11 @@ def test_progress_says_how_long_the_stage_has_left(monkeypatch):
     assert "left" not in shown[-1]  # done
     assert common.duration_text(30) == "30 s" and common.duration_text(600) == "10 min"
     assert common.duration_text(3900) == "1 h 5 min"
+
+
+def test_importing_the_gui_writes_nothing_into_the_source_tree():
+    """Gradio writes a .pyi stub beside any module that subclasses one of its components; the ratio slider's
+    subclass must not (a read-only install would fail at import, a checkout would gain a stray file)."""
+    stubs = sorted((ROOT / "ui").rglob("*.pyi"))
+    subprocess.run([sys.executable, "-c", "import ui.app"], cwd=ROOT, check=True, timeout=300)
+    assert sorted((ROOT / "ui").rglob("*.pyi")) == stubs == []
