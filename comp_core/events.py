@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-STAGES = ("load", "calibration", "capture", "layer-removal", "fisher", "neuron-pruning", "evaluate", "auto-sweep")
+STAGES = ("load", "calibration", "capture", "layer-removal", "fisher", "neuron-pruning", "evaluate", "auto-sweep",
+          "search-database", "search")
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,40 @@ class LayerReport:
 
 
 @dataclass
+class SearchRecord:
+    """A searched allocation (``methods.search``): each searched layer's share of its parameters removed under
+    the method's own rule (``one_shot``) and under the search's best (``searched``), the parent's fitness per
+    generation (KL to the original, per token, on that generation's last-stage minibatch), and the decisive
+    comparison on every held-out token (``start_kl`` vs ``final_kl``; ``improved``: the searched one is used)."""
+
+    layers: list[int]
+    one_shot: dict[int, float]
+    searched: dict[int, float]
+    levels: list[int]
+    fitness: list[float]
+    seconds: list[float]
+    start_kl: float
+    final_kl: float
+    improved: bool
+    unit_params: int
+    levels_each_side: int
+    database_mb: float
+    reference_mb: float
+    database_seconds: float
+    search_seconds: float
+    evaluations: int
+    generations: int
+    holdout: int
+    tokens_scored: int
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["one_shot"] = {str(k): v for k, v in self.one_shot.items()}
+        out["searched"] = {str(k): v for k, v in self.searched.items()}
+        return out
+
+
+@dataclass
 class Plan:
     """What a method decided (or would decide), in one shape for every method: the layers it removed, each
     layer's share (``layer_ratios``, ``layer_reports``) and each dense's cut or mask (``dense_reports``).
@@ -94,6 +128,7 @@ class Plan:
     # COMP: mean angular distance between the inputs of layers l and l+n, [n-1][l] (NaN where l+n > n_layers;
     # comp_core.loop.similarity), measured by the capture forward of the unpruned model; None when not measured
     layer_distance: list[list[float]] | None = None
+    search: SearchRecord | None = None  # a searched allocation's record (``methods.search``), else None
 
     @property
     def removed_per_layer(self) -> dict[int, int]:
@@ -158,6 +193,7 @@ class Plan:
             "notes": self.notes,
             "layer_distance": (None if self.layer_distance is None else
                                [[None if math.isnan(v) else v for v in row] for row in self.layer_distance]),
+            "search": None if self.search is None else self.search.to_dict(),
         }
 
 

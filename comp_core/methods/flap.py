@@ -53,8 +53,10 @@ from torch import nn
 
 from ..loop.blocks import BlockVisit
 from ..models.structure import AttentionUnits, dense_by_kind, mlp_consumer
+from ..results import Plan
 from .base import Run, timed
 from .registry import Method, register_method
+from .search import SearchSpace, searched_prune
 from .structured import BlockCut, BlockShape, StructuredSettings, apply_block_cut, block_shapes, structured_plan
 
 BIAS_ROUNDS = 4  # fixed-point rounds for the added-bias accounting (settles in two in practice)
@@ -148,31 +150,14 @@ class Flap(Method):
     def prune(self, model, samples, settings, *, on_event=None, inplace=False):
         if samples is None:
             raise ValueError("FLAP needs calibration samples")
+        if settings.searched:
+            return searched_prune(self.search_setup(settings), model, samples, settings, on_event=on_event,
+                                  inplace=inplace)
         run = Run.begin(model, inplace)
         target, adapter, blocks, params_before = run.model, run.adapter, run.blocks, run.params_before
-        layers = settings.prunable_layers(len(blocks))
-        shapes = block_shapes(target, adapter, layers)
-        names = dense_by_kind(adapter)
-        o_name, down_name = names["o"], mlp_consumer(adapter)
-        plan = structured_plan(target, settings, method="flap", params_total=params_before,
-                               layer_params=[sum(p.numel() for p in b.parameters()) for b in blocks],
-                               protected=[i for i in range(len(blocks)) if i not in shapes])
-        metrics: dict[int, _LayerMetrics] = {}
-
-        def measure(v: BlockVisit) -> None:
-            if v.index not in shapes:  # protected
-                return None
-            metrics[v.index] = _LayerMetrics(
-                o=wifv(adapter.dense(v.block, o_name).weight, v.stats[o_name].variance).cpu(),
-                down=wifv(adapter.dense(v.block, down_name).weight, v.stats[down_name].variance).cpu())
-            return None  # nothing changes in the statistics pass
-
+        shapes, plan = self._begin(run, settings)
         with run.calibration():
-            inputs = run.capture(samples, plan, batch_size=settings.batch_size, on_event=on_event,
-                                 message="capturing block inputs")
-            run.loop(inputs, measure, plan, timing="statistics", with_stats=lambda i: i in shapes,
-                     propagation="identical", on_event=on_event, stage="calibration",
-                     describe=lambda i: f"layer {i}: fluctuation statistics")
+            inputs, metrics = self._measure(run, samples, settings, shapes, plan, on_event)
             with timed(plan, "selection"):
                 cuts = select_cuts(metrics, shapes, blocks, adapter, settings.ratio * params_before, settings)
 
@@ -190,12 +175,84 @@ class Flap(Method):
                      describe=lambda i: (f"layer {i}: keep {cuts[i].keep_units.numel()}/{shapes[i].units.count} "
                                          f"units, {cuts[i].keep_channels.numel()}/{shapes[i].channels} channels")
                      if i in cuts else f"layer {i}: kept")
+        plan.planned_params_after = params_before - sum(r.removed_params for r in plan.layer_reports)
+        return target, run.finish(plan)
+
+    @staticmethod
+    def _begin(run: Run, settings) -> tuple[dict[int, BlockShape], Plan]:
+        layers = settings.prunable_layers(len(run.blocks))
+        shapes = block_shapes(run.model, run.adapter, layers)
+        plan = structured_plan(run.model, settings, method="flap", params_total=run.params_before,
+                               layer_params=run.layer_params,
+                               protected=[i for i in range(len(run.blocks)) if i not in shapes])
         plan.notes.append("attention units: " + ("KV groups (grouped-query attention)"
                                                  if any(s.units.grouped for s in shapes.values()) else "heads"))
         plan.notes.append("every block keeps at least one attention unit and one MLP channel")
         plan.notes.append("dense scores: raw WIFV (variance × squared column norm); o_proj is ranked by its square")
-        plan.planned_params_after = params_before - sum(r.removed_params for r in plan.layer_reports)
-        return target, run.finish(plan)
+        return shapes, plan
+
+    @staticmethod
+    def _measure(run: Run, samples, settings, shapes: dict[int, BlockShape], plan, on_event):
+        """The statistics pass on the unpruned model: block inputs and every prunable layer's WIFV metrics."""
+        adapter = run.adapter
+        names = dense_by_kind(adapter)
+        o_name, down_name = names["o"], mlp_consumer(adapter)
+        metrics: dict[int, _LayerMetrics] = {}
+
+        def measure(v: BlockVisit) -> None:
+            if v.index not in shapes:  # protected
+                return None
+            metrics[v.index] = _LayerMetrics(
+                o=wifv(adapter.dense(v.block, o_name).weight, v.stats[o_name].variance).cpu(),
+                down=wifv(adapter.dense(v.block, down_name).weight, v.stats[down_name].variance).cpu())
+            return None  # nothing changes in the statistics pass
+
+        inputs = run.capture(samples, plan, batch_size=settings.batch_size, on_event=on_event,
+                             message="capturing block inputs")
+        run.loop(inputs, measure, plan, timing="statistics", with_stats=lambda i: i in shapes,
+                 propagation="identical", on_event=on_event, stage="calibration",
+                 describe=lambda i: f"layer {i}: fluctuation statistics")
+        return inputs, metrics
+
+    def search_setup(self, settings):
+        """FLAP's search space: the statistics pass, the global AL-AM threshold's removal per layer as the one-shot
+        allocation; the block step removes a parameter count from one layer by the same ranking within it."""
+        def setup(run: Run, samples, on_event) -> SearchSpace:
+            shapes, plan = self._begin(run, settings)
+            inputs, metrics = self._measure(run, samples, settings, shapes, plan, on_event)
+            cuts = select_cuts(metrics, shapes, run.blocks, run.adapter, settings.ratio * run.params_before, settings)
+            one_shot = {i: float(_gross_removed(shapes[i], cuts[i])) for i in shapes}
+
+            def step(block, layer: int, removed: float, stats) -> tuple:
+                cut = layer_cut(layer, metrics[layer], shapes[layer], removed)
+                return apply_block_cut(block, run.adapter, shapes[layer], cut, stats, settings)
+
+            return SearchSpace(inputs=inputs, plan=plan, step=step, one_shot=one_shot,
+                               capacity={i: float(shapes[i].prunable_params) for i in shapes})
+        return setup
+
+
+def _gross_removed(shape: BlockShape, cut: BlockCut) -> int:
+    """Parameters a cut's removed units and channels hold (before any bias the compensation adds)."""
+    return ((shape.units.count - cut.keep_units.numel()) * shape.unit_params
+            + (shape.channels - cut.keep_channels.numel()) * shape.channel_params)
+
+
+def layer_cut(layer: int, metrics: _LayerMetrics, shape: BlockShape, remove: float) -> BlockCut:
+    """One layer's AL-AM selection alone: its attention units and MLP channels ranked together by their
+    standardised scores, the kept prefix nearest to the layer's cost less ``remove`` (its best unit and
+    channel always kept), as ``select_global`` does over all layers."""
+    units, channels = flap_scores(metrics.o, metrics.down, shape.units)
+    units, channels = units.cpu(), channels.cpu()
+    forced = torch.zeros(units.numel() + channels.numel(), dtype=torch.bool)
+    forced[int(torch.argmax(units))] = True
+    forced[units.numel() + int(torch.argmax(channels))] = True
+    costs = torch.cat([torch.full((units.numel(),), float(shape.unit_params), dtype=torch.float64),
+                       torch.full((channels.numel(),), float(shape.channel_params), dtype=torch.float64)])
+    keep = select_global(torch.cat([units, channels]), costs, remove, forced)
+    return BlockCut(layer, keep_units=torch.nonzero(keep[:units.numel()]).flatten(),
+                    keep_channels=torch.nonzero(keep[units.numel():]).flatten(), o_scores=metrics.o,
+                    down_scores=metrics.down)
 
 
 def select_cuts(metrics: dict[int, _LayerMetrics], shapes: dict[int, BlockShape], blocks: list[nn.Module],

@@ -55,6 +55,16 @@ class Method:
         _, result = self.prune(model, samples, settings, on_event=on_event, inplace=False)
         return result.plan
 
+    def search_setup(self, settings: Any) -> Callable:
+        """The method's search space for a searched allocation (``methods.search.run.Setup``): a method with
+        per-layer levels overrides this and runs ``search.searched_prune`` when ``settings.allocation`` is
+        "search"."""
+        raise ValueError(f"{type(self).__name__} has no per-layer levels to search")
+
+    @property
+    def searchable(self) -> bool:
+        return type(self).search_setup is not Method.search_setup
+
 
 @dataclass(frozen=True)
 class MethodEntry:

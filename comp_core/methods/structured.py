@@ -33,15 +33,17 @@ from ..models.structure import (AttentionUnits, attention_unit_params, attention
                          mlp_consumer, mlp_width)
 from ..models.surgery import add_output_bias, apply_cuts, remove_attention_units
 from .base import protected_layers
+from .search.settings import SearchSettings
 
 COMPENSATIONS = ("none", "bias", "mask")
 
 
 @dataclass
-class StructuredSettings:
+class StructuredSettings(SearchSettings):
     """ratio: share of all parameters to remove. protected: layers left untouched (FLAP and Wanda-sp prune
     every layer, so none by default). compensation: "none", "bias" (FLAP) or "mask" (COMP's mask tuning).
-    damp: relative damping of the mask solve. inputs: what the next block is calibrated on."""
+    damp: relative damping of the mask solve. inputs: what the next block is calibrated on. allocation and
+    search_*: the per-layer shares, the method's own or searched (``search.settings.SearchSettings``)."""
 
     ratio: float = 0.2
     protected: tuple[int, ...] = ()
@@ -59,6 +61,7 @@ class StructuredSettings:
             raise ValueError("damp must be > 0")
         if self.inputs not in ("identical", "accumulated"):
             raise ValueError(f"inputs must be 'identical' or 'accumulated', got '{self.inputs}'")
+        self.check_search()
         self.protected = tuple(sorted({int(i) for i in self.protected}))
 
     def prunable_layers(self, n_layers: int) -> list[int]:

@@ -3,7 +3,7 @@
 1. ``score_denses`` — per prunable dense: its Gram (and, with paired inputs, the unpruned target), the
    damped mask-tuning matrix C, neuron scores, the removal order and the mask-variance path;
 2. ``choose_block_cuts`` — how many inputs each dense loses: the smallest variance threshold τ that meets
-   the block's budget (or the same share of every dense, ``allocation="uniform"``), then ``place_cuts``
+   the block's budget (or the same share of every dense, ``dense_allocation="uniform"``), then ``place_cuts``
    turns those counts into each dense's kept columns;
 3. ``compensate`` — the fit of the kept columns (mask tuning, refit or blend) and the dense's report;
 4. ``prune_block`` — the three above, the surgery (``apply_block_cuts``) when applying, and the layer report.
@@ -150,7 +150,7 @@ def score_denses(block: nn.Module, adapter: ArchAdapter, grams: dict, cfg: CompC
         width = _unit_width(spec, units, o_name)
         order = _unit_order(scores, units) if width > 1 else torch.argsort(scores, stable=True)  # least important first
         path = (mask_path(coeff, order, cap * width, rhs=target[0] if target is not None else None)
-                if cfg.allocation == "variance" and budget > 0 and cap > 0 else None)
+                if cfg.dense_allocation == "variance" and budget > 0 and cap > 0 else None)
         if path is not None and width > 1:  # the variance after each whole unit
             path = dataclasses.replace(path, variance=path.variance[::width])
         del coeff
@@ -166,7 +166,7 @@ def score_denses(block: nn.Module, adapter: ArchAdapter, grams: dict, cfg: CompC
 def choose_block_cuts(steps: dict[str, DenseStep], shapes: list[DenseShape], budget: int, caps: list[int],
                       cfg: CompConfig, adapter: ArchAdapter, units: AttentionUnits | None) -> LayerCut:
     """Inputs (o_proj in units: whole units) each dense loses for ``budget`` parameters of the block."""
-    if cfg.allocation == "uniform":  # ablation: the same share of every prunable dense's inputs
+    if cfg.dense_allocation == "uniform":  # ablation: the same share of every prunable dense's inputs
         return equal_share_cuts(shapes, budget, caps)
     if budget <= 0:
         return choose_cuts([torch.zeros(1)] * len(shapes), shapes, 0)
@@ -284,17 +284,21 @@ def decided(step: DenseStep, columns: list[DenseShape], adapter: ArchAdapter, la
 
 def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: float, cfg: CompConfig, *,
                 layer_index: int, apply: bool, fisher: dict[str, torch.Tensor] | None = None,
-                units: AttentionUnits | None = None, fit: bool = True) -> tuple[LayerReport, list[DenseReport]]:
+                units: AttentionUnits | None = None, fit: bool = True,
+                scored: dict[str, DenseStep] | None = None) -> tuple[LayerReport, list[DenseReport]]:
     """Decide (and with ``apply`` perform) the input-neuron pruning of one block to ``ratio`` of its params.
     ``units``: o_proj loses whole attention units (``CompConfig.o_granularity``), see ``block_units``.
-    ``fit=False`` (analysis only): decide the cuts, skip compensating the kept columns."""
+    ``fit=False`` (analysis only): decide the cuts, skip compensating the kept columns.
+    ``scored``: ``score_denses`` of this block (or of an identical one, computed with a positive budget), when
+    one block is pruned at several ratios (the searched allocation's database): scored once, cut many times."""
     start = time.perf_counter()
     params = sum(p.numel() for p in block.parameters())
     shapes = dense_shapes(block, adapter, units)  # for the allocation: o_proj counted in units, if any
     columns = dense_shapes(block, adapter)  # the real input columns
     budget = int(round(ratio * params))
     caps = max_cuts(shapes, adapter, cfg)
-    steps = score_denses(block, adapter, grams, cfg, budget=budget, caps=caps, units=units, fisher=fisher)
+    steps = ({name: dataclasses.replace(step) for name, step in scored.items()} if scored is not None and budget > 0
+             else score_denses(block, adapter, grams, cfg, budget=budget, caps=caps, units=units, fisher=fisher))
     cut = choose_block_cuts(steps, shapes, budget, caps, cfg, adapter, units)
     removed = place_cuts(steps, cut, adapter, columns, units)
     if not fit and apply:
@@ -311,6 +315,14 @@ def prune_block(block: nn.Module, adapter: ArchAdapter, grams: dict, ratio: floa
                         removed_params=cut.removed_params, tau=cut.tau, params=params,
                         seconds=time.perf_counter() - start)
     return layer, reports
+
+
+def score_block(block: nn.Module, adapter: ArchAdapter, grams: dict, cfg: CompConfig,
+                units: AttentionUnits | None = None) -> dict[str, DenseStep]:
+    """``score_denses`` of ``block`` for any positive budget (the mask-variance path to every dense's cap), to
+    hand ``prune_block`` as ``scored`` for each of several ratios."""
+    caps = max_cuts(dense_shapes(block, adapter, units), adapter, cfg)
+    return score_denses(block, adapter, grams, cfg, budget=1, caps=caps, units=units, fisher=None)
 
 
 def apply_block_cuts(block: nn.Module, adapter: ArchAdapter, keeps: dict[str, torch.Tensor],

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from ...loop.capture import FORWARD_DTYPES
 from ...math.scoring import SCORES
 from ..base import protected_layers
+from ..search.settings import SearchSettings
 
 GRANULARITIES = ("hybrid", "layers", "neurons")
 INPUT_MODES = ("identical", "accumulated", "paired")
 REFIT_MODES = ("never", "auto", "always", "blend")
-ALLOCATIONS = ("variance", "uniform")
+DENSE_ALLOCATIONS = ("variance", "uniform")
 O_GRANULARITIES = ("columns", "units")
 DEFAULT_DENSE_KINDS = ("down", "o")
 # The COMP paper's setting, one flag away (``--paper`` on the command line): its calibration budget, the
@@ -20,7 +21,7 @@ PAPER_CALIBRATION = (10, 128)  # samples × tokens
 
 
 @dataclass
-class CompConfig:
+class CompConfig(SearchSettings):
     """Settings of one COMP run. Layer indices are those of the original model.
 
     The defaults are the measured best within two minutes on two cores (docs/RESULTS.md, "levers": 64 × 512
@@ -51,9 +52,12 @@ class CompConfig:
         "blend" = per dense, the ridge between the two (``mask_tuning.ridge_refit``) whose fit on half of the
         calibration sequences best predicts the other half (``choose_ridge``), or the mask itself if no
         ridge beats it: the rank-aware choice, made from the data instead of a tokens-per-column threshold.
-    allocation: how a block's budget is shared by its denses: "variance" (COMP: the smallest variance
+    dense_allocation: how a block's budget is shared by its denses: "variance" (COMP: the smallest variance
         threshold τ of the tuned masks that meets the budget) or "uniform" (ablation: every prunable dense
-        loses the same share of its inputs, ``allocation.equal_share_cuts``).
+        loses the same share of its inputs, ``allocation.equal_share_cuts``). Until the searched allocation
+        this setting was called ``allocation``; those two values given there still land here.
+    allocation: how the ratio is shared by the layers: "one-shot" (eq. 10 over the importances) or "search"
+        (``methods.search``; its budget and the other search_* settings: ``SearchSettings``).
     o_granularity: how o_proj loses inputs: "columns" (one head dimension at a time, the paper) or "units"
         (whole attention units, ``structure.AttentionUnits``: a head, or a KV group under grouped-query
         attention, together with its q/k/v rows; scored by the sum of its columns' scores, its mask-variance
@@ -77,7 +81,7 @@ class CompConfig:
     refit_damp: float = 1e-3
     auto_max_layers: int = 8
     batch_size: int = 4  # calibration sequences per forward: 8 raised the peak RSS by 0.4 GB, no faster
-    allocation: str = "variance"  # per-dense cuts: the variance threshold τ, or "uniform" (ablation)
+    dense_allocation: str = "variance"  # per-dense cuts: the variance threshold τ, or "uniform" (ablation)
     forward_dtype: str = "auto"  # calibration forwards: "auto" (bf16 autocast where native), "float32", "bfloat16"
     o_granularity: str = "columns"
 
@@ -106,11 +110,23 @@ class CompConfig:
             raise ValueError(f"forward_dtype must be one of {FORWARD_DTYPES}, got '{self.forward_dtype}'")
         if self.o_granularity not in O_GRANULARITIES:
             raise ValueError(f"o_granularity must be one of {O_GRANULARITIES}, got '{self.o_granularity}'")
-        if self.o_granularity == "units" and self.allocation != "variance":
+        if self.allocation in DENSE_ALLOCATIONS:  # the name this setting had before the searched allocation
+            self.dense_allocation, self.allocation = self.allocation, "one-shot"
+        self.check_search()
+        if self.o_granularity == "units" and self.dense_allocation != "variance":
             raise ValueError("o_granularity='units' shares the layer budget by the variance threshold; "
-                             "use allocation='variance' with it")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got '{self.allocation}'")
+                             "use dense_allocation='variance' with it")
+        if self.dense_allocation not in DENSE_ALLOCATIONS:
+            raise ValueError(f"dense_allocation must be one of {DENSE_ALLOCATIONS}, got '{self.dense_allocation}'")
+        if self.searched and self.inputs == "paired":
+            raise ValueError("allocation='search' prunes every layer on the original model's inputs (its database); "
+                             "paired inputs need the pruned stream: use inputs='identical' with it")
+        if self.searched and self.score == "fisher":
+            raise ValueError("allocation='search' scores from each layer's input statistics; the Fisher score "
+                             "back-propagates through the whole model: choose another score")
+        if self.searched and self.remove_layers == "auto":
+            raise ValueError("allocation='search' searches the neuron shares after a fixed number of removed "
+                             "layers; give remove_layers a number (or 'min')")
         if self.damp <= 0 or self.refit_damp <= 0:
             raise ValueError("damp and refit_damp must be > 0")
         if self.protected is not None:

@@ -43,7 +43,9 @@ from ...results import DenseReport, Plan, PruneResult
 from ...runtime import available_memory_mb, count_parameters
 from ..base import check_dense_kinds
 from ..registry import Method, finish, register_method
-from .block import apply_block_cuts, block_units, layer_caps, prunable_denses, prune_block
+from ..search import SearchSpace, searched_prune
+from ..search.settings import SEARCH_INPUTS_NOTE
+from .block import apply_block_cuts, block_units, layer_caps, prunable_denses, prune_block, score_block
 from .config import CompConfig
 from ...evaluate.loss import calibration_loss
 
@@ -388,6 +390,8 @@ def prune(model: nn.Module, samples: torch.Tensor, cfg: CompConfig | None = None
           on_event: ProgressCallback | None = None, inplace: bool = False) -> tuple[nn.Module, PruneResult]:
     """Prune ``model`` (a copy unless ``inplace``) with COMP; returns the pruned model and its result."""
     cfg = cfg or CompConfig()
+    if cfg.searched:
+        return searched_prune(_search_setup(cfg), model, samples, cfg, on_event=on_event, inplace=inplace)
     start = time.perf_counter()
     params_before = count_parameters(model)
     if cfg.remove_layers != "auto" or cfg.granularity != "hybrid":
@@ -398,6 +402,48 @@ def prune(model: nn.Module, samples: torch.Tensor, cfg: CompConfig | None = None
     result = finish(target, plan, params_before, start)
     result.extra = {"compensation": plan.compensation_summary()}
     return target, result
+
+
+def _search_setup(cfg: CompConfig):
+    """COMP's search space (``methods.search``): one capture forward (block inputs and importances), the layer
+    plan (removed blocks, eq. 10's ratio per prunable block — the one-shot allocation — and each block's cap),
+    the removed blocks taken out, and the block step (``prune_block``) at any parameter count."""
+    def setup(run, samples: torch.Tensor, on_event: ProgressCallback | None) -> SearchSpace:
+        model, adapter = run.model, run.adapter
+        check_dense_kinds(cfg.dense_kinds, adapter)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        emit(on_event, "capture", 0, 1, "reading the calibration text through the model")
+        with forward_precision(resolve_forward_dtype(cfg.forward_dtype, model)):
+            inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size)
+        timings["capture"] = time.perf_counter() - t0
+        plan = _plan_layers(model, cfg, inputs, initial, None, 0, timings, on_event)
+        if cfg.inputs != "identical":
+            plan.notes.append(SEARCH_INPUTS_NOTE)
+        if plan.removed_layers:
+            adapter.keep_blocks(model, [i for i in range(plan.n_layers) if i not in plan.removed_layers])
+        importances = plan.importance_history[len(plan.removed_layers)]
+        head_dim = head_dim_of(model.config)
+
+        def layer_context(block: nn.Module, layer: int, stats) -> tuple:
+            """The layer's statistics and its scores, once for all its levels (scored on the original block)."""
+            return stats, score_block(block, adapter, stats, cfg, block_units(block, adapter, cfg, head_dim))
+
+        def step(block: nn.Module, layer: int, removed: float, context) -> tuple:
+            stats, scored = context
+            params = sum(p.numel() for p in block.parameters())
+            report, denses = prune_block(block, adapter, stats, removed / params, cfg, layer_index=layer, apply=True,
+                                         units=block_units(block, adapter, cfg, head_dim), scored=scored)
+            report.importance = importances[layer]
+            return report, denses
+
+        return SearchSpace(
+            inputs=inputs, plan=plan, step=step, layer_context=layer_context,
+            one_shot={i: r * plan.layer_params[i] for i, r in plan.layer_ratios.items()},
+            capacity={i: plan.layer_caps[i] * plan.layer_params[i] for i in plan.layer_ratios},
+            loop_settings={"stat_folds": 2 if cfg.refit == "blend" and cfg.mask_tuning else 0,
+                           "stat_denses": prunable_denses(adapter, cfg)})
+    return setup
 
 
 def _auto_sweep(model, samples, cfg, on_event):
@@ -467,3 +513,6 @@ class Comp(Method):
 
     def analyze(self, model, samples, settings, on_event=None):
         return analyze(model, samples, settings, on_event)
+
+    def search_setup(self, settings):
+        return _search_setup(settings)

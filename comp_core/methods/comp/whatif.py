@@ -39,11 +39,11 @@ SETTING_LABELS = {
     "inputs": "calibration inputs", "damp": "damping", "max_dense_ratio": "dense cap", "layer_cap": "layer cap",
     "dense_kinds": "prunable denses", "refit": "refit", "refit_tokens_per_input": "refit tokens per input",
     "refit_damp": "refit damping", "auto_max_layers": "auto sweep depth", "batch_size": "batch size",
-    "allocation": "per-dense allocation",
+    "dense_allocation": "per-dense allocation", "allocation": "layer allocation",
 }
 # settings that change neuron scores or cuts: a what-if cannot cover them, the neuron maps need a new analysis
 STALE_SETTINGS = ("score", "mask_tuning", "inputs", "dense_kinds", "granularity", "damp", "refit",
-                  "max_dense_ratio", "layer_cap", "allocation")
+                  "max_dense_ratio", "layer_cap", "dense_allocation", "allocation")
 
 
 @dataclass
