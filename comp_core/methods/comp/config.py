@@ -59,6 +59,12 @@ class CompConfig:
         attention, together with its q/k/v rows; scored by the sum of its columns' scores, its mask-variance
         step taken at unit boundaries). Units free about 2.7× the parameters per o column on SmolLM2
         (q, k and v rows go too) but come 192 columns at a time.
+    layer_rescale: Prune&Comp (Chen et al., AAAI 2026): where a block is removed, multiply the residual stream
+        by s = mean over calibration sequences and channels of mean_t |y| / mean_t |x| (the removed block's
+        output over its input, ``math.magnitude``), measured at each removal on the stream already compensated
+        for the earlier ones (the iterative search then ranks the compensated model); folded as 1/s into the
+        o/down projections of the kept blocks after the gap. Only acts where layers are removed
+        ("layers", or "hybrid" when it removes any).
     """
 
     ratio: float = 0.2
@@ -80,6 +86,7 @@ class CompConfig:
     allocation: str = "variance"  # per-dense cuts: the variance threshold τ, or "uniform" (ablation)
     forward_dtype: str = "auto"  # calibration forwards: "auto" (bf16 autocast where native), "float32", "bfloat16"
     o_granularity: str = "columns"
+    layer_rescale: bool = False  # Prune&Comp: rescale the stream where a layer was removed
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -115,6 +122,11 @@ class CompConfig:
             raise ValueError("damp and refit_damp must be > 0")
         if self.protected is not None:
             self.protected = tuple(sorted({int(i) for i in self.protected}))
+
+    @property
+    def rescales_layers(self) -> bool:
+        """Whether removed layers get Prune&Comp's rescaling (``layer_rescale``; never without layer removal)."""
+        return self.layer_rescale and self.granularity != "neurons"
 
     def protected_layers(self, n_layers: int) -> set[int]:
         """The protected blocks; None = the first two and the last (only the first in a model of ≤ 3 blocks)."""
