@@ -98,8 +98,15 @@ def test_hybrid_comp_apply_plan_equals_prune_with_rescaled_removed_layers(calib)
     torch.testing.assert_close(_logits(applied, calib[:2]), _logits(pruned, calib[:2]), rtol=0, atol=1e-6)
     unscaled, _ = prune(model, calib, CompConfig(ratio=0.3, remove_layers=2))
     assert float((_logits(unscaled, calib[:2]) - _logits(pruned, calib[:2])).abs().max()) > 1e-4
+    scales = dict(plan.layer_scales)
     plan.layer_scales = {plan.removed_layers[0]: 1.1}  # a plan whose scales do not match what it removes
     with pytest.raises(ValueError, match="Prune&Comp scales are for layers"):
+        apply_plan(model, plan)
+    plan.layer_scales = {}
+    with pytest.raises(ValueError, match="Prune&Comp scales are for layers"):
+        apply_plan(model, plan)
+    plan.layer_scales, plan.config = scales, {**plan.config, "layer_rescale": False}
+    with pytest.raises(ValueError, match="rescales none"):
         apply_plan(model, plan)
 
 

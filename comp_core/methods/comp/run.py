@@ -386,11 +386,11 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> tuple[
                      if in_units and any(d.kind == "o" for d in reports) else None)
             apply_block_cuts(block, adapter, keeps, {d.name: d.mask for d in reports},
                              {d.name: d.new_weight for d in reports}, units)
-    if plan.layer_scales:
-        if set(plan.layer_scales) != set(plan.removed_layers):
-            raise ValueError(f"the plan's Prune&Comp scales are for layers {sorted(plan.layer_scales)}, but it removes "
-                             f"{plan.removed_layers}; analyse it again")
-        fold_layer_scales(blocks, adapter, plan.layer_scales)
+    rescaled = plan.removed_layers if plan.config.get("layer_rescale", False) else []
+    if set(plan.layer_scales) != set(rescaled):  # a plan changed after its analysis must not fold stale scales
+        raise ValueError(f"the plan's Prune&Comp scales are for layers {sorted(plan.layer_scales)}, but it "
+                         f"{'removes' if rescaled else 'rescales'} {rescaled or 'none'}; analyse it again")
+    fold_layer_scales(blocks, adapter, plan.layer_scales)
     if plan.removed_layers:
         adapter.keep_blocks(target, [i for i in range(plan.n_layers) if i not in plan.removed_layers])
     return target, finish(target, plan, params_before, start)  # the plan's parameter count checked, blocks measured
