@@ -129,6 +129,9 @@ class Plan:
     # comp_core.loop.similarity), measured by the capture forward of the unpruned model; None when not measured
     layer_distance: list[list[float]] | None = None
     search: SearchRecord | None = None  # a searched allocation's record (``methods.search``), else None
+    # Prune&Comp: {removed layer: its scale s}, folded as 1/(product over earlier gaps) into the output
+    # projections of every kept layer after a gap (``math.magnitude``); empty when the stream is not rescaled
+    layer_scales: dict[int, float] = field(default_factory=dict)
 
     @property
     def removed_per_layer(self) -> dict[int, int]:
@@ -194,6 +197,7 @@ class Plan:
             "layer_distance": (None if self.layer_distance is None else
                                [[None if math.isnan(v) else v for v in row] for row in self.layer_distance]),
             "search": None if self.search is None else self.search.to_dict(),
+            "layer_scales": {str(k): v for k, v in sorted(self.layer_scales.items())},
         }
 
 

@@ -19,7 +19,7 @@ across layers, layer removal) run before or after the loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable
+from typing import Callable, Collection, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -58,7 +58,8 @@ def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[in
                propagation: str = "identical", stat_device: torch.device | str | None = None,
                stat_folds: int = 0, stat_denses: Collection[str] | None = None,
                on_event: ProgressCallback | None = None, stage: str = "blocks",
-               describe: Callable[[int], str] | None = None) -> list[torch.Tensor]:
+               describe: Callable[[int], str] | None = None,
+               input_scales: Mapping[int, float] | None = None) -> list[torch.Tensor]:
     """Visit ``active`` blocks (original indices into ``blocks``) in order; returns the last hidden states
     (with paired propagation: the shifted stream's, what the pruned model computes).
 
@@ -69,6 +70,9 @@ def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[in
     ``visit.inputs``/``visit.outputs`` are then the reference stream's, ``visit.shifted_inputs`` the other.
     ``stat_folds=2`` also keeps every input Gram split by calibration sequence (``InputStats.fold_grams``);
     ``stat_denses`` names the denses whose statistics the visitor reads (None: all).
+    ``input_scales``: {block i: factor} multiplies the hidden states entering block i (both streams) by the
+    factor before the visit — Prune&Comp's compensation where removed blocks left a gap just before i
+    (``math.magnitude.entering_scales``); the captured inputs themselves are never changed.
     """
     if propagation not in PROPAGATION:
         raise ValueError(f"propagation must be one of {PROPAGATION}, got '{propagation}'")
@@ -78,6 +82,11 @@ def block_loop(blocks: list[nn.Module], inputs: BlockInputs, active: Iterable[in
     shifted = hidden  # paired only: the pruned model's stream; the same list until a block changes
     for step, i in enumerate(active):
         block = blocks[i]
+        if input_scales and i in input_scales:
+            factor = input_scales[i]
+            scaled = [h * factor for h in hidden]
+            shifted = scaled if shifted is hidden or shifted is None else [h * factor for h in shifted]
+            hidden = scaled
         with resident(block):  # a streamed block is read once per visit (``streaming``)
             hidden, shifted = _visit_block(block, i, step, hidden, shifted, inputs, visit, adapter, with_stats,
                                            propagation, stat_device, stat_folds, stat_denses)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -24,7 +24,10 @@ from torch import nn
 from ..events import ProgressCallback, emit
 from ..loop.blocks import BlockVisit, block_loop
 from ..loop.capture import BlockInputs, calibration_context, capture_block_inputs
+from ..math.magnitude import cumulative_scales
 from ..models.adapters import ArchAdapter, get_adapter
+from ..models.streaming import resident
+from ..models.surgery import rescale_outputs
 from ..results import Plan, PruneResult
 from ..runtime import count_parameters
 from .registry import finish, working_copy
@@ -55,6 +58,25 @@ def check_dense_kinds(kinds: Iterable[str] | None, adapter: ArchAdapter, *, allo
     if unknown or (not kinds and not allow_empty):
         raise ValueError(f"dense kinds {unknown or '()'} do not exist in this {adapter.family} model; "
                          f"its denses are: {', '.join(known)}")
+
+
+def fold_layer_scales(blocks: list[nn.Module], adapter: ArchAdapter, scales: Mapping[int, float]) -> None:
+    """Prune&Comp's compensation, folded: divide the output projections of every kept block after a removed one
+    by the product of the scales of all removed blocks before it (``math.magnitude.cumulative_scales``), each
+    block resident while it changes. ``blocks``: the original list (``scales`` is keyed by original index);
+    the removed blocks themselves are left alone (the caller drops them)."""
+    kept = [i for i in range(len(blocks)) if i not in scales]
+    for i, factor in cumulative_scales(kept, scales).items():
+        if factor != 1.0:
+            with resident(blocks[i], modifies=True):
+                rescale_outputs(blocks[i], adapter, 1.0 / factor)
+
+
+def scales_note(scales: Mapping[int, float]) -> str:
+    """The plan note of a rescaled removal: each removed layer's scale."""
+    listed = ", ".join(f"layer {i}: {s:.4f}" for i, s in sorted(scales.items()))
+    return (f"Prune&Comp rescaling: the stream where each removed layer was is multiplied by its scale ({listed}); "
+            "folded as 1/(product of earlier scales) into the o/down projections of every later kept layer")
 
 
 @dataclass

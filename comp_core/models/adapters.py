@@ -121,6 +121,17 @@ def _falcon_alibi(attention: nn.Module) -> str | None:
     return None
 
 
+def _opt_post_norm(block: nn.Module) -> str | None:
+    if not getattr(block, "do_layer_norm_before", True):
+        return ("this OPT normalises after the residual add (do_layer_norm_before=False), so the residual stream "
+                "is not read through scale-invariant norms")
+    return None
+
+
+_POST_NORMS = ("normalises the attention and MLP outputs (post_attention_layernorm, post_feedforward_layernorm) "
+               "before adding them to the residual stream, so scaling o_proj/down_proj changes nothing")
+
+
 def _falcon_layout(attention: nn.Module) -> str:
     if attention.new_decoder_architecture:
         return "grouped"
@@ -143,6 +154,11 @@ class ArchAdapter:
     model_class: str | None = None
     matched: str = "model_type"  # or what the structural fallback matched
     per_layer_config_lists: tuple[str, ...] = field(default=("layer_types", "no_rope_layers", "mlp_only_layers"))
+    # None when multiplying a block's residual writers (its "o" and "down" denses, ``structure.residual_writers``)
+    # scales exactly what the block adds to the residual stream, and every reader of the stream (the blocks'
+    # input norms, the final norm) is scale invariant — pre-norm blocks; else why not, or a function of a block
+    # saying so. Prune&Comp's compensation for removed blocks (``surgery.rescale_outputs``) needs None.
+    stream_rescale: str | Callable[[nn.Module], str | None] | None = None
 
     # -- model level -------------------------------------------------------------------------------
     def base(self, model: nn.Module) -> nn.Module:
@@ -192,6 +208,14 @@ class ArchAdapter:
     def head_removal_refused(self, block: nn.Module) -> str | None:
         """Why this block's attention heads cannot be removed exactly (``AttentionSpec.head_removal``)."""
         return self.attention.head_removal_refused(self.dense(block, self.attention_path))
+
+    def stream_rescale_refused(self, block: nn.Module) -> str | None:
+        """Why scaling this block's residual writers would not scale its share of the residual stream exactly
+        (``stream_rescale``; a structural match is refused, its norms being unknown); None when it would."""
+        if self.matched != "model_type":
+            return (f"the model type is matched by structure only ({self.matched}), so whether its blocks read the "
+                    "residual stream through scale-invariant norms is unknown")
+        return self.stream_rescale(block) if callable(self.stream_rescale) else self.stream_rescale
 
     def set_heads(self, block: nn.Module, heads: int, kv_heads: int) -> None:
         """Tell the stock attention module how many heads its (narrower) projections now hold."""
@@ -310,6 +334,7 @@ OPT_FAMILY = ArchAdapter(
     attention=AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                             head_attrs=(("num_heads", "heads"),)),
     mlp_width_attr="ffn_dim",
+    stream_rescale=_opt_post_norm,
 )
 
 PHI3_FAMILY = ArchAdapter(
@@ -368,10 +393,11 @@ FALCON_FAMILY = ArchAdapter(
 )
 
 
-def _llama_like(family: str, config_class: str, model_class: str, **attention_changes) -> ArchAdapter:
+def _llama_like(family: str, config_class: str, model_class: str, *, stream_rescale: str | None = None,
+                **attention_changes) -> ArchAdapter:
     attention = dataclasses.replace(LLAMA_FAMILY.attention, **attention_changes)
     return dataclasses.replace(LLAMA_FAMILY, family=family, attention=attention, config_class=config_class,
-                               model_class=model_class)
+                               model_class=model_class, stream_rescale=stream_rescale)
 
 
 def _stock(adapter: ArchAdapter, config_class: str, model_class: str) -> ArchAdapter:
@@ -388,11 +414,13 @@ REGISTRY: dict[str, ArchAdapter] = {
     "opt": _stock(OPT_FAMILY, "OPTConfig", "OPTForCausalLM"),
     "smollm3": _stock(LLAMA_FAMILY, "SmolLM3Config", "SmolLM3ForCausalLM"),  # + no_rope_layers
     "gemma": _llama_like("gemma", "GemmaConfig", "GemmaForCausalLM"),
-    "gemma2": _llama_like("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
-    "gemma3_text": _llama_like("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "gemma2": _llama_like("gemma2", "Gemma2Config", "Gemma2ForCausalLM", stream_rescale=f"Gemma 2 {_POST_NORMS}"),
+    "gemma3_text": _llama_like("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM",
+                               stream_rescale=f"Gemma 3 {_POST_NORMS}"),
     "olmo2": _llama_like("olmo2", "Olmo2Config", "Olmo2ForCausalLM",
                          head_removal="OLMo 2's q_norm/k_norm normalise over all heads together, so removing "
-                                      "a head would change the others"),
+                                      "a head would change the others",
+                         stream_rescale=f"OLMo 2 reads the raw residual stream and {_POST_NORMS}"),
     "phi3": _stock(PHI3_FAMILY, "Phi3Config", "Phi3ForCausalLM"),
     "gpt_neox": _stock(GPT_NEOX_FAMILY, "GPTNeoXConfig", "GPTNeoXForCausalLM"),
     "falcon": _stock(FALCON_FAMILY, "FalconConfig", "FalconForCausalLM"),

@@ -27,6 +27,22 @@ def dense_by_kind(adapter: ArchAdapter) -> dict[str, str]:
     return {d.kind: d.name for d in adapter.denses}
 
 
+RESIDUAL_WRITER_KINDS = ("o", "down")  # the dense kinds whose outputs a block adds to the residual stream
+
+
+def residual_writers(adapter: ArchAdapter) -> tuple[str, ...]:
+    """Dense paths whose outputs a block adds to the residual stream: the attention output (kind "o") and the
+    MLP's down projection (kind "down", the consumer whose inputs decide its producers' rows) — also in fused
+    families, where q/k/v or gate/up share one linear but these two stay their own."""
+    kinds = dense_by_kind(adapter)
+    missing = [k for k in RESIDUAL_WRITER_KINDS if k not in kinds]
+    if missing:
+        raise UnsupportedModelError(f"{adapter.family}: no dense of kind {', '.join(missing)}, so what the blocks add "
+                                    "to the residual stream is not known")
+    assert kinds["down"] == mlp_consumer(adapter), (kinds["down"], mlp_consumer(adapter))
+    return tuple(kinds[k] for k in RESIDUAL_WRITER_KINDS)
+
+
 def _params(module: nn.Module, rows: int = 0, cols: int = 0) -> int:
     """Parameters in ``rows`` output rows (weight + bias) or ``cols`` input columns of a linear."""
     d_out, d_in = module.weight.shape

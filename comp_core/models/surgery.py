@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .adapters import ArchAdapter, UnsupportedModelError
+from .structure import residual_writers
 
 
 class IndexedInputLinear(nn.Module):
@@ -108,6 +109,33 @@ def add_output_bias(module: nn.Module, delta: torch.Tensor) -> None:
         module.bias = nn.Parameter(delta.clone())
     else:
         module.bias.data.add_(delta)
+
+
+def check_stream_rescale(block: nn.Module, adapter: ArchAdapter) -> None:
+    """Refuse (``UnsupportedModelError``) a block whose share of the residual stream cannot be scaled exactly
+    through its output projections (``ArchAdapter.stream_rescale``): the one check and message, asked before
+    any measurement as well as by ``rescale_outputs``."""
+    residual_writers(adapter)
+    refused = adapter.stream_rescale_refused(block)
+    if refused is not None:
+        raise UnsupportedModelError(f"{adapter.family}: Prune&Comp's rescaling (layer_rescale) needs the residual "
+                                    f"stream rescaled through the blocks' output projections, which cannot be "
+                                    f"done exactly here: {refused}")
+
+
+def rescale_outputs(block: nn.Module, adapter: ArchAdapter, factor: float) -> None:
+    """Multiply what ``block`` adds to the residual stream by ``factor``, in place: the weights and biases of its
+    residual writers (``structure.residual_writers``: attention output and MLP down, pruned or not). How
+    Prune&Comp's scale of a removed block is folded into the blocks after it (by 1/s, which leaves tied
+    embeddings alone). Refuses an architecture whose blocks normalise those outputs again or whose stream is
+    not read through scale-invariant norms (``check_stream_rescale``)."""
+    check_stream_rescale(block, adapter)
+    with torch.no_grad():  # in place, so the version counters (and a streamed block's spill check) see it
+        for name in residual_writers(adapter):
+            module = adapter.dense(block, name)
+            module.weight.mul_(factor)
+            if module.bias is not None:
+                module.bias.mul_(factor)
 
 
 def apply_cuts(block: nn.Module, adapter: ArchAdapter, keeps: dict[str, torch.Tensor],

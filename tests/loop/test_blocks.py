@@ -85,3 +85,28 @@ def test_unknown_propagation_is_refused():
         inputs = capture_block_inputs(model, adapter, make_calib()[:2], batch_size=2)
         with pytest.raises(ValueError, match="propagation"):
             block_loop(blocks, inputs, [0], lambda v: None, propagation="sideways")
+
+
+@pytest.mark.parametrize("propagation", ["identical", "paired"])
+def test_input_scales_multiply_the_stream_entering_a_block(propagation):
+    """Prune&Comp's replay: block 2 (block 1 skipped) sees block 0's outputs times the gap's scale, on both
+    streams of a paired loop; blocks without an entry and the captured inputs are left as they were."""
+    model, adapter, blocks = _setup()
+    seen = {}
+    with calibration_context(model):
+        inputs = capture_block_inputs(model, adapter, make_calib(), batch_size=4)
+        captured = [h.clone() for h in inputs.hidden]
+
+        def visit(v):
+            seen[v.index] = (v.inputs, v.outputs, v.shifted_inputs)
+
+        block_loop(blocks, inputs, [0, 2, 3], visit, propagation=propagation, input_scales={2: 1.7})
+    for got, out0 in zip(seen[2][0], seen[0][1]):
+        torch.testing.assert_close(got, 1.7 * out0, rtol=1e-6, atol=1e-6)
+    for got, out2 in zip(seen[3][0], seen[2][1]):
+        torch.testing.assert_close(got, out2, rtol=0, atol=0)
+    if propagation == "paired":
+        for got, want in zip(seen[2][2], seen[2][0]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(inputs.hidden, captured):
+        assert torch.equal(got, want)

@@ -223,6 +223,28 @@ def test_layer_removal_only_methods_stream(llama_folder):
     torch.testing.assert_close(_logits(pruned, ids), _logits(expected, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method, settings", [
+    ("shortgpt", {"n_layers": 2}),
+    ("comp-layers", {"ratio": 0.3, "forward_dtype": "float32"}),
+    ("comp", {"ratio": 0.3, "remove_layers": 1, "forward_dtype": "float32"}),
+])
+def test_rescaled_layer_removal_streams_to_the_in_memory_model(llama_folder, method, settings):
+    """Prune&Comp's scales folded into streamed blocks (inside ``resident``) reach the pruned model."""
+    calib = make_calib()
+    streamed = open_streamed(llama_folder, dtype=torch.float32)
+    pruned, result = prune_with(method, streamed, calib, layer_rescale=True, **settings)
+    memory, _ = load_pruned(llama_folder)
+    expected, want = prune_with(method, memory, calib, layer_rescale=True, **settings)
+    assert result.plan.layer_scales == pytest.approx(want.plan.layer_scales) and want.plan.layer_scales
+    ids = make_calib(seed=3)[:2]
+    torch.testing.assert_close(_logits(pruned, ids), _logits(expected, ids), rtol=1e-5, atol=1e-5)
+    if method == "comp":
+        applied, _ = apply_plan(open_streamed(llama_folder, dtype=torch.float32),
+                                analyze(open_streamed(llama_folder, dtype=torch.float32), calib,
+                                        CompConfig(layer_rescale=True, **settings)))
+        torch.testing.assert_close(_logits(applied, ids), _logits(expected, ids), rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- memory
 
 _MEASURE = r"""

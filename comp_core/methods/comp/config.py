@@ -63,6 +63,15 @@ class CompConfig(SearchSettings):
         attention, together with its q/k/v rows; scored by the sum of its columns' scores, its mask-variance
         step taken at unit boundaries). Units free about 2.7× the parameters per o column on SmolLM2
         (q, k and v rows go too) but come 192 columns at a time.
+    layer_rescale: Prune&Comp (Chen et al., AAAI 2026): where a block is removed, multiply the residual stream
+        by s = mean over calibration sequences and channels of mean_t |y| / mean_t |x| (the removed block's
+        output over its input, ``math.magnitude``), measured at each removal on the stream already compensated
+        for the earlier ones (the iterative search then ranks the compensated model); folded as 1/s into the
+        o/down projections of the kept blocks after the gap. Only acts where layers are removed
+        ("layers", or "hybrid" when it removes any). Off by default although it helped comp-layers on the
+        bundled model (4 layers removed, C4 10 × 128: 61.12 → 57.96 WikiText-2 perplexity): on by default,
+        comp-layers would change its recorded behaviour (tools/fingerprints.py) and refuse the families it
+        cannot fold into (``ArchAdapter.stream_rescale``).
     """
 
     ratio: float = 0.2
@@ -84,6 +93,7 @@ class CompConfig(SearchSettings):
     dense_allocation: str = "variance"  # per-dense cuts: the variance threshold τ, or "uniform" (ablation)
     forward_dtype: str = "auto"  # calibration forwards: "auto" (bf16 autocast where native), "float32", "bfloat16"
     o_granularity: str = "columns"
+    layer_rescale: bool = False  # Prune&Comp: rescale the stream where a layer was removed
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -131,6 +141,11 @@ class CompConfig(SearchSettings):
             raise ValueError("damp and refit_damp must be > 0")
         if self.protected is not None:
             self.protected = tuple(sorted({int(i) for i in self.protected}))
+
+    @property
+    def rescales_layers(self) -> bool:
+        """Whether removed layers get Prune&Comp's rescaling (``layer_rescale``; never without layer removal)."""
+        return self.layer_rescale and self.granularity != "neurons"
 
     def protected_layers(self, n_layers: int) -> set[int]:
         """The protected blocks; None = the first two and the last (only the first in a model of ≤ 3 blocks)."""

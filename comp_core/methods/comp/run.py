@@ -35,13 +35,15 @@ from ...loop.importance import (RemovalResult, capture_with_importances, iterati
                                 layers_within)
 from ...loop.similarity import LayerDistanceTally
 from ...math.allocation import ImpossibleRatioError, layer_ratios
+from ...math.magnitude import entering_scales
 from ...models.adapters import get_adapter
 from ...models.pruned import head_dim_of
 from ...models.streaming import is_streamed, resident
 from ...models.structure import attention_units
+from ...models.surgery import check_stream_rescale
 from ...results import DenseReport, Plan, PruneResult
 from ...runtime import available_memory_mb, count_parameters
-from ..base import check_dense_kinds
+from ..base import check_dense_kinds, fold_layer_scales, scales_note
 from ..registry import Method, finish, register_method
 from ..search import SearchSpace, searched_prune
 from ..search.settings import SEARCH_INPUTS_NOTE
@@ -162,8 +164,14 @@ def _plan_layers(model: nn.Module, cfg: CompConfig, inputs: BlockInputs, initial
                          f"(protected: {sorted(protected)})")
     t0 = time.perf_counter()
     depth = min(max(n_remove, removal_depth), len(candidates))
+    if cfg.rescales_layers and depth:
+        check_stream_rescale(blocks[0], get_adapter(model))
     if removal is None or len(removal.removal_order) < depth:
-        removal = iterative_removal(blocks, inputs, depth, protected, on_event, initial=initial, measured=removal)
+        removal = iterative_removal(blocks, inputs, depth, protected, on_event, initial=initial, measured=removal,
+                                    rescale=cfg.rescales_layers)
+    if (removal.scales is not None) != cfg.rescales_layers:
+        raise ValueError("the measured removal order was searched " + ("with" if removal.scales is not None else
+                         "without") + " Prune&Comp's rescaling, unlike these settings; measure it again")
     timings["layer_removal"] = time.perf_counter() - t0
     removed = removal.removed(n_remove)
     emit(on_event, "layer-removal", 1, 1, f"the plan removes {_layers_text(removed)}")
@@ -186,8 +194,10 @@ def _plan_layers(model: nn.Module, cfg: CompConfig, inputs: BlockInputs, initial
         protected=sorted(protected), initial_importance=[removal.history[0][i] for i in range(n_layers)],
         removal_order=removal.removal_order[:n_remove], importance_history=removal.history[:n_remove + 1],
         removed_layers=removed, layer_ratios=dict(zip(prunable, ratios)), layer_caps=caps, timings=timings,
-        removal=removal)
+        removal=removal, layer_scales=removal.scales_after(n_remove))
     plan.planned_params_after = params_total - params_removed  # neuron pruning takes its share off below
+    if plan.layer_scales:
+        plan.notes.append(scales_note(plan.layer_scales))
     return plan
 
 
@@ -310,7 +320,10 @@ def _prune_neurons(model: nn.Module, samples: torch.Tensor, cfg: CompConfig, pla
                stat_folds=2 if cfg.refit == "blend" and cfg.mask_tuning and fit else 0,
                stat_denses=prunable_denses(adapter, cfg), on_event=on_event,
                stage="neuron-pruning",
-               describe=lambda i: f"layer {i}: ratio {ratio_of[i]:.3f}" if i in ratio_of else f"layer {i}: kept")
+               describe=lambda i: f"layer {i}: ratio {ratio_of[i]:.3f}" if i in ratio_of else f"layer {i}: kept",
+               input_scales=entering_scales(active, plan.layer_scales) if plan.layer_scales else None)
+    if apply and plan.layer_scales:  # after the loop: it replays the unfolded blocks on the rescaled stream
+        fold_layer_scales(blocks, adapter, plan.layer_scales)
     timings["neuron_pruning"] = time.perf_counter() - t0
     plan.planned_params_after -= sum(r.removed_params for r in plan.layer_reports)
 
@@ -375,6 +388,11 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> tuple[
                      if in_units and any(d.kind == "o" for d in reports) else None)
             apply_block_cuts(block, adapter, keeps, {d.name: d.mask for d in reports},
                              {d.name: d.new_weight for d in reports}, units)
+    rescaled = plan.removed_layers if plan.config.get("layer_rescale", False) else []
+    if set(plan.layer_scales) != set(rescaled):  # a plan changed after its analysis must not fold stale scales
+        raise ValueError(f"the plan's Prune&Comp scales are for layers {sorted(plan.layer_scales)}, but it "
+                         f"{'removes' if rescaled else 'rescales'} {rescaled or 'none'}; analyse it again")
+    fold_layer_scales(blocks, adapter, plan.layer_scales)
     if plan.removed_layers:
         adapter.keep_blocks(target, [i for i in range(plan.n_layers) if i not in plan.removed_layers])
     return target, finish(target, plan, params_before, start)  # the plan's parameter count checked, blocks measured
@@ -420,6 +438,8 @@ def _search_setup(cfg: CompConfig):
         plan = _plan_layers(model, cfg, inputs, initial, None, 0, timings, on_event)
         if cfg.inputs != "identical":
             plan.notes.append(SEARCH_INPUTS_NOTE)
+        if plan.layer_scales:  # Prune&Comp folded first: the database's replay and the fitness see the rescaled stream
+            fold_layer_scales(run.blocks, adapter, plan.layer_scales)
         if plan.removed_layers:
             adapter.keep_blocks(model, [i for i in range(plan.n_layers) if i not in plan.removed_layers])
         importances = plan.importance_history[len(plan.removed_layers)]
@@ -464,7 +484,8 @@ def _auto_sweep(model, samples, cfg, on_event):
         distance = LayerDistanceTally(len(blocks))
         inputs, initial = capture_with_importances(model, adapter, samples, batch_size=cfg.batch_size,
                                                    distance=distance)
-        removal = iterative_removal(blocks, inputs, n_max, protected, on_event, initial=initial)
+        removal = iterative_removal(blocks, inputs, n_max, protected, on_event, initial=initial,
+                                    rescale=cfg.rescales_layers)
     best = None
     sweep = []
     for n in range(n_max + 1):

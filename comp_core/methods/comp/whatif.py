@@ -14,7 +14,7 @@ new analysis (``stale_reasons``), and pruning may reuse the analysed plan only w
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable
 
 import numpy as np
@@ -40,10 +40,11 @@ SETTING_LABELS = {
     "dense_kinds": "prunable denses", "refit": "refit", "refit_tokens_per_input": "refit tokens per input",
     "refit_damp": "refit damping", "auto_max_layers": "auto sweep depth", "batch_size": "batch size",
     "dense_allocation": "per-dense allocation", "allocation": "layer allocation",
+    "layer_rescale": "layer rescaling (Prune&Comp)",
 }
 # settings that change neuron scores or cuts: a what-if cannot cover them, the neuron maps need a new analysis
 STALE_SETTINGS = ("score", "mask_tuning", "inputs", "dense_kinds", "granularity", "damp", "refit",
-                  "max_dense_ratio", "layer_cap", "dense_allocation", "allocation")
+                  "max_dense_ratio", "layer_cap", "dense_allocation", "allocation", "layer_rescale")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class WhatIf:
     exact: bool = True  # False: the removal order was measured with another protected set
     message: str = ""  # non-empty: why no allocation could be made (ratios then empty)
     note: str = ""  # a warning that does not block the plan (e.g. the removed layers overshoot the target)
+    layer_scales: dict[int, float] = field(default_factory=dict)  # Prune&Comp: {removed layer: scale}, if rescaled
 
     @property
     def params_after(self) -> int:
@@ -135,7 +137,7 @@ def measure_deeper(model: nn.Module, samples: torch.Tensor, plan: CompPlan, dept
     with calibration_context(model), forward_precision(forward_dtype):
         inputs = capture_block_inputs(model, adapter, samples, batch_size=plan.config.get("batch_size", 4))
         removal = iterative_removal(list(adapter.blocks(model)), inputs, depth, set(plan.protected), on_event,
-                                    measured=plan.removal)
+                                    measured=plan.removal, rescale=plan.removal.scales is not None)
     return replace(plan, removal=removal)
 
 
@@ -207,15 +209,19 @@ def what_if(plan: CompPlan, ratio: float, n_remove: int, protected: Iterable[int
     if ratio * plan.params_total < params_removed_layers and not prunable:
         note = (f"The {n_remove} removed layers alone remove {params_removed_layers / plan.params_total:.1%} "
                 f"of the parameters, more than the target {ratio:.0%}.")
+    # the scales of the first n removals hold for n: each was measured with the earlier ones applied
+    scales = removal.scales_after(n_remove)
     try:
         removed, layer_ratio = reallocate(view, ratio, n_remove)
     except ImpossibleRatioError as err:
         return WhatIf(**base, removed=removed, importances=importances, layer_ratios={},
                       params_removed_layers=params_removed_layers, params_removed_neurons=0,
-                      message=f"Ratio {ratio:.0%} is impossible with {n_remove} removed layers: {err}.")
+                      message=f"Ratio {ratio:.0%} is impossible with {n_remove} removed layers: {err}.",
+                      layer_scales=scales)
     neurons = int(round(sum(r * plan.layer_params[i] for i, r in layer_ratio.items())))
     return WhatIf(**base, removed=removed, importances=importances, layer_ratios=layer_ratio,
-                  params_removed_layers=params_removed_layers, params_removed_neurons=neurons, note=note)
+                  params_removed_layers=params_removed_layers, params_removed_neurons=neurons, note=note,
+                  layer_scales=scales)
 
 
 # --------------------------------------------------------------------------------------- settings vs plan
