@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="several methods on the same calibration sample: one table")
     _add_common(compare)
     compare.add_argument("--methods", type=_name_list, default=COMPARE_METHODS,
-                         help=f"comma-separated, from: {', '.join(method_names())}")
+                         help=f"comma-separated, from: {', '.join(method_names())}; NAME@search runs a method "
+                              "with the searched per-layer allocation (e.g. comp,comp@search)")
     compare.add_argument("--ratio", default="0.2",
                          help="comma-separated ratios for the structured methods, e.g. 0.2,0.3 or 20%%,30%% "
                               "(shares of all parameters unless --ratio-of blocks)")

@@ -20,7 +20,7 @@ from torch import nn
 from ..math.allocation import ImpossibleRatioError
 from ..data import get_eval_tokens
 from ..events import Cancelled, ProgressCallback, emit
-from ..methods import get_method, prune_with
+from ..methods import REGISTRY, get_method, prune_with
 from ..models.adapters import count_block_parameters
 from ..results import CompPlan
 from ..runtime import RssSampler, check_ratio_of, count_parameters, ratio_over_all
@@ -85,16 +85,35 @@ def _ratio_label(ratio: float, ratio_of: str) -> str:
     return f"{ratio:.0%}" + (" of blocks" if ratio_of == "blocks" else "")
 
 
+SEARCHED = "@search"  # a compare label's suffix: the same method with ``allocation="search"``
+
+
+def method_of(label: str) -> tuple[str, dict]:
+    """A compare label's registered method and the settings the label implies: "comp@search" is COMP with the
+    searched per-layer allocation (refused, naming those that can, for a method without per-layer levels)."""
+    if not label.endswith(SEARCHED):
+        return label, {}
+    name = label[: -len(SEARCHED)]
+    if not get_method(name).method.searchable:
+        able = [n for n, e in REGISTRY.items() if e.method.searchable]
+        raise ValueError(f"'{label}': method '{name}' has no per-layer levels to search; methods that search: "
+                         f"{', '.join(able)}")
+    return name, {"allocation": "search"}
+
+
 def _jobs(methods: list[str], ratios: list[float], sparsities: list[str], settings: dict[str, dict]) -> list:
-    """(ratio, sparsity, method, settings) per row: structured methods at every ratio, mask methods at every
-    sparsity, composed methods (which have both) at every pair."""
+    """(ratio, sparsity, label, method, settings) per row: structured methods at every ratio, mask methods at
+    every sparsity, composed methods (which have both) at every pair. A label "name@search" is the method with
+    its searched allocation; ``settings[name]`` applies to both labels."""
     jobs = []
-    for name in methods:
+    for label in methods:
+        name, implied = method_of(label)
         fields = set(get_method(name).settings_class.__dataclass_fields__)
         for ratio in (ratios if "ratio" in fields else [None]):
             for sparsity in (sparsities if "sparsity" in fields else [None]):
                 targets = {k: v for k, v in (("ratio", ratio), ("sparsity", sparsity)) if v is not None}
-                jobs.append((ratio, sparsity, name, settings_for(name, values={**settings.get(name, {}), **targets})))
+                values = {**settings.get(name, {}), **settings.get(label, {}), **implied, **targets}
+                jobs.append((ratio, sparsity, label, name, settings_for(name, values=values)))
     return sorted(jobs, key=lambda j: (j[0] is None, j[0] or 0.0, j[1] or ""))
 
 
@@ -121,8 +140,8 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
                                        or task_limit < 1):
             raise ValueError(f"task_limit must be an integer >= 1, got {task_limit!r}")
         build_tasks(tasks)  # harness installed, names known, data readable: fail before minutes of pruning
-    for name in settings:
-        get_method(name)
+    for label in settings:
+        get_method(method_of(label)[0])
     check_ratio_of(ratio_of)
     if ratio_of != "all":
         params_total, block_params = count_parameters(model), count_block_parameters(model)
@@ -147,12 +166,12 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
         if measure_bytes:
             row.saved_bytes = saved_size(model, tokenizer)
         done(row)
-    for step, (ratio, sparsity, name, method_settings) in enumerate(jobs):
+    for step, (ratio, sparsity, label, name, method_settings) in enumerate(jobs):
         target = " + ".join(t for t in (_ratio_label(ratio, ratio_of) if ratio is not None else "", sparsity or "")
                             if t)
-        emit(on_event, "compare", step, len(jobs), f"{name} at {target}")
+        emit(on_event, "compare", step, len(jobs), f"{label} at {target}")
         entry = get_method(name)
-        row = CompareRow(method=name, kind=entry.kind, target_ratio=ratio or 0.0, realised_ratio=None,
+        row = CompareRow(method=label, kind=entry.kind, target_ratio=ratio or 0.0, realised_ratio=None,
                          ratio_of=ratio_of, sparsity=sparsity)
         try:
             with RssSampler() as rss:
@@ -176,7 +195,7 @@ def compare_methods(model: nn.Module, tokenizer, samples: torch.Tensor | None, m
         row.zero_share = result.extra.get("zero_share")
         row.block_zero_share = result.extra.get("block_zero_share")
         measured = evaluate_model(pruned, tokenizer, sets=eval_sets, seq_len=eval_seq_len, max_windows=max_windows,
-                                  tokens=tokens, tasks=tasks, task_limit=task_limit, label=name, on_event=on_event)
+                                  tokens=tokens, tasks=tasks, task_limit=task_limit, label=label, on_event=on_event)
         row.ppl, row.accuracy = measured.ppl, measured.accuracy
         if measure_bytes:
             try:

@@ -54,6 +54,21 @@ def test_compare_methods_rows(own_data, tiny_folder):
     json.dumps([r.to_dict() for r in rows])  # serialisable
 
 
+def test_compare_runs_a_method_with_its_searched_allocation_as_its_own_row(own_data, tiny_folder):
+    from comp_core import load_model
+
+    loaded = load_model(str(tiny_folder))
+    rows = compare_methods(loaded.model, loaded.tokenizer, make_calib(), ["wanda-sp+mask", "wanda-sp+mask@search"],
+                           [0.2], ["wikitext2"], max_windows=2, eval_seq_len=64, measure_bytes=False,
+                           settings={"wanda-sp+mask@search": {"search_generations": 2}})
+    one_shot, searched = rows[1], rows[2]
+    assert (one_shot.method, searched.method) == ("wanda-sp+mask", "wanda-sp+mask@search")
+    assert one_shot.plan.search is None and searched.plan.search.generations == 2
+    assert searched.realised_ratio == pytest.approx(0.2, abs=0.01)
+    with pytest.raises(ValueError, match="no per-layer levels to search; methods that search: comp"):
+        compare_methods(loaded.model, loaded.tokenizer, make_calib(), ["shortgpt@search"], [0.2], ["wikitext2"])
+
+
 def test_compare_methods_with_a_ratio_of_the_blocks(own_data, tiny_folder):
     from comp_core import count_parameters, load_model
     from comp_core.models.adapters import count_block_parameters
