@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import os
 import shutil
 import sys
@@ -29,9 +30,9 @@ sys.path.insert(0, str(BENCH))
 
 from common import ROOT, Section, git_revision, machine  # noqa: E402
 
-SECTIONS = ("quality", "ablations", "calibration", "cost", "analyse_cost", "levers", "protocol")
-# COMP's default levers (~30 min) and the whole-test-set protocol (~25 min) are not part of --quick: it keeps
-# their last results unless they are asked for with --sections
+SECTIONS = ("quality", "ablations", "calibration", "cost", "analyse_cost", "levers", "protocol", "search")
+# COMP's default levers (~30 min), the whole-test-set protocol (~25 min) and the searched allocation (~2 h) are
+# not part of --quick: it keeps their last results unless they are asked for with --sections
 QUICK_SECTIONS = ("quality", "ablations", "calibration", "cost", "analyse_cost")
 DOCS = ROOT / "docs"
 
@@ -56,11 +57,45 @@ def run_section(name: str, quick: bool, out: Path, command: str) -> Section:
     return section
 
 
+# the provenance line ``write_results`` puts under every section
+PROVENANCE = re.compile(r"^_Measured by `(?P<command>.+?)` \((?P<mode>\w+) mode\) on (?P<finished>.+?) at commit "
+                        r"`(?P<revision>\w+)` in (?P<minutes>[\d.]+) min\._$")
+
+
+def _title_of(name: str) -> str | None:
+    """The title a bench module gives its section (``Section(name=..., title=...)`` in ``bench/<name>.py``)."""
+    match = re.search(r'Section\(name="' + re.escape(name) + r'",\s*title="([^"{]+)"', (BENCH / f"{name}.py").read_text())
+    return match.group(1) if match else None
+
+
+def section_in_results(name: str) -> Section | None:
+    """A section as docs/RESULTS.md shows it now, for a run whose output folder lacks its JSON (a fresh
+    checkout): its Markdown (figure links included) and provenance, so rewriting the file never drops it."""
+    title, path = _title_of(name), DOCS / "RESULTS.md"
+    if title is None or not path.is_file():
+        return None
+    for chunk in path.read_text().split("\n## ")[1:]:
+        head, _, body = chunk.partition("\n")
+        if head.strip() != title:
+            continue
+        lines = body.strip("\n").splitlines()
+        made = PROVENANCE.match(lines[-1]) if lines else None
+        if made is None:  # a line of another form (a section run on its own): kept as it is
+            line = lines[-1] if lines and lines[-1].startswith("_") else None
+            return Section(name=name, title=title, markdown="\n".join(lines[:-1] if line else lines).strip(),
+                           provenance={"line": line} if line else {})
+        provenance = {k: made.group(k) for k in ("command", "mode", "finished", "revision")}
+        return Section(name=name, title=title, markdown="\n".join(lines[:-1]).strip(),
+                       seconds=float(made.group("minutes")) * 60, provenance=provenance)
+    return None
+
+
 def earlier_section(name: str, out: Path) -> Section | None:
-    """A section measured by an earlier run into the same folder (so a partial run keeps the others)."""
+    """A section measured by an earlier run into the same folder (so a partial run keeps the others), else the
+    one docs/RESULTS.md holds now."""
     path = out / f"{name}.json"
     if not path.is_file():
-        return None
+        return section_in_results(name)
     saved = json.loads(path.read_text())
     if "markdown" not in saved:
         return None
@@ -103,6 +138,9 @@ def write_results(sections: list[Section], quick: bool, out: Path, seconds: floa
         if links:
             parts += [links, ""]
         made = section.provenance
+        if made.get("line"):
+            parts.append(made["line"])
+            continue
         parts.append(f"_Measured by `{made['command']}` ({made['mode']} mode) on {made['finished']} at commit "
                      f"`{made['revision']}` in {section.seconds / 60:.1f} min._" if made else
                      f"_Section time: {section.seconds / 60:.1f} min._")

@@ -98,16 +98,19 @@ class SearchResult:
 
 def evolve(grid: LevelGrid, fitness: Fitness, budget: SearchBudget, *,
            on_generation: Callable[[int, float, Levels], None] | None = None,
-           clock: Callable[[], float] = time.perf_counter) -> SearchResult:
+           clock: Callable[[], float] = time.perf_counter, fixed_last_stage: bool = False) -> SearchResult:
     """(1 + λ) evolution from the one-shot allocation (all levels 0): each generation ``budget.offspring``
     distinct mutants of the parent, selected in ``budget.stages``; the parent re-scored in the last stage
-    and kept unless a child beats it there. Deterministic for a seed and a deterministic ``fitness``."""
+    and kept unless a child beats it there. Deterministic for a seed and a deterministic ``fitness``.
+    ``fixed_last_stage``: the fitness scores the last stage on the same tokens every time, so the parent's
+    score there is known and not computed again (its last score joins the ranking)."""
     rng = random.Random(budget.seed)
     start = clock()
     parent = grid.start()
     last = len(budget.stages) - 1
     result = SearchResult(levels=parent)
-    result.history.append(fitness([parent], last)[0])
+    parent_score = fitness([parent], last)[0]
+    result.history.append(parent_score)
     result.seconds.append(clock() - start)
     result.evaluations = 1
     if on_generation is not None:
@@ -119,15 +122,20 @@ def evolve(grid: LevelGrid, fitness: Fitness, budget: SearchBudget, *,
         if not candidates:  # every layer has a single level: nothing to search
             break
         for stage, (survivors, _tokens) in enumerate(budget.stages):
-            if stage == last:
+            if stage == last and fixed_last_stage:
+                scores = fitness(candidates, stage) + [parent_score]
+                result.evaluations += len(candidates)
                 candidates = candidates + [parent]
-            scores = fitness(candidates, stage)
-            result.evaluations += len(candidates)
+            else:
+                if stage == last:
+                    candidates = candidates + [parent]
+                scores = fitness(candidates, stage)
+                result.evaluations += len(candidates)
             ranked = sorted(range(len(candidates)), key=lambda i: (scores[i], i))
             keep = survivors if stage < last else 1
             best_score = scores[ranked[0]]
             candidates = [candidates[i] for i in ranked[:keep]]
-        parent = candidates[0]
+        parent, parent_score = candidates[0], best_score
         result.history.append(best_score)
         result.seconds.append(clock() - start)
         result.generations = generation

@@ -120,6 +120,16 @@ def test_stages_score_fewer_candidates_each_and_the_budget_in_seconds_stops_it()
     assert result.generations < 50
 
 
+def test_with_a_fixed_last_stage_the_parent_is_not_scored_again_and_only_improves():
+    grid = LevelGrid(low=(-2,) * 6, high=(2,) * 6)
+    table, fitness, calls = table_fitness(1, grid)
+    result = evolve(grid, fitness, SearchBudget(generations=5, offspring=8, stages=((3, 10), (1, 100))),
+                    fixed_last_stage=True)
+    assert calls == [(1, 1)] + [(8, 0), (3, 1)] * 5  # the parent's known score joins the last stage
+    assert result.history == sorted(result.history, reverse=True)
+    assert result.history[-1] == table[result.levels]
+
+
 def test_budget_and_grid_refuse_what_cannot_run():
     with pytest.raises(ValueError, match="last selection stage"):
         SearchBudget(stages=((2, 10),))

@@ -533,7 +533,11 @@ class Comp(Method):
         return prune(model, samples, settings, on_event=on_event, inplace=inplace)
 
     def analyze(self, model, samples, settings, on_event=None):
-        return analyze(model, samples, settings, on_event)
+        plan = analyze(model, samples, settings, on_event)
+        if settings.searched:
+            plan.notes.append("this analysis shows the one-shot shares (eq. 10); a prune with allocation='search' "
+                              "searches them (the plan then records both)")
+        return plan
 
     def search_setup(self, settings):
         return _search_setup(settings)

@@ -127,9 +127,10 @@ def searched_prune(setup: Setup, model: nn.Module, samples: torch.Tensor, settin
 
         def progress(generation: int, best: float, _levels) -> None:
             emit(on_event, "search", generation, budget.generations,
-                 f"generation {generation}/{budget.generations}: KL to the original {best:.4f} (best so far)")
+                 f"generation {generation}/{budget.generations}: KL to the original {best:.4f} on the selection "
+                 "tokens (best so far)")
 
-        result = evolve(grid, fitness, budget, on_generation=progress)
+        result = evolve(grid, fitness, budget, on_generation=progress, fixed_last_stage=True)
         emit(on_event, "search", budget.generations, budget.generations,
              "comparing the searched and the one-shot allocation on every held-out token")
         start_kl = fitness.full(grid.start())
