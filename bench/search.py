@@ -32,14 +32,23 @@ from comp_core.runtime import count_parameters  # noqa: E402
 ORIGINAL_PPL = None  # measured once per process
 
 # (method, the setting's value, calibration (n, seq_len)); ratio for structured, sparsity for masks
+# in the order they are measured: COMP's goals first, the 40 % and the larger SparseGPT calibration last
 ALLOCATION_POINTS = (
-    [("comp", r, (64, 512)) for r in (0.2, 0.3, 0.4)]
+    [("comp", r, (64, 512)) for r in (0.2, 0.3)]
     + [("wanda-sp+mask", r, (10, 128)) for r in (0.2, 0.3, 0.4)]
     + [("flap", r, (10, 128)) for r in (0.2, 0.3, 0.4)]
     + [("sparsegpt", s, (10, 128)) for s in ("0.5", "0.6")]
-    + [("sparsegpt", "0.5", (64, 512))]
+    + [("comp", 0.4, (64, 512)), ("sparsegpt", "0.5", (64, 512))]
 )
 RESCALE_POINTS = [(m, n) for m in ("comp-layers", "shortgpt") for n in (4, 8)]
+# stop measuring new points after this many minutes (the table then shows the points measured so far and
+# names the rest); unset: measure every point
+BUDGET_MINUTES = float(os.environ.get("SEARCH_BENCH_MINUTES", "inf"))
+START = time.perf_counter()
+
+
+def _in_budget() -> bool:
+    return (time.perf_counter() - START) / 60 < BUDGET_MINUTES
 
 
 def _points_file(out: Path) -> Path:
@@ -86,6 +95,8 @@ def measure_allocation(out: Path, done: dict) -> list[dict]:
     points = []
     for method, value, (n, seq_len) in ALLOCATION_POINTS:
         key = f"allocation/{method}/{value}/{n}x{seq_len}"
+        if key not in done and not _in_budget():
+            continue
         if key not in done:
             samples = calibration("c4", n, seq_len, 0)
             point = {"key": key, "method": method, "value": value, "calibration": f"{n}×{seq_len}",
@@ -104,6 +115,8 @@ def measure_rescale(out: Path, done: dict) -> list[dict]:
     block = sum(p.numel() for p in model.model.layers[0].parameters())
     for method, n_layers in RESCALE_POINTS:
         key = f"rescale/{method}/{n_layers}"
+        if key not in done and not _in_budget():
+            continue
         if key not in done:
             # comp-layers removes as many blocks as the ratio holds; ShortGPT takes the count itself
             settings = ({"ratio": (n_layers * block + 0.4 * block) / count_parameters(model)}
@@ -124,8 +137,10 @@ def _gain(before: float, after: float) -> str:
 def run(quick: bool, out: Path) -> Section:
     done = _done(out)
     original = ppl(bundled().model)
+    rescale = measure_rescale(out, done)  # minutes: first, so a budget always leaves them in
     allocation = measure_allocation(out, done)
-    rescale = measure_rescale(out, done)
+    missing = [f"{m} {v} ({n}×{q})" for m, v, (n, q) in ALLOCATION_POINTS
+               if f"allocation/{m}/{v}/{n}x{q}" not in done]
     rows = []
     for p in allocation:
         one, searched = p["one_shot"], p["searched"]
@@ -139,11 +154,12 @@ def run(quick: bool, out: Path) -> Section:
                      f"{s['start_kl']:.4f} → {s['final_kl']:.4f}" + ("" if s["improved"] else " (kept one-shot)"),
                      f"{s['generations']}", f"{searched['seconds']:.0f} ({s['database_seconds']:.0f} + "
                                             f"{s['search_seconds']:.0f})",
-                     f"{one['seconds']:.0f}", f"{s['database_mb']:,.0f}"])
+                     f"{one['seconds']:.0f}", f"{s['database_mb']:,.0f}",
+                     f"{searched['load'][0]:.1f}→{searched['load'][1]:.1f}"])
     allocation_table = markdown_table(
         ["method", "target", "calibration", "one-shot ppl", "searched ppl", "change", "realised (1-shot / search)",
          "held-out KL (start → searched)", "generations", "searched s (database + search)", "one-shot s",
-         "database MB"], rows)
+         "database MB", "load avg"], rows)
     rescale_rows = []
     for p in rescale:
         off, on = p["off"], p["on"]
@@ -162,8 +178,10 @@ def run(quick: bool, out: Path) -> Section:
         "held-out calibration sequences, never the evaluation text). The searched run keeps the last quarter "
         "of its calibration sequences (at most 8) for the fitness; its database prunes every layer on the "
         "original's inputs. Searched seconds include everything (capture, database, search, the final "
-        "comparison).\n\n"
+        "comparison); the load average beside them says whether the 2-core machine was shared (2.0 = both "
+        "cores busy with this run alone).\n\n"
         f"{allocation_table}\n\n"
+        + (f"Not measured in this run (time budget): {', '.join(missing)}.\n\n" if missing else "") +
         "**Prune&Comp** (`layer_rescale`): the residual stream where a layer was removed is multiplied by the "
         "mean ratio of the removed layer's output to input magnitude, folded into the later layers' output "
         "projections; comp-layers also re-ranks the remaining layers on the rescaled stream (iterative), "
