@@ -181,3 +181,18 @@ def test_holdout_is_at_most_a_quarter_of_the_calibration():
     assert held.shape[0] == 2 and calibration.shape[0] == 8
     with pytest.raises(ValueError, match="at least 2"):
         split_holdout(samples[:1], 8)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_a_searched_comp_that_removes_layers_keeps_them_removed_and_rescaled(rescale):
+    model, samples = make_tiny_model("llama"), make_calib()
+    overrides = {"ratio": 0.3, "remove_layers": 1, "layer_rescale": rescale}
+    searched, result = prune_with("comp", model, samples, allocation="search", search_levels=0, **overrides)
+    calibration, _ = split_holdout(samples, make_settings("comp").search_holdout)
+    one_shot, expected = prune_with("comp", model, calibration, **overrides)
+    assert result.plan.removed_layers == expected.plan.removed_layers and len(result.plan.removed_layers) == 1
+    assert result.plan.layer_scales == pytest.approx(expected.plan.layer_scales)
+    assert bool(result.plan.layer_scales) == rescale
+    with torch.no_grad():  # the scales folded before the database equal the scales folded after pruning
+        a, b = searched(input_ids=samples[:2]).logits, one_shot(input_ids=samples[:2]).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
