@@ -390,6 +390,95 @@ def ppl_vs_ratio(runs: Sequence[Mapping], datasets: Sequence[str] = ("wikitext2"
     return _layout(fig, title)
 
 
+# ------------------------------------------------------------------------------------------ searched shares
+
+SEARCH_RULE = "each method's rule"  # the legend's words for the one-shot allocation
+SEARCH_FOUND = "searched"
+SEARCH_KEPT_RULE = "kept the rule's shares: nothing beat them on the held-out text"
+
+
+def search_figure(record, n_layers: int, protected: Sequence[int] = (), removed: Sequence[int] = (),
+                  title: str | None = None) -> go.Figure:
+    """A searched allocation (``comp_core.results.SearchRecord``) in two panels: (a) each searched layer's share
+    of its parameters pruned under the method's own rule beside the searched share (layers removed whole
+    shaded, protected ones marked at 0); (b) the fitness per generation — the KL divergence of the pruned
+    model's next-token distribution from the original's on held-out calibration text, lower = closer — with
+    the start (the rule's shares) marked, and the decisive figures on all held-out tokens written above it.
+    When nothing beat the rule there (``record.improved`` False) the rule's shares were kept: the searched bars
+    are drawn hollow and a note says so."""
+    layers = [int(i) for i in record.layers]
+    kept = bool(record.improved)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.09,
+                        subplot_titles=("How much each layer gives up",
+                                        "How far its answers are from the original's"))
+    rem = sorted(int(i) for i in removed if 0 <= int(i) < n_layers)
+    for i in rem:
+        fig.add_vrect(x0=i - 0.45, x1=i + 0.45, fillcolor=COLORS["removed"], opacity=0.12, line_width=0,
+                      row=1, col=1)
+    if rem:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="layer removed whole",
+                                 marker={"symbol": "square", "size": 11, "color": "rgba(225,29,72,0.25)"}),
+                      row=1, col=1)
+    fig.add_trace(go.Bar(x=layers, y=[record.one_shot[i] for i in layers], name=SEARCH_RULE,
+                         marker={"color": COLORS["primary_light"]},
+                         hovertemplate=f"layer %{{x}}: %{{y:.1%}} pruned by {SEARCH_RULE}<extra></extra>"),
+                  row=1, col=1)
+    found = {"color": COLORS["primary"]} if kept else {
+        "color": "rgba(79,70,229,0.08)", "line": {"color": COLORS["primary"], "width": 1.5}}
+    fig.add_trace(go.Bar(x=layers, y=[record.searched[i] for i in layers],
+                         name=SEARCH_FOUND if kept else f"{SEARCH_FOUND} (not kept)", marker=found,
+                         hovertemplate=f"layer %{{x}}: %{{y:.1%}} pruned, {SEARCH_FOUND}<extra></extra>"),
+                  row=1, col=1)
+    prot = sorted(int(i) for i in protected if 0 <= int(i) < n_layers and int(i) not in rem)
+    if prot:
+        fig.add_trace(go.Scatter(x=prot, y=[0.0] * len(prot), mode="markers", name="protected",
+                                 marker={"symbol": "diamond", "size": 10, "color": COLORS["protected"],
+                                         "line": {"color": COLORS["ink"], "width": 1}}, cliponaxis=False,
+                                 hovertemplate="layer %{x}: protected<extra></extra>"), row=1, col=1)
+    history = [float(v) for v in record.fitness]
+    generations = list(range(len(history)))
+    seconds = list(record.seconds) + [None] * (len(history) - len(record.seconds))
+    fig.add_trace(go.Scatter(x=generations, y=history, mode="lines+markers", name="best so far",
+                             line={"color": COLORS["primary"], "width": 2}, marker={"size": 5},
+                             customdata=[s if s is not None else float("nan") for s in seconds],
+                             hovertemplate="generation %{x} (%{customdata:.0f} s)<br>KL %{y:.4f}<extra></extra>"),
+                  row=1, col=2)
+    if history:
+        fig.add_trace(go.Scatter(x=[0], y=[history[0]], mode="markers", name=f"start: {SEARCH_RULE}",
+                                 marker={"symbol": "star", "size": 13, "color": COLORS["accent"],
+                                         "line": {"color": COLORS["ink"], "width": 1}},
+                                 hovertemplate="start (the rule's shares)<br>KL %{y:.4f}<extra></extra>"),
+                      row=1, col=2)
+    if kept:
+        closer = 1 - record.final_kl / record.start_kl if record.start_kl > 0 else 0.0
+        words = (f"on all {record.holdout} held-out texts: {record.start_kl:.4g} → {record.final_kl:.4g} "
+                 f"({closer:.0%} closer)")
+        colour = COLORS["ink"]
+    else:
+        words = f"{SEARCH_KEPT_RULE}<br>(KL {record.start_kl:.4g} on all {record.holdout} held-out texts)"
+        colour = COLORS["removed"]
+    fig.add_annotation(text=words, x=0.98, y=0.97, xref="x2 domain", yref="y2 domain", xanchor="right",
+                       yanchor="top", showarrow=False, align="right", font={"size": 10, "color": colour},
+                       bgcolor="rgba(255,255,255,0.85)")
+    step = 1 if n_layers <= 16 else 2 if n_layers <= 40 else 5
+    fig.update_xaxes(title_text="layer", tickmode="linear", tick0=0, dtick=step, range=[-0.6, n_layers - 0.4],
+                     gridcolor=COLORS["grid"], zeroline=False, row=1, col=1)
+    top = max([record.one_shot[i] for i in layers] + [record.searched[i] for i in layers] + [0.0])
+    fig.update_yaxes(title_text="share of the layer's parameters pruned", tickformat=".0%",
+                     range=[0, min(1.05, top * 1.15 + 0.02)], gridcolor=COLORS["grid"], row=1, col=1)
+    fig.update_xaxes(title_text="generation", gridcolor=COLORS["grid"], zeroline=False, row=1, col=2,
+                     **({"dtick": 1} if len(history) <= 12 else {}))
+    fig.update_yaxes(title_text="KL to the original (lower = closer)", gridcolor=COLORS["grid"], row=1, col=2)
+    fig.update_annotations(selector={"text": "How much each layer gives up"}, font={"size": 11, "color": COLORS["muted"]})
+    fig.update_annotations(selector={"text": "How far its answers are from the original's"},
+                           font={"size": 11, "color": COLORS["muted"]})
+    fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
+    if title is None:
+        title = (f"Searched layer shares · {record.generations} generations" if kept else
+                 f"Searched layer shares · {record.generations} generations · the rule's shares kept")
+    return _layout(fig, title, height=360)
+
+
 def method_color(method: str, order: Sequence[str]) -> str:
     """A colour per method: its position in ``order`` — the methods of one figure, so that up to
     ``len(METHOD_COLORS)`` methods never share a colour — else a hash of its name."""
