@@ -497,7 +497,8 @@ def _ppl(row: Mapping, ds: str) -> float | None:
 
 
 def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequence[str] = (),
-                title: str = "Perplexity vs realised ratio, per method") -> go.Figure:
+                title: str = "Perplexity vs realised ratio, per method",
+                names: Mapping[str, str] | None = None) -> go.Figure:
     """One line per method (per evaluation set when there are several: dashed for the second, …), log y;
     the original as a star at ratio 0 and, for reference, the start of every line.
 
@@ -507,8 +508,10 @@ def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequen
     method and pattern, the original's perplexity as a dotted line.
 
     ``rows``: the Compare table's rows as dicts with "method", "kind", "realised ratio", "target",
-    "sparsity", "ppl <set>" (and "error", "zeros of all params").
+    "sparsity", "ppl <set>" (and "error", "zeros of all params"). ``names``: how a method is written in the
+    legend and hover text (e.g. "comp · searched" for the row label "comp@search"); else its own name.
     """
+    shown = lambda method: (names or {}).get(method, method)  # noqa: E731
     good = [r for r in rows if not r.get("error")]
     masks = [r for r in good if is_mask_row(r) and r.get("sparsity")]
     patterns = sorted({str(r["sparsity"]) for r in masks}, key=pattern_order)
@@ -550,7 +553,7 @@ def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequen
             values += [p[1] for p in points]
             line_x += [p[0] for p in points]
             plotted = True
-            label = f"{method} {sparsity}" if sparsity else method
+            label = f"{shown(method)} {sparsity}" if sparsity else shown(method)
             symbol = _SYMBOLS[1 + composed_patterns.index(sparsity) % (len(_SYMBOLS) - 1)] if sparsity else "circle"
             add(go.Scatter(
                 x=[p[0] for p in points], y=[p[1] for p in points], customdata=[p[2] for p in points],
@@ -578,10 +581,10 @@ def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequen
                     x=[i + offset for i, _, _ in hits], y=[v for _, v, _ in hits],
                     customdata=[[str(r["sparsity"]), f"{z:.1%}" if isinstance(z, float) else "—"]
                                 for (_, _, r), z in zip(hits, zeros)],
-                    mode="markers", name=f"{method} · {ds}" if several else method,
+                    mode="markers", name=f"{shown(method)} · {ds}" if several else shown(method),
                     marker={"symbol": _MASK_SYMBOLS[k % len(_MASK_SYMBOLS)], "size": 10,
                             "color": method_color(method, order), "line": {"color": COLORS["ink"], "width": 1}},
-                    hovertemplate=(f"{method} (masks)<br>pattern %{{customdata[0]}}<br>zeros of all params "
+                    hovertemplate=(f"{shown(method)} (masks)<br>pattern %{{customdata[0]}}<br>zeros of all params "
                                    f"%{{customdata[1]}}<br>{ds} ppl %{{y:.2f}}<extra></extra>")), col=2)
     if not plotted:
         return empty_figure("Run a comparison to see perplexity against the realised ratio.", title)
