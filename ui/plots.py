@@ -412,9 +412,9 @@ def search_figure(record, n_layers: int, protected: Sequence[int] = (), removed:
                         subplot_titles=("How much each layer gives up",
                                         "How far its answers are from the original's"))
     rem = sorted(int(i) for i in removed if 0 <= int(i) < n_layers)
-    for i in rem:
+    for i in rem:  # shaded columns (a bar would take a slot of every layer's group)
         fig.add_vrect(x0=i - 0.45, x1=i + 0.45, fillcolor=COLORS["removed"], opacity=0.12, line_width=0,
-                      row=1, col=1)
+                      row=1, col=1, exclude_empty_subplots=False)
     if rem:
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="layer removed whole",
                                  marker={"symbol": "square", "size": 11, "color": "rgba(225,29,72,0.25)"}),
