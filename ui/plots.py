@@ -395,6 +395,7 @@ def ppl_vs_ratio(runs: Sequence[Mapping], datasets: Sequence[str] = ("wikitext2"
 SEARCH_RULE = "each method's rule"  # the legend's words for the one-shot allocation
 SEARCH_FOUND = "searched"
 SEARCH_KEPT_RULE = "kept the rule's shares: nothing beat them on the held-out text"
+SEARCH_CURVE = "best candidate of each generation"
 
 
 def search_figure(record, n_layers: int, protected: Sequence[int] = (), removed: Sequence[int] = (),
@@ -402,15 +403,15 @@ def search_figure(record, n_layers: int, protected: Sequence[int] = (), removed:
     """A searched allocation (``comp_core.results.SearchRecord``) in two panels: (a) each searched layer's share
     of its parameters pruned under the method's own rule beside the searched share (layers removed whole
     shaded, protected ones marked at 0); (b) the fitness per generation — the KL divergence of the pruned
-    model's next-token distribution from the original's on held-out calibration text, lower = closer — with
-    the start (the rule's shares) marked, and the decisive figures on all held-out tokens written above it.
-    When nothing beat the rule there (``record.improved`` False) the rule's shares were kept: the searched bars
-    are drawn hollow and a note says so."""
+    model's next-token distribution from the original's, on each generation's sample of the held-out
+    calibration text (lower = closer), the start (the rule's shares) marked. The title holds the decisive
+    figures, on all held-out tokens; when nothing beat the rule there (``record.improved`` False) the rule's
+    shares were kept: the searched bars are drawn hollow and the title says so."""
     layers = [int(i) for i in record.layers]
     kept = bool(record.improved)
     fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.09,
                         subplot_titles=("How much each layer gives up",
-                                        "How far its answers are from the original's"))
+                                        "How far the pruned model's answers are from the original's"))
     rem = sorted(int(i) for i in removed if 0 <= int(i) < n_layers)
     for i in rem:  # shaded columns (a bar would take a slot of every layer's group)
         fig.add_vrect(x0=i - 0.45, x1=i + 0.45, fillcolor=COLORS["removed"], opacity=0.12, line_width=0,
@@ -438,10 +439,11 @@ def search_figure(record, n_layers: int, protected: Sequence[int] = (), removed:
     history = [float(v) for v in record.fitness]
     generations = list(range(len(history)))
     seconds = list(record.seconds) + [None] * (len(history) - len(record.seconds))
-    fig.add_trace(go.Scatter(x=generations, y=history, mode="lines+markers", name="best so far",
+    fig.add_trace(go.Scatter(x=generations, y=history, mode="lines+markers", name=SEARCH_CURVE,
                              line={"color": COLORS["primary"], "width": 2}, marker={"size": 5},
                              customdata=[s if s is not None else float("nan") for s in seconds],
-                             hovertemplate="generation %{x} (%{customdata:.0f} s)<br>KL %{y:.4f}<extra></extra>"),
+                             hovertemplate=("generation %{x} (%{customdata:.0f} s)<br>KL %{y:.4f} on this "
+                                            "generation's sample of the held-out text<extra></extra>")),
                   row=1, col=2)
     if history:
         fig.add_trace(go.Scatter(x=[0], y=[history[0]], mode="markers", name=f"start: {SEARCH_RULE}",
@@ -449,17 +451,6 @@ def search_figure(record, n_layers: int, protected: Sequence[int] = (), removed:
                                          "line": {"color": COLORS["ink"], "width": 1}},
                                  hovertemplate="start (the rule's shares)<br>KL %{y:.4f}<extra></extra>"),
                       row=1, col=2)
-    if kept:
-        closer = 1 - record.final_kl / record.start_kl if record.start_kl > 0 else 0.0
-        words = (f"on all {record.holdout} held-out texts: {record.start_kl:.4g} → {record.final_kl:.4g} "
-                 f"({closer:.0%} closer)")
-        colour = COLORS["ink"]
-    else:
-        words = f"{SEARCH_KEPT_RULE}<br>(KL {record.start_kl:.4g} on all {record.holdout} held-out texts)"
-        colour = COLORS["removed"]
-    fig.add_annotation(text=words, x=0.98, y=0.97, xref="x2 domain", yref="y2 domain", xanchor="right",
-                       yanchor="top", showarrow=False, align="right", font={"size": 10, "color": colour},
-                       bgcolor="rgba(255,255,255,0.85)")
     step = 1 if n_layers <= 16 else 2 if n_layers <= 40 else 5
     fig.update_xaxes(title_text="layer", tickmode="linear", tick0=0, dtick=step, range=[-0.6, n_layers - 0.4],
                      gridcolor=COLORS["grid"], zeroline=False, row=1, col=1)
@@ -469,13 +460,17 @@ def search_figure(record, n_layers: int, protected: Sequence[int] = (), removed:
     fig.update_xaxes(title_text="generation", gridcolor=COLORS["grid"], zeroline=False, row=1, col=2,
                      **({"dtick": 1} if len(history) <= 12 else {}))
     fig.update_yaxes(title_text="KL to the original (lower = closer)", gridcolor=COLORS["grid"], row=1, col=2)
-    fig.update_annotations(selector={"text": "How much each layer gives up"}, font={"size": 11, "color": COLORS["muted"]})
-    fig.update_annotations(selector={"text": "How far its answers are from the original's"},
-                           font={"size": 11, "color": COLORS["muted"]})
+    fig.update_annotations(font={"size": 11, "color": COLORS["muted"]})  # the panels' titles
     fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
     if title is None:
-        title = (f"Searched layer shares · {record.generations} generations" if kept else
-                 f"Searched layer shares · {record.generations} generations · the rule's shares kept")
+        held = f"{record.holdout} held-out text{'s' if record.holdout != 1 else ''}"
+        if kept:
+            closer = 1 - record.final_kl / record.start_kl if record.start_kl > 0 else 0.0
+            title = (f"Searched layer shares · {closer:.0%} closer to the original on all {held} (KL "
+                     f"{record.start_kl:.4g} → {record.final_kl:.4g}) · {record.generations} generations")
+        else:
+            title = (f"Searched layer shares · {SEARCH_KEPT_RULE} (KL {record.start_kl:.4g} on all {held}) · "
+                     f"{record.generations} generations")
     return _layout(fig, title, height=360)
 
 

@@ -156,7 +156,7 @@ def _search_record(improved: bool = True):
 def test_search_figure_shows_both_allocations_and_the_fitness_curve():
     fig = plots.search_figure(_search_record(), 7, protected=[0, 1, 6], removed=[5])
     names = _names(fig)
-    assert names == ["layer removed whole", plots.SEARCH_RULE, plots.SEARCH_FOUND, "protected", "best so far",
+    assert names == ["layer removed whole", plots.SEARCH_RULE, plots.SEARCH_FOUND, "protected", plots.SEARCH_CURVE,
                      f"start: {plots.SEARCH_RULE}"]
     rule, found = fig.data[1], fig.data[2]
     assert list(rule.x) == [2, 3, 4] and list(rule.y) == [0.30, 0.25, 0.20]
@@ -168,14 +168,14 @@ def test_search_figure_shows_both_allocations_and_the_fitness_curve():
     assert curve.xaxis == "x2" and rule.xaxis == "x"  # two panels
     assert list(fig.data[3].x) == [0, 1, 6]  # the removed layer is shaded, not marked protected
     assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].x0 == 4.55
-    text = " ".join(a.text for a in fig.layout.annotations)
-    assert "0.081 → 0.064" in text and "21% closer" in text and plots.SEARCH_KEPT_RULE not in text
+    title = fig.layout.title.text  # the decisive figures, on all held-out text
+    assert "0.081 → 0.064" in title and "21% closer" in title and "8 held-out texts" in title
+    assert plots.SEARCH_KEPT_RULE not in title
     assert "KL to the original" in fig.layout.yaxis2.title.text
 
 
 def test_search_figure_says_when_the_rules_shares_were_kept():
     fig = plots.search_figure(_search_record(improved=False), 7)
     assert "searched (not kept)" in _names(fig) and "protected" not in _names(fig)
-    text = " ".join(a.text for a in fig.layout.annotations)
-    assert plots.SEARCH_KEPT_RULE in text and "the rule's shares kept" in fig.layout.title.text
+    assert plots.SEARCH_KEPT_RULE in fig.layout.title.text and "KL 0.081" in fig.layout.title.text
     json.loads(fig.to_json())  # serialisable for the browser and the report

@@ -98,7 +98,7 @@ def test_a_searched_prune_measures_shows_its_figure_and_reports_it(folder, tmp_p
     assert status.index("KL divergence") < status.index("<details")  # the sentence, then the details
     assert figure["visible"] is True and session.figures["search"] is figure["value"]
     names = [t.name for t in figure["value"].data]
-    assert plots.SEARCH_RULE in names and "best so far" in names
+    assert plots.SEARCH_RULE in names and plots.SEARCH_CURVE in names
     assert list(table["layer shares"]) == ["", "searched"]
     assert "layer shares searched" in card
     assert "How the search moved the pruning between layers" in runs.report_figures(session)
