@@ -5,7 +5,8 @@ again: the ratio moved) → Evaluate → the results table has a row; then the C
 two windows, plus one mask method (magnitude) at 2:4 → rows streamed into the table, the perplexity plot (masks
 in their own panel), the mask row's sparsity views and one structured method's layer/neuron views rendered.
 Screenshots go to the test's tmp dir (printed with ``-s``; the Compare tab also to /tmp/compare_tab.png, its mask
-views to /tmp/compare_masks.png).
+views to /tmp/compare_masks.png). Last, searched layer shares: the sidebar's Layer shares controls, and
+plot-search after a searched COMP prune of 2 generations (/tmp/search_prune.png).
 Skipped when playwright, chromium or the local data sets are missing (CI installs chromium: see .ci/run).
 """
 from __future__ import annotations
