@@ -163,7 +163,8 @@ def test_search_figure_shows_both_allocations_and_the_fitness_curve():
     assert list(found.y) == [0.35, 0.20, 0.20] and rule.marker.color != found.marker.color
     assert fig.layout.barmode == "group"
     curve, start = fig.data[4], fig.data[5]
-    assert list(curve.x) == [0, 1, 2] and list(curve.y) == [0.08, 0.07, 0.065] and list(curve.customdata) == [0.1, 1.2, 2.3]
+    assert list(curve.x) == [0, 1, 2] and list(curve.y) == [0.08, 0.07, 0.065]
+    assert list(curve.customdata) == [0.1, 1.2, 2.3]  # seconds since the start, in the hover
     assert (list(start.x), list(start.y)) == ([0], [0.08])  # the one-shot start, marked
     assert curve.xaxis == "x2" and rule.xaxis == "x"  # two panels
     assert list(fig.data[3].x) == [0, 1, 6]  # the removed layer is shaded, not marked protected
