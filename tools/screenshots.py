@@ -6,7 +6,12 @@ Load → Analyse → Prune → Evaluate → Try it → the summary card, in Debi
 Writes gui.png (the first screen after Analyse), summary-card.png and prune-evaluate.png (after Evaluate and
 Try it), try-it.png,
 compare.png (three methods) and report.png (the exported report, opened from disk without the server).
-Needs playwright and chromium (apt-get install chromium); a few minutes on two CPU cores.
+``--search N`` adds search.png: COMP with searched layer shares (N generations), the Prune tab's status and
+its search figure; ``--only-search`` takes that one alone (Load → searched → Prune), e.g.
+
+    COMP_DATA_DIR=../shared/data python tools/screenshots.py --only-search --search 10 --samples 8 --threads 1
+
+Needs playwright and chromium (apt-get install chromium); a few minutes on two CPU cores (a search: minutes more).
 """
 from __future__ import annotations
 
@@ -38,19 +43,39 @@ def _set_number(page, elem_id: str, value) -> None:
     box.press("Enter")
 
 
+def search_shot(page, out: Path, generations: int) -> None:
+    """search.png: a COMP prune with searched layer shares, its status sentence and its figure."""
+    page.locator("#allocation").get_by_label("searched against the original's answers (slower)").check()
+    page.wait_for_selector("#search-generations", state="visible", timeout=60_000)
+    _set_number(page, "search-generations", generations)
+    page.click("#btn-prune")
+    page.wait_for_selector("#prune-status >> text=fewer parameters", timeout=3_600_000)
+    page.wait_for_selector("#plot-search .js-plotly-plot", timeout=60_000)
+    page.wait_for_timeout(1500)
+    page.evaluate("document.querySelector('#prune-status').scrollIntoView({block: 'start'})")
+    page.screenshot(path=str(out / "search.png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "images"))
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--compare", action="store_true", help="also the Compare tab (three methods, minutes)")
+    parser.add_argument("--search", type=int, default=0, metavar="GENERATIONS",
+                        help="also search.png: COMP with searched layer shares, GENERATIONS generations (minutes)")
+    parser.add_argument("--only-search", action="store_true", help="take search.png alone (needs --search)")
+    parser.add_argument("--threads", type=int, default=None, help="the app's torch threads (launch.py --threads)")
     args = parser.parse_args()
+    if args.only_search and args.search < 1:
+        parser.error("--only-search needs --search GENERATIONS (>= 1)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     port = _port()
     work = Path(tempfile.mkdtemp(prefix="comp-shots-"))
+    threads = ["--threads", str(args.threads)] if args.threads else []
     server = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port),
-                               "--export-folder", str(work / "pruned")], cwd=ROOT,
+                               "--export-folder", str(work / "pruned"), *threads], cwd=ROOT,
                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
                               stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -68,6 +93,11 @@ def main() -> None:
             page.wait_for_selector("#btn-analyse", timeout=120_000)
             _set_number(page, "n-samples", args.samples)
             _set_number(page, "seq-len", args.tokens)
+            if args.only_search:
+                search_shot(page, out, args.search)
+                browser.close()
+                print(f"search.png in {out}; server log {work / 'server.log'}")
+                return
             page.click("#btn-analyse")
             page.wait_for_selector("#analysis-status >> text=Analysed in", timeout=900_000)
             page.wait_for_timeout(1500)
@@ -99,6 +129,8 @@ def main() -> None:
                 page.wait_for_selector("#compare-status >> text=Compared in", timeout=1_800_000)
                 page.wait_for_timeout(1500)
                 page.screenshot(path=str(out / "compare.png"), full_page=True)
+            if args.search:
+                search_shot(page, out, args.search)
             browser.close()
         print(f"screenshots in {out}; report {report}; server log {work / 'server.log'}")
     finally:

@@ -58,6 +58,7 @@ STAGE_LABELS = {
     "layer-removal": "Layer removal", "fisher": "Fisher scores", "neuron-pruning": "Neuron pruning",
     "evaluate": "Evaluating", "auto-sweep": "Auto: trying layer counts", "copy": "Copying model",
     "speed": "Generation speed", "compare": "Comparing", "apply": "Applying the plan",
+    "search-database": "Search: pruning each layer at every share", "search": "Searching layer shares",
 }
 USER_ERRORS = (ModelLoadError, DataError, UnsupportedModelError, ImpossibleRatioError, ValueError,
                OSError)  # OSError: missing, existing or unwritable files, a full disk

@@ -390,6 +390,90 @@ def ppl_vs_ratio(runs: Sequence[Mapping], datasets: Sequence[str] = ("wikitext2"
     return _layout(fig, title)
 
 
+# ------------------------------------------------------------------------------------------ searched shares
+
+SEARCH_RULE = "each method's rule"  # the legend's words for the one-shot allocation
+SEARCH_FOUND = "searched"
+SEARCH_KEPT_RULE = "kept the rule's shares: nothing beat them on the held-out text"
+SEARCH_CURVE = "best candidate of each generation"
+
+
+def search_figure(record, n_layers: int, protected: Sequence[int] = (), removed: Sequence[int] = (),
+                  title: str | None = None) -> go.Figure:
+    """A searched allocation (``comp_core.results.SearchRecord``) in two panels: (a) each searched layer's share
+    of its parameters pruned under the method's own rule beside the searched share (layers removed whole
+    shaded, protected ones marked at 0); (b) the fitness per generation — the KL divergence of the pruned
+    model's next-token distribution from the original's, on each generation's sample of the held-out
+    calibration text (lower = closer), the start (the rule's shares) marked. The title holds the decisive
+    figures, on all held-out tokens; when nothing beat the rule there (``record.improved`` False) the rule's
+    shares were kept: the searched bars are drawn hollow and the title says so."""
+    layers = [int(i) for i in record.layers]
+    kept = bool(record.improved)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.09,
+                        subplot_titles=("How much each layer gives up",
+                                        "How far the pruned model's answers are from the original's"))
+    rem = sorted(int(i) for i in removed if 0 <= int(i) < n_layers)
+    for i in rem:  # shaded columns (a bar would take a slot of every layer's group)
+        fig.add_vrect(x0=i - 0.45, x1=i + 0.45, fillcolor=COLORS["removed"], opacity=0.12, line_width=0,
+                      row=1, col=1, exclude_empty_subplots=False)
+    if rem:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="layer removed whole",
+                                 marker={"symbol": "square", "size": 11, "color": "rgba(225,29,72,0.25)"}),
+                      row=1, col=1)
+    fig.add_trace(go.Bar(x=layers, y=[record.one_shot[i] for i in layers], name=SEARCH_RULE,
+                         marker={"color": COLORS["primary_light"]},
+                         hovertemplate=f"layer %{{x}}: %{{y:.1%}} pruned by {SEARCH_RULE}<extra></extra>"),
+                  row=1, col=1)
+    found = {"color": COLORS["primary"]} if kept else {
+        "color": "rgba(79,70,229,0.08)", "line": {"color": COLORS["primary"], "width": 1.5}}
+    fig.add_trace(go.Bar(x=layers, y=[record.searched[i] for i in layers],
+                         name=SEARCH_FOUND if kept else f"{SEARCH_FOUND} (not kept)", marker=found,
+                         hovertemplate=f"layer %{{x}}: %{{y:.1%}} pruned, {SEARCH_FOUND}<extra></extra>"),
+                  row=1, col=1)
+    prot = sorted(int(i) for i in protected if 0 <= int(i) < n_layers and int(i) not in rem)
+    if prot:
+        fig.add_trace(go.Scatter(x=prot, y=[0.0] * len(prot), mode="markers", name="protected",
+                                 marker={"symbol": "diamond", "size": 10, "color": COLORS["protected"],
+                                         "line": {"color": COLORS["ink"], "width": 1}}, cliponaxis=False,
+                                 hovertemplate="layer %{x}: protected<extra></extra>"), row=1, col=1)
+    history = [float(v) for v in record.fitness]
+    generations = list(range(len(history)))
+    seconds = list(record.seconds) + [None] * (len(history) - len(record.seconds))
+    fig.add_trace(go.Scatter(x=generations, y=history, mode="lines+markers", name=SEARCH_CURVE,
+                             line={"color": COLORS["primary"], "width": 2}, marker={"size": 5},
+                             customdata=[s if s is not None else float("nan") for s in seconds],
+                             hovertemplate=("generation %{x} (%{customdata:.0f} s)<br>KL %{y:.4f} on this "
+                                            "generation's sample of the held-out text<extra></extra>")),
+                  row=1, col=2)
+    if history:
+        fig.add_trace(go.Scatter(x=[0], y=[history[0]], mode="markers", name=f"start: {SEARCH_RULE}",
+                                 marker={"symbol": "star", "size": 13, "color": COLORS["accent"],
+                                         "line": {"color": COLORS["ink"], "width": 1}},
+                                 hovertemplate="start (the rule's shares)<br>KL %{y:.4f}<extra></extra>"),
+                      row=1, col=2)
+    step = 1 if n_layers <= 16 else 2 if n_layers <= 40 else 5
+    fig.update_xaxes(title_text="layer", tickmode="linear", tick0=0, dtick=step, range=[-0.6, n_layers - 0.4],
+                     gridcolor=COLORS["grid"], zeroline=False, row=1, col=1)
+    top = max([record.one_shot[i] for i in layers] + [record.searched[i] for i in layers] + [0.0])
+    fig.update_yaxes(title_text="share of the layer's parameters pruned", tickformat=".0%",
+                     range=[0, min(1.05, top * 1.15 + 0.02)], gridcolor=COLORS["grid"], row=1, col=1)
+    fig.update_xaxes(title_text="generation", gridcolor=COLORS["grid"], zeroline=False, row=1, col=2,
+                     **({"dtick": 1} if len(history) <= 12 else {}))
+    fig.update_yaxes(title_text="KL to the original (lower = closer)", gridcolor=COLORS["grid"], row=1, col=2)
+    fig.update_annotations(font={"size": 11, "color": COLORS["muted"]})  # the panels' titles
+    fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
+    if title is None:
+        held = f"{record.holdout} held-out text{'s' if record.holdout != 1 else ''}"
+        if kept:
+            closer = 1 - record.final_kl / record.start_kl if record.start_kl > 0 else 0.0
+            title = (f"Searched layer shares · {closer:.0%} closer to the original on all {held} (KL "
+                     f"{record.start_kl:.4g} → {record.final_kl:.4g}) · {record.generations} generations")
+        else:
+            title = (f"Searched layer shares · {SEARCH_KEPT_RULE} (KL {record.start_kl:.4g} on all {held}) · "
+                     f"{record.generations} generations")
+    return _layout(fig, title, height=360)
+
+
 def method_color(method: str, order: Sequence[str]) -> str:
     """A colour per method: its position in ``order`` — the methods of one figure, so that up to
     ``len(METHOD_COLORS)`` methods never share a colour — else a hash of its name."""
@@ -408,7 +492,8 @@ def _ppl(row: Mapping, ds: str) -> float | None:
 
 
 def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequence[str] = (),
-                title: str = "Perplexity vs realised ratio, per method") -> go.Figure:
+                title: str = "Perplexity vs realised ratio, per method",
+                names: Mapping[str, str] | None = None) -> go.Figure:
     """One line per method (per evaluation set when there are several: dashed for the second, …), log y;
     the original as a star at ratio 0 and, for reference, the start of every line.
 
@@ -418,8 +503,10 @@ def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequen
     method and pattern, the original's perplexity as a dotted line.
 
     ``rows``: the Compare table's rows as dicts with "method", "kind", "realised ratio", "target",
-    "sparsity", "ppl <set>" (and "error", "zeros of all params").
+    "sparsity", "ppl <set>" (and "error", "zeros of all params"). ``names``: how a method is written in the
+    legend and hover text (e.g. "comp · searched" for the row label "comp@search"); else its own name.
     """
+    shown = lambda method: (names or {}).get(method, method)  # noqa: E731
     good = [r for r in rows if not r.get("error")]
     masks = [r for r in good if is_mask_row(r) and r.get("sparsity")]
     patterns = sorted({str(r["sparsity"]) for r in masks}, key=pattern_order)
@@ -461,7 +548,7 @@ def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequen
             values += [p[1] for p in points]
             line_x += [p[0] for p in points]
             plotted = True
-            label = f"{method} {sparsity}" if sparsity else method
+            label = f"{shown(method)} {sparsity}" if sparsity else shown(method)
             symbol = _SYMBOLS[1 + composed_patterns.index(sparsity) % (len(_SYMBOLS) - 1)] if sparsity else "circle"
             add(go.Scatter(
                 x=[p[0] for p in points], y=[p[1] for p in points], customdata=[p[2] for p in points],
@@ -489,10 +576,10 @@ def compare_ppl(rows: Sequence[Mapping], eval_sets: Sequence[str], order: Sequen
                     x=[i + offset for i, _, _ in hits], y=[v for _, v, _ in hits],
                     customdata=[[str(r["sparsity"]), f"{z:.1%}" if isinstance(z, float) else "—"]
                                 for (_, _, r), z in zip(hits, zeros)],
-                    mode="markers", name=f"{method} · {ds}" if several else method,
+                    mode="markers", name=f"{shown(method)} · {ds}" if several else shown(method),
                     marker={"symbol": _MASK_SYMBOLS[k % len(_MASK_SYMBOLS)], "size": 10,
                             "color": method_color(method, order), "line": {"color": COLORS["ink"], "width": 1}},
-                    hovertemplate=(f"{method} (masks)<br>pattern %{{customdata[0]}}<br>zeros of all params "
+                    hovertemplate=(f"{shown(method)} (masks)<br>pattern %{{customdata[0]}}<br>zeros of all params "
                                    f"%{{customdata[1]}}<br>{ds} ppl %{{y:.2f}}<extra></extra>")), col=2)
     if not plotted:
         return empty_figure("Run a comparison to see perplexity against the realised ratio.", title)

@@ -2,7 +2,9 @@
 
 Only the settings that differ from the method's registered defaults are written (``--set KEY=VALUE``, read
 back by the CLI's own parser), so the command stays short and still builds the very same settings object;
-``tests/ui/test_reproduce.py`` checks that round trip through ``comp_core.cli``.
+``tests/ui/test_reproduce.py`` checks that round trip through ``comp_core.cli``. A run with searched layer
+shares (``allocation=search``) also writes its generations when they are the default: the budget decides
+what the search finds, so the command keeps it even if the default changes.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from comp_core.methods import make_settings
 BUNDLED = "bundled"
 # fields with a flag of their own (the rest go through --set)
 OWN_FLAGS = {"ratio": "--ratio", "sparsity": "--sparsity", "protected": "--protect"}
+# written for a searched run even at their defaults (what the search finds depends on them)
+SEARCH_BUDGET = ("search_generations",)
 
 
 def setting_text(value: Any) -> str:
@@ -31,10 +35,11 @@ def setting_text(value: Any) -> str:
 
 
 def changed_settings(method: str, settings: Any) -> dict[str, Any]:
-    """The fields of ``settings`` that differ from ``method``'s registered defaults."""
+    """The fields of ``settings`` that differ from ``method``'s registered defaults (and a searched run's budget)."""
     defaults = make_settings(method)
+    searched = getattr(settings, "allocation", None) == "search"
     return {f.name: getattr(settings, f.name) for f in fields(settings)
-            if getattr(settings, f.name) != getattr(defaults, f.name)}
+            if getattr(settings, f.name) != getattr(defaults, f.name) or (searched and f.name in SEARCH_BUDGET)}
 
 
 def prune_command(method: str, settings: Any, *, source: str, calibration: tuple, out: str,

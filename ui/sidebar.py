@@ -4,7 +4,9 @@ Control values go to ``comp_core.settings.settings_for`` (the same parsing as th
 whose settings are COMP's ``CompConfig`` (comp and its ablations) take every COMP control, every other method
 takes the target ratio and/or the sparsity pattern, whichever of the two its settings have (mask methods: the
 sparsity; composed methods: both); its other settings are the registry's defaults. The registry decides, not
-a list of method names.
+a list of method names. "Layer shares" (``allocation``: the method's own per-layer rule, or the searched one of
+``comp_core.methods.search``) and its generations apply to every method whose registry entry is ``searchable``,
+except a mask pattern N:M, which leaves no per-layer share to search (``search_refusal`` says why in a line).
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from comp_core import CompConfig, DataError, ModelLoadError, UnsupportedModelErr
 from comp_core.models.adapters import count_block_parameters
 from comp_core.runtime import ratio_over, ratio_over_all
 from comp_core.data import default_calibration_size
-from comp_core.methods import get_method, method_names, setting_names
+from comp_core.methods import get_method, make_settings, method_names, setting_names
+from comp_core.methods.search.settings import SearchSettings
 from comp_core.math.scoring import SCORES
+from comp_core.math.sparsity import SparsityPattern
 
 from . import common
 from .session import Session
@@ -42,6 +46,12 @@ RATIO_MAX = 0.8  # the slider's range: beyond it COMP's quality on small models 
 DEFAULT_DEPTH = 0  # what-if material only when asked for: Analyse costs what a prune does
 DEFAULT_DENSE_KINDS = CompConfig().dense_kinds  # the core's measured default (None would mean every dense)
 DEFAULT_REMOVE = CompConfig().remove_layers if isinstance(CompConfig().remove_layers, int) else 0  # "min": 0 here
+# how much of the target each layer takes: the method's own rule, or searched (comp_core.methods.search)
+ALLOCATION_CHOICES = [("each method's rule (fast)", "one-shot"),
+                      ("searched against the original's answers (slower)", "search")]
+DEFAULT_ALLOCATION = SearchSettings().allocation
+DEFAULT_GENERATIONS = SearchSettings().search_generations  # the core's default budget
+MAX_GENERATIONS = 500
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -159,20 +169,68 @@ def ratio_note(session: Session, ratio, ratio_of: str | None = "all") -> str:
             f"blocks (the rest is the vocabulary table and output head, which pruning keeps)</div>")
 
 
+def search_refusal(method, sparsity=None) -> str:
+    """Why ``method`` (at the sparsity pattern ``sparsity``, for methods that have one) has no layer shares to
+    search, in a person's words; "" when it has. A pattern that does not parse is left to the run to refuse."""
+    method = method or DEFAULT_METHOD
+    entry = get_method(method)
+    if not entry.method.searchable:
+        return f"{method} has no per-layer shares to search, so it always uses its own rule."
+    if getattr(make_settings(method), "granularity", None) == "layers":
+        return f"{method} removes whole layers only, so there is no per-layer share to search."
+    if uses(method, "sparsity") and sparsity not in (None, ""):
+        try:
+            pattern = settings.parse_sparsity(sparsity)
+        except settings.SettingsError:
+            return ""
+        if SparsityPattern.parse(pattern).is_nm:
+            return (f"the {pattern} pattern zeroes the same number of weights in every small group, so there is "
+                    "no per-layer share to search: choose a share such as 0.5 to search.")
+    return ""
+
+
+def search_values(method, allocation, generations, sparsity=None, *, auto=False, inputs=None) -> dict:
+    """The settings fields of the "Layer shares" controls: {} for the method's own rule, and for a method with
+    nothing to search (its controls are hidden then and a line says why: ``search_refusal``); else
+    ``allocation="search"`` and the generations (a whole number in 1..MAX_GENERATIONS, refused otherwise).
+    COMP's controls that a search cannot work with are refused in the sidebar's words (``auto``, ``inputs``)."""
+    if (allocation or DEFAULT_ALLOCATION) != "search" or search_refusal(method, sparsity):
+        return {}
+    try:
+        count = float(generations if generations not in (None, "") else DEFAULT_GENERATIONS)
+        if not count.is_integer() or not 1 <= count <= MAX_GENERATIONS:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise settings.SettingsError(f"search generations: type a whole number from 1 to {MAX_GENERATIONS} "
+                                     f"(got '{generations}')") from None
+    if uses_comp_controls(method or DEFAULT_METHOD):
+        if auto:
+            raise settings.SettingsError("searched layer shares start from a fixed number of removed layers: "
+                                         "untick 'auto' next to Layers to remove, or use each method's rule")
+        if inputs == "paired":
+            raise settings.SettingsError("searched layer shares prune every layer on the original model's inputs: "
+                                         "choose identical or accumulated inputs (Advanced), or use each method's "
+                                         "rule")
+    return {"allocation": "search", "search_generations": int(count)}
+
+
 def method_settings(session: Session, method, ratio, n_remove, auto, protected, score, mask_tuning, inputs,
-                    dense_kinds, depth=DEFAULT_DEPTH, sparsity=None, ratio_of="all"):
+                    dense_kinds, depth=DEFAULT_DEPTH, sparsity=None, ratio_of="all", allocation=None,
+                    generations=None):
     """The settings dataclass ``method`` runs with (``comp_core.settings.settings_for``): its registered
-    defaults, then the controls that apply (``sparsity`` None or empty: the method's default pattern). The
-    ratio is converted to the share of all parameters here (``ratio_of``), so everything after sees one basis."""
+    defaults, then the controls that apply (``sparsity`` None or empty: the method's default pattern;
+    ``allocation``/``generations``: the "Layer shares" controls, ``search_values``). The ratio is converted to
+    the share of all parameters here (``ratio_of``), so everything after sees one basis."""
     method = method or DEFAULT_METHOD
     ratio = ratio_of_all(session, ratio, ratio_of)
+    search = search_values(method, allocation, generations, sparsity, auto=auto, inputs=inputs)
     if uses_comp_controls(method):
         return settings.settings_for(method, ratio=ratio, protected=protected_value(session, protected),
                                      comp=comp_controls(session, n_remove, auto, score, mask_tuning, inputs,
-                                                        dense_kinds, depth))
+                                                        dense_kinds, depth), values=search)
     if uses(method, "sparsity") and sparsity not in (None, ""):
         sparsity = settings.parse_sparsity(sparsity)  # the GUI refuses a sparsity of 0 (it masks nothing)
-    return settings.settings_for(method, ratio=ratio, sparsity=sparsity)
+    return settings.settings_for(method, ratio=ratio, sparsity=sparsity, values=search)
 
 
 def check_protected(session: Session, protected):
@@ -214,6 +272,20 @@ def method_note(method) -> str:
         which = ("Only the target ratio applies; its other settings are the method's defaults. "
                  "<b>Analyse</b> always shows COMP's plan.")
     return f"<div class='cx-help'><b>{entry.name}</b> ({entry.kind}): {entry.summary}. {which}</div>"
+
+
+def search_controls(method, sparsity=None, allocation=None):
+    """(Layer shares radio, generations box, note) for the chosen method, pattern and choice: both controls
+    only where the method has shares to search (else a line says why), the generations only when searching."""
+    refusal = search_refusal(method, sparsity)
+    if refusal:
+        return (gr.update(visible=False), gr.update(visible=False),
+                f"<div class='cx-help'><b>Layer shares</b>: {refusal}</div>")
+    searched = (allocation or DEFAULT_ALLOCATION) == "search"
+    note = ("<div class='cx-help'>Prune tries other shares layer by layer and keeps the ones whose next-word "
+            "predictions stay closest to the original model's on held-out calibration text: a few minutes more "
+            "on a CPU. <b>Analyse</b> shows the rule's plan.</div>") if searched else ""
+    return gr.update(visible=True), gr.update(visible=searched), note
 
 
 def select_method(method):
@@ -306,6 +378,15 @@ def build(default_source: str = "bundled", default_calib: str = "c4") -> SimpleN
                              info="zeros inside every linear: a share (0.5, 60%) or N:M (2:4 = 2 zeros in every "
                                   "4 weights); nothing is removed", visible=uses(DEFAULT_METHOD, "sparsity"),
                              elem_id="sparsity")
+    c.allocation = gr.Radio(ALLOCATION_CHOICES, value=DEFAULT_ALLOCATION, label="Layer shares",
+                            elem_id="allocation",
+                            info="how much of the target each layer gives up: the method's own rule, or searched "
+                                 "so the pruned model answers most like the original (a few minutes more)")
+    c.generations = gr.Number(value=DEFAULT_GENERATIONS, precision=0, minimum=1, maximum=MAX_GENERATIONS,
+                              label="search generations", visible=False, elem_id="search-generations",
+                              info="rounds of trying new shares: more can get closer to the original, and take "
+                                   "longer")
+    c.allocation_note = gr.HTML(search_controls(DEFAULT_METHOD, DEFAULT_SPARSITY)[2], elem_id="allocation-note")
     with gr.Column(visible=True, elem_id="comp-controls") as c.comp_controls:
         with gr.Row(equal_height=True):
             c.n_remove = gr.Slider(0, MAX_REMOVE, value=DEFAULT_REMOVE, step=1, label="Layers to remove", scale=3,
@@ -351,6 +432,10 @@ def wire(c: SimpleNamespace, session: gr.State, heavy: dict) -> None:
     c.source.change(common.model_card, session, c.card, queue=False)
     c.method.change(select_method, c.method, [c.method_note, c.comp_controls, c.ratio, c.sparsity], queue=False).then(
         lambda method: gr.update(visible=uses(method or DEFAULT_METHOD, "ratio")), c.method, c.ratio_of, queue=False)
+    # Layer shares: shown where the method (at its pattern) has shares to search; generations while searching
+    gr.on([c.method.change, c.sparsity.change, c.allocation.change], search_controls,
+          [c.method, c.sparsity, c.allocation], [c.allocation, c.generations, c.allocation_note], queue=False,
+          show_progress="hidden")
     # a typed ratio out of range: box and slider back in step, and why (the js passes the raw value along)
     c.ratio.input(ratio_typed, [c.ratio, c.ratio_typed], [c.ratio, c.ratio_warning], js="(r, _) => [r, r]",
                   queue=False, show_progress="hidden")

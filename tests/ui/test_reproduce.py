@@ -24,6 +24,9 @@ def _round_trip(command: str):
     ("flap", dict(ratio=0.2)),
     ("wanda", dict(sparsity="2:4")),
     ("comp+nm", dict(ratio=0.15, sparsity="4:8")),
+    ("comp", dict(ratio=0.3, values={"allocation": "search", "search_generations": 2})),
+    ("wanda", dict(sparsity="0.6", values={"allocation": "search"})),
+    ("flap", dict(ratio=0.2, values={"allocation": "search", "search_generations": 7})),
 ])
 def test_the_command_rebuilds_the_same_settings(method, chosen):
     settings = settings_for(method, **chosen)
@@ -43,3 +46,17 @@ def test_only_changed_settings_are_written_and_the_bundled_model_needs_no_flag()
     assert "--set" not in command and "--model" not in command and "--ratio" not in command
     assert _round_trip(command)[1] == settings
     assert reproduce.eval_command("pruned", ["wikitext2"]) == "comp-explorer eval --model pruned --eval wikitext2"
+
+
+def test_a_searched_run_writes_its_allocation_and_budget():
+    """The report's command redoes a searched run: allocation=search and the generations, also at the default
+    (the budget decides what the search finds, so the command keeps it if the default changes)."""
+    for generations in (2, settings_for("comp").search_generations):
+        settings = settings_for("comp", ratio=0.25, values={"allocation": "search", "search_generations": generations})
+        command = reproduce.prune_command("comp", settings, source="bundled", out="pruned",
+                                          calibration=("c4", 64, 512, 0))
+        assert "--set allocation=search" in command and f"--set search_generations={generations}" in command
+        assert _round_trip(command)[1] == settings
+    one_shot = reproduce.prune_command("comp", settings_for("comp", ratio=0.25), source="bundled", out="pruned",
+                                       calibration=("c4", 64, 512, 0))
+    assert "allocation" not in one_shot and "search_generations" not in one_shot

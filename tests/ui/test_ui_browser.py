@@ -5,7 +5,8 @@ again: the ratio moved) → Evaluate → the results table has a row; then the C
 two windows, plus one mask method (magnitude) at 2:4 → rows streamed into the table, the perplexity plot (masks
 in their own panel), the mask row's sparsity views and one structured method's layer/neuron views rendered.
 Screenshots go to the test's tmp dir (printed with ``-s``; the Compare tab also to /tmp/compare_tab.png, its mask
-views to /tmp/compare_masks.png).
+views to /tmp/compare_masks.png). Last, searched layer shares: the sidebar's Layer shares controls, and
+plot-search after a searched COMP prune of 2 generations (/tmp/search_prune.png).
 Skipped when playwright, chromium or the local data sets are missing (CI installs chromium: see .ci/run).
 """
 from __future__ import annotations
@@ -322,3 +323,48 @@ def test_compare_tab_in_a_browser(app_url, browser):
     server_log = log_path.read_text()
     assert "Traceback" not in server_log, server_log[-3000:]
     print(f"\ncompare on the tiny model: {seconds:.1f} s; screenshot /tmp/compare_tab.png")
+
+
+def test_searched_layer_shares_in_a_browser(app_url, browser):
+    """Layer shares: 'searched' shows the generations box, a method with nothing to search hides both with a
+    line that says why, and a searched prune (2 generations) draws plot-search under the status."""
+    url, _folder, log_path = app_url
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("#btn-analyse", timeout=60_000)
+    assert page.locator("#allocation").is_visible() and not page.locator("#search-generations").is_visible()
+    page.locator("#allocation").get_by_label("searched against the original's answers (slower)").check()
+    page.wait_for_selector("#search-generations", state="visible", timeout=30_000)
+    assert "a few minutes more" in page.locator("#allocation-note").inner_text()
+    _set_number(page, "search-generations", 2)
+    # shortgpt has no per-layer shares: both controls go, a line says why; back to comp, they return
+    page.locator("#method input").click()
+    page.get_by_role("option", name="shortgpt", exact=True).click()
+    page.wait_for_selector("#allocation-note >> text=no per-layer shares to search", timeout=30_000)
+    assert not page.locator("#allocation").is_visible() and not page.locator("#search-generations").is_visible()
+    page.locator("#method input").click()
+    page.get_by_role("option", name="comp", exact=True).click()
+    page.wait_for_selector("#search-generations", state="visible", timeout=30_000)
+    assert page.locator("#search-generations input[type=number]").input_value() == "2"
+
+    _set_number(page, "n-remove", 1)
+    _set_number(page, "ratio", 0.3)
+    started = time.perf_counter()
+    page.click("#btn-prune")
+    page.wait_for_selector("#prune-status >> text=fewer parameters", timeout=240_000)
+    seconds = time.perf_counter() - started
+    status = page.locator("#prune-status").inner_text()
+    assert "layer shares were searched" in status or "search found no layer shares" in status, status
+    page.wait_for_selector("#plot-search .js-plotly-plot", timeout=30_000)
+    assert _traces(page, "plot-search", ".barlayer .trace") == 2  # the rule's shares beside the searched ones
+    legend = page.eval_on_selector_all("#plot-search .legendtext", "els => els.map(e => e.textContent)")
+    assert "each method's rule" in legend and any(t.startswith("searched") for t in legend), legend
+    assert _traces(page, "plot-search", ".scatterlayer .trace") >= 2  # the fitness curve and its start
+    page.locator("#plot-search").scroll_into_view_if_needed()
+    page.screenshot(path="/tmp/search_prune.png")
+    assert not errors, errors
+    server_log = log_path.read_text()
+    assert "Traceback" not in server_log, server_log[-3000:]
+    print(f"\nsearched prune on the tiny model: {seconds:.1f} s; screenshot /tmp/search_prune.png")

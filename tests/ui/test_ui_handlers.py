@@ -144,9 +144,10 @@ def test_prune_twice_does_not_compound_and_keeps_the_original(folder):
     before = {k: v.clone() for k, v in original.state_dict().items()}
     n_before = count_parameters(original)
     for _ in range(2):
-        status, table, fig, card, summary = runs.run_prune(session, *data_args(folder), *plan_args(ratio=0.3),
-                                                           progress=no_progress)
+        status, table, fig, card, summary, search = runs.run_prune(session, *data_args(folder),
+                                                                   *plan_args(ratio=0.3), progress=no_progress)
         assert "30.0% fewer parameters" in status and "30% fewer parameters" in summary
+        assert search["visible"] is False  # the method's own layer shares: no search figure
         assert "not evaluated yet" in summary  # the card says what to do next
         assert session.result.params_before == n_before
     assert count_parameters(original) == n_before

@@ -141,3 +141,42 @@ def test_layer_similarity_figure_takes_the_json_form_and_says_when_there_is_none
     assert not empty.data and "Analyse with COMP" in empty.layout.annotations[0].text
     with pytest.raises(ValueError, match="6 layers has 6×6 values, got 4×4"):
         plots.layer_similarity_figure(from_json, removed=[], n_layers=6)
+
+
+def _search_record(improved: bool = True):
+    from comp_core.results import SearchRecord
+
+    return SearchRecord(layers=[2, 3, 4], one_shot={2: 0.30, 3: 0.25, 4: 0.20}, searched={2: 0.35, 3: 0.20, 4: 0.20},
+                        levels=[2, -2, 0], fitness=[0.08, 0.07, 0.065], seconds=[0.1, 1.2, 2.3],
+                        start_kl=0.081, final_kl=0.064 if improved else 0.081, improved=improved, unit_params=100,
+                        levels_each_side=3, database_mb=120.0, reference_mb=4.0, database_seconds=30.0,
+                        search_seconds=60.0, evaluations=40, generations=2, holdout=8, tokens_scored=4096)
+
+
+def test_search_figure_shows_both_allocations_and_the_fitness_curve():
+    fig = plots.search_figure(_search_record(), 7, protected=[0, 1, 6], removed=[5])
+    names = _names(fig)
+    assert names == ["layer removed whole", plots.SEARCH_RULE, plots.SEARCH_FOUND, "protected", plots.SEARCH_CURVE,
+                     f"start: {plots.SEARCH_RULE}"]
+    rule, found = fig.data[1], fig.data[2]
+    assert list(rule.x) == [2, 3, 4] and list(rule.y) == [0.30, 0.25, 0.20]
+    assert list(found.y) == [0.35, 0.20, 0.20] and rule.marker.color != found.marker.color
+    assert fig.layout.barmode == "group"
+    curve, start = fig.data[4], fig.data[5]
+    assert list(curve.x) == [0, 1, 2] and list(curve.y) == [0.08, 0.07, 0.065]
+    assert list(curve.customdata) == [0.1, 1.2, 2.3]  # seconds since the start, in the hover
+    assert (list(start.x), list(start.y)) == ([0], [0.08])  # the one-shot start, marked
+    assert curve.xaxis == "x2" and rule.xaxis == "x"  # two panels
+    assert list(fig.data[3].x) == [0, 1, 6]  # the removed layer is shaded, not marked protected
+    assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].x0 == 4.55
+    title = fig.layout.title.text  # the decisive figures, on all held-out text
+    assert "0.081 → 0.064" in title and "21% closer" in title and "8 held-out texts" in title
+    assert plots.SEARCH_KEPT_RULE not in title
+    assert "KL to the original" in fig.layout.yaxis2.title.text
+
+
+def test_search_figure_says_when_the_rules_shares_were_kept():
+    fig = plots.search_figure(_search_record(improved=False), 7)
+    assert "searched (not kept)" in _names(fig) and "protected" not in _names(fig)
+    assert plots.SEARCH_KEPT_RULE in fig.layout.title.text and "KL 0.081" in fig.layout.title.text
+    json.loads(fig.to_json())  # serialisable for the browser and the report

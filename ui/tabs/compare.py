@@ -7,7 +7,11 @@ as the Analyse tab show where that method cut; mask rows (weights zeroed, none r
 layer and per dense instead, and composed rows both.
 
 Structured methods run at every target ratio, mask methods at every sparsity, composed methods at every
-(ratio, sparsity) pair, as ``compare_methods`` schedules them.
+(ratio, sparsity) pair, as ``compare_methods`` schedules them. "Also searched" adds, for every ticked method
+with layer shares to search (``sidebar.search_refusal``), the row label "NAME@search" (``compare.SEARCHED``):
+the same method with searched layer shares, written "NAME · searched" and drawn in a colour of its own next to
+its method's. A searched mask method runs at the unstructured sparsities only (an N:M pattern has no share to
+search).
 """
 from __future__ import annotations
 
@@ -23,13 +27,13 @@ import numpy as np
 import pandas as pd
 
 from comp_core import Cancelled, CompPlan, settings
-from comp_core.evaluate.compare import compare_methods
+from comp_core.evaluate.compare import SEARCHED, compare_methods
 from comp_core.methods import get_method, method_names, setting_names
 from comp_core.settings import COMPARE_METHODS
 from comp_core.math.sparsity import SparsityPattern
 from comp_core.methods.comp.whatif import neuron_maps
 
-from .. import common, plots
+from .. import common, plots, sidebar
 from ..session import Session
 
 DEFAULT_RATIOS = "0.2, 0.3"
@@ -41,6 +45,38 @@ COLUMNS_MASKS = ["sparsity", "zeros in linears", "zeros of all params"]  # shown
 COLUMNS_TAIL = ["prune s", "peak RSS MB", "saved MB", "eval", "calibration", "note"]
 NOTHING_REMOVED = "masks: nothing removed"
 MASK_VIEW = "zeros"  # the dense dropdown's entry for a composed row's sparsity map
+
+
+def base_method(label: str) -> str:
+    """The registered method of a row label: "comp@search" → "comp"."""
+    return label[: -len(SEARCHED)] if label.endswith(SEARCHED) else label
+
+
+def method_label(label: str) -> str:
+    """A row label as a person reads it: "comp@search" → "comp · searched"; other labels unchanged."""
+    return f"{base_method(label)} · searched" if label.endswith(SEARCHED) else label
+
+
+def searched_labels(methods: list[str], sparsities: list[str]) -> list[str]:
+    """"NAME@search" for every method of ``methods`` with layer shares to search at some of ``sparsities``
+    (mask methods need an unstructured one: N:M fixes the zeros of every group)."""
+    out = []
+    for method in methods:
+        if sidebar.search_refusal(method):
+            continue
+        if sidebar.uses(method, "sparsity") and not any(not _is_nm(p) for p in sparsities):
+            continue
+        out.append(f"{method}{SEARCHED}")
+    return out
+
+
+def _is_nm(pattern: str | None) -> bool:
+    return bool(pattern) and SparsityPattern.parse(pattern).is_nm
+
+
+def _skipped(row) -> bool:
+    """A searched mask method's row at an N:M pattern: refused by the core, and said once in the status."""
+    return row.method.endswith(SEARCHED) and _is_nm(getattr(row, "sparsity", None)) and bool(row.error)
 
 
 def default_methods() -> list[str]:
@@ -67,7 +103,8 @@ def _light(plan: CompPlan | None, masks: bool = False) -> CompPlan | None:
 
 
 def _has_plan(method: str) -> bool:
-    """Whether ``method`` (a registry name; "original" is none) reports a per-layer plan worth showing."""
+    """Whether ``method`` (a row label; "original" is none) reports a per-layer plan worth showing."""
+    method = base_method(method)
     return method in method_names() and get_method(method).method.has_plan
 
 
@@ -114,6 +151,7 @@ def compare_table(session: Session) -> pd.DataFrame:
     for r in rows:
         cells = {c: common.fmt(r.get(c), specs.get(c, ""), empty="—" if c in specs else "") for c in cols}
         cells["target"] = target_label(r)
+        cells["method"] = method_label(r["method"])
         if r.get("sparsity"):
             cells.update({c: common.fmt(r.get(c), ".1%") for c in COLUMNS_MASKS[1:]})
             if plots.is_mask_row(r) and r.get("realised ratio") is not None:
@@ -123,10 +161,12 @@ def compare_table(session: Session) -> pd.DataFrame:
 
 
 def methods_in(session: Session) -> list[str]:
-    """The methods of this session's comparison in registry order: their colours, the same in every figure
-    of the tab, are distinct for up to ``len(theme.METHOD_COLORS)`` methods."""
+    """The row labels of this session's comparison in registry order, each searched label right after its
+    method's: their colours, the same in every figure of the tab, are distinct for up to
+    ``len(theme.METHOD_COLORS)`` labels (a searched row has a colour of its own)."""
     present = {r["method"] for r in session.compare_rows}
-    return [m for m in method_names() if m in present] + sorted(present - set(method_names()))
+    ordered = [label for m in method_names() for label in (m, f"{m}{SEARCHED}") if label in present]
+    return ordered + sorted(present - set(ordered))
 
 
 def compare_figure(session: Session):
@@ -138,14 +178,15 @@ def compare_figure(session: Session):
     what = "Perplexity per method" if any(plots.is_mask_row(r) for r in rows) else (
         "Perplexity vs realised ratio, per method")
     title = f"{what} · {rows[-1]['eval']}" if rows else None
-    fig = plots.compare_ppl(rows, _sets_in(rows), order=methods_in(session),
+    order = methods_in(session)
+    fig = plots.compare_ppl(rows, _sets_in(rows), order=order, names={m: method_label(m) for m in order},
                             **({"title": title} if title else {}))
     session.figures["compare_ppl"] = fig
     return fig
 
 
 def plan_choices(session: Session) -> list[tuple[str, str]]:
-    return [(f"{r['#']} · {r['method']} @ {target_label(r)}", r["#"]) for r in session.compare_rows
+    return [(f"{r['#']} · {method_label(r['method'])} @ {target_label(r)}", r["#"]) for r in session.compare_rows
             if r.get("plan") is not None]
 
 
@@ -222,7 +263,7 @@ def plan_views(session: Session, row_id, kind=None):
                 plots.empty_figure(empty, "Removed parameters per layer"),
                 plots.empty_figure(empty, "Neuron importance", height=360))
     plan: CompPlan = record["plan"]
-    label = f"{record['method']} @ {target_label(record)}"
+    label = f"{method_label(record['method'])} @ {target_label(record)}"
     notes = "".join(f"<div class='cx-note'>{n}</div>" for n in plan.notes)
     if plots.is_mask_row(record):
         summary = (f"<b>{record['#']} · {label}</b>: {_mask_summary(record)} · nothing removed, so the "
@@ -260,7 +301,7 @@ def plan_views(session: Session, row_id, kind=None):
                                                                                     plan.protected),
                                     title=f"Neuron importance · {name} · {int(pruned.sum()):,} pruned (red) · {label}")
     else:
-        heat = plots.empty_figure(f"{record['method']} removes whole layers only: no neuron map.",
+        heat = plots.empty_figure(f"{method_label(record['method'])} removes whole layers only: no neuron map.",
                                   "Neuron importance", height=360)
     session.figures["compare_bars"], session.figures["compare_heatmap"] = bars, heat
     return summary, gr.update(choices=choices, value=kind, visible=True), bars, heat
@@ -291,10 +332,12 @@ def _wants_original(session: Session, eval_tag: str, eval_sets: list[str], tasks
 @common.user_errors
 def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len, seed, methods, ratios, eval_sets,
                 windows, sparsities=DEFAULT_SPARSITIES, tasks=None, task_items=common.ZEROSHOT_QUICK_LIMIT,
-                ratio_of="all", progress=gr.Progress()):
+                ratio_of="all", searched=False, search_generations=sidebar.DEFAULT_GENERATIONS,
+                progress=gr.Progress()):
     """Generator: (status, table, figure, plan selector, 4 plan views, model card) after every finished row.
 
-    ``ratios`` are read only when a ticked method has a ratio, ``sparsities`` only when one has a sparsity."""
+    ``ratios`` are read only when a ticked method has a ratio, ``sparsities`` only when one has a sparsity.
+    ``searched``: also each method that has layer shares to search, searched (``search_generations``)."""
     known = method_names()
     methods = [m for m in (methods or []) if m in known]
     if not methods:
@@ -306,6 +349,12 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
     eval_sets = [d for d in (eval_sets or []) if d in common.EVAL_SETS]
     if not eval_sets:
         raise common.fail("Tick at least one evaluation data set.", "Nothing to compare")
+    extra = searched_labels(methods, sparsity_list) if searched else []
+    if searched and not extra:
+        raise common.fail("None of the ticked methods has layer shares to search (at these sparsities): untick "
+                          "'also searched', or tick a method such as comp.", "Nothing to search")
+    search = {label: sidebar.search_values(base_method(label), "search", search_generations) for label in extra}
+    labels = [label for m in methods for label in (m, f"{m}{SEARCHED}") if label in set(methods) | set(extra)]
     n_windows = settings.parse_count(windows, "Windows")
     tasks = list(tasks or [])
     task_limit = settings.parse_count(task_items, "Items per task")
@@ -319,20 +368,24 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
         eval_len = common.eval_seq_len(loaded.model)
         eval_tag = f"{n_windows or 'all'}×{eval_len}" + (f", {task_limit or 'all'} items/task" if tasks else "")
         calibration = common.calib_text(session.calib_key)
-        jobs = sum((len(ratio_list) if "ratio" in w else 1) * (len(sparsity_list) if "sparsity" in w else 1)
-                   for w in wants.values())
-        yield *_outputs(session, f"<b>Comparing {len(methods)} methods</b> ({_grid_text(ratio_list, sparsity_list)}"
-                                 f"; {jobs} prunes) …"), *no_views[1:], common.model_card(session)
+        unstructured = [p for p in sparsity_list if not _is_nm(p)]
+        jobs = sum((len(ratio_list) if "ratio" in wants[base_method(label)] else 1)
+                   * (len(unstructured if label in search else sparsity_list)
+                      if "sparsity" in wants[base_method(label)] else 1) for label in labels)
+        slower = "; searched rows take a few minutes more each" if extra else ""
+        yield *_outputs(session, f"<b>Comparing {len(labels)} methods</b> ({_grid_text(ratio_list, sparsity_list)}"
+                                 f"; {jobs} prunes{slower}) …"), *no_views[1:], common.model_card(session)
         with_original = _wants_original(session, eval_tag, eval_sets, tasks)
         results: queue.Queue = queue.Queue()
 
         def work() -> None:
             try:
-                compare_methods(loaded.model, loaded.tokenizer, session.samples, methods, ratio_list, eval_sets,
+                compare_methods(loaded.model, loaded.tokenizer, session.samples, labels, ratio_list, eval_sets,
                                 sparsities=sparsity_list or None, max_windows=n_windows, eval_seq_len=eval_len,
-                                measure_bytes=True, ratio_of=ratio_of or "all",
+                                measure_bytes=True, ratio_of=ratio_of or "all", settings=search,
                                 include_original=with_original, tasks=tasks, task_limit=task_limit,
-                                on_event=bridge, on_row=lambda row: results.put(("row", row)))
+                                on_event=bridge,
+                                on_row=lambda row: None if _skipped(row) else results.put(("row", row)))
                 results.put(("done", None))
             except BaseException as err:  # noqa: BLE001 - handed to the generator, which reports it
                 results.put(("error", err))
@@ -376,9 +429,16 @@ def run_compare(session: Session, source, calib, calib_file, n_samples, seq_len,
     if stopped is not None:
         status = f"<b>Stopped</b> after {new_rows} new rows ({seconds:.1f} s); the finished rows are kept."
     else:
-        status = (f"<b>Compared in {seconds:.1f} s</b>: {new_rows} new rows ({len(methods)} methods; "
+        status = (f"<b>Compared in {seconds:.1f} s</b>: {new_rows} new rows ({len(labels)} methods; "
                   f"{_grid_text(ratio_list, sparsity_list)}; {eval_tag} tokens of {', '.join(eval_sets)}). Each "
                   "method runs with its registered defaults at each of its targets.")
+        if extra:
+            generations = next(iter(search.values()))["search_generations"]
+            masks = [label for label in extra if sidebar.uses(base_method(label), "sparsity")]
+            status += (f" Rows marked <b>· searched</b> searched their layer shares ({generations} generations)"
+                       + (f"; a searched mask method runs at shares only ({', '.join(unstructured)}): an N:M "
+                          "pattern has no per-layer share to search" if masks and len(unstructured) < len(sparsity_list)
+                          else "") + ".")
     status_, table, figure, select = _outputs(session, status + failures)
     chosen = select["value"]
     yield (status_, table, figure, select, *plan_views(session, chosen), common.model_card(session))
@@ -414,6 +474,15 @@ def build() -> SimpleNamespace:
                                          label="Methods", elem_id="compare-methods",
                                          info="structured ones run at every target ratio; mask ones (magnitude, "
                                               "wanda, sparsegpt, …) at every sparsity; comp+nm at every pair")
+            with gr.Row(equal_height=True):
+                t.searched = gr.Checkbox(label="also run each method with searched layer shares", value=False,
+                                         elem_id="compare-searched", scale=3,
+                                         info="adds a row '… · searched' for every ticked method that has layer "
+                                              "shares to search; a few minutes more per row on a CPU")
+                t.search_generations = gr.Number(value=sidebar.DEFAULT_GENERATIONS, precision=0, minimum=1,
+                                                 maximum=sidebar.MAX_GENERATIONS, label="search generations",
+                                                 visible=False, elem_id="compare-search-generations", scale=1,
+                                                 min_width=110)
             with gr.Accordion("What each method does", open=False):
                 gr.HTML(method_summaries())
         with gr.Column(scale=2, min_width=260):
@@ -466,8 +535,10 @@ def build() -> SimpleNamespace:
 def wire(t: SimpleNamespace, session: gr.State, c: SimpleNamespace, heavy: dict) -> list:
     """Run (streaming), Cancel, Clear and the plan views; returns the events the sidebar's Cancel stops."""
     views = [t.plan_note, t.kind, t.bars, t.heatmap]
+    t.searched.change(lambda on: gr.update(visible=bool(on)), t.searched, t.search_generations, queue=False,
+                      show_progress="hidden")
     t.run.click(run_compare, [session, *c.data, t.methods, t.ratios, t.sets, t.windows, t.sparsities, t.tasks,
-                              t.task_items, t.ratio_of],
+                              t.task_items, t.ratio_of, t.searched, t.search_generations],
                 [t.status, t.table, t.plot, t.plan, *views, c.card], show_progress_on=[t.status], **heavy)
     # cooperative: the worker stops at its next step and the handler reports the rows it kept
     t.cancel.click(cancel, session, t.status, queue=False)

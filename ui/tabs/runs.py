@@ -4,6 +4,9 @@ Prune runs the method chosen in the sidebar through the registry (``prune_with``
 and nothing changed since Analyse — same model, calibration and every COMP setting — the analysed plan is
 applied as it is (``apply_plan``: seconds instead of a second full measurement); any change, including a
 what-if move of the ratio, layers or protected set, prunes from scratch. The status says which path ran.
+A run with searched layer shares (the sidebar's "Layer shares") always measures and searches; its figure
+(``plots.search_figure``: the rule's shares beside the searched ones, and the search's fitness per generation)
+shows under the status and goes into the report.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from ..session import Session
 
 # what a comparison needs first (ratio, perplexity, speed, size), then how each run was made
 # (mask runs: the realised ratio says that nothing was removed; sparsity and zeros say what the masks did)
-RESULT_COLUMNS = ["run", "model", "method", "realised ratio", "of blocks", "sparsity", "zeros of all params",
+RESULT_COLUMNS = ["run", "model", "method", "layer shares", "realised ratio", "of blocks", "sparsity", "zeros of all params",
                   "ppl wikitext2", "ppl ptb", "ppl c4", "ppl sample", "tokens/s", "params", "weights MB", "disk MB",
                   "removed layers", "target", "score", "mask tuning", "calibration", "eval", "prune s", "peak MB",
                   "path"]
@@ -36,6 +39,9 @@ RESULT_COLUMNS = ["run", "model", "method", "realised ratio", "of blocks", "spar
 # where some run has a value
 COMPACT_COLUMNS = ["run", "method", "realised ratio", "of blocks", "params", "weights MB", "tokens/s"]
 NOTHING_REMOVED = "masks: nothing removed"
+SEARCHED = "searched"  # the runs table's "layer shares" of a searched run ("rule" for the method's own)
+NO_SEARCH = ("Prune with <b>Layer shares: searched</b> (left) to see how the search moved the pruning between "
+             "layers.")
 # a quick measurement for the GUI: batch 1, short prompt, two timed rounds (the bench uses more)
 SPEED_SETTINGS = SpeedSettings(prefill_tokens=128, decode_tokens=32, batch_sizes=(1,), repeats=2,
                                measure_memory=False)
@@ -60,6 +66,8 @@ def columns(rows: list[dict] | None = None, compact: bool = False) -> list[str]:
     measured = [c for c in cols if (c.startswith("ppl ") or c.startswith("acc ") or c == "mean acc")
                 and any(r.get(c) is not None for r in rows or [])]
     keep = COMPACT_COLUMNS[:4] + measured + COMPACT_COLUMNS[4:]
+    if any(r.get("layer shares") == SEARCHED for r in rows or []):
+        keep.insert(keep.index("method") + 1, "layer shares")
     if any(plots.is_mask_row(r) for r in rows or []):
         keep.insert(keep.index("realised ratio") + 1, "zeros of all params")
     return keep
@@ -71,6 +79,8 @@ def columns(rows: list[dict] | None = None, compact: bool = False) -> list[str]:
 def plan_to_apply(session: Session, settings) -> tuple[CompPlan | None, str]:
     """The analysed plan when Prune's settings are exactly the analysed ones; otherwise None and why not."""
     a = session.analysis
+    if getattr(settings, "searched", False):
+        return None, "the layer shares are searched, which prunes every layer again at several shares"
     if a is None:
         return None, "no analysis to reuse"
     if type(settings) is not type(a.cfg):
@@ -146,10 +156,12 @@ def results_plot(session: Session):
 @common.user_errors
 def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, seed, ratio, n_remove, auto,
               protected, score, mask_tuning, inputs, dense_kinds, depth, method=sidebar.DEFAULT_METHOD,
-              sparsity=None, ratio_of="all", progress=gr.Progress()):
-    """Prune a private copy of the original; returns (status, results table, ppl plot, model card).
+              sparsity=None, ratio_of="all", allocation=None, search_generations=None, progress=gr.Progress()):
+    """Prune a private copy of the original; returns (status, results table, ppl plot, model card, summary card,
+    search figure).
 
-    ``sparsity``: the pattern of mask and composed methods (None: the method's default)."""
+    ``sparsity``: the pattern of mask and composed methods (None: the method's default); ``allocation`` and
+    ``search_generations``: the sidebar's "Layer shares" (``sidebar.search_values``)."""
     method = method or sidebar.DEFAULT_METHOD
     entry = get_method(method)
     if sidebar.uses(method, "ratio") and not sidebar.uses(method, "sparsity") and float(ratio or 0) <= 0:
@@ -162,7 +174,8 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
         common.ensure_samples(session, calib, calib_file, n_samples, seq_len, seed, bridge)
         protected, dense_kinds = sidebar.unfilled_defaults(session, protected, dense_kinds)
         settings = sidebar.method_settings(session, method, ratio, n_remove, auto, protected, score, mask_tuning,
-                                           inputs, dense_kinds, depth, sparsity, ratio_of)
+                                           inputs, dense_kinds, depth, sparsity, ratio_of, allocation,
+                                           search_generations)
         plan, why_not = plan_to_apply(session, settings)
         # the previous pruned copy stays until this run succeeds: a cancelled or failed run changes nothing
         bridge.step("Copying the model (the original stays untouched) …", stage="copy")
@@ -188,6 +201,8 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
         session.runs.append({
             "run": run_id, "key": session.model_key, "model": common.model_name(session), "method": method,
             "kind": entry.kind, "target": getattr(settings, "ratio", None), "realised ratio": result.realised_ratio,
+            "layer shares": (SEARCHED if result.plan.search is not None
+                             else "rule" if get_method(method).method.searchable else ""),
             "of blocks": result.realised_block_ratio, "pruned at": datetime.now(),
             "sparsity": extra.get("sparsity") or "", "zeros of all params": extra.get("zero_share"),
             "zeros in linears": extra.get("linear_sparsity"),
@@ -218,10 +233,42 @@ def run_prune(session: Session, source, calib, calib_file, n_samples, seq_len, s
                 f"{layers}{then}.")
     details = [f"Path: {path}", f"{memory.text()}{common.placement_note(session)}", common.stage_text(stages), sweep,
                *result.plan.notes]
-    status = (f"{what} Next: <b>Evaluate</b> below to measure the quality."
+    searched = search_text(result.plan.search, method)
+    status = (f"{what}{searched} Next: <b>Evaluate</b> below to measure the quality."
               + common.details_html(details))
     return (status, results_table(session), results_plot(session), common.model_card(session),
-            summary_card(session))
+            summary_card(session), search_plot(session))
+
+
+def search_text(record, method: str) -> str:
+    """One plain sentence on a searched run (KL start → final, time, the database's memory), or ""."""
+    if record is None:
+        return ""
+    took = common.duration_text(record.database_seconds + record.search_seconds)
+    memory = f"{record.database_mb:,.0f}" if record.database_mb >= 10 else f"{record.database_mb:.1f}"
+    held = f"{record.holdout} held-out calibration text{'s' if record.holdout != 1 else ''}"
+    if record.improved:
+        closer = 1 - record.final_kl / record.start_kl if record.start_kl > 0 else 0.0
+        return (f" The layer shares were searched: on {held}, the pruned model's next-word predictions are "
+                f"{closer:.0%} closer to the original's than with {method}'s own rule (KL divergence "
+                f"{record.start_kl:.4g} → "
+                f"{record.final_kl:.4g}; {record.generations} generations in {took}, "
+                f"{memory} MB of pruned layer copies held meanwhile).")
+    return (f" The search found no layer shares closer to the original than {method}'s own rule on {held} "
+            f"(KL divergence {record.start_kl:.4g}; {record.generations} generations in {took}, "
+            f"{memory} MB of pruned layer copies held meanwhile), so the rule's shares were kept.")
+
+
+def search_plot(session: Session):
+    """The Prune tab's search figure: the latest run's searched shares, or hidden (with a figure saying how to
+    get one) when that run was not searched."""
+    plan = session.result.plan if session.result is not None else None
+    if plan is None or plan.search is None:
+        session.figures.pop("search", None)
+        return gr.update(value=plots.empty_figure(NO_SEARCH, "Searched layer shares"), visible=False)
+    fig = plots.search_figure(plan.search, plan.n_layers, plan.protected, plan.removed_layers)
+    session.figures["search"] = fig
+    return gr.update(value=fig, visible=True)
 
 
 
@@ -237,8 +284,11 @@ def latest_summary(session: Session) -> report.RunSummary | None:
         return None
     settings = session.run_settings.get(session.pruned_run)
     chosen = asdict(settings) if is_dataclass(settings) else {}
+    method_summary = get_method(run["method"]).summary
+    if run.get("layer shares") == SEARCHED:
+        method_summary += "; layer shares searched so the pruned model answers most like the original"
     return report.summary_from_rows(
-        original_row(session), run, method_summary=get_method(run["method"]).summary,
+        original_row(session), run, method_summary=method_summary,
         block_removed_share=run.get("of blocks"), n_layers=common.n_layers(session), settings=chosen,
         answers=session.answers.get(session.pruned_run), eval_labels=common.EVAL_LABELS,
         pruned_at=run.get("pruned at"), evaluated_at=run.get("evaluated at"))
@@ -300,6 +350,8 @@ def report_figures(session: Session) -> dict:
     else:
         figures["Where the parameters were removed"] = plots.removed_share_bars(
             plan.n_layers, plan.removed_per_layer, plan.layer_params, plan.removed_layers, plan.protected)
+    if plan.search is not None and "search" in session.figures:
+        figures["How the search moved the pruning between layers"] = session.figures["search"]
     if session.analysis is not None and session.analysis.model_key == session.model_key:
         for key, caption in (("redundancy_curve", "How much each layer changes what passes through it"),
                              ("layer_similarity", "How similar the hidden state stays across layers")):
@@ -448,6 +500,8 @@ def build(export_folder: str | None = None) -> SimpleNamespace:
     t.prune_status = gr.HTML("<span class='cx-muted'>Press <b>Prune</b> (left) to prune a copy of the model with "
                              "the chosen method. The original stays loaded and untouched, so every run starts "
                              "from it.</span>", elem_id="prune-status", elem_classes=["cx-status"])
+    t.search_plot = gr.Plot(plots.empty_figure(NO_SEARCH, "Searched layer shares"), show_label=False,
+                            visible=False, elem_id="plot-search")
     with gr.Row(equal_height=True):
         t.datasets = gr.CheckboxGroup([(common.EVAL_LABELS[d], d) for d in common.EVAL_SETS],
                                       value=common.default_eval_sets(), label="Perplexity on", scale=2,
@@ -481,8 +535,8 @@ def build(export_folder: str | None = None) -> SimpleNamespace:
 def wire(t: SimpleNamespace, session: gr.State, tabs, c: SimpleNamespace, start, heavy: dict) -> list:
     """Prune (from the sidebar) and Evaluate; returns the events Cancel stops."""
     pruned = c.prune.click(start("runs"), None, [tabs, c.cancel_note], queue=False).then(
-        run_prune, [session, *c.data, *c.settings, c.method, c.sparsity, c.ratio_of],
-        [t.prune_status, t.table, t.plot, c.card, t.card],
+        run_prune, [session, *c.data, *c.settings, c.method, c.sparsity, c.ratio_of, c.allocation, c.generations],
+        [t.prune_status, t.table, t.plot, c.card, t.card, t.search_plot],
         show_progress_on=[t.prune_status], **heavy)
     evaluated = t.evaluate.click(start(), None, c.cancel_note, queue=False).then(
         run_evaluate, [session, t.datasets, t.mode, t.speed, t.tasks], [t.eval_status, t.table, t.plot, t.card],
