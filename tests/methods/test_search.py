@@ -46,6 +46,8 @@ def test_registry_says_which_methods_search():
         make_settings("shortgpt", allocation="search")
     with pytest.raises(ValueError, match="allocation must be one of"):
         make_settings("comp", allocation="best")
+    with pytest.raises(ValueError, match="removes whole layers only"):
+        make_settings("comp-layers", allocation="search")
     with pytest.raises(ValueError, match="2:4"):
         prune_with("wanda", make_tiny_model("llama"), make_calib(), sparsity="2:4", allocation="search")
 

@@ -131,6 +131,9 @@ class CompConfig(SearchSettings):
         if self.searched and self.inputs == "paired":
             raise ValueError("allocation='search' prunes every layer on the original model's inputs (its database); "
                              "paired inputs need the pruned stream: use inputs='identical' with it")
+        if self.searched and self.granularity == "layers":
+            raise ValueError("allocation='search' shares neuron pruning between layers; granularity 'layers' "
+                             "(comp-layers) removes whole layers only, so there is nothing to search")
         if self.searched and self.score == "fisher":
             raise ValueError("allocation='search' scores from each layer's input statistics; the Fisher score "
                              "back-propagates through the whole model: choose another score")

@@ -88,6 +88,9 @@ def prepare_search(setup: Setup, run: Run, calibration: torch.Tensor, held: torc
     reference = Reference.of(run.model, held)
     space = setup(run, calibration, on_event)
     layers = sorted(space.one_shot)
+    if not layers:
+        raise ValueError("nothing to search: no layer is left to prune at this ratio (every one is protected or "
+                         "removed whole); use allocation='one-shot'")
     params = run.layer_params
     unit = settings.search_step * sum(params[i] for i in layers) / max(len(layers), 1)
     one_shot = [space.one_shot[i] for i in layers]
