@@ -45,10 +45,12 @@ RESCALE_POINTS = [(m, n) for m in ("comp-layers", "shortgpt") for n in (4, 8)]
 # names the rest); unset: measure every point
 BUDGET_MINUTES = float(os.environ.get("SEARCH_BENCH_MINUTES", "inf"))
 START = time.perf_counter()
+# measure only these methods (comma-separated; unset: all), e.g. to spread the points over two processes
+ONLY = {m for m in os.environ.get("SEARCH_BENCH_ONLY", "").split(",") if m}
 
 
-def _in_budget() -> bool:
-    return (time.perf_counter() - START) / 60 < BUDGET_MINUTES
+def _in_budget(method: str) -> bool:
+    return (time.perf_counter() - START) / 60 < BUDGET_MINUTES and (not ONLY or method in ONLY)
 
 
 def _points_file(out: Path) -> Path:
@@ -95,7 +97,7 @@ def measure_allocation(out: Path, done: dict) -> list[dict]:
     points = []
     for method, value, (n, seq_len) in ALLOCATION_POINTS:
         key = f"allocation/{method}/{value}/{n}x{seq_len}"
-        if key not in done and not _in_budget():
+        if key not in done and not _in_budget(method):
             continue
         if key not in done:
             samples = calibration("c4", n, seq_len, 0)
@@ -115,7 +117,7 @@ def measure_rescale(out: Path, done: dict) -> list[dict]:
     block = sum(p.numel() for p in model.model.layers[0].parameters())
     for method, n_layers in RESCALE_POINTS:
         key = f"rescale/{method}/{n_layers}"
-        if key not in done and not _in_budget():
+        if key not in done and not _in_budget(method):
             continue
         if key not in done:
             # comp-layers removes as many blocks as the ratio holds; ShortGPT takes the count itself
