@@ -9,7 +9,7 @@ gr = pytest.importorskip("gradio")
 
 from comp_core.methods import method_names  # noqa: E402
 from comp_core.settings import SettingsError, settings_for  # noqa: E402
-from tests.ui.test_ui_handlers import data_args, no_progress, plan_args, save_tiny_llama  # noqa: E402
+from tests.ui.test_ui_handlers import HAVE_DATA, data_args, no_progress, plan_args, save_tiny_llama  # noqa: E402
 from ui import plots, sidebar  # noqa: E402
 from ui.session import Session  # noqa: E402
 from ui.tabs import analyse as analyse_tab  # noqa: E402
@@ -130,6 +130,7 @@ def test_searched_labels_read_as_words_and_get_their_own_colour():
     assert len(set(colours)) == len(order)
 
 
+@pytest.mark.skipif(not HAVE_DATA, reason="no local data sets (COMP_DATA_DIR): the compare tab calibrates on them")
 def test_compare_runs_searched_rows_beside_their_methods(folder):
     session = Session()
     outputs = list(compare.run_compare(session, *data_args(folder), ["comp", "shortgpt", "wanda"], "0.3",
