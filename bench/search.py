@@ -187,9 +187,7 @@ def run(quick: bool, out: Path) -> Section:
         f"{allocation_table}\n\n"
         + (f"Not measured in this run (time budget): {', '.join(missing)}.\n\n" if missing else "")
         + (f"**Not at the same size:** {', '.join(short)} — the searched run realised over 0.3 points less than "
-           "the one-shot run (FLAP's per-layer step keeps the prefix of its ranking whose cost is nearest the "
-           "level, and an attention unit is ~295 k parameters on this model, so the searched layers round "
-           "down): its perplexity gain is partly a smaller cut.\n\n" if short else "") +
+           "the one-shot run: its perplexity gain is partly a smaller cut.\n\n" if short else "") +
         "**Prune&Comp** (`layer_rescale`): the residual stream where a layer was removed is multiplied by the "
         "mean ratio of the removed layer's output to input magnitude, folded into the later layers' output "
         "projections; comp-layers also re-ranks the remaining layers on the rescaled stream (iterative), "

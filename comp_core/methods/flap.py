@@ -239,20 +239,36 @@ def _gross_removed(shape: BlockShape, cut: BlockCut) -> int:
 
 
 def layer_cut(layer: int, metrics: _LayerMetrics, shape: BlockShape, remove: float) -> BlockCut:
-    """One layer's AL-AM selection alone: its attention units and MLP channels ranked together by their
-    standardised scores, the kept prefix nearest to the layer's cost less ``remove`` (its best unit and
-    channel always kept), as ``select_global`` does over all layers."""
+    """One layer's AL-AM selection alone, removing ``remove`` parameters to within half an MLP channel.
+
+    The attention units go by the joint ranking of units and channels (standardised scores, as
+    ``select_global`` ranks them over all layers): the lowest-ranked items are removed while their cost fits
+    in ``remove``. The MLP channels then fill what is left, lowest-ranked first. An attention unit is worth
+    hundreds of channels (~295 k parameters on SmolLM2), so the nearest prefix alone would round whole layers
+    by up to half a unit; where ``remove`` is the cost of a prefix (the global threshold's own removal) both
+    rules agree. The best unit and the best channel are always kept.
+    """
     units, channels = flap_scores(metrics.o, metrics.down, shape.units)
     units, channels = units.cpu(), channels.cpu()
-    forced = torch.zeros(units.numel() + channels.numel(), dtype=torch.bool)
+    n_units = units.numel()
+    forced = torch.zeros(n_units + channels.numel(), dtype=torch.bool)
     forced[int(torch.argmax(units))] = True
-    forced[units.numel() + int(torch.argmax(channels))] = True
-    costs = torch.cat([torch.full((units.numel(),), float(shape.unit_params), dtype=torch.float64),
+    forced[n_units + int(torch.argmax(channels))] = True
+    costs = torch.cat([torch.full((n_units,), float(shape.unit_params), dtype=torch.float64),
                        torch.full((channels.numel(),), float(shape.channel_params), dtype=torch.float64)])
-    keep = select_global(torch.cat([units, channels]), costs, remove, forced)
-    return BlockCut(layer, keep_units=torch.nonzero(keep[:units.numel()]).flatten(),
-                    keep_channels=torch.nonzero(keep[units.numel():]).flatten(), o_scores=metrics.o,
-                    down_scores=metrics.down)
+    ranked = torch.where(forced, torch.inf, torch.cat([units, channels]).double())
+    removal_order = torch.sort(ranked, descending=False, stable=True).indices  # lowest first
+    fits = torch.cumsum(costs[removal_order], 0) <= remove + 0.5  # the prefix whose whole cost fits
+    fitting = removal_order[:int(fits.sum())]
+    removed_units = fitting[fitting < n_units]
+    keep_units = torch.ones(n_units, dtype=torch.bool)
+    keep_units[removed_units] = False
+    rest = remove - removed_units.numel() * shape.unit_params
+    n_channels = min(max(0, round(rest / shape.channel_params)), channels.numel() - 1)
+    channel_order = torch.sort(channels.double(), descending=True, stable=True).indices  # best first
+    keep_channels = torch.sort(channel_order[:channels.numel() - n_channels]).values
+    return BlockCut(layer, keep_units=torch.nonzero(keep_units).flatten(), keep_channels=keep_channels,
+                    o_scores=metrics.o, down_scores=metrics.down)
 
 
 def select_cuts(metrics: dict[int, _LayerMetrics], shapes: dict[int, BlockShape], blocks: list[nn.Module],

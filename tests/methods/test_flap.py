@@ -392,3 +392,56 @@ def test_prune_save_reload_identical(arch, tmp_path):
     if arch != "opt":  # stock Llama-family o_proj/down_proj have no bias; FLAP's are restored on reload
         adapter = get_adapter(loaded)
         assert any(adapter.dense(b, "mlp.down_proj").bias is not None for b in adapter.blocks(loaded))
+
+
+def _smollm_like_layer(seed: int) -> tuple[flap._LayerMetrics, BlockShape]:
+    """SmolLM2's proportions (3 KV groups of 3 heads of 64, 1,536 channels): a unit is 128× a channel."""
+    g = torch.Generator().manual_seed(seed)
+    units = AttentionUnits(heads=9, kv_heads=3, head_dim=64)
+    shape = BlockShape(units=units, unit_params=221_184, channels=1536, channel_params=1728, params=3_538_944)
+    metrics = flap._LayerMetrics(o=torch.rand(9 * 64, generator=g, dtype=torch.float64),
+                                 down=torch.rand(1536, generator=g, dtype=torch.float64))
+    return metrics, shape
+
+
+def _gross(shape: BlockShape, cut: BlockCut) -> int:
+    return ((shape.units.count - cut.keep_units.numel()) * shape.unit_params
+            + (shape.channels - cut.keep_channels.numel()) * shape.channel_params)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_layer_cut_removes_any_amount_to_within_half_a_channel(seed):
+    metrics, shape = _smollm_like_layer(seed)
+    unit_scores_, channel_scores = flap_scores(metrics.o, metrics.down, shape.units)
+    for remove in torch.linspace(0, 0.9 * shape.prunable_params, 23).tolist():
+        cut = flap.layer_cut(0, metrics, shape, remove)
+        assert abs(_gross(shape, cut) - remove) <= shape.channel_params / 2 + 1e-6, remove
+        # what stays is the best of each kind: every kept channel outranks every removed one, likewise units
+        removed_channels = torch.ones(shape.channels, dtype=torch.bool)
+        removed_channels[cut.keep_channels] = False
+        if removed_channels.any():
+            assert channel_scores[cut.keep_channels].min() >= channel_scores[removed_channels].max()
+        removed_units = torch.ones(shape.units.count, dtype=torch.bool)
+        removed_units[cut.keep_units] = False
+        if removed_units.any():
+            assert unit_scores_[cut.keep_units].min() >= unit_scores_[removed_units].max()
+        assert cut.keep_units.numel() >= 1 and cut.keep_channels.numel() >= 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_layer_cut_at_a_prefix_cost_is_the_global_threshold_within_that_layer(seed):
+    """Where the amount is what the global AL-AM threshold removed from the layer (the one-shot level),
+    the per-layer step keeps exactly the same units and channels."""
+    metrics, shape = _smollm_like_layer(seed)
+    units_, channels_ = flap_scores(metrics.o, metrics.down, shape.units)
+    forced = torch.zeros(units_.numel() + channels_.numel(), dtype=torch.bool)
+    forced[int(torch.argmax(units_))] = True
+    forced[units_.numel() + int(torch.argmax(channels_))] = True
+    costs = torch.cat([torch.full((units_.numel(),), float(shape.unit_params), dtype=torch.float64),
+                       torch.full((channels_.numel(),), float(shape.channel_params), dtype=torch.float64)])
+    for share in (0.1, 0.3, 0.5, 0.7):
+        keep = select_global(torch.cat([units_, channels_]), costs, share * shape.prunable_params, forced)
+        removed = float(costs[~keep].sum())
+        cut = flap.layer_cut(0, metrics, shape, removed)
+        assert torch.equal(cut.keep_units, torch.nonzero(keep[:units_.numel()]).flatten())
+        assert torch.equal(cut.keep_channels, torch.nonzero(keep[units_.numel():]).flatten())
