@@ -89,6 +89,7 @@ class SearchRecord:
     generations: int
     holdout: int
     tokens_scored: int
+    database_on_disk: bool = False  # a streamed model's variants wait in the spill folder, not in memory
 
     def to_dict(self) -> dict:
         out = asdict(self)

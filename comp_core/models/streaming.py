@@ -256,6 +256,9 @@ class BlockStore:
     # -- loading and dropping -------------------------------------------------------------------------------
 
     def _entries(self, block: nn.Module) -> dict[str, TensorEntry]:
+        own = getattr(block, "_comp_entries", None)  # a block of its own (``stream_copy``), not the model's i-th
+        if own is not None:
+            return own
         i = block._comp_index
         if i in self.spilled:
             return self.spilled[i]
@@ -303,7 +306,11 @@ class BlockStore:
             (id(p), p._version) != block._comp_loaded[name] for name, p in params.items())
         if changed:
             path = self.spill.write(block._comp_index, params)
-            self.spilled[block._comp_index] = {name: e for name, e in read_header(path).items()}
+            entries = {name: e for name, e in read_header(path).items()}
+            if getattr(block, "_comp_entries", None) is not None:
+                block._comp_entries = entries
+            else:
+                self.spilled[block._comp_index] = entries
             self.stats.spills += 1
         with torch.inference_mode(False):  # ordinary (meta) tensors, as from ``load``
             for _, (module, pname, param) in _local_parameters(block):
@@ -374,6 +381,63 @@ def resident(block: nn.Module, *, modifies: bool = False) -> Iterator[nn.Module]
             block._comp_held -= 1
             if block._comp_held == 0:
                 store.release(block)
+
+
+def copy_block(block: nn.Module) -> nn.Module:
+    """A deep copy of a block; for a resident streamed block, one that shares its model's store (so that
+    ``stream_copy`` can later make it a streamed block of its own) and runs without reading or dropping."""
+    store: BlockStore | None = getattr(block, "_comp_store", None)
+    if store is None:
+        return copy.deepcopy(block)
+    if block._comp_loaded is None:
+        raise StreamingError("copy a streamed block only while it is resident (inside ``resident``)")
+    with store.lock:
+        clone = copy.deepcopy(block, {id(store): store})
+    clone._comp_held = 1  # resident until ``stream_copy``: its forwards neither read nor drop it
+    return clone
+
+
+def stream_copy(clone: nn.Module, original: nn.Module) -> int:
+    """Make ``clone`` (a ``copy_block`` of the resident streamed block ``original``, since changed, e.g. pruned)
+    a streamed block of its own that can stand in the model's block list: the tensors that differ from the
+    original's go to the spill folder, the equal ones are read from wherever the original's are; its memory is
+    given back. Returns the bytes written. This is how a searched allocation keeps its database of pruned
+    blocks on disk."""
+    store: BlockStore = clone._comp_store
+    originals = dict((name, m[2]) for name, m in _local_parameters(original))
+    source = store._entries(original)
+    own, unchanged = {}, {}
+    for name, (_, _, param) in _local_parameters(clone):
+        before = originals.get(name)
+        if (before is not None and before.shape == param.shape and before.dtype == param.dtype
+                and torch.equal(before, param)):
+            unchanged[name] = source[name]
+        else:
+            own[name] = param
+    entries = dict(unchanged)
+    written = store.spill.write(clone._comp_index, own) if own else None
+    if written is not None:
+        entries.update(read_header(written))
+    with torch.inference_mode(False):
+        for _, (module, pname, param) in _local_parameters(clone):
+            module._parameters[pname] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                     requires_grad=False)
+    clone._comp_entries = entries
+    clone._comp_written = written  # its own file: the only one ``discard_copy`` may delete
+    clone._comp_loaded = None
+    clone._comp_held = 0
+    clone._comp_modified = False
+    release_free_memory()
+    return sum(p.numel() * p.element_size() for p in own.values())
+
+
+def discard_copy(clone: nn.Module) -> None:
+    """Delete the file a ``stream_copy`` wrote, once no model will use it (a variant the search did not keep);
+    the tensors it shared with its original stay where they are."""
+    written = getattr(clone, "_comp_written", None)
+    if written is not None:
+        Path(written).unlink(missing_ok=True)
+        clone._comp_written = None
 
 
 def mark_modified(block: nn.Module) -> None:

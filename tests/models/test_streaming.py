@@ -245,6 +245,40 @@ def test_rescaled_layer_removal_streams_to_the_in_memory_model(llama_folder, met
         torch.testing.assert_close(_logits(applied, ids), _logits(expected, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("settings", [{}, {"remove_layers": 1, "layer_rescale": True}])
+def test_a_searched_allocation_streams_to_the_in_memory_search(llama_folder, tmp_path, settings):
+    """The database of a streamed model waits in the spill folder (no variant block in memory), the search
+    finds the same levels, the pruned model gives the same logits and saves the same folder, and the
+    variants it did not keep leave the spill folder."""
+    calib = make_calib()
+    cfg = dict(ratio=0.3, forward_dtype="float32", allocation="search", search_generations=6, search_levels=2,
+               **settings)
+    memory, _ = load_pruned(llama_folder)
+    expected, want = prune_with("comp", memory, calib, **cfg)
+    streamed = open_streamed(llama_folder, dtype=torch.float32)
+    spill = next(b for b in get_adapter(streamed).blocks(streamed))._comp_store.spill.path
+    pruned, result = prune_with("comp", streamed, calib, inplace=True, **cfg)
+    record = result.plan.search
+    assert record.database_on_disk and not want.plan.search.database_on_disk
+    assert record.levels == want.plan.search.levels and record.fitness == pytest.approx(want.plan.search.fitness)
+    assert record.database_mb == pytest.approx(want.plan.search.database_mb)
+    assert result.params_after == want.params_after
+    blocks = get_adapter(pruned).blocks(pruned)
+    assert all(p.is_meta for b in blocks for p in b.parameters())
+    ids = make_calib(seed=1)[:2]
+    torch.testing.assert_close(_logits(pruned, ids), _logits(expected, ids), rtol=1e-5, atol=1e-5)
+    # the spill folder holds the kept variants' own tensors, and nothing of the variants the search let go
+    kept_files = {e.file for b in blocks for e in b._comp_store._entries(b).values()}
+    on_disk = {str(f) for f in spill.glob("block-*.safetensors")}
+    assert on_disk == {f for f in kept_files if f.startswith(str(spill))} and on_disk
+    a, _ = load_pruned(save_pruned(pruned, None, tmp_path / "streamed"))
+    b, _ = load_pruned(save_pruned(expected, None, tmp_path / "memory"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 # ----------------------------------------------------------------------------------------------- memory
 
 _MEASURE = r"""

@@ -4,11 +4,12 @@ A variant is the layer's block as the method prunes it at that level — a modul
 model's block list, so scoring a candidate swaps modules instead of copying weights. It holds only what
 pruning changed: tensors equal to the original block's (norms, denses the method left whole) are the
 original's own parameters, shared, and ``Variant.nbytes`` counts the rest (kept rows and columns, compensated
-weights, in the weight dtype).
+weights, in the weight dtype). For a streamed model a variant is a streamed block of its own: what pruning
+changed waits in the spill folder, the rest is read from where the original's tensors are
+(``models.streaming.stream_copy``), so the database costs disk, not memory.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...models.streaming import copy_block, is_streamed, stream_copy
 from ...results import DenseReport, LayerReport
 
 
@@ -91,11 +93,12 @@ def layer_variants(block: nn.Module, layer: int, levels: range, removed_at: Call
     """``block`` pruned at every level (a copy each; ``block`` itself unchanged): ``prune_at(copy, layer,
     removed parameters)`` is the method's block step, in place on the copy."""
     out = []
+    keep = stream_copy if is_streamed(block) else share_unchanged
     for level in levels:
         t0 = time.perf_counter()
-        pruned = copy.deepcopy(block)
+        pruned = copy_block(block)
         report, denses = prune_at(pruned, layer, removed_at(level))
         report.seconds = time.perf_counter() - t0
         out.append(Variant(layer=layer, level=level, block=pruned, report=report, denses=denses,
-                           nbytes=share_unchanged(pruned, block)))
+                           nbytes=keep(pruned, block)))
     return out

@@ -23,7 +23,7 @@ from ...events import ProgressCallback, emit
 from ...loop.blocks import BlockVisit
 from ...loop.capture import BlockInputs
 from ...math.evolution import LevelGrid, evolve, level_grid, removed_by_level
-from ...models.streaming import is_streamed
+from ...models.streaming import discard_copy, is_streamed
 from ...results import DenseReport, LayerReport, Plan, PruneResult, SearchRecord
 from ..base import Run
 from .database import VariantDatabase, layer_variants
@@ -116,9 +116,6 @@ def searched_prune(setup: Setup, model: nn.Module, samples: torch.Tensor, settin
     the per-layer levels the search finds; see the module docstring."""
     if samples is None:
         raise ValueError("a searched allocation needs calibration samples (its fitness reads held-out sequences)")
-    if is_streamed(model):
-        raise ValueError("a searched allocation swaps pruned blocks in and out of the model, which a streamed model "
-                         "never holds; load the model without streaming (--stream off) or use allocation='one-shot'")
     calibration, held = split_holdout(samples, settings.search_holdout)
     run = Run.begin(model, inplace)
     with run.calibration():
@@ -140,6 +137,11 @@ def searched_prune(setup: Setup, model: nn.Module, samples: torch.Tensor, settin
         final_kl = fitness.full(result.levels) if result.levels != grid.start() else start_kl
         chosen = result.levels if final_kl < start_kl else grid.start()
         prepared.assemble(chosen)
+        on_disk = is_streamed(run.model)
+        if on_disk:  # the variants the model does not use leave the spill folder now
+            for (layer, level), variant in database.variants.items():
+                if chosen[layers.index(layer)] != level:
+                    discard_copy(variant.block)
         search_seconds = time.perf_counter() - t_search
     plan = prepared.space.plan
     params = run.layer_params
@@ -158,7 +160,7 @@ def searched_prune(setup: Setup, model: nn.Module, samples: torch.Tensor, settin
         levels_each_side=settings.search_levels, database_mb=database.megabytes,
         reference_mb=prepared.reference.megabytes, database_seconds=database.seconds, search_seconds=search_seconds,
         evaluations=result.evaluations, generations=result.generations, holdout=int(held.shape[0]),
-        tokens_scored=fitness.tokens_scored)
+        tokens_scored=fitness.tokens_scored, database_on_disk=on_disk)
     plan.timings["search_database"] = database.seconds
     plan.timings["search"] = search_seconds
     plan.timings["search_total"] = time.perf_counter() - t0
@@ -198,7 +200,7 @@ def _note(record: SearchRecord) -> str:
     if record.improved:
         return (f"searched allocation: KL to the original on {record.holdout} held-out sequences "
                 f"{record.start_kl:.4f} (one-shot) → {record.final_kl:.4f} after {record.generations} generations "
-                f"({record.search_seconds:.0f} s; database {record.database_mb:.0f} MB built in "
-                f"{record.database_seconds:.0f} s)")
+                f"({record.search_seconds:.0f} s; database {record.database_mb:.0f} MB"
+                f"{' on disk' if record.database_on_disk else ''} built in {record.database_seconds:.0f} s)")
     return (f"searched allocation: no allocation found beat the one-shot one on the held-out sequences "
             f"(KL {record.start_kl:.4f}); the one-shot allocation is kept")
