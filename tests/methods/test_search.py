@@ -198,3 +198,15 @@ def test_a_searched_comp_that_removes_layers_keeps_them_removed_and_rescaled(res
     with torch.no_grad():  # the scales folded before the database equal the scales folded after pruning
         a, b = searched(input_ids=samples[:2]).logits, one_shot(input_ids=samples[:2]).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("inputs", "paired", "paired inputs need the pruned stream"),
+    ("granularity", "layers", "nothing to search"),
+    ("score", "fisher", "Fisher score"),
+    ("remove_layers", "auto", "give remove_layers a number"),
+])
+def test_comp_refuses_a_search_it_cannot_run(setting, value, says):
+    make_settings("comp", **{setting: value})  # fine with the one-shot rule
+    with pytest.raises(ValueError, match=says):
+        make_settings("comp", allocation="search", **{setting: value})

@@ -100,13 +100,20 @@ def _traces(page, plot_id: str, selector: str) -> int:
     return page.locator(f"#{plot_id} .js-plotly-plot {selector}").count()
 
 
-def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
-    url, folder, log_path = app_url
-    page = browser.new_page(viewport={"width": 1366, "height": 768})
+def _open(browser, url: str, width: int = 1366, height: int = 768):
+    """A page of the app, loaded (``wait_until="load"``: Gradio keeps a connection open, so "networkidle"
+    never comes), with its page errors collected in the returned list."""
+    page = browser.new_page(viewport={"width": width, "height": height})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url)
+    page.goto(url, wait_until="load")
     page.wait_for_selector("#btn-analyse", timeout=60_000)
+    return page, errors
+
+
+def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
+    url, folder, log_path = app_url
+    page, errors = _open(browser, url)
     assert "COMP Explorer" in page.title()
     source = page.locator("#model-source").locator("textarea, input").first
     assert source.input_value() == folder  # preselected by --model: nothing to type
@@ -261,11 +268,7 @@ def test_analyse_prune_evaluate_in_a_browser(app_url, browser, tmp_path):
 
 def test_compare_tab_in_a_browser(app_url, browser):
     url, _folder, log_path = app_url
-    page = browser.new_page(viewport={"width": 1366, "height": 768})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url, wait_until="load")
-    page.wait_for_selector("#btn-analyse", timeout=60_000)
+    page, errors = _open(browser, url)
     page.get_by_role("tab", name="⑤ Compare methods").click()
     methods = page.locator("#compare-methods")
     methods.wait_for(timeout=30_000)
@@ -329,11 +332,7 @@ def test_searched_layer_shares_in_a_browser(app_url, browser):
     """Layer shares: 'searched' shows the generations box, a method with nothing to search hides both with a
     line that says why, and a searched prune (2 generations) draws plot-search under the status."""
     url, _folder, log_path = app_url
-    page = browser.new_page(viewport={"width": 1440, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url, wait_until="load")
-    page.wait_for_selector("#btn-analyse", timeout=60_000)
+    page, errors = _open(browser, url, 1440, 900)
     assert page.locator("#allocation").is_visible() and not page.locator("#search-generations").is_visible()
     page.locator("#allocation").get_by_label("searched against the original's answers (slower)").check()
     page.wait_for_selector("#search-generations", state="visible", timeout=30_000)

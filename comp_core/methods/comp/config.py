@@ -20,6 +20,19 @@ PAPER_SETTINGS = {"refit": "never", "remove_layers": 1, "score": "diag"}
 PAPER_CALIBRATION = (10, 128)  # samples × tokens
 
 
+# settings a searched allocation cannot run with: (field, value, why — after "allocation='search' ")
+_NOT_SEARCHABLE = (
+    ("inputs", "paired", "prunes every layer on the original model's inputs (its database); paired inputs need "
+                         "the pruned stream: use inputs='identical' with it"),
+    ("granularity", "layers", "shares neuron pruning between layers; granularity 'layers' (comp-layers) removes "
+                              "whole layers only, so there is nothing to search"),
+    ("score", "fisher", "scores from each layer's input statistics; the Fisher score back-propagates through the "
+                        "whole model: choose another score"),
+    ("remove_layers", "auto", "searches the neuron shares after a fixed number of removed layers; give "
+                              "remove_layers a number (or 'min')"),
+)
+
+
 @dataclass
 class CompConfig(SearchSettings):
     """Settings of one COMP run. Layer indices are those of the original model.
@@ -128,18 +141,10 @@ class CompConfig(SearchSettings):
                              "use dense_allocation='variance' with it")
         if self.dense_allocation not in DENSE_ALLOCATIONS:
             raise ValueError(f"dense_allocation must be one of {DENSE_ALLOCATIONS}, got '{self.dense_allocation}'")
-        if self.searched and self.inputs == "paired":
-            raise ValueError("allocation='search' prunes every layer on the original model's inputs (its database); "
-                             "paired inputs need the pruned stream: use inputs='identical' with it")
-        if self.searched and self.granularity == "layers":
-            raise ValueError("allocation='search' shares neuron pruning between layers; granularity 'layers' "
-                             "(comp-layers) removes whole layers only, so there is nothing to search")
-        if self.searched and self.score == "fisher":
-            raise ValueError("allocation='search' scores from each layer's input statistics; the Fisher score "
-                             "back-propagates through the whole model: choose another score")
-        if self.searched and self.remove_layers == "auto":
-            raise ValueError("allocation='search' searches the neuron shares after a fixed number of removed "
-                             "layers; give remove_layers a number (or 'min')")
+        if self.searched:
+            for field_name, value, why in _NOT_SEARCHABLE:
+                if getattr(self, field_name) == value:
+                    raise ValueError(f"allocation='search' {why}")
         if self.damp <= 0 or self.refit_damp <= 0:
             raise ValueError("damp and refit_damp must be > 0")
         if self.protected is not None:
