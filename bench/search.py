@@ -4,8 +4,9 @@ layers, on the bundled SmolLM2-135M-Instruct.
     COMP_DATA_DIR=../shared/data python bench/search.py --quick --out bench-out
 
 * **Allocation**: COMP and Wanda-sp+mask and FLAP at 20 / 30 / 40 % (structured), SparseGPT at 50 / 60 % (masks),
-  each with its own one-shot rule and with the search at the default budget (the searched run holds the last
-  quarter of its calibration sequences out, at most 8, for the fitness: the same text, split). COMP on 64 × 512
+  each with its own one-shot rule and with the search at the default budget. Both arms prune with the same
+  calibration sequences; the searched run is given ``held_out_count(n)`` more of the same source (C4, the same
+  seeded draw extended), which its split holds out for the fitness. COMP on 64 × 512
   C4 tokens (its default calibration, the one its 58.6 at 20 % was measured on); the other methods on the
   quality bench's 10 × 128 (where their RESULTS.md rows were measured), SparseGPT also on 64 × 512 at 50 %.
 * **Prune&Comp**: comp-layers and ShortGPT removing 4 and 8 layers, ``layer_rescale`` off and on (10 × 128).
@@ -26,7 +27,10 @@ if __package__ in (None, ""):
 
 from common import Section, bundled, calibration, command_line, machine, main_for, markdown_table, ppl  # noqa: E402
 
+import torch  # noqa: E402
+
 from comp_core.methods import prune_with  # noqa: E402
+from comp_core.methods.search.settings import SearchSettings  # noqa: E402
 from comp_core.runtime import count_parameters  # noqa: E402
 
 ORIGINAL_PPL = None  # measured once per process
@@ -93,17 +97,31 @@ def _run(method: str, samples, **settings) -> dict:
     return out
 
 
+def held_out_count(n: int, holdout: int = SearchSettings.search_holdout) -> int:
+    """How many sequences to draw beyond ``n`` so that the searched run's split (``split_holdout``: at most
+    ``holdout``, at most a quarter) holds out exactly those and calibrates on the same ``n`` as the one-shot run."""
+    return next(k for k in range(holdout, 0, -1) if min(holdout, (n + k) // 4) == k)
+
+
+def _key(method: str, value, n: int, seq_len: int) -> str:
+    return f"allocation/{method}/{value}/{n}x{seq_len}+{held_out_count(n)}"
+
+
 def measure_allocation(out: Path, done: dict) -> list[dict]:
     points = []
     for method, value, (n, seq_len) in ALLOCATION_POINTS:
-        key = f"allocation/{method}/{value}/{n}x{seq_len}"
+        key = _key(method, value, n, seq_len)
         if key not in done and not _in_budget(method):
             continue
         if key not in done:
+            k = held_out_count(n)
             samples = calibration("c4", n, seq_len, 0)
+            with_held_out = calibration("c4", n + k, seq_len, 0)
+            assert torch.equal(with_held_out[:n], samples), "the calibration draw must extend as a prefix"
             point = {"key": key, "method": method, "value": value, "calibration": f"{n}×{seq_len}",
+                     "held_out": k,
                      "one_shot": _run(method, samples, **_setting(method, value)),
-                     "searched": _run(method, samples, allocation="search", **_setting(method, value))}
+                     "searched": _run(method, with_held_out, allocation="search", **_setting(method, value))}
             _record(out, point)
             done[key] = point
         points.append(done[key])
@@ -141,8 +159,7 @@ def run(quick: bool, out: Path) -> Section:
     original = ppl(bundled().model)
     rescale = measure_rescale(out, done)  # minutes: first, so a budget always leaves them in
     allocation = measure_allocation(out, done)
-    missing = [f"{m} {v} ({n}×{q})" for m, v, (n, q) in ALLOCATION_POINTS
-               if f"allocation/{m}/{v}/{n}x{q}" not in done]
+    missing = [f"{m} {v} ({n}×{q})" for m, v, (n, q) in ALLOCATION_POINTS if _key(m, v, n, q) not in done]
     rows = []
     for p in allocation:
         one, searched = p["one_shot"], p["searched"]
@@ -179,9 +196,10 @@ def run(quick: bool, out: Path) -> Section:
         "**One-shot against searched per-layer allocation** (`allocation=search` at the default budget: "
         "levels of 2.5 % of a layer, 3 each side of the one-shot share, 40 generations of 8 offspring, stages "
         "of 256 and 1024 held-out tokens; fitness: KL divergence to the original's next-token distribution on "
-        "held-out calibration sequences, never the evaluation text). The searched run keeps the last quarter "
-        "of its calibration sequences (at most 8) for the fitness; its database prunes every layer on the "
-        "original's inputs. Searched seconds include everything (capture, database, search, the final "
+        "held-out calibration sequences, never the evaluation text). Both runs prune with the same calibration "
+        "sequences; the searched run also reads held-out sequences of the same source for its fitness (8 at "
+        "64 × 512, 3 at 10 × 128: as EvoPress, the search's text is not the database's), and its database "
+        "prunes every layer on the original's inputs. Searched seconds include everything (capture, database, search, the final "
         "comparison); the load average beside them says whether the 2-core machine was shared (2.0 = both "
         "cores busy with this run alone).\n\n"
         f"{allocation_table}\n\n"
