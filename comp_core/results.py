@@ -90,6 +90,7 @@ class SearchRecord:
     holdout: int
     tokens_scored: int
     database_on_disk: bool = False  # a streamed model's variants wait in the spill folder, not in memory
+    blocks_replayed: float = 0.0  # share of the search's block forwards replayed from an earlier candidate's
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -7,7 +7,10 @@ same allocation; the result never scores worse than the one-shot allocation; the
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
+import random
 
 import pytest
 import torch
@@ -16,11 +19,13 @@ from torch.nn import functional as F
 from comp_core.math.evolution import evolve
 from comp_core.methods import get_method, make_settings, prune_with
 from comp_core.methods.base import Run
-from comp_core.methods.search.fitness import Reference, mean_kl, minibatch, token_kl
+from comp_core.methods.search.fitness import Reference, StagedKL, mean_kl, minibatch, token_kl
+from comp_core.models.adapters import get_adapter
 from comp_core.methods.search.run import prepare_search, split_holdout
 from comp_core.runtime import count_parameters
 
-from tests.helpers import make_calib, make_tiny_model
+from tests.helpers import ARCHS, make_calib, make_tiny_model
+from tests.models.test_families import FAMILIES, make_family
 
 SEARCHABLE = ["comp", "comp-neurons", "wanda-sp", "wanda-sp+mask", "magnitude-sp+mask", "flap", "wanda", "sparsegpt"]
 
@@ -210,3 +215,64 @@ def test_comp_refuses_a_search_it_cannot_run(setting, value, says):
     make_settings("comp", **{setting: value})  # fine with the one-shot rule
     with pytest.raises(ValueError, match=says):
         make_settings("comp", allocation="search", **{setting: value})
+
+
+def _variants_of(blocks, n: int, seed: int) -> list:
+    """``n`` copies of every block with small random changes: each a different module, as database variants are."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for block in blocks:
+        copies = []
+        for _ in range(n):
+            twin = copy.deepcopy(block)
+            with torch.no_grad():
+                for p in twin.parameters():
+                    p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
+            copies.append(twin)
+        out.append(copies)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS + list(FAMILIES))
+def test_the_prefix_cache_gives_the_scores_of_whole_forwards(arch):
+    """Candidates scored with the prefix cache (blocks shared with an earlier candidate replayed) get the
+    scores whole forwards give, on every family (Gemma's loop reads its blocks' ``attention_type``)."""
+    model = make_family(arch) if arch in FAMILIES else make_tiny_model(arch)
+    adapter = get_adapter(model)
+    container = adapter.blocks(model)
+    originals = list(container)
+    variants = _variants_of(originals, 2, seed=1)
+    reference = Reference.of(model, make_calib(seed=4)[:6, :24])
+
+    def assemble(levels):
+        for position, level in enumerate(levels):
+            container[position] = originals[position] if level == 0 else variants[position][level - 1]
+
+    rng = random.Random(0)
+    n = len(originals)
+    calls = [([tuple(rng.choice((0, 0, 1, 2)) if i >= n // 2 or rng.random() < 0.2 else 0 for i in range(n))
+               for _ in range(5)], stage) for stage in (0, 1, 0, 1, 1)]
+    scores = {}
+    for cached in (False, True):
+        fitness = StagedKL(model, reference, assemble, [30, 60], seed=3, container=container if cached else None,
+                           offspring=5)
+        scores[cached] = [fitness(candidates, stage) for candidates, stage in calls]
+        if cached:
+            assert fitness.replayed_share > 0.2
+    for got, want in zip(scores[True], scores[False]):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assemble((0,) * n)
+    assert all(a is b for a, b in zip(container, originals))  # no stand-in left behind
+
+
+def test_a_search_with_the_prefix_cache_is_the_search_without_it():
+    model, samples = make_tiny_model("llama"), make_calib()
+    run, prep, settings, _ = prepared("comp", model, samples, search_levels=2)
+    budget = settings.search_budget()
+    results = []
+    for container in (None, run.adapter.blocks(run.model)):
+        fitness = StagedKL(run.model, prep.reference, prep.assemble, [t for _, t in budget.stages],
+                           settings.search_seed, container=container, offspring=budget.offspring)
+        results.append(evolve(prep.grid, fitness, dataclasses.replace(budget, generations=6), fixed_last_stage=True))
+    assert results[0].levels == results[1].levels
+    assert results[1].history == pytest.approx(results[0].history, rel=1e-6)

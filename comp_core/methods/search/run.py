@@ -105,7 +105,8 @@ def prepare_search(setup: Setup, run: Run, calibration: torch.Tensor, held: torc
             container[pos] = database[(layer, level)].block
 
     budget = settings.search_budget()
-    fitness = StagedKL(run.model, reference, assemble, [t for _, t in budget.stages], settings.search_seed)
+    fitness = StagedKL(run.model, reference, assemble, [t for _, t in budget.stages], settings.search_seed,
+                       container=container, offspring=budget.offspring)
     return Prepared(space=space, layers=layers, grid=grid, unit=unit, database=database, reference=reference,
                     fitness=fitness, assemble=assemble)
 
@@ -160,7 +161,7 @@ def searched_prune(setup: Setup, model: nn.Module, samples: torch.Tensor, settin
         levels_each_side=settings.search_levels, database_mb=database.megabytes,
         reference_mb=prepared.reference.megabytes, database_seconds=database.seconds, search_seconds=search_seconds,
         evaluations=result.evaluations, generations=result.generations, holdout=int(held.shape[0]),
-        tokens_scored=fitness.tokens_scored, database_on_disk=on_disk)
+        tokens_scored=fitness.tokens_scored, database_on_disk=on_disk, blocks_replayed=fitness.replayed_share)
     plan.timings["search_database"] = database.seconds
     plan.timings["search"] = search_seconds
     plan.timings["search_total"] = time.perf_counter() - t0
