@@ -24,6 +24,7 @@ from .evaluate.speed import compare_speed
 from .events import PruneEvent
 from .export.folder import save_pruned
 from .export.gguf import export_gguf_folder, resolve_source_gguf
+from .heal import HealSettings, heal, teacher_targets
 from .math.allocation import ImpossibleRatioError
 from .math.scoring import SCORES
 from .methods import analyze_with, get_method, method_names, prune_with, settings_over_all
@@ -189,6 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--limit", type=int, default=None, help="score only each task's first N items")
     _add_calibration(compare)
     _add_eval(compare, default="wikitext2")
+    heal_cmd = sub.add_parser("heal", help="heal a pruned model by distillation from the original (offline top-k "
+                                           "targets; LoRA merged, all block weights, or norms only)")
+    _add_common(heal_cmd)
+    heal_cmd.add_argument("--teacher", default=None,
+                          help="the original model (as --model takes it; default: the source recorded in the pruned "
+                               "folder's comp_report.json)")
+    budget = heal_cmd.add_argument_group("budget (at least one; both: whichever ends first)")
+    budget.add_argument("--minutes", type=float, default=None, help="wall-clock minutes of training")
+    budget.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    what = heal_cmd.add_mutually_exclusive_group()
+    what.add_argument("--lora-rank", type=int, default=None, help="LoRA adapters of this rank (the default, rank 8)")
+    what.add_argument("--full", action="store_true", help="train every weight of the blocks")
+    what.add_argument("--norms-only", action="store_true", help="train only the norms and biases (cheapest)")
+    heal_cmd.add_argument("--lr", type=float, default=None, help="peak learning rate (default: by mode)")
+    heal_cmd.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    heal_cmd.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position (default 64)")
+    heal_cmd.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    _add_calibration(heal_cmd)  # the healing text: never the evaluation windows
+    _add_eval(heal_cmd, default=None)
+    heal_cmd.add_argument("--out", default=None, help="save the healed model to this folder")
+    heal_cmd.add_argument("--overwrite", action="store_true", help="replace an existing saved model in --out")
     gguf = sub.add_parser("export-gguf", help="write a saved (pruned) Llama-family model as a GGUF for llama.cpp")
     gguf.add_argument("folder", help="folder written by `prune --out` (or a stock Llama folder)")
     gguf.add_argument("output", help="the .gguf file to write")
@@ -423,6 +445,61 @@ def _prune(run: _Run) -> None:
         report["saved_to"] = None  # the summary says how to keep it
 
 
+HEAL_TEXT = (128, 256)  # default healing text: sequences × tokens of the calibration source
+
+
+def _recorded_report(source: str | None) -> dict:
+    """A saved folder's comp_report.json ({} for anything else)."""
+    if source is None or not os.path.isdir(source):
+        return {}
+    path = os.path.join(source, "comp_report.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _heal(run: _Run) -> None:
+    """Distil the original's next-token distribution into the pruned model (``comp_core.heal``)."""
+    args, report = run.args, run.report
+    mode = "full" if args.full else "norms" if args.norms_only else "lora"
+    settings = HealSettings(mode=mode, steps=args.steps, minutes=args.minutes, learning_rate=args.lr,
+                            batch_size=args.batch_size, top_k=args.top_k, temperature=args.temperature,
+                            lora_rank=args.lora_rank or HealSettings.lora_rank, seed=args.seed)
+    recorded = _recorded_report(args.model)
+    teacher_source = args.teacher or recorded.get("export", {}).get("source")
+    if teacher_source is None:
+        raise ValueError("which model is the teacher? --model has no recorded source (comp_report.json); give "
+                         "--teacher (the original model, as --model takes it)")
+    _check_lengths(run.model, args, run.eval_names)
+    n, seq_len = args.n_samples or HEAL_TEXT[0], args.seq_len or HEAL_TEXT[1]
+    with stage("teacher", run.timings):
+        teacher = load_model(None if teacher_source == "bundled" else teacher_source, dtype=args.dtype,
+                             device=args.device, trust_remote_code=args.trust_remote_code).model
+        text = get_calibration(args.calib, run.tokenizer, n, seq_len, args.seed, model=teacher)
+        targets = teacher_targets(teacher, text, settings.top_k, settings.temperature,
+                                  on_batch=lambda done, total: run.progress(PruneEvent(
+                                      "teacher", done, total, "the original's answers on the healing text")))
+        del teacher  # offline distillation: the teacher's targets are all the student needs
+    report["teacher"] = teacher_source
+    report["calibration"] = {"name": args.calib, "n_samples": n, "seq_len": seq_len, "seed": args.seed}
+    if run.eval_names:
+        report["ppl_before"] = run.evaluate(run.model, run.eval_names, "before").ppl_dict()
+    with stage("heal", run.timings):
+        healed, record = heal(run.model, targets, settings, text=f"{args.calib}: {n} × {seq_len} tokens, seed "
+                              f"{args.seed}", on_event=run.progress, inplace=True)
+    report["heal"] = record.to_dict()
+    if run.eval_names:
+        report["ppl_after"] = run.evaluate(healed, run.eval_names, "after").ppl_dict()
+    if args.out:
+        with stage("save", run.timings):
+            report["saved_to"] = str(save_pruned(healed, run.tokenizer, args.out, recorded.get("pruning"),
+                                                 overwrite=args.overwrite, source=teacher_source,
+                                                 heal=record.to_dict()))
+    else:
+        report["saved_to"] = None
+
+
 def _with_model(handler: Callable[[_Run], None]) -> Callable[[argparse.Namespace], dict]:
     """A command that loads the model first: data folder, threads, progress, timings and the memory figures
     around ``handler``, the same for every such command."""
@@ -475,6 +552,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "eval": _with_model(_eval),
     "compare": _with_model(_compare),
     "bench-speed": _with_model(_bench_speed),
+    "heal": _with_model(_heal),
     "export-gguf": _export_gguf,
 }
 

@@ -354,13 +354,15 @@ def _check_replaceable(path: Path) -> None:
 
 
 def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, report: dict | None = None, *,
-                overwrite: bool = False, max_shard_size: int | str = "2GB", source: str | None = None) -> Path:
+                overwrite: bool = False, max_shard_size: int | str = "2GB", source: str | None = None,
+                heal: dict | None = None) -> Path:
     """Save a (pruned) causal LM physically smaller, with tokenizer and report; returns the folder.
 
     ``report``: a dict (or anything with ``to_dict()``, such as ``PruneResult``) stored under ``"pruning"`` in
     comp_report.json. ``source``: where the unpruned model came from (``LoadedModel.source``: "bundled", a
     .gguf path, a folder, a hub id), recorded as ``export.source`` so a GGUF export can copy the source
-    file's tokenizer. Raises ``FileExistsError`` before writing anything when ``path`` exists and not
+    file's tokenizer. ``heal``: a healed model's ``HealRecord.to_dict()``, stored under ``"heal"``. Raises
+    ``FileExistsError`` before writing anything when ``path`` exists and not
     ``overwrite``. The model is not modified.
     """
     path = Path(path).expanduser().absolute()
@@ -390,7 +392,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, report: di
         if source is not None:
             summary["source"] = str(source)
         with open(staging / REPORT_FILE, "w") as f:
-            json.dump({"export": summary, "pruning": report}, f, indent=1, default=_json_default)
+            json.dump({"export": summary, "pruning": report, **({"heal": heal} if heal is not None else {})}, f,
+                      indent=1, default=_json_default)
         _check_no_pickle(staging)
         _normalise_permissions(staging)
         replace_folder(staging, path, overwrite)

@@ -162,3 +162,28 @@ def test_prune_and_analyse_a_ratio_of_the_blocks(tiny_folder, capsys):
     assert table["realised_block_ratio"] == f"{report['realised_block_ratio']:.2%}"
     assert lines[-2].startswith(f"Removed {report['realised_ratio']:.1%} of all parameters "
                                 f"({report['realised_block_ratio']:.1%} of the decoder blocks), 0.3 M → 0.2 M, in ")
+
+
+def test_heal_distils_the_recorded_original_into_a_saved_pruned_model(tiny_folder, tmp_path, capsys):
+    """`heal` finds the teacher in the pruned folder's report, trains on the shipped text, saves a folder that
+    reloads and records the heal; the perplexity on held text falls."""
+    from comp_core import load_pruned
+
+    pruned = tmp_path / "pruned"
+    run_json(capsys, "prune", "--model", str(tiny_folder), "--ratio", "0.3", "--calib", "sample", "--n-samples", "4",
+             "--seq-len", "32", "--out", str(pruned))
+    healed = tmp_path / "healed"
+    report = run_json(capsys, "heal", "--model", str(pruned), "--steps", "12", "--full", "--lr", "1e-3",
+                      "--calib", "sample", "--n-samples", "8", "--seq-len", "32", "--eval", "sample",
+                      "--max-windows", "2", "--eval-seq-len", "64", "--out", str(healed))
+    assert report["teacher"] == str(tiny_folder)
+    assert report["heal"]["mode"] == "full" and report["heal"]["steps"] == 12
+    assert report["calibration"] == {"name": "sample", "n_samples": 8, "seq_len": 32, "seed": 0}
+    assert report["ppl_after"]["sample"] < report["ppl_before"]["sample"]
+    saved = json.loads((healed / "comp_report.json").read_text())
+    assert saved["heal"]["steps"] == 12 and saved["pruning"]["realised_ratio"] == pytest.approx(0.3, abs=0.01)
+    assert saved["export"]["source"] == str(tiny_folder)
+    model, _ = load_pruned(healed)
+    assert sum(p.numel() for p in model.parameters()) == saved["export"]["params"]
+    code = main(["heal", "--model", str(tiny_folder), "--quiet", "--threads", "1"])  # no budget
+    assert code == 2 and "budget" in capsys.readouterr().err
