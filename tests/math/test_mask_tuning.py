@@ -291,8 +291,12 @@ def test_the_mask_path_equals_a_fresh_solve_at_every_prefix(case):
     plain = mask_variance_plain(coeff, order, n_removed)
     assert torch.allclose(path.variance, plain, rtol=1e-5, atol=1e-10)
     for k in range(n_removed + 1):
-        reference = solve_mask(coeff, path.keep_index(k))
-        assert torch.allclose(path.mask(k), reference, rtol=1e-6, atol=1e-8)
+        keep = path.keep_index(k)
+        reference = solve_mask(coeff, keep)
+        # two exact routes to one solve agree to the kept system's conditioning: a rank-1 Gram damped by 1e-8
+        # (condition number ~3e8) gave a fresh solve and the path's downdates 1.7e-5 apart (a fresh clone's run)
+        cond = float(torch.linalg.cond(coeff[keep][:, keep]))
+        assert torch.allclose(path.mask(k), reference, rtol=max(1e-6, 1e-12 * cond), atol=1e-8)
 
 
 @FAST
@@ -312,3 +316,25 @@ def test_the_mask_path_stays_exact_when_the_cholesky_needs_more_damping(d_in, se
     system = damped(coeff, retry)  # what the path factorised
     for k in range(d_in):
         assert torch.allclose(path.mask(k), solve_mask(system, path.keep_index(k)), rtol=1e-6, atol=1e-6), k
+
+
+def test_the_mask_path_agrees_with_a_fresh_solve_on_a_rank_one_gram():
+    """The case a fresh clone's random draw found: one calibration token, damping 1e-8 (condition ~3e8)."""
+    weight = torch.tensor([[-1.6928, 0.7788, -0.9727, -0.6992, -0.5572, -0.9217, 0.3024, -0.5698, 0.2641, -0.0710],
+                           [-0.6962, 1.0115, -0.4542, -0.7648, -1.6179, -0.0931, 0.9381, 0.8533, -0.5493, -1.5722],
+                           [0.3446, -0.1238, -1.1814, 0.8541, -0.9998, 0.6988, 0.6539, 0.2847, -0.0987, 1.8202],
+                           [0.3145, -1.4871, -0.7751, 0.5262, -0.6134, 0.2903, -0.7619, -1.0174, -0.6549, -0.4431]],
+                          dtype=torch.float64)
+    x = torch.tensor([[-0.4733, 0.1551, -0.8894, 0.3307, -0.1562, 2.0551, 0.0929, -0.1253, 1.3930, 0.3175]],
+                     dtype=torch.float64)
+    coeff = damped(coefficient_matrix(weight, x.T @ x), 1e-8)
+    path = mask_path(coeff, torch.tensor([7, 6, 5, 0, 1, 2, 9, 3, 8, 4]), 3, keep_masks=True)
+    for k in range(4):
+        keep = path.keep_index(k)
+        reference = solve_mask(coeff, keep)
+        assert float(((path.mask(k) - reference).abs() / reference.abs()).max()) < 1e-4
+        # and both are solutions: the same objective value
+        full = [torch.zeros(10, dtype=torch.float64) for _ in range(2)]
+        full[0][keep], full[1][keep] = path.mask(k), reference
+        errors = [reconstruction_error(coeff, m) for m in full]
+        assert errors[0] == pytest.approx(errors[1], rel=1e-9, abs=1e-12)
