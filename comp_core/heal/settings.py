@@ -16,7 +16,7 @@ class HealSettings:
         norms' scales and the biases: PERP, arXiv 2312.15230, the cheapest).
     steps / minutes: the budget (at least one; both: whichever ends first). The learning rate follows a cosine
         from ``learning_rate`` to zero over the budget, after a linear warm-up of ``warmup`` of it.
-    batch_size × seq_len tokens per step, from the healing text's sequences (cycled).
+    batch_size: sequences of the healing text per step (cycled in a seeded order).
     top_k / temperature: the teacher's stored targets (``math.distill``).
     lora_rank / lora_alpha: the adapters' rank and scale (α / r).
     seed: the order of the sequences and the adapters' initialisation."""
@@ -28,7 +28,6 @@ class HealSettings:
     warmup: float = 0.05
     weight_decay: float = 0.0
     batch_size: int = 4
-    seq_len: int = 256
     top_k: int = 64
     temperature: float = 1.0
     lora_rank: int = 8
@@ -45,11 +44,9 @@ class HealSettings:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.minutes is not None and self.minutes < 0:
             raise ValueError(f"minutes must be >= 0, got {self.minutes}")
-        for name in ("batch_size", "seq_len", "top_k", "lora_rank"):
+        for name in ("batch_size", "top_k", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ValueError("seq_len must be >= 2 (a position needs a next token)")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.warmup < 1:
