@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 REFERENCE_DTYPE = torch.float16
+BATCH_SIZE = 4  # held-out sequences per forward; the prefix cache's chunks are these batches
 LAST_STAGE_RUNS = 3  # forwards remembered per chunk of the last stage's tokens (most recently useful)
 
 
@@ -46,7 +47,7 @@ class Reference:
     logp: torch.Tensor
 
     @classmethod
-    def of(cls, model: nn.Module, tokens: torch.Tensor, batch_size: int = 4) -> "Reference":
+    def of(cls, model: nn.Module, tokens: torch.Tensor, batch_size: int = BATCH_SIZE) -> "Reference":
         logp = [F.log_softmax(_logits(model, tokens[s:s + batch_size])[:, :-1].float(), dim=-1).to(REFERENCE_DTYPE)
                 for s in range(0, tokens.shape[0], batch_size)]
         return cls(tokens=tokens, logp=torch.cat(logp))
@@ -170,7 +171,7 @@ def _chunks(batch: Sequence[tuple[int, int]], batch_size: int) -> list[tuple[tup
             for start in range(0, len(rows), batch_size)]
 
 
-def mean_kl(model: nn.Module, reference: Reference, batch: Sequence[tuple[int, int]], batch_size: int = 4,
+def mean_kl(model: nn.Module, reference: Reference, batch: Sequence[tuple[int, int]], batch_size: int = BATCH_SIZE,
             cache: PrefixCache | None = None) -> float:
     """The model's mean per-token KL to the reference on ``batch`` ((sequence, length) pairs); with ``cache``,
     each forward starts after the blocks it shares with an earlier forward on the same tokens."""
@@ -215,7 +216,7 @@ class StagedKL:
             scores.append(mean_kl(self.model, self.reference, batch, cache=cache))
             self.tokens_scored += sum(length for _, length in batch)
         if cache is not None and not last:  # fresh tokens, drawn for this generation only
-            cache.forget(_chunks(batch, 4))
+            cache.forget(_chunks(batch, BATCH_SIZE))
         return scores
 
     @property
